@@ -1,0 +1,213 @@
+"""The compiled-from-YAML policy as plain, immutable values.
+
+This is the contract between the loader (YAML -> these objects, with every
+check done) and the compiler/matcher (these objects -> a fast decision).
+Field names are the policy's own words: the YAML key `dport` is `Match.dport`.
+Values are already normalised (numbers, not names) so the matcher never has to
+interpret text.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# Netfilter hook numbers (include/uapi/linux/netfilter.h, enum nf_inet_hooks):
+# the same numbers the kernel puts in NFQA_PACKET_HDR.hook.
+NF_INET_PRE_ROUTING = 0
+NF_INET_LOCAL_IN = 1
+NF_INET_FORWARD = 2
+NF_INET_LOCAL_OUT = 3
+NF_INET_POST_ROUTING = 4
+
+HOOKS = {
+    "prerouting": NF_INET_PRE_ROUTING,
+    "input": NF_INET_LOCAL_IN,
+    "forward": NF_INET_FORWARD,
+    "output": NF_INET_LOCAL_OUT,
+    "postrouting": NF_INET_POST_ROUTING,
+}
+HOOK_NAMES = {v: k for k, v in HOOKS.items()}
+
+FAMILIES = {"ipv4": 4, "ipv6": 6}
+
+CT_STATES = ("new", "established", "related", "invalid", "untracked")
+FRAGMENTS = ("first", "not-first", "none")
+ACTIONS = ("accept", "drop")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where something was written: file path and 1-based line and column."""
+    path: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class AddrMatch:
+    """`src`/`dst`: the packet's address lies in one of `networks`.
+
+    An address field only ever matches packets of the families its networks
+    belong to (as nft's `ip saddr` only matches IPv4); `negate` inverts the
+    answer within those families.
+    """
+    networks: Tuple[IPNetwork, ...]
+    negate: bool = False
+
+    @property
+    def families(self) -> frozenset:
+        return frozenset(n.version for n in self.networks)
+
+
+@dataclass(frozen=True)
+class RangeMatch:
+    """A numeric field (ports, uid, gid) lies in one of the inclusive ranges.
+
+    For ports: only packets that carry ports (TCP, UDP, SCTP, UDP-Lite; not a
+    non-first fragment, not malformed) can match, negated or not, as iptables.
+    """
+    ranges: Tuple[Tuple[int, int], ...]
+    negate: bool = False
+
+    def contains(self, value: int) -> bool:
+        inside = any(lo <= value <= hi for lo, hi in self.ranges)
+        return inside != self.negate
+
+
+@dataclass(frozen=True)
+class IfaceMatch:
+    """`in`/`out`: interface name equal to one of the names or fnmatch globs."""
+    patterns: Tuple[str, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class TcpFlagsMatch:
+    """`tcp_flags: syn,!ack` -> (flags & mask) == value. Bits as in the TCP header."""
+    mask: int
+    value: int
+
+
+@dataclass(frozen=True)
+class MarkMatch:
+    """`mark: 0x10/0xff` -> (packet mark & mask) == value."""
+    value: int
+    mask: int = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A token bucket: `per_second` tokens a second, at most `burst` saved up."""
+    per_second: float
+    burst: int
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Match:
+    """Everything a rule tests. None means "not tested" (matches anything).
+
+    Semantics shared by the loader, the reference evaluator and the compiler:
+    - every tested field must match (AND); a list inside a field is OR;
+    - a field the packet does not carry (ports on ICMP, icmp_type on TCP, uid
+      on forwarded traffic, ct_state without conntrack info) makes the rule
+      not match, even when the field is negated;
+    - a rule matches a malformed packet only when it says `malformed: true`;
+      `malformed: true` matches only malformed packets.
+    """
+    family: Optional[int] = None                    # 4 or 6
+    proto: Optional[frozenset] = None               # IP protocol numbers
+    src: Optional[AddrMatch] = None
+    dst: Optional[AddrMatch] = None
+    sport: Optional[RangeMatch] = None
+    dport: Optional[RangeMatch] = None
+    in_: Optional[IfaceMatch] = None                # YAML key `in`
+    out: Optional[IfaceMatch] = None
+    hook: Optional[frozenset] = None                # NF_INET_* numbers
+    icmp_type: Optional[frozenset] = None           # type numbers (v4 or v6 per family)
+    icmp_code: Optional[frozenset] = None
+    tcp_flags: Optional[TcpFlagsMatch] = None
+    ct_state: Optional[frozenset] = None            # names from CT_STATES
+    uid: Optional[RangeMatch] = None
+    gid: Optional[RangeMatch] = None
+    mark: Optional[MarkMatch] = None
+    length: Optional[Tuple[int, int]] = None        # inclusive, whole IP packet length
+    fragment: Optional[frozenset] = None            # names from FRAGMENTS
+    malformed: bool = False
+
+    def fields(self) -> frozenset:
+        """The names of the packet fields this match reads (policy words)."""
+        names = set()
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "malformed":
+                continue
+            if value is not None:
+                names.add("in" if name == "in_" else name)
+        return frozenset(names)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    match: Match
+    action: str                                     # "accept" or "drop"
+    set_mark: Optional[int] = None                  # only with accept
+    log: Optional[bool] = None                      # None: follow the default's log
+    rate: Optional[Rate] = None                     # above the rate the rule does not match
+    position: Optional[Position] = None
+
+
+@dataclass(frozen=True)
+class Default:
+    action: str = "drop"
+    log: bool = True
+    set_mark: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    nums: Tuple[int, ...] = (0,)                    # "0-3" -> (0, 1, 2, 3)
+    copy_range: int = 256
+    fail_open: bool = True
+    bypass: bool = True
+    maxlen: int = 1024
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One kernel rule ipqd installs to send traffic to its queue."""
+    chain: str                                      # input, output, forward, prerouting, postrouting
+    family: str = "both"                            # ipv4, ipv6, both
+    proto: Optional[str] = None                     # tcp, udp, icmp, ... or None for all
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    rate: Optional[Rate] = None                     # cap on decision log entries
+
+
+@dataclass(frozen=True)
+class Policy:
+    path: str
+    version: int = 1
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    hooks: Tuple[Hook, ...] = ()
+    default: Default = field(default_factory=Default)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rules: Tuple[Rule, ...] = ()
+    sources: Tuple[str, ...] = ()                   # every file read, main file first
+    warnings: Tuple = ()                            # PolicyError objects of severity warning
+
+    def fields(self) -> frozenset:
+        """Every packet field some rule reads: what the packet view must parse."""
+        out = set()
+        for rule in self.rules:
+            out |= rule.match.fields()
+        return frozenset(out)

@@ -5,7 +5,7 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PREFIX  ?= /usr/local
-DEBS    := iptables iproute2 libsystemd-dev pkg-config gcc
+DEBS    := iptables nftables iproute2 iputils-ping libsystemd-dev pkg-config gcc
 PYTEST_ARGS ?=
 
 .PHONY: all test deps venv check-policy clean

@@ -9,6 +9,10 @@ import errno as _errno
 import os
 
 
+# Where two names share a number, the one netlink documentation uses.
+_ERRNO_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", _errno.EAGAIN: "EAGAIN"}
+
+
 class IpqdError(Exception):
     """Base of every error ipqd raises on purpose."""
 
@@ -30,7 +34,7 @@ class NetlinkError(IpqdError):
         self.op = op
         self.errno = errno
         self.hint = hint
-        name = _errno.errorcode.get(errno, str(errno))
+        name = _ERRNO_NAMES.get(errno) or _errno.errorcode.get(errno, str(errno))
         text = f"{op}: {os.strerror(errno)} ({name})"
         if hint:
             text += f": {hint}"

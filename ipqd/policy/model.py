@@ -178,6 +178,7 @@ class QueueConfig:
     fail_open: bool = True
     bypass: bool = True
     maxlen: int = 1024
+    conntrack: bool = False                         # loader: queue.conntrack, else on when a rule reads ct_state
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,170 @@
+"""Warnings about a valid policy: rules that can never match, and lock-outs.
+
+Both checks are conservative: a warning is only given when it is certain,
+so a silent lint proves nothing, but a warning is never wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+from fnmatch import fnmatchcase
+from typing import Iterator, List, Tuple
+
+import yaml
+
+from ipqd.errors import PolicyError
+from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
+
+# Comparing every rule with every earlier one is quadratic; past this many
+# comparisons the search stops (a policy that large is generated, not written).
+MAX_COMPARISONS = 2_000_000
+
+
+def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
+    return list(shadowed(policy.rules)) + cut_off(policy, default_node)
+
+
+# --- shadowed rules ------------------------------------------------------------------
+
+def shadowed(rules: Tuple[Rule, ...]) -> Iterator[PolicyError]:
+    """A warning for each rule that an earlier rule without a rate always beats."""
+    tested = [rule.match.fields() for rule in rules]
+    budget = MAX_COMPARISONS
+    for later in range(len(rules)):
+        for earlier in range(later):
+            budget -= 1
+            if budget < 0:
+                return
+            a, b = rules[earlier], rules[later]
+            if a.rate is None and tested[earlier] <= tested[later] and covers(a.match, b.match):
+                yield _shadow_warning(a, b)
+                break
+
+
+def _shadow_warning(a: Rule, b: Rule) -> PolicyError:
+    if a.position.path == b.position.path:
+        where = f"line {a.position.line}"
+    else:
+        where = f"{a.position.path} line {a.position.line}"
+    return PolicyError(b.position.path, b.position.line, b.position.column,
+                       f'rule "{b.name}" can never match: rule "{a.name}" ({where}) '
+                       "matches every packet it would", severity="warning")
+
+
+def covers(a: Match, b: Match) -> bool:
+    """True when every packet `b` matches is certainly matched by `a`."""
+    if a.malformed != b.malformed:
+        return False
+    for f in dataclasses.fields(Match):
+        mine = getattr(a, f.name)
+        if f.name == "malformed" or mine is None:
+            continue
+        theirs = getattr(b, f.name)
+        if theirs is None or not _COVERS.get(f.name, _never)(mine, theirs):
+            return False
+    return True
+
+
+def _never(a, b) -> bool:
+    return False
+
+
+def _equal(a, b) -> bool:
+    return a == b
+
+
+def _subset(a: frozenset, b: frozenset) -> bool:
+    return b <= a
+
+
+def _addresses(a: AddrMatch, b: AddrMatch) -> bool:
+    if a.negate or b.negate:
+        return a.negate == b.negate and set(a.networks) == set(b.networks)
+    return all(any(n.version == m.version and n.subnet_of(m) for m in a.networks)
+               for n in b.networks)
+
+
+def _merged(ranges) -> List[Tuple[int, int]]:
+    out: List[List[int]] = []
+    for low, high in sorted(ranges):
+        if out and low <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], high)
+        else:
+            out.append([low, high])
+    return [(low, high) for low, high in out]
+
+
+def _ranges(a: RangeMatch, b: RangeMatch) -> bool:
+    if a.negate or b.negate:
+        return a.negate == b.negate and set(a.ranges) == set(b.ranges)
+    outer = _merged(a.ranges)
+    return all(any(low <= b_low and b_high <= high for low, high in outer)
+               for b_low, b_high in b.ranges)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _interfaces(a: IfaceMatch, b: IfaceMatch) -> bool:
+    if a.negate or b.negate:
+        return a.negate == b.negate and set(a.patterns) == set(b.patterns)
+    return all(p in a.patterns or
+               (not _is_glob(p) and any(fnmatchcase(p, q) for q in a.patterns))
+               for p in b.patterns)
+
+
+def _bits(a, b) -> bool:
+    # (x & b.mask) == b.value implies (x & a.mask) == a.value when a tests
+    # no bit b leaves free and b's values agree with a's.
+    return a.mask & b.mask == a.mask and b.value & a.mask == a.value
+
+
+def _span(a: Tuple[int, int], b: Tuple[int, int]) -> bool:
+    return a[0] <= b[0] and b[1] <= a[1]
+
+
+_COVERS = {
+    "family": _equal,
+    "proto": _subset,
+    "src": _addresses,
+    "dst": _addresses,
+    "sport": _ranges,
+    "dport": _ranges,
+    "in_": _interfaces,
+    "out": _interfaces,
+    "hook": _subset,
+    "icmp_type": _subset,
+    "icmp_code": _subset,
+    "tcp_flags": _bits,
+    "ct_state": _subset,
+    "uid": _ranges,
+    "gid": _ranges,
+    "mark": _bits,
+    "length": _span,
+    "fragment": _subset,
+}
+
+
+# --- lock-out ----------------------------------------------------------------------
+
+def cut_off(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
+    """A warning when dropping by default on input also drops replies to the host."""
+    if policy.default.action != "drop":
+        return []
+    if not any(hook.chain == "input" for hook in policy.hooks):
+        return []
+    if any(_accepts_established(rule) for rule in policy.rules):
+        return []
+    mark = default_node.start_mark
+    return [PolicyError(policy.path, mark.line + 1, mark.column + 1,
+                        "default drops input traffic and no rule accepts established "
+                        "connections: replies to this host's own connections will be dropped "
+                        "(add a first rule with ct_state: [established, related] and "
+                        "action: accept)", severity="warning")]
+
+
+def _accepts_established(rule: Rule) -> bool:
+    if rule.action != "accept" or rule.rate is not None or rule.match.malformed:
+        return False
+    states = rule.match.ct_state
+    return (states is not None and "established" in states) or not rule.match.fields()

@@ -1,0 +1,215 @@
+"""The words and numbers of the policy language, each text -> value.
+
+Every function here takes the text as written and either returns the
+normalised value or raises `Invalid` with a message that says what to write
+instead. Positions are the caller's business.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import re
+from typing import Iterable, Optional, Tuple
+
+from ipqd.policy.model import MarkMatch, Rate, TcpFlagsMatch
+
+# IANA protocol numbers (/etc/protocols), by the names nft and iptables use.
+PROTOCOLS = {
+    "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
+    "icmpv6": 58, "sctp": 132, "udplite": 136,
+}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+ICMP = PROTOCOLS["icmp"]
+ICMPV6 = PROTOCOLS["icmpv6"]
+TCP = PROTOCOLS["tcp"]
+# The protocols whose header starts with a source and a destination port.
+PORT_PROTOCOLS = frozenset(PROTOCOLS[p] for p in ("tcp", "udp", "sctp", "udplite"))
+ICMP_PROTOCOLS = frozenset((ICMP, ICMPV6))
+
+# RFC 792 and friends; names as in iptables -p icmp --help.
+ICMP_TYPES = {
+    "echo-reply": 0, "destination-unreachable": 3, "source-quench": 4,
+    "redirect": 5, "echo-request": 8, "router-advertisement": 9,
+    "router-solicitation": 10, "time-exceeded": 11, "parameter-problem": 12,
+    "timestamp-request": 13, "timestamp-reply": 14, "info-request": 15,
+    "info-reply": 16, "address-mask-request": 17, "address-mask-reply": 18,
+}
+# RFC 4443, 4861, 2710 and 3810; names as in ip6tables -p icmpv6 --help.
+ICMPV6_TYPES = {
+    "destination-unreachable": 1, "packet-too-big": 2, "time-exceeded": 3,
+    "parameter-problem": 4, "echo-request": 128, "echo-reply": 129,
+    "mld-listener-query": 130, "mld-listener-report": 131,
+    "mld-listener-done": 132, "mld-listener-reduction": 132,
+    "router-solicitation": 133, "router-advertisement": 134,
+    "neighbour-solicitation": 135, "neighbor-solicitation": 135,
+    "neighbour-advertisement": 136, "neighbor-advertisement": 136,
+    "redirect": 137, "mld2-listener-report": 143,
+}
+
+TCP_FLAGS = {
+    "fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08,
+    "ack": 0x10, "urg": 0x20, "ece": 0x40, "cwr": 0x80,
+}
+
+RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600}
+_RATE = re.compile(r"^([1-9][0-9]*)\s*/\s*([a-z]+)(?:\s+burst\s+([1-9][0-9]*))?$")
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)$")
+U32_MAX = 0xFFFFFFFF
+
+
+class Invalid(ValueError):
+    """A value that cannot be used; the message says what to write instead."""
+
+    @property
+    def message(self) -> str:
+        return self.args[0]
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """'a, b or c'."""
+    words = list(choices)
+    if len(words) < 2:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def parse_number(text: str) -> Optional[int]:
+    """A decimal or 0x-hex integer, or None when `text` is not one."""
+    text = text.strip()
+    if not _NUMBER.match(text):
+        return None
+    return int(text, 0) if text[:2].lower() == "0x" else int(text, 10)
+
+
+def parse_range(text: str, what: str, low: int, high: int,
+                example: str) -> Tuple[int, int]:
+    """`n` or `a-b` as an inclusive (a, b) within low..high.
+
+    `what` names one value ("port"), `example` shows the right form.
+    """
+    text = text.strip()
+    first, dash, last = text.partition("-")
+    start = parse_number(first)
+    end = parse_number(last) if dash else start
+    if start is None or end is None:
+        hint = "; write ranges with '-'" if ":" in text else ""
+        raise Invalid(f"'{text}' is not a {what} or a range of them "
+                      f"(write e.g. {example}{hint})")
+    for number in (start, end):
+        if not low <= number <= high:
+            raise Invalid(f"{what} {number} is outside {low}-{high}")
+    if start > end:
+        raise Invalid(f"range {text} is reversed: write {end}-{start}")
+    return start, end
+
+
+def parse_network(text: str) -> Tuple[ipaddress._BaseNetwork, Optional[str]]:
+    """An address or CIDR network, and a warning when host bits are set."""
+    text = text.strip()
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise Invalid(f"'{text}' is not an IP address or network "
+                      "(write e.g. 192.0.2.1, 10.0.0.0/8 or fd00::/8)") from None
+    if "/" in text and ipaddress.ip_interface(text).ip != network.network_address:
+        return network, f"{text} has host bits set; did you mean {network}?"
+    return network, None
+
+
+def parse_protocol(text: str) -> int:
+    text = text.strip().lower()
+    number = parse_number(text)
+    if number is not None:
+        if number > 255:
+            raise Invalid(f"protocol {number} is outside 0-255")
+        return number
+    if text in PROTOCOLS:
+        return PROTOCOLS[text]
+    raise Invalid(f"unknown protocol '{text}'{suggest(text, PROTOCOLS)} "
+                  f"(expected {one_of(PROTOCOLS)} or a number 0-255)")
+
+
+def parse_icmp_type(text: str, proto: Optional[int]) -> int:
+    """A type number, or a name looked up in the table of `proto`.
+
+    `proto` is ICMP, ICMPV6 or None (the rule names neither, or both).
+    """
+    number = parse_number(text)
+    if number is not None:
+        if number > 255:
+            raise Invalid(f"icmp_type {number} is outside 0-255")
+        return number
+    name = text.strip().lower()
+    if proto is None:
+        raise Invalid(f"icmp_type '{name}' has a number for ICMP and another for ICMPv6: "
+                      "give the rule a single proto, icmp or icmpv6")
+    table, family, other, other_family = (
+        (ICMP_TYPES, "icmp", ICMPV6_TYPES, "icmpv6") if proto == ICMP
+        else (ICMPV6_TYPES, "icmpv6", ICMP_TYPES, "icmp"))
+    if name in table:
+        return table[name]
+    if name in other:
+        raise Invalid(f"'{name}' is an {other_family} type, not an {family} one: "
+                      f"use proto {other_family}")
+    raise Invalid(f"unknown {family} type '{name}'{suggest(name, table)}")
+
+
+def parse_rate(text: str) -> Rate:
+    words = " ".join(text.split())
+    found = _RATE.match(words)
+    if not found or found.group(2) not in RATE_UNITS:
+        raise Invalid(f"rate '{text}' is not valid: write N/second, N/minute or N/hour, "
+                      "optionally 'burst M'")
+    count, unit, burst = found.groups()
+    per_second = int(count) / RATE_UNITS[unit]
+    if burst is None:
+        burst = max(1, math.ceil(per_second))
+    return Rate(per_second=per_second, burst=int(burst), text=words)
+
+
+def parse_tcp_flags(words: Iterable[str]) -> TcpFlagsMatch:
+    """`syn`, `!ack`, ... -> mask of every named flag, value of the plain ones."""
+    mask = value = 0
+    for word in words:
+        word = word.strip().lower()
+        name = word.lstrip("!").strip()
+        if name not in TCP_FLAGS:
+            raise Invalid(f"unknown TCP flag '{name}'{suggest(name, TCP_FLAGS)} "
+                          f"(flags are {', '.join(TCP_FLAGS)})")
+        bit = TCP_FLAGS[name]
+        if mask & bit:
+            raise Invalid(f"TCP flag '{name}' is named twice")
+        mask |= bit
+        if not word.startswith("!"):
+            value |= bit
+    if not mask:
+        raise Invalid("tcp_flags names no flag (write e.g. 'syn,!ack')")
+    return TcpFlagsMatch(mask=mask, value=value)
+
+
+def parse_mark(text: str) -> MarkMatch:
+    value_text, slash, mask_text = text.strip().partition("/")
+    value = parse_number(value_text)
+    mask = parse_number(mask_text) if slash else U32_MAX
+    if value is None or mask is None:
+        raise Invalid(f"mark '{text}' is not valid: write a number or number/mask, "
+                      "e.g. 0x10 or 0x10/0xff")
+    if value > U32_MAX or mask > U32_MAX:
+        raise Invalid(f"mark '{text}' does not fit in 32 bits")
+    if value & ~mask:
+        raise Invalid(f"mark '{text}' can never match: the value has bits outside the mask")
+    return MarkMatch(value=value, mask=mask)
+
+
+def parse_u32(text: str, what: str) -> int:
+    number = parse_number(text)
+    if number is None or number > U32_MAX:
+        raise Invalid(f"{what} must be a number from 0 to 0xffffffff, not '{text}'")
+    return number

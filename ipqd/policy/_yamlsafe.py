@@ -1,0 +1,217 @@
+"""Reading a policy file into YAML nodes, refusing what a policy never needs.
+
+A policy is plain data: mappings, lists and scalars. Everything else YAML can
+do is refused here with a positioned error, before any value is interpreted:
+tags (`!!python/object` and friends), anchors and aliases (the "billion
+laughs" expansion), duplicate keys (YAML keeps the last one silently), deep
+nesting (PyYAML's composer recurses once per level) and oversized files.
+
+The result is a tree of `yaml.Node` objects, so every value keeps the line and
+column it was written at. No Python object is ever constructed from a tag.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import yaml
+from yaml.composer import Composer
+from yaml.resolver import Resolver
+
+from ipqd.errors import PolicyError
+
+try:                                # libyaml's parser is ~5x faster when present
+    from yaml.cyaml import CParser as _Parser
+except ImportError:                 # pragma: no cover - depends on the build
+    from yaml.parser import Parser as _Parser
+    from yaml.reader import Reader as _Reader
+    from yaml.scanner import Scanner as _Scanner
+else:
+    _Reader = _Scanner = None
+
+MAX_BYTES = 4 * 1024 * 1024
+# A policy is at most about six levels deep (rules -> rule -> src -> list);
+# the limit stops the composer's recursion long before Python's own limit.
+MAX_DEPTH = 16
+
+_YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+
+# PyYAML's own wording, with what to do about it.
+_SYNTAX_HINTS = {
+    "found character '@' that cannot start any token":
+        'quote values that start with @ or !, e.g. "@lan" or "!22"',
+    "found character '`' that cannot start any token":
+        "quote values that start with `",
+    "found character '\\t' that cannot start any token":
+        "indent with spaces: YAML does not allow tabs",
+    "mapping values are not allowed here":
+        "check the indentation, or quote a value that contains ': '",
+}
+
+
+class _Refused(Exception):
+    """A construct the policy language does not allow, at a YAML mark."""
+
+    def __init__(self, mark, message: str):
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+
+
+class _PolicyComposer(Composer, _Parser, Resolver):
+    """yaml.SafeLoader's composing half, with the refusals described above.
+
+    Only the composer is used: scalars stay text plus the tag the resolver
+    gives them (int, bool, str, ...), and the loader reads them itself.
+    """
+
+    def __init__(self, text: str):
+        if _Reader is None:
+            _Parser.__init__(self, text)
+        else:                                       # pragma: no cover
+            _Reader.__init__(self, text)
+            _Scanner.__init__(self)
+            _Parser.__init__(self)
+        Composer.__init__(self)
+        Resolver.__init__(self)
+        self.depth = 0
+        self.duplicates: List[Tuple[yaml.Node, yaml.Node]] = []
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(event.start_mark,
+                           f"YAML aliases (*{event.anchor}) are not allowed in a policy: "
+                           "write the values out, or name them once in `sets:`")
+        if event.anchor is not None:
+            raise _Refused(event.start_mark,
+                           f"YAML anchors (&{event.anchor}) are not allowed in a policy: "
+                           "write the values out, or name them once in `sets:`")
+        _refuse_tag(event)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Refused(event.start_mark,
+                           f"the policy is nested too deeply (more than {MAX_DEPTH} levels)")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        node.value = self._without_duplicates(node.value)
+        return node
+
+    def _without_duplicates(self, pairs):
+        seen = {}
+        kept = []
+        for key, value in pairs:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                self.duplicates.append((key, seen[name]))
+                continue
+            if name is not None:
+                seen[name] = key
+            kept.append((key, value))
+        return kept
+
+
+def _refuse_tag(event) -> None:
+    tag = getattr(event, "tag", None)
+    if tag is None or tag == "!":               # "!" is what a quoted scalar carries
+        return
+    if tag.startswith(_YAML_TAG_PREFIX):
+        written = "!!" + tag[len(_YAML_TAG_PREFIX):]
+    else:
+        written = tag
+    if isinstance(event, yaml.ScalarEvent) and event.value == "" and not written.startswith("!!"):
+        # `src: !10.0.0.0/8` is a YAML tag on an empty value, not a negation.
+        raise _Refused(event.start_mark,
+                       f"'{written}' is read by YAML as a tag: quote negations, "
+                       f'e.g. "{written}"')
+    raise _Refused(event.start_mark,
+                   f"YAML tags like '{written}' are not allowed in a policy")
+
+
+def position_of(path: str, mark) -> Tuple[int, int]:
+    """1-based (line, column) of a 0-based YAML mark."""
+    return mark.line + 1, mark.column + 1
+
+
+def error_at(path: str, mark, message: str, severity: str = "error") -> PolicyError:
+    line, column = position_of(path, mark)
+    return PolicyError(path, line, column, message, severity)
+
+
+def read_text(path: str) -> str:
+    """The text of a policy file.
+
+    Raises OSError when the file cannot be read, PolicyError when it is too
+    large or not UTF-8.
+    """
+    with open(path, "rb") as f:
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise PolicyError(path, 1, 1,
+                          f"policy file is too large (more than {MAX_BYTES} bytes)")
+    return decode(data, path)
+
+
+def decode(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]
+        line = before.count(b"\n") + 1
+        column = e.start - (before.rfind(b"\n") + 1) + 1
+        raise PolicyError(path, line, column,
+                          f"policy file is not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+
+
+def compose(text: str, path: str) -> Tuple[Optional[yaml.Node], List[PolicyError]]:
+    """The root node of `text` (None when empty) and the non-fatal problems.
+
+    Duplicate keys are reported and dropped (the first one is kept), so the
+    loader can go on checking. Everything else refused raises PolicyError.
+    """
+    if len(text) > MAX_BYTES:
+        raise PolicyError(path, 1, 1,
+                          f"policy file is too large (more than {MAX_BYTES} bytes)")
+    composer = _PolicyComposer(text)
+    try:
+        root = composer.get_single_node()
+    except _Refused as e:
+        raise error_at(path, e.mark, e.message) from None
+    except yaml.MarkedYAMLError as e:
+        raise _syntax_error(path, e) from None
+    except yaml.YAMLError as e:                   # reader errors: no mark
+        raise _reader_error(path, text, e) from None
+    finally:
+        composer.dispose()
+    problems = [
+        error_at(path, key.start_mark,
+                 f"duplicate key '{key.value}' (first on line {first.start_mark.line + 1}): "
+                 "YAML would silently keep only the last one")
+        for key, first in composer.duplicates
+    ]
+    return root, problems
+
+
+def _syntax_error(path: str, e: yaml.MarkedYAMLError) -> PolicyError:
+    mark = e.problem_mark or e.context_mark
+    problem = (e.problem or e.context or "invalid YAML").strip()
+    message = f"YAML syntax error: {problem}"
+    hint = _SYNTAX_HINTS.get(problem)
+    if hint:
+        message += f" ({hint})"
+    if mark is None:
+        return PolicyError(path, 1, 1, message)
+    return error_at(path, mark, message)
+
+
+def _reader_error(path: str, text: str, e: yaml.YAMLError) -> PolicyError:
+    offset = getattr(e, "position", 0) or 0
+    before = text[:offset]
+    line = before.count("\n") + 1
+    column = offset - (before.rfind("\n") + 1) + 1
+    reason = getattr(e, "reason", None) or "unreadable"
+    return PolicyError(path, line, column, f"YAML cannot read this character: {reason}")

@@ -1,0 +1,499 @@
+"""Policy files -> `Policy`, with every problem reported at once.
+
+`load(path)` reads the main file and the fragments in `policy.d/` beside it;
+`loads(text)` reads one text (no fragments). Both raise `PolicyErrors` holding
+every error found (and the warnings), each with file, line and column, or
+return a `Policy` whose `warnings` hold the warnings.
+
+Pure except for reading the policy files (and the user and group databases
+when a rule names a user or group).
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import replace
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
+
+import yaml
+
+from ipqd.errors import PolicyError, PolicyErrors
+from ipqd.policy import _lint
+from ipqd.policy import _values as values
+from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scalars, text
+from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
+    parse_set_mark
+from ipqd.policy._values import Invalid, one_of, suggest
+from ipqd.policy._yamlsafe import compose, read_text
+from ipqd.policy.model import (
+    HOOKS, Default, Hook, LoggingConfig, Policy, QueueConfig,
+)
+
+__all__ = ["load", "loads", "load_with_sets", "check_file_safety", "Loaded"]
+
+FRAGMENT_DIR = "policy.d"
+TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules")
+FRAGMENT_FIELDS = ("sets", "rules")
+QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack")
+HOOK_FIELDS = ("chain", "family", "proto")
+HOOK_FAMILIES = ("ipv4", "ipv6", "both")
+DEFAULT_FIELDS = ("action", "log", "set_mark")
+LOGGING_FIELDS = ("rate",)
+
+MAX_QUEUES = 64                      # one worker each: more is a typo, not a plan
+COPY_RANGE_MAX = 65531               # NFQNL_MAX_COPY_RANGE (0xffff - NLA_HDRLEN)
+COPY_RANGE_HEADERS = 64              # an IPv6 header (40) plus a TCP one (20) and change
+_SET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_PORT_TEXT = re.compile(r"^\d+(\s*-\s*\d+)?$")
+
+
+class Loaded(NamedTuple):
+    policy: Policy
+    sets: Dict[str, tuple]           # set name -> its networks or port ranges
+
+
+class _File(NamedTuple):
+    where: Where
+    root: Optional[yaml.Node]
+    items: Dict[str, Tuple[yaml.Node, yaml.Node]]   # section -> (key node, value node)
+
+
+def load(path: str) -> Policy:
+    """The policy in `path` plus `policy.d/*.yaml` beside it.
+
+    Raises OSError when the main file (or the fragment directory) cannot be
+    read, PolicyErrors when the policy is not valid.
+    """
+    return load_with_sets(path).policy
+
+
+def load_with_sets(path: str) -> Loaded:
+    """As `load`, with the sets the policy defined (expanded into the rules)."""
+    try:
+        text = read_text(path)
+    except PolicyError as e:
+        raise PolicyErrors([e]) from None
+    return _Loader().run(path, text, _fragments(path))
+
+
+def loads(text: str, path: str = "<string>") -> Policy:
+    """The policy in `text`; `path` only names it in messages. No fragments."""
+    return _Loader().run(path, text, []).policy
+
+
+def _fragments(path: str) -> List[str]:
+    directory = os.path.join(os.path.dirname(path), FRAGMENT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+            if name.endswith(".yaml") and not name.startswith(".")]
+
+
+class _Loader:
+    def __init__(self):
+        self.problems: List[PolicyError] = []
+        self.sets: Dict[str, SetDef] = {}
+        self.used_sets: Set[str] = set()
+        self.sources: List[str] = []
+
+    # --- files ---------------------------------------------------------------
+
+    def run(self, path: str, text: str, fragment_paths: List[str]) -> Loaded:
+        main = self._compose(path, text, TOP_FIELDS, "a policy", main=True)
+        fragments = [self._compose(p, None, FRAGMENT_FIELDS, "a policy.d fragment")
+                     for p in fragment_paths]
+        files = [f for f in [main] + fragments if f is not None]
+        for f in files:
+            if "sets" in f.items:
+                self._sets(f.where, *f.items["sets"])
+        parsed = []
+        for f in files:
+            if "rules" in f.items:
+                parsed += self._rules(f.where, f.items["rules"][1], len(parsed))
+        policy = self._policy(main, parsed) if main is not None else None
+        self._unused_sets()
+        errors = [p for p in self.problems if p.severity == "error"]
+        if policy is not None and not errors:
+            self.problems += _lint.lint(policy, main.items.get("default", (main.root,))[0])
+        problems = sorted(self.problems, key=self._order)
+        if errors or policy is None:
+            raise PolicyErrors(problems)
+        return Loaded(_with_warnings(policy, self.sources, problems),
+                      {name: s.values for name, s in self.sets.items()})
+
+    def _order(self, problem: PolicyError):
+        rank = self.sources.index(problem.path) if problem.path in self.sources else 0
+        return rank, problem.line, problem.column
+
+    def _compose(self, path: str, text: Optional[str], known, what: str,
+                 main: bool = False) -> Optional[_File]:
+        self.sources.append(path)
+        where = Where(path, self.problems)
+        try:
+            if text is None:
+                text = read_text(path)
+            root, duplicates = compose(text, path)
+        except PolicyError as e:
+            self.problems.append(e)
+            return None
+        except OSError as e:
+            self.problems.append(PolicyError(path, 1, 1, f"cannot read this fragment: {e.strerror}"))
+            return None
+        self.problems += duplicates
+        if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
+            if main:
+                self.problems.append(PolicyError(path, 1, 1, "the policy file is empty: "
+                                                 "start with 'version: 1'"))
+                return None
+            return _File(where, None, {})
+        if not isinstance(root, yaml.MappingNode):
+            sections = f"{', '.join(known[:-1])} and {known[-1]}"
+            where.error(root, f"{what} must be a mapping of sections ({sections}), "
+                              f"not {describe(root)}")
+            return None
+        items = fields(where, root, known, what,
+                       listing=None if main else "only sets and rules in a fragment")
+        return _File(where, root, {name: (key, value) for key, name, value in items or ()})
+
+    # --- sets -----------------------------------------------------------------
+
+    def _sets(self, where: Where, key: yaml.Node, node: yaml.Node) -> None:
+        if _is_null(node):
+            return
+        if not isinstance(node, yaml.MappingNode):
+            where.error(node, f"sets must be a mapping of set names to lists, not {describe(node)}")
+            return
+        for name_node, value in node.value:
+            name = name_node.value if is_scalar(name_node) else ""
+            if not _SET_NAME.match(name):
+                where.error(name_node, f"'{name}' is not a set name (letters, digits, '_', '-', '.')")
+                continue
+            if name in self.sets:
+                first = self.sets[name]
+                where.error(name_node, f"set '{name}' is already defined "
+                                       f"({_place(first.where.path, first.node, where.path)})")
+                continue
+            found = self._set_items(where, name, value)
+            if found is not None:
+                kind, members = found
+                self.sets[name] = SetDef(name, kind, members, name_node, where)
+
+    def _set_items(self, where: Where, name: str, node: yaml.Node):
+        items = scalars(where, node, f"set '{name}'", "a list of addresses or of ports")
+        if items is None:
+            return None
+        kinds, members, ok = set(), [], True
+        for item in items:
+            written = item.value.strip()
+            try:
+                if _PORT_TEXT.match(written):
+                    members.append(values.parse_range(written, "port", 0, 65535, "8000-8099"))
+                    kinds.add("port")
+                    continue
+                network, warning = values.parse_network(written)
+            except Invalid as e:
+                message = e.message
+                if not _PORT_TEXT.match(written):
+                    message = (f"'{written}' is neither an address nor a port "
+                               "(write e.g. 10.0.0.0/8, fd00::/8, 22 or 8000-8099)")
+                where.error(item, f"set '{name}': {message}")
+                ok = False
+                continue
+            if warning:
+                where.warn(item, warning)
+            members.append(network)
+            kinds.add("address")
+        if len(kinds) > 1:
+            where.error(node, f"set '{name}' holds both addresses and ports: "
+                              "split it into an address set and a port set")
+            return None
+        if not ok:
+            return None
+        return kinds.pop(), tuple(dict.fromkeys(members))
+
+    def _unused_sets(self) -> None:
+        for name, found in self.sets.items():
+            if name not in self.used_sets:
+                found.where.warn(found.node, f"set '{name}' is never used "
+                                             f'(use it as "@{name}", or remove it)')
+
+    # --- rules ----------------------------------------------------------------
+
+    def _rules(self, where: Where, node: yaml.Node, before: int) -> List[ParsedRule]:
+        if _is_null(node):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            where.error(node, f"rules must be a list of rules, not {describe(node)}")
+            return []
+        out = []
+        for offset, item in enumerate(node.value, start=1):
+            parsed = parse_rule(where, item, before + offset, self.sets, self.used_sets)
+            if parsed is not None:
+                out.append(parsed)
+        return out
+
+    def _check_names(self, parsed: List[ParsedRule]) -> None:
+        first: Dict[str, ParsedRule] = {}
+        for rule in parsed:
+            if rule.name in first:
+                earlier = first[rule.name]
+                rule.where.within("").error(
+                    rule.name_node,
+                    f'duplicate rule name "{rule.name}" '
+                    f"(first {_place(earlier.where.path, earlier.name_node, rule.where.path)}): "
+                    "rule names must be unique")
+            else:
+                first[rule.name] = rule
+
+    # --- the main file's sections -----------------------------------------------
+
+    def _policy(self, main: _File, parsed: List[ParsedRule]) -> Optional[Policy]:
+        self._check_names(parsed)
+        where, items = main.where, main.items
+        self._version(where, main.root, items.get("version"))
+        queue = self._queue(where, items.get("queue"))
+        hooks = self._hooks(where, main.root, items.get("hooks"))
+        default = self._default(where, main.root, items.get("default"))
+        logging = self._logging(where, items.get("logging"))
+        queue = self._conntrack(where, queue, items.get("queue"), parsed)
+        if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
+            return None
+        return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
+                      logging=logging, rules=tuple(p.rule for p in parsed))
+
+    def _version(self, where: Where, root, item) -> None:
+        if item is None:
+            where.error(root, "missing 'version: 1' (the first line of every policy)")
+            return
+        written = text(where, item[1], "version", "1")
+        if written is not None and values.parse_number(written) != 1:
+            where.error(item[1], f"version must be 1, not '{written}' "
+                                 "(this ipqd reads version 1 policies)")
+
+    def _queue(self, where: Where, item) -> Optional[dict]:
+        if item is None or _is_null(item[1]):
+            return {}
+        where = where.within("queue: ")
+        found = fields(where, item[1], QUEUE_FIELDS, "queue")
+        if found is None:
+            return None
+        out, ok = {}, True
+        for key, name, node in found:
+            value = QUEUE_PARSERS[name](where, node)
+            ok = ok and value is not None
+            out[name] = value
+        return out if ok else None
+
+    def _conntrack(self, where: Where, queue: Optional[dict], item,
+                   parsed: List[ParsedRule]) -> Optional[QueueConfig]:
+        reads_ct = [p for p in parsed if "ct_state" in p.keys]
+        if queue is not None and queue.get("conntrack") is False:
+            for p in reads_ct:
+                p.where.error(p.keys["ct_state"], "ct_state needs conntrack, but "
+                                                  "queue.conntrack is false (remove 'conntrack: false')")
+            if reads_ct:
+                return None
+        if queue is None:
+            return None
+        queue.setdefault("conntrack", bool(reads_ct))
+        if "num" in queue:
+            queue["nums"] = queue.pop("num")
+        return QueueConfig(**queue)
+
+    def _hooks(self, where: Where, root, item) -> Optional[Tuple]:
+        if item is None or _is_null(item[1]):
+            where.warn(item[0] if item else root,
+                       "no hooks: ipqd asks the kernel to queue nothing, so it sees only the "
+                       "packets your own iptables or nft rules send to its queue")
+            return ()
+        where = where.within("hooks: ")
+        node = item[1]
+        if not isinstance(node, yaml.SequenceNode):
+            where.error(node, f"hooks must be a list of mappings such as "
+                              f"{{chain: input}}, not {describe(node)}")
+            return None
+        hooks = [_hook(where, entry) for entry in node.value]
+        return None if None in hooks else tuple(hooks)
+
+    def _default(self, where: Where, root, item) -> Optional[Default]:
+        if item is None:
+            where.error(root, "missing 'default': say what happens to unmatched packets: "
+                              "add 'default: {action: accept}' or 'default: {action: drop}'")
+            return None
+        where = where.within("default: ")
+        found = fields(where, item[1], DEFAULT_FIELDS, "default")
+        if found is None:
+            return None
+        parsers = {"action": parse_action, "set_mark": parse_set_mark,
+                   "log": lambda w, n: boolean(w, n, "log")}
+        out = {name: parsers[name](where, node) for _, name, node in found}
+        keys = {name: key for key, name, _ in found}
+        if "action" not in out:
+            where.error(item[1], "missing 'action' (add action: accept or action: drop)")
+            return None
+        if out["action"] == "drop" and out.get("set_mark") is not None:
+            where.error(keys["set_mark"], "set_mark only works with action accept "
+                                          "(a dropped packet keeps no mark)")
+            return None
+        if None in out.values():
+            return None
+        return Default(**out)
+
+    def _logging(self, where: Where, item) -> Optional[LoggingConfig]:
+        if item is None or _is_null(item[1]):
+            return LoggingConfig()
+        where = where.within("logging: ")
+        found = fields(where, item[1], LOGGING_FIELDS, "logging")
+        if found is None:
+            return None
+        rate = None
+        for _, name, node in found:
+            rate = parse_rate(where, node)
+            if rate is None:
+                return None
+        return LoggingConfig(rate=rate)
+
+
+# --- queue values -------------------------------------------------------------------
+
+def _queue_num(where: Where, node) -> Optional[Tuple[int, ...]]:
+    written = text(where, node, "num", "a queue number or a range such as 0-3")
+    if written is None:
+        return None
+    try:
+        low, high = values.parse_range(written, "num", 0, 65535, "0 or 0-3")
+    except Invalid as e:
+        where.error(node, e.message)
+        return None
+    if high - low + 1 > MAX_QUEUES:
+        where.error(node, f"num {written} would start {high - low + 1} workers "
+                          f"(at most {MAX_QUEUES})")
+        return None
+    return tuple(range(low, high + 1))
+
+
+def _copy_range(where: Where, node) -> Optional[int]:
+    written = text(where, node, "copy_range", f"a number of bytes from 0 to {COPY_RANGE_MAX}")
+    if written is None:
+        return None
+    number = values.parse_number(written)
+    if number is None or number > COPY_RANGE_MAX:
+        where.error(node, f"copy_range must be a number of bytes from 0 to {COPY_RANGE_MAX} "
+                          f"(0 copies whole packets), not '{written}'")
+        return None
+    if 0 < number < COPY_RANGE_HEADERS:
+        where.warn(node, f"copy_range {number} may cut packets before their transport header: "
+                         f"use at least {COPY_RANGE_HEADERS}")
+    return number
+
+
+def _maxlen(where: Where, node) -> Optional[int]:
+    written = text(where, node, "maxlen", "a number of packets")
+    if written is None:
+        return None
+    number = values.parse_number(written)
+    if number is None or not 1 <= number <= values.U32_MAX:
+        where.error(node, f"maxlen must be a number of packets from 1 to {values.U32_MAX}, "
+                          f"not '{written}'")
+        return None
+    return number
+
+
+QUEUE_PARSERS = {
+    "num": _queue_num,
+    "copy_range": _copy_range,
+    "fail_open": lambda where, node: boolean(where, node, "fail_open"),
+    "bypass": lambda where, node: boolean(where, node, "bypass"),
+    "maxlen": _maxlen,
+    "conntrack": lambda where, node: boolean(where, node, "conntrack"),
+}
+
+
+# --- hooks -----------------------------------------------------------------------
+
+def _hook(where: Where, node: yaml.Node) -> Optional[Hook]:
+    found = fields(where, node, HOOK_FIELDS, "each hook")
+    if found is None:
+        return None
+    out, keys = {}, {}
+    for key, name, value in found:
+        keys[name] = key
+        out[name] = _HOOK_PARSERS[name](where, value)
+    if "chain" not in out:
+        where.error(node, f"each hook needs a chain ({one_of(HOOKS)})")
+        return None
+    if None in out.values():
+        return None
+    proto, family = out.get("proto"), out.get("family", "both")
+    implied = {"icmp": "ipv4", "icmpv6": "ipv6"}.get(proto)
+    if implied and family not in ("both", implied):
+        where.error(keys["proto"], f"proto {proto} never occurs in family {family}")
+        return None
+    return Hook(**out)
+
+
+def _hook_word(field: str, choices) -> Callable:
+    def parse(where: Where, node) -> Optional[str]:
+        word = text(where, node, field, one_of(choices))
+        if word is None:
+            return None
+        word = word.strip().lower()
+        if word not in choices:
+            hint = suggest(word, choices) or f" (expected {one_of(choices)})"
+            where.error(node, f"unknown {field} '{word}'{hint}")
+            return None
+        return word
+    return parse
+
+
+def _hook_proto(where: Where, node) -> Optional[str]:
+    written = text(where, node, "proto", "a protocol name such as tcp")
+    if written is None:
+        return None
+    try:
+        number = values.parse_protocol(written)
+    except Invalid as e:
+        where.error(node, e.message)
+        return None
+    return values.PROTOCOL_NAMES.get(number, str(number))
+
+
+_HOOK_PARSERS = {
+    "chain": _hook_word("chain", tuple(HOOKS)),
+    "family": _hook_word("family", HOOK_FAMILIES),
+    "proto": _hook_proto,
+}
+
+
+# --- helpers ---------------------------------------------------------------------
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")
+
+
+def _place(path: str, node: yaml.Node, here: str) -> str:
+    """'on line 4', or 'in policy.d/x.yaml line 4' when that is another file."""
+    line = node.start_mark.line + 1
+    return f"on line {line}" if path == here else f"in {path} line {line}"
+
+
+def _with_warnings(policy: Policy, sources, problems) -> Policy:
+    return replace(policy, sources=tuple(sources), warnings=tuple(problems))
+
+
+def check_file_safety(path: str) -> List[str]:
+    """Why `path` (or its directory) could be changed by someone other than root.
+
+    An empty list when the file is owned by root or the caller and writable
+    by its owner only. Raises OSError when the file cannot be examined.
+    """
+    problems = []
+    for target in (path, os.path.dirname(os.path.abspath(path))):
+        info = os.stat(target)
+        if info.st_uid not in (0, os.getuid()):
+            problems.append(f"{target} is owned by uid {info.st_uid}, not root")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+            problems.append(f"{target} is writable by group or others "
+                            f"(mode {stat.S_IMODE(info.st_mode):o}): chmod go-w {target}")
+    return problems

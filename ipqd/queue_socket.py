@@ -269,40 +269,40 @@ class QueueSocket:
 
         Drains what is already queued in one wake-up. ENOBUFS is counted in
         stats.enobufs and survived; kernel errors are counted and kept in
-        `kernel_errors`; events are returned in arrival order.
+        `kernel_errors`. Packets of a family the queue was not bound for, and
+        packets whose message could not be decoded but whose id could, are
+        answered here (foreign_verdict, undecodable_verdict) and counted, so
+        every queued packet gets a verdict; only wanted packets come back as
+        Packet events.
         """
         if self._backlog:
-            events, self._backlog = self._backlog, []
-            events.extend(self._read(0, max_datagrams))
+            raw, self._backlog = self._backlog, []
+            raw.extend(self._read(0, max_datagrams))
         else:
-            events = self._read(timeout, max_datagrams)
-        for event in events:
+            raw = self._read(timeout, max_datagrams)
+        events: List[Event] = []
+        stats = self.stats
+        for event in raw:
             if type(event) is Packet:
-                self.stats.packets += 1
+                stats.packets += 1
+                wanted = self.queues.get(event.queue)
+                if wanted is not None and event.family not in wanted:
+                    stats.foreign += 1
+                    self.verdict(event, self.foreign_verdict)
+                    continue
             elif isinstance(event, KernelError):
-                self.stats.kernel_errors += 1
+                stats.kernel_errors += 1
                 self.kernel_errors.append(event)
             elif isinstance(event, Undecodable):
-                self.stats.undecodable += 1
+                stats.undecodable += 1
+                if event.packet_id is not None:
+                    self.verdict_id(event.queue, event.packet_id, self.undecodable_verdict)
+            events.append(event)
         return events
 
     def receive(self, timeout: Optional[float] = None, max_datagrams: int = 256) -> List[Packet]:
-        """The packets waiting (see receive_events), ready for verdicts.
-
-        Packets of a family the queue was not bound for, and packets that
-        could not be decoded, are answered here and never returned.
-        """
-        packets = []
-        for event in self.receive_events(timeout, max_datagrams):
-            if type(event) is Packet:
-                if event.family in self.queues.get(event.queue, (event.family,)):
-                    packets.append(event)
-                else:
-                    self.stats.foreign += 1
-                    self.verdict(event, self.foreign_verdict)
-            elif isinstance(event, Undecodable) and event.packet_id is not None:
-                self.verdict_id(event.queue, event.packet_id, self.undecodable_verdict)
-        return packets
+        """The packets waiting (see receive_events), ready for verdicts."""
+        return [e for e in self.receive_events(timeout, max_datagrams) if type(e) is Packet]
 
     def _read(self, timeout: Optional[float], max_datagrams: int) -> List[Event]:
         if not self._wait_readable(timeout):

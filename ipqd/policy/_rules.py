@@ -32,7 +32,10 @@ SET_KINDS = {"address": "addresses", "port": "ports"}
 
 @dataclass
 class SetDef:
-    """A named list from `sets:`; `values` are networks or (low, high) ports."""
+    """A named list from `sets:`; `values` are networks or (low, high) ports.
+
+    `kind` is None for a set whose items were wrong: uses of it say nothing more.
+    """
     name: str
     kind: str
     values: tuple
@@ -61,13 +64,18 @@ class _Context:
     def set_values(self, node: yaml.Node, reference: str, kind: str,
                    field: str) -> Optional[tuple]:
         name = reference[1:]
+        self.used_sets.add(name)
         found = self.sets.get(name)
         if found is None:
             hint = suggest(name, self.sets)
-            hint = hint.replace("'", "'@", 1) if hint else " (define it under sets:)"
-            self.where.error(node, f"unknown set '@{name}'{hint}")
+            if hint:
+                # the set meant is then used, not unused: one typo, one message
+                self.used_sets.add(hint.split("'")[1])
+                hint = hint.replace("'", "'@", 1)
+            self.where.error(node, f"unknown set '@{name}'{hint or ' (define it under sets:)'}")
             return None
-        self.used_sets.add(name)
+        if found.kind is None:                  # its own problem is already reported
+            return None
         if found.kind != kind:
             self.where.error(node, f"{field} needs {SET_KINDS[kind]}, but set '@{name}' "
                                    f"holds {SET_KINDS[found.kind]}")

@@ -67,8 +67,14 @@ class Invalid(ValueError):
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    """' (did you mean 'x'?)' for the closest choice, or ''.
+
+    Swapped letters ('dprot') are the commonest typo, so a choice with the
+    same letters wins over one that merely looks alike ('proto').
+    """
+    choices = list(choices)
+    close = [c for c in choices if sorted(c) == sorted(word)]
+    close = close or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -132,8 +138,9 @@ def parse_protocol(text: str) -> int:
         return number
     if text in PROTOCOLS:
         return PROTOCOLS[text]
-    raise Invalid(f"unknown protocol '{text}'{suggest(text, PROTOCOLS)} "
-                  f"(expected {one_of(PROTOCOLS)} or a number 0-255)")
+    hint = suggest(text, PROTOCOLS) or " (expected a name such as tcp, udp or icmp, " \
+                                       "or a number 0-255)"
+    raise Invalid(f"unknown protocol '{text}'{hint}")
 
 
 def parse_icmp_type(text: str, proto: Optional[int]) -> int:
@@ -181,8 +188,8 @@ def parse_tcp_flags(words: Iterable[str]) -> TcpFlagsMatch:
         word = word.strip().lower()
         name = word.lstrip("!").strip()
         if name not in TCP_FLAGS:
-            raise Invalid(f"unknown TCP flag '{name}'{suggest(name, TCP_FLAGS)} "
-                          f"(flags are {', '.join(TCP_FLAGS)})")
+            hint = suggest(name, TCP_FLAGS) or f" (flags are {', '.join(TCP_FLAGS)})"
+            raise Invalid(f"unknown TCP flag '{name}'{hint}")
         bit = TCP_FLAGS[name]
         if mask & bit:
             raise Invalid(f"TCP flag '{name}' is named twice")

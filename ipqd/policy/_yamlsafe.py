@@ -35,16 +35,21 @@ MAX_DEPTH = 16
 
 _YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 
-# PyYAML's own wording, with what to do about it.
-_SYNTAX_HINTS = {
-    "found character '@' that cannot start any token":
-        'quote values that start with @ or !, e.g. "@lan" or "!22"',
-    "found character '`' that cannot start any token":
-        "quote values that start with `",
-    "found character '\\t' that cannot start any token":
-        "indent with spaces: YAML does not allow tabs",
+# What to do about a character YAML cannot start a value with.
+_CHARACTER_HINTS = {
+    "\t": "indent with spaces: YAML does not allow tabs",
+    "@": 'quote values that start with @, e.g. "@lan"',
+    "`": "quote values that start with `",
+    "%": "quote values that start with %",
+}
+# What to do about some of libyaml's own wording.
+_PROBLEM_HINTS = {
+    "mapping values are not allowed in this context":
+        "check the indentation, or quote a value that contains ': '",
     "mapping values are not allowed here":
         "check the indentation, or quote a value that contains ': '",
+    "exceeded maximum nesting depth":
+        "a policy needs only a few levels of nesting",
 }
 
 
@@ -182,7 +187,7 @@ def compose(text: str, path: str) -> Tuple[Optional[yaml.Node], List[PolicyError
     except _Refused as e:
         raise error_at(path, e.mark, e.message) from None
     except yaml.MarkedYAMLError as e:
-        raise _syntax_error(path, e) from None
+        raise _syntax_error(path, text, e) from None
     except yaml.YAMLError as e:                   # reader errors: no mark
         raise _reader_error(path, text, e) from None
     finally:
@@ -196,16 +201,27 @@ def compose(text: str, path: str) -> Tuple[Optional[yaml.Node], List[PolicyError
     return root, problems
 
 
-def _syntax_error(path: str, e: yaml.MarkedYAMLError) -> PolicyError:
+def _syntax_error(path: str, text: str, e: yaml.MarkedYAMLError) -> PolicyError:
     mark = e.problem_mark or e.context_mark
-    problem = (e.problem or e.context or "invalid YAML").strip()
+    problem = (e.problem or "invalid YAML").strip()
+    if problem.startswith("but ") and e.context:
+        problem = f"{e.context.strip()} {problem}"
     message = f"YAML syntax error: {problem}"
-    hint = _SYNTAX_HINTS.get(problem)
+    hint = _PROBLEM_HINTS.get(problem)
+    if mark is not None and "cannot start any token" in problem:
+        hint = _CHARACTER_HINTS.get(_character_at(text, mark))
     if hint:
         message += f" ({hint})"
     if mark is None:
         return PolicyError(path, 1, 1, message)
     return error_at(path, mark, message)
+
+
+def _character_at(text: str, mark) -> str:
+    lines = text.split("\n")
+    if mark.line < len(lines) and mark.column < len(lines[mark.line]):
+        return lines[mark.line][mark.column]
+    return ""
 
 
 def _reader_error(path: str, text: str, e: yaml.YAMLError) -> PolicyError:

@@ -174,15 +174,14 @@ class _Loader:
                 where.error(name_node, f"set '{name}' is already defined "
                                        f"({_place(first.where.path, first.node, where.path)})")
                 continue
-            found = self._set_items(where, name, value)
-            if found is not None:
-                kind, members = found
-                self.sets[name] = SetDef(name, kind, members, name_node, where)
+            kind, members = self._set_items(where, name, value)
+            self.sets[name] = SetDef(name, kind, members, name_node, where)
 
     def _set_items(self, where: Where, name: str, node: yaml.Node):
+        """(kind, members) of a set; kind None when the set is not usable."""
         items = scalars(where, node, f"set '{name}'", "a list of addresses or of ports")
         if items is None:
-            return None
+            return None, ()
         kinds, members, ok = set(), [], True
         for item in items:
             written = item.value.strip()
@@ -207,14 +206,14 @@ class _Loader:
         if len(kinds) > 1:
             where.error(node, f"set '{name}' holds both addresses and ports: "
                               "split it into an address set and a port set")
-            return None
+            return None, ()
         if not ok:
-            return None
+            return None, ()
         return kinds.pop(), tuple(dict.fromkeys(members))
 
     def _unused_sets(self) -> None:
         for name, found in self.sets.items():
-            if name not in self.used_sets:
+            if name not in self.used_sets and found.kind is not None:
                 found.where.warn(found.node, f"set '{name}' is never used "
                                              f'(use it as "@{name}", or remove it)')
 

@@ -72,7 +72,8 @@ def fields(where: Where, node: yaml.Node, known: Iterable[str], what: str,
     """
     known = list(known)
     if not isinstance(node, yaml.MappingNode):
-        where.error(node, f"{what} must be a mapping of fields, not {describe(node)}")
+        where.within("").error(node, f"{what} must be a mapping of fields, "
+                                     f"not {describe(node)}")
         return None
     out = []
     for key, value in node.value:

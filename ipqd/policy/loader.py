@@ -306,12 +306,12 @@ class _Loader:
                        "no hooks: ipqd asks the kernel to queue nothing, so it sees only the "
                        "packets your own iptables or nft rules send to its queue")
             return ()
-        where = where.within("hooks: ")
         node = item[1]
         if not isinstance(node, yaml.SequenceNode):
-            where.error(node, f"hooks must be a list of mappings such as "
+            where.error(node, "hooks must be a list of mappings such as "
                               f"{{chain: input}}, not {describe(node)}")
             return None
+        where = where.within("hooks: ")
         hooks = [_hook(where, entry) for entry in node.value]
         return None if None in hooks else tuple(hooks)
 

@@ -5,6 +5,9 @@ import argparse
 import sys
 
 
+DEFAULT_POLICY = "/etc/ipqd/policy.yaml"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipqd",
@@ -27,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="hook the packets are taken to arrive at (default: input)")
     explain.add_argument("--in", dest="indev", metavar="IFACE", help="input interface name")
     explain.add_argument("--out", dest="outdev", metavar="IFACE", help="output interface name")
+    hooks = sub.add_parser(
+        "hooks", help="install, remove or show the kernel rules that queue traffic to ipqd")
+    hooks.add_argument("action", choices=("install", "remove", "show", "detect"))
+    hooks.add_argument("--policy", default=DEFAULT_POLICY, help=f"default: {DEFAULT_POLICY}")
+    hooks.add_argument("--backend", default="auto",
+                       choices=("auto", "nft", "iptables-nft", "iptables-legacy"),
+                       help="how to install the rules (default: the best that works here)")
+    hooks.add_argument("--state-dir", default="/run/ipqd",
+                       help="where ipqd notes which backend holds its rules")
     return parser
 
 
@@ -38,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         from ipqd.explain import run_explain
         return run_explain(args)
+    if args.command == "hooks":
+        from ipqd.hooks import run_hooks_command
+        return run_hooks_command(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,466 @@
+"""Rules compiled into a first-match matcher whose cost does not grow with the rule count.
+
+`compile_policy(policy)` returns a `Matcher`; `Matcher.decide(view, now)`
+returns the `Decision` of the first rule, in policy order, that matches the
+packet view, or the default's. The semantics are those of
+`ipqd.policy.model.Match`; tests/reference.py states them as a plain loop
+and a property test checks that both always agree.
+
+How a decision is found without looking at every rule:
+1. Buckets by (family, proto, dport). For each family and each protocol
+   some rule names (plus the port-carrying ones), the rules that can match
+   are listed in policy order. Rules that test `dport` with a short, plain
+   list of ports sit only in the lists of those ports ("exact"); the others
+   (no dport test, wide or negated ranges) sit in one "wild" list. A packet
+   looks up its port's exact list and the wild list.
+2. Address tables. A long list is split by the address field most of its
+   rules test: for each prefix length in use, the address shifted right is
+   looked up in a dict giving the rules whose networks contain it.
+3. Verification. The rule indexes found are walked lowest first; each rule
+   runs the checks the lookup did not already prove, and a rate-limited rule
+   with an empty token bucket does not match. Scanning several lists only
+   ever looks at indexes below the best match found so far.
+
+A token is taken only from the rule that finally matches, so `decide` gives
+the same answer as evaluating the rules one by one.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from operator import attrgetter
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+from ipqd.packet import MALFORMED, PORT_PROTOS, PROTO_ICMP, PROTO_ICMPV6
+from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rate, Rule
+
+Check = Callable[[object], bool]
+
+# A dport list with at most this many ports is expanded into exact buckets.
+EXACT_PORTS_MAX = 64
+# Lists longer than this get an address table.
+ADDRESS_TABLE_MIN = 16
+_OTHER = -1            # the protocol key of every protocol no rule names
+_BITS = {4: 32, 6: 128}
+
+
+class Decision(NamedTuple):
+    """What to do with a packet: the matching rule (None: the default)."""
+    rule: Optional[Rule]
+    rule_index: int
+    action: str
+    mark: Optional[int]
+    log: bool
+
+
+class TokenBucket:
+    """`Rate` as a token bucket; time is passed in so the matcher stays pure.
+
+    Starts full. Only `take` changes the state, so looking (`available`)
+    at a rule that then loses to an earlier one costs it nothing.
+    """
+    __slots__ = ("per_second", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: Rate):
+        self.per_second = float(rate.per_second)
+        self.burst = float(rate.burst)
+        self.tokens = self.burst
+        self.stamp: Optional[float] = None
+
+    def level(self, now: float) -> float:
+        if self.stamp is None or now <= self.stamp:
+            return self.tokens
+        return min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
+
+    def available(self, now: float) -> bool:
+        return self.level(now) >= 1.0
+
+    def take(self, now: float) -> None:
+        self.tokens = self.level(now) - 1.0
+        if self.stamp is None or now > self.stamp:
+            self.stamp = now
+
+
+# ---- field checks: one small closure per tested field -----------------------
+
+def _member(attr: str, values: frozenset) -> Check:
+    get = attrgetter(attr)
+    return lambda view: get(view) in values          # None is never in values
+
+
+def _in_ranges(attr: str, match: RangeMatch) -> Check:
+    get = attrgetter(attr)
+    negate = match.negate
+    if _span(match) <= EXACT_PORTS_MAX:
+        values = frozenset(_range_values(match))
+
+        def check(view) -> bool:
+            value = get(view)
+            return value is not None and (value in values) != negate
+        return check
+    ranges = match.ranges
+
+    def check_ranges(view) -> bool:
+        value = get(view)
+        if value is None:
+            return False
+        for lo, hi in ranges:
+            if lo <= value <= hi:
+                return not negate
+        return negate
+    return check_ranges
+
+
+def _span(match: RangeMatch) -> int:
+    return sum(max(0, hi - lo + 1) for lo, hi in match.ranges)
+
+
+def _range_values(match: RangeMatch) -> set:
+    return {v for lo, hi in match.ranges for v in range(lo, hi + 1)}
+
+
+def prefix_tables(networks: Sequence) -> Dict[int, Tuple[Tuple[int, frozenset], ...]]:
+    """family -> ((shift, {address >> shift of each network}), ...).
+
+    An address lies in one of the networks when, for some prefix length in
+    use, its top bits are among the networks' top bits.
+    """
+    by_family: Dict[int, Dict[int, set]] = {}
+    for net in networks:
+        shift = _BITS[net.version] - net.prefixlen
+        keys = by_family.setdefault(net.version, {}).setdefault(shift, set())
+        keys.add(int(net.network_address) >> shift)
+    return {family: tuple((shift, frozenset(keys)) for shift, keys in sorted(shifts.items()))
+            for family, shifts in by_family.items()}
+
+
+def _in_networks(attr: str, match: AddrMatch) -> Check:
+    get = attrgetter(attr)
+    tables = prefix_tables(match.networks)
+    negate = match.negate
+
+    def check(view) -> bool:
+        table = tables.get(view.family)
+        address = get(view)
+        if table is None or address is None:
+            return False
+        for shift, keys in table:
+            if (address >> shift) in keys:
+                return not negate
+        return negate
+    return check
+
+
+def _iface(attr: str, match: IfaceMatch) -> Check:
+    get = attrgetter(attr)
+    exact = frozenset(p for p in match.patterns if not _is_glob(p))
+    globs = [fnmatch.translate(p) for p in match.patterns if _is_glob(p)]
+    regex = re.compile("|".join(globs)) if globs else None
+    negate = match.negate
+    answers: Dict[str, bool] = {}   # interface names are few: remember each answer
+
+    def check(view) -> bool:
+        name = get(view)
+        if name is None:
+            return False
+        answer = answers.get(name)
+        if answer is None:
+            inside = name in exact or (regex is not None and regex.match(name) is not None)
+            answer = answers[name] = inside != negate
+        return answer
+    return check
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _tcp_flags(mask: int, value: int) -> Check:
+    def check(view) -> bool:
+        flags = view.tcp_flags
+        return flags is not None and (flags & mask) == value
+    return check
+
+
+def _mark(mask: int, value: int) -> Check:
+    def check(view) -> bool:
+        mark = view.mark
+        return mark is not None and (mark & mask) == value
+    return check
+
+
+def _length(lo: int, hi: int) -> Check:
+    def check(view) -> bool:
+        length = view.length
+        return length is not None and lo <= length <= hi
+    return check
+
+
+def _families(match: Match) -> frozenset:
+    """The families a packet must have for the match to be possible at all."""
+    families = frozenset({4, 6}) if match.family is None else frozenset({match.family})
+    for addr in (match.src, match.dst):
+        if addr is not None:
+            families &= addr.families
+    return families
+
+
+def _checks(match: Match, skip: frozenset) -> Tuple[Check, ...]:
+    """The checks for every tested field not in `skip`, cheapest first."""
+    out: List[Check] = []
+    m = match
+    if m.family is not None and "family" not in skip:
+        out.append(_member("family", frozenset({m.family})))  # src/dst check their own
+    if m.proto is not None and "proto" not in skip:
+        out.append(_member("proto", m.proto))
+    if m.dport is not None and "dport" not in skip:
+        out.append(_in_ranges("dport", m.dport))
+    for attr in ("hook", "ct_state", "fragment", "icmp_type", "icmp_code"):
+        values = getattr(m, attr)
+        if values is not None:
+            out.append(_member(attr, values))
+    if m.sport is not None:
+        out.append(_in_ranges("sport", m.sport))
+    if m.tcp_flags is not None:
+        out.append(_tcp_flags(m.tcp_flags.mask, m.tcp_flags.value))
+    if m.mark is not None:
+        out.append(_mark(m.mark.mask, m.mark.value))
+    if m.length is not None:
+        out.append(_length(*m.length))
+    for attr in ("uid", "gid"):
+        if getattr(m, attr) is not None:
+            out.append(_in_ranges(attr, getattr(m, attr)))
+    for attr, field in (("indev", m.in_), ("outdev", m.out)):
+        if field is not None:
+            out.append(_iface(attr, field))
+    for attr in ("src", "dst"):
+        if getattr(m, attr) is not None:
+            out.append(_in_networks(attr, getattr(m, attr)))
+    return tuple(out)
+
+
+# ---- compiled rules and candidate lists ------------------------------------
+
+class _Compiled:
+    """One rule, ready to verify: the checks left after the lookup, its bucket."""
+    __slots__ = ("index", "rule", "families", "exact_dports", "checks",
+                 "full_checks", "bucket", "decision")
+
+    def __init__(self, index: int, rule: Rule, default_log: bool):
+        m = rule.match
+        self.index = index
+        self.rule = rule
+        self.families = _families(m)
+        dport = m.dport
+        exact = dport is not None and not dport.negate and _span(dport) <= EXACT_PORTS_MAX
+        self.exact_dports = frozenset(_range_values(dport)) if exact else None
+        proven = {"family", "proto"} | ({"dport"} if exact else set())
+        self.checks = _checks(m, frozenset(proven))
+        self.full_checks = _checks(m, frozenset())
+        self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
+        log = rule.log if rule.log is not None else default_log
+        mark = rule.set_mark if rule.action == "accept" else None
+        self.decision = Decision(rule, index, rule.action, mark, log)
+
+
+class _Candidates:
+    """Rule indexes in policy order, optionally split by an address table."""
+    __slots__ = ("order", "attr", "rest", "tables")
+
+    def __init__(self, indexes: Sequence[int], compiled: Sequence[_Compiled], family: int):
+        self.order = tuple(sorted(set(indexes)))
+        self.attr: Optional[str] = None
+        self.rest: Tuple[int, ...] = self.order
+        self.tables: Tuple[Tuple[int, Dict[int, Tuple[int, ...]]], ...] = ()
+        if len(self.order) > ADDRESS_TABLE_MIN:
+            self._split(compiled, family)
+
+    def _split(self, compiled: Sequence[_Compiled], family: int) -> None:
+        def positive(i: int, attr: str) -> bool:
+            addr = getattr(compiled[i].rule.match, attr)
+            return addr is not None and not addr.negate and family in addr.families
+        counts = {attr: sum(positive(i, attr) for i in self.order) for attr in ("src", "dst")}
+        attr = max(counts, key=counts.get)
+        if counts[attr] * 2 < len(self.order):
+            return
+        tables: Dict[int, Dict[int, List[int]]] = {}
+        rest = []
+        for i in self.order:
+            if not positive(i, attr):
+                rest.append(i)
+                continue
+            networks = getattr(compiled[i].rule.match, attr).networks
+            for shift, keys in prefix_tables(networks)[family]:
+                table = tables.setdefault(shift, {})
+                for key in keys:
+                    table.setdefault(key, []).append(i)
+        self.attr = attr
+        self.rest = tuple(rest)
+        self.tables = tuple((shift, {k: tuple(v) for k, v in table.items()})
+                            for shift, table in sorted(tables.items()))
+
+
+class _ProtoIndex:
+    """The candidates of one (family, proto): by destination port and without."""
+    __slots__ = ("ports", "wild", "no_port")
+
+    def __init__(self, family: int, members: List[_Compiled], compiled, carries_ports: bool):
+        self.no_port = _Candidates([c.index for c in members if c.rule.match.dport is None],
+                                   compiled, family)
+        ports: Dict[int, List[int]] = {}
+        wild: List[int] = []
+        if carries_ports:
+            for c in members:
+                if c.exact_dports is None:
+                    wild.append(c.index)
+                else:
+                    for port in c.exact_dports:
+                        ports.setdefault(port, []).append(c.index)
+        self.ports = {port: _Candidates(ix, compiled, family) for port, ix in ports.items()}
+        self.wild = _Candidates(wild, compiled, family)
+
+
+# ---- the matcher ------------------------------------------------------------
+
+class Matcher:
+    """A compiled policy. `decide` is the packet path; the rest is bookkeeping."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        default = policy.default
+        self._compiled = [_Compiled(i, rule, default.log) for i, rule in enumerate(policy.rules)]
+        self._none = len(self._compiled)             # "no rule matched" as an index
+        self._hits = [0] * len(self._compiled)
+        self._default_hits = 0
+        self._default = Decision(None, -1, default.action,
+                                 default.set_mark if default.action == "accept" else None,
+                                 default.log)
+        plain = [c for c in self._compiled if not c.rule.match.malformed]
+        self._plain = tuple(c.index for c in plain)
+        self._malformed = tuple(c.index for c in self._compiled if c.rule.match.malformed)
+        self._by_family = {family: self._index_family(family, plain) for family in (4, 6)}
+        fields = set(policy.fields())
+        if self._malformed:
+            fields.add(MALFORMED)
+        self.fields = frozenset(fields)
+
+    def _index_family(self, family: int, plain: List[_Compiled]) -> Dict[int, _ProtoIndex]:
+        rules = [c for c in plain if family in c.families]
+        named = {p for c in rules if c.rule.match.proto is not None for p in c.rule.match.proto}
+        keys = named | PORT_PROTOS | {PROTO_ICMP, PROTO_ICMPV6}
+        index = {}
+        for proto in keys:
+            members = [c for c in rules
+                       if c.rule.match.proto is None or proto in c.rule.match.proto]
+            index[proto] = _ProtoIndex(family, members, self._compiled, proto in PORT_PROTOS)
+        others = [c for c in rules if c.rule.match.proto is None]
+        index[_OTHER] = _ProtoIndex(family, others, self._compiled, False)
+        return index
+
+    # -- the packet path --
+
+    def decide(self, view, now: float = 0.0) -> Decision:
+        """The decision for one packet view; counts it and takes a rate token."""
+        if view.malformed:
+            i = self._scan_full(self._malformed, view, now)
+        else:
+            by_proto = self._by_family.get(view.family)
+            if by_proto is None or view.proto is None:
+                i = self._scan_full(self._plain, view, now)
+            else:
+                i = self._lookup(by_proto.get(view.proto) or by_proto[_OTHER], view, now)
+        if i == self._none:
+            self._default_hits += 1
+            return self._default
+        c = self._compiled[i]
+        if c.bucket is not None:
+            c.bucket.take(now)
+        self._hits[i] += 1
+        return c.decision
+
+    def _lookup(self, index: _ProtoIndex, view, now: float) -> int:
+        dport = view.dport
+        if dport is None:
+            return self._first(index.no_port, view, now, self._none)
+        best = self._none
+        exact = index.ports.get(dport)
+        if exact is not None:
+            best = self._first(exact, view, now, best)
+        return self._first(index.wild, view, now, best)
+
+    def _first(self, cands: _Candidates, view, now: float, limit: int) -> int:
+        """The lowest index below `limit` of a candidate that matches, else `limit`."""
+        if cands.attr is None:
+            return self._scan(cands.order, view, now, limit)
+        best = self._scan(cands.rest, view, now, limit)
+        address = getattr(view, cands.attr)
+        for shift, table in cands.tables:
+            hits = table.get(address >> shift)
+            if hits is not None:
+                best = self._scan(hits, view, now, best)
+        return best
+
+    def _scan(self, order: Sequence[int], view, now: float, limit: int) -> int:
+        compiled = self._compiled
+        for i in order:
+            if i >= limit:
+                return limit
+            c = compiled[i]
+            for check in c.checks:
+                if not check(view):
+                    break
+            else:
+                if c.bucket is None or c.bucket.available(now):
+                    return i
+        return limit
+
+    def _scan_full(self, order: Sequence[int], view, now: float) -> int:
+        """Rule by rule with every check: malformed packets and odd views."""
+        compiled = self._compiled
+        for i in order:
+            c = compiled[i]
+            for check in c.full_checks:
+                if not check(view):
+                    break
+            else:
+                if c.bucket is None or c.bucket.available(now):
+                    return i
+        return self._none
+
+    # -- counters --
+
+    def counters(self) -> dict:
+        """{"rules": {name: {hits, accepted, dropped}}, "default": {...}}, in rule order."""
+        rules: Dict[str, dict] = {}
+        for c in self._compiled:
+            entry = rules.setdefault(c.rule.name, {"hits": 0, "accepted": 0, "dropped": 0})
+            _add_hits(entry, c.rule.action, self._hits[c.index])
+        default = {"hits": 0, "accepted": 0, "dropped": 0}
+        _add_hits(default, self._default.action, self._default_hits)
+        return {"rules": rules, "default": default}
+
+    def adopt_counters(self, old: "Matcher") -> None:
+        """Carry hit counts (and rate buckets of unchanged rates) over from `old`, by rule name."""
+        previous = {}
+        for c in old._compiled:
+            previous.setdefault(c.rule.name, c)
+        for c in self._compiled:
+            before = previous.get(c.rule.name)
+            if before is None:
+                continue
+            self._hits[c.index] += old._hits[before.index]
+            if c.bucket is not None and before.bucket is not None \
+                    and c.rule.rate == before.rule.rate:
+                c.bucket.tokens = before.bucket.tokens
+                c.bucket.stamp = before.bucket.stamp
+        self._default_hits += old._default_hits
+
+
+def _add_hits(entry: dict, action: str, hits: int) -> None:
+    entry["hits"] += hits
+    entry["accepted" if action == "accept" else "dropped"] += hits
+
+
+def compile_policy(policy: Policy) -> Matcher:
+    """The policy's rules as a Matcher. Pure: reads nothing but `policy`."""
+    return Matcher(policy)

@@ -1,0 +1,350 @@
+"""The packet view: the few fields of an IP packet that rules match against.
+
+`parse(payload, meta, needs)` reads an IPv4 or IPv6 packet (as NFQUEUE hands
+it over: starting at the IP header, possibly cut at the queue's copy_range)
+and returns a `PacketView`. It never raises: any fault, expected or not,
+yields a view with `malformed=True` and a short `reason`.
+
+Where dpkt is used and where it is not:
+- the per-packet path (this module's `parse`) does not call dpkt. The fixed
+  headers are read with precomputed `struct.Struct` formats and bounds are
+  checked by hand: dpkt's `IP(buf)` decodes every layer eagerly (15-20 us a
+  packet) and on hostile input either raises or leaves raw bytes behind, while
+  `unpack_from` costs about 1 us for everything a policy reads. Protocol and
+  header numbers come from dpkt's constants so the same names are used.
+- `ipqd.pcap` reads pcap and pcapng files with dpkt's file and block header
+  classes, and `ipqd.explain` builds packets from a description with dpkt
+  (headers, lengths and checksums), then feeds their bytes to this `parse`.
+
+What the view carries when the packet is not malformed: `family`, `proto`
+(for IPv6 the upper-layer protocol after the extension headers), `src`/`dst`
+(ints), `length` (from the IP header: the real length even when the copy was
+cut), `fragment`, and, when the policy reads them, the L4 fields `sport`,
+`dport`, `icmp_type`, `icmp_code`, `tcp_flags`. A field the packet does not
+have is None. A malformed view keeps the IP fields read before the fault and
+never carries L4 fields.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import NamedTuple, Optional
+
+import dpkt
+
+# Upper-layer protocol numbers (dpkt.ip.IP_PROTO_*, the IANA numbers).
+PROTO_ICMP = dpkt.ip.IP_PROTO_ICMP          # 1
+PROTO_TCP = dpkt.ip.IP_PROTO_TCP            # 6
+PROTO_UDP = dpkt.ip.IP_PROTO_UDP            # 17
+PROTO_ICMPV6 = dpkt.ip.IP_PROTO_ICMP6       # 58
+PROTO_NONE = dpkt.ip.IP_PROTO_NONE          # 59: IPv6 "no next header"
+PROTO_SCTP = dpkt.ip.IP_PROTO_SCTP          # 132
+PROTO_UDPLITE = 136
+
+PORT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
+
+# IPv6 extension headers walked to find the upper-layer protocol.
+EXT_HOPOPTS = dpkt.ip.IP_PROTO_HOPOPTS      # 0
+EXT_ROUTING = dpkt.ip.IP_PROTO_ROUTING      # 43
+EXT_FRAGMENT = dpkt.ip.IP_PROTO_FRAGMENT    # 44
+EXT_AH = dpkt.ip.IP_PROTO_AH                # 51
+EXT_DSTOPTS = dpkt.ip.IP_PROTO_DSTOPTS      # 60
+EXT_MOBILITY = 135
+IPV6_EXT_HEADERS = frozenset({EXT_HOPOPTS, EXT_ROUTING, EXT_FRAGMENT, EXT_AH,
+                              EXT_DSTOPTS, EXT_MOBILITY})
+MAX_EXT_HEADERS = 8
+IPV6_OPT_JUMBO = 0xC2
+
+# The view fields each L4 header feeds, in the policy's words.
+L4_FIELDS = frozenset({"sport", "dport", "icmp_type", "icmp_code", "tcp_flags"})
+# Compiler marker in `needs`: some rule matches malformed packets. The packet
+# checks below do not depend on it; it is kept so `needs` says what is read.
+MALFORMED = "malformed"
+
+CT_STATES = ("new", "established", "related", "invalid", "untracked")
+
+_IPV4 = struct.Struct("!BBHHHBBHII")       # ver_ihl tos len id off ttl p sum src dst
+_IPV6 = struct.Struct("!IHBB")             # ver_tc_flow plen nxt hlim
+_PORTS = struct.Struct("!HH")
+_H = struct.Struct("!H")
+_I = struct.Struct("!I")
+
+_IPV4_MF = 0x2000
+_IPV4_OFFSET = 0x1FFF
+_TCP_MIN = 20
+_UDP_LEN = 8
+_SCTP_MIN = 12
+_ICMP_MIN = 8          # RFC 792: every ICMP message starts with 8 bytes
+_ICMPV6_MIN = 4        # RFC 4443 2.1: type, code, checksum
+
+
+class PacketMeta(NamedTuple):
+    """What the kernel says about a packet besides its bytes.
+
+    A NamedTuple: immutable, slotted and cheap to build once per packet.
+    `wire_len` is the packet's real length when the copy was cut at the
+    queue's copy_range; None means the payload is the whole packet.
+    `family` (4 or 6, optional) is the family the link layer or the queue
+    announced; an IP header of the other version is malformed.
+    """
+    hook: Optional[int] = None
+    indev: Optional[str] = None
+    outdev: Optional[str] = None
+    mark: int = 0
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    ct_state: Optional[str] = None
+    wire_len: Optional[int] = None
+    family: Optional[int] = None
+
+
+class PacketView:
+    """The fields a rule can test; None where the packet does not have one."""
+
+    __slots__ = ("family", "proto", "src", "dst", "sport", "dport",
+                 "icmp_type", "icmp_code", "tcp_flags", "length", "fragment",
+                 "malformed", "reason", "ext_cut",
+                 "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state")
+
+    def __init__(self, meta: PacketMeta = PacketMeta()):
+        self.family = self.proto = self.src = self.dst = None
+        self.sport = self.dport = self.icmp_type = self.icmp_code = None
+        self.tcp_flags = self.length = self.fragment = None
+        self.malformed = self.ext_cut = False
+        self.reason = ""
+        (self.hook, self.indev, self.outdev, self.mark, self.uid, self.gid,
+         self.ct_state) = meta[:7]
+
+    @classmethod
+    def build(cls, **fields) -> "PacketView":
+        """A view with the given fields set directly (tests, explain)."""
+        view = cls()
+        for name, value in fields.items():
+            setattr(view, name, value)
+        return view
+
+    @property
+    def src_text(self) -> Optional[str]:
+        return address_text(self.family, self.src)
+
+    @property
+    def dst_text(self) -> Optional[str]:
+        return address_text(self.family, self.dst)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()
+                          if v is not None and v is not False and v != "")
+        return f"PacketView({shown})"
+
+
+def address_text(family: Optional[int], value: Optional[int]) -> Optional[str]:
+    """The usual text form of an address held as an int (None stays None)."""
+    if value is None or family not in (4, 6):
+        return None
+    if family == 4:
+        return str(ipaddress.IPv4Address(value))
+    return str(ipaddress.IPv6Address(value))
+
+
+class _Malformed(Exception):
+    """A fault found while parsing; its text becomes `PacketView.reason`."""
+
+
+def parse(payload: bytes, meta: PacketMeta = PacketMeta(),
+          needs: Optional[frozenset] = None) -> PacketView:
+    """Read `payload` (an IP packet) into a PacketView. Never raises.
+
+    `needs` is the set of fields the policy reads (`Matcher.fields`); L4
+    headers are only unpacked when one of L4_FIELDS is in it. None reads
+    everything. The structural checks (header lengths, total length,
+    extension chain, whether the L4 header fits) are made either way, so
+    whether a packet is malformed does not depend on the policy, except for
+    a copy cut by copy_range that hides an L4 field the policy reads.
+    """
+    view = PacketView(meta)
+    try:
+        _parse_ip(view, payload, meta, needs is None or not needs.isdisjoint(L4_FIELDS))
+    except _Malformed as fault:
+        _mark_malformed(view, str(fault))
+    except Exception as error:  # the boundary: a packet never stops the caller
+        _mark_malformed(view, type(error).__name__)
+    return view
+
+
+def _mark_malformed(view: PacketView, reason: str) -> None:
+    view.malformed = True
+    view.reason = reason
+    view.sport = view.dport = view.icmp_type = view.icmp_code = view.tcp_flags = None
+
+
+def _parse_ip(view: PacketView, data: bytes, meta: PacketMeta, want_l4: bool) -> None:
+    if not data:
+        raise _Malformed("empty packet")
+    version = data[0] >> 4
+    if version not in (4, 6):
+        raise _Malformed(f"bad IP version {version}")
+    if meta.family is not None and version != meta.family:
+        raise _Malformed(f"IPv{version} header in an IPv{meta.family} packet")
+    cut = meta.wire_len is not None and meta.wire_len > len(data)
+    if version == 4:
+        start, end = _parse_ipv4(view, data, cut)
+    else:
+        start, end = _parse_ipv6(view, data, cut)
+    if view.fragment != "not-first":
+        _check_l4(view, data, start, end, cut, want_l4)
+
+
+def _short(what: str, cut: bool) -> _Malformed:
+    return _Malformed("truncated copy" if cut else what)
+
+
+def _parse_ipv4(view: PacketView, data: bytes, cut: bool) -> tuple:
+    """Fill the IPv4 fields; return where L4 starts and where the data ends."""
+    view.family = 4
+    if len(data) < 20:
+        raise _short("truncated IPv4 header", cut)
+    ver_ihl, _tos, total, _id, off, _ttl, proto, _sum, src, dst = _IPV4.unpack_from(data)
+    header = (ver_ihl & 0x0F) * 4
+    view.proto, view.src, view.dst, view.length = proto, src, dst, total
+    if header < 20:
+        raise _Malformed(f"IPv4 header length {header} < 20")
+    if header > len(data):
+        raise _short(f"IPv4 header length {header} beyond the data", cut)
+    if total < header:
+        raise _Malformed(f"IPv4 total length {total} < header length {header}")
+    if total > len(data) and not cut:
+        raise _Malformed(f"IPv4 total length {total} beyond the {len(data)} bytes")
+    if off & _IPV4_OFFSET:
+        view.fragment = "not-first"
+    elif off & _IPV4_MF:
+        view.fragment = "first"
+    else:
+        view.fragment = "none"
+    return header, min(total, len(data))
+
+
+def _parse_ipv6(view: PacketView, data: bytes, cut: bool) -> tuple:
+    """Fill the IPv6 fields, walking the extension headers to the upper layer."""
+    view.family = 6
+    if len(data) < 40:
+        raise _short("truncated IPv6 header", cut)
+    _vtf, plen, nxt, _hlim = _IPV6.unpack_from(data)
+    view.src = int.from_bytes(data[8:24], "big")
+    view.dst = int.from_bytes(data[24:40], "big")
+    total = 40 + plen
+    if plen == 0 and nxt == EXT_HOPOPTS:
+        total = 40 + _jumbo_length(data, cut)
+    view.length = total
+    if total > len(data) and not cut:
+        raise _Malformed(f"IPv6 payload length {total - 40} beyond the {len(data) - 40} bytes")
+    end = min(total, len(data))
+    view.fragment = "none"
+    offset, count = 40, 0
+    while nxt in IPV6_EXT_HEADERS:
+        if count == MAX_EXT_HEADERS:
+            view.ext_cut = True
+            raise _Malformed(f"more than {MAX_EXT_HEADERS} IPv6 extension headers")
+        count += 1
+        if offset + 8 > end:
+            raise _short("IPv6 extension header runs off the end", cut and offset + 8 <= total)
+        if nxt == EXT_FRAGMENT:
+            nxt, length = _fragment_header(view, data, offset)
+            if view.fragment == "not-first":
+                view.proto = nxt  # the rest of the chain is in the first fragment
+                return offset + length, end
+        elif nxt == EXT_AH:
+            length = (data[offset + 1] + 2) * 4
+            nxt = data[offset]
+        else:
+            length = (data[offset + 1] + 1) * 8
+            nxt = data[offset]
+        offset += length
+    if offset > end:
+        raise _short("IPv6 extension header runs off the end", cut and offset <= total)
+    view.proto = nxt
+    return offset, end
+
+
+def _fragment_header(view: PacketView, data: bytes, offset: int) -> tuple:
+    frag = _H.unpack_from(data, offset + 2)[0]
+    if frag & 0xFFF8:
+        view.fragment = "not-first"
+    elif frag & 1:
+        view.fragment = "first"
+    # offset 0 and no more fragments: an atomic fragment, i.e. not fragmented
+    return data[offset], 8
+
+
+def _jumbo_length(data: bytes, cut: bool) -> int:
+    """The Jumbo Payload option's length (RFC 2675), or 0 when there is none."""
+    if len(data) < 48:
+        return 0
+    end = 40 + (data[41] + 1) * 8
+    offset = 42
+    while offset + 2 <= min(end, len(data)):
+        kind = data[offset]
+        if kind == 0:  # Pad1
+            offset += 1
+            continue
+        if kind == IPV6_OPT_JUMBO and data[offset + 1] == 4 and offset + 6 <= len(data):
+            return _I.unpack_from(data, offset + 2)[0]
+        offset += 2 + data[offset + 1]
+    return 0
+
+
+def _check_l4(view: PacketView, data: bytes, start: int, end: int,
+              cut: bool, want_l4: bool) -> None:
+    """Check the L4 header fits; when the policy reads L4 fields, fill them.
+
+    When the copy was cut before the end of the L4 header, the header is only
+    a fault if the policy needed it ("truncated copy").
+    """
+    proto = view.proto
+    family = view.family
+    if proto == PROTO_TCP:
+        size = _TCP_MIN
+    elif proto == PROTO_UDP or proto == PROTO_UDPLITE:
+        size = _UDP_LEN
+    elif proto == PROTO_SCTP:
+        size = _SCTP_MIN
+    elif proto == PROTO_ICMP and family == 4:
+        size = _ICMP_MIN
+    elif proto == PROTO_ICMPV6 and family == 6:
+        size = _ICMPV6_MIN
+    else:
+        return
+    have = end - start
+    if have < size:
+        if cut and (view.length - start) >= size:
+            if want_l4:
+                raise _Malformed("truncated copy")
+            return
+        raise _Malformed(f"truncated {_PROTO_NAMES[proto]} header ({have} of {size} bytes)")
+    if proto == PROTO_TCP:
+        header = (data[start + 12] >> 4) * 4
+        if header < _TCP_MIN:
+            raise _Malformed(f"TCP data offset {header} < 20")
+        if header > view.length - start:
+            raise _Malformed(f"TCP header length {header} beyond the segment")
+        if want_l4:
+            view.sport, view.dport = _PORTS.unpack_from(data, start)
+            view.tcp_flags = data[start + 13]
+    elif proto == PROTO_UDP:
+        length = _H.unpack_from(data, start + 4)[0]
+        if length < _UDP_LEN or length > view.length - start:
+            raise _Malformed(f"UDP length {length} outside 8..{view.length - start}")
+        if want_l4:
+            view.sport, view.dport = _PORTS.unpack_from(data, start)
+    elif proto == PROTO_UDPLITE or proto == PROTO_SCTP:
+        if want_l4:
+            view.sport, view.dport = _PORTS.unpack_from(data, start)
+    elif want_l4:
+        view.icmp_type = data[start]
+        view.icmp_code = data[start + 1]
+
+
+_PROTO_NAMES = {PROTO_TCP: "TCP", PROTO_UDP: "UDP", PROTO_UDPLITE: "UDP-Lite",
+                PROTO_SCTP: "SCTP", PROTO_ICMP: "ICMP", PROTO_ICMPV6: "ICMPv6"}

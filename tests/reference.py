@@ -1,0 +1,113 @@
+"""The most obvious evaluator of a policy: every rule, in order, every field, literally.
+
+It states the semantics of `ipqd.policy.model.Match` as directly as possible
+so the compiled matcher can be checked against it. Speed does not matter.
+"""
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from typing import Optional
+
+from ipqd.policy.model import Policy
+
+
+class Bucket:
+    """A token bucket that starts full; only a match takes a token."""
+
+    def __init__(self, per_second: float, burst: int):
+        self.per_second = per_second
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp: Optional[float] = None
+
+    def level(self, now: float) -> float:
+        if self.stamp is None or now <= self.stamp:
+            return self.tokens
+        return min(float(self.burst), self.tokens + (now - self.stamp) * self.per_second)
+
+    def take(self, now: float) -> None:
+        self.tokens = self.level(now) - 1.0
+        if self.stamp is None or now > self.stamp:
+            self.stamp = now
+
+
+class Reference:
+    """Evaluates a policy rule by rule. `decide` returns (rule index or -1, action)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.buckets = [Bucket(r.rate.per_second, r.rate.burst) if r.rate else None
+                        for r in policy.rules]
+
+    def decide(self, view, now: float = 0.0):
+        for index, rule in enumerate(self.policy.rules):
+            if not matches(rule.match, view):
+                continue
+            bucket = self.buckets[index]
+            if bucket is not None:
+                if bucket.level(now) < 1.0:
+                    continue
+                bucket.take(now)
+            return index, rule.action
+        return -1, self.policy.default.action
+
+
+def matches(m, view) -> bool:
+    """Whether Match `m` matches the packet view, field by field."""
+    if m.malformed != view.malformed:
+        return False
+    if m.family is not None and view.family != m.family:
+        return False
+    if m.proto is not None and (view.proto is None or view.proto not in m.proto):
+        return False
+    for field in ("src", "dst"):
+        addr = getattr(m, field)
+        if addr is not None and not address_matches(addr, view.family, getattr(view, field)):
+            return False
+    for field in ("sport", "dport", "uid", "gid"):
+        ranges = getattr(m, field)
+        value = getattr(view, field)
+        if ranges is not None:
+            if value is None:
+                return False
+            inside = any(lo <= value <= hi for lo, hi in ranges.ranges)
+            if inside == ranges.negate:
+                return False
+    for field, attr in (("in_", "indev"), ("out", "outdev")):
+        iface = getattr(m, field)
+        name = getattr(view, attr)
+        if iface is not None:
+            if name is None:
+                return False
+            inside = any(fnmatch.fnmatchcase(name, p) for p in iface.patterns)
+            if inside == iface.negate:
+                return False
+    for field in ("hook", "icmp_type", "icmp_code", "ct_state", "fragment"):
+        values = getattr(m, field)
+        value = getattr(view, field)
+        if values is not None and (value is None or value not in values):
+            return False
+    if m.tcp_flags is not None:
+        if view.tcp_flags is None or (view.tcp_flags & m.tcp_flags.mask) != m.tcp_flags.value:
+            return False
+    if m.mark is not None:
+        if view.mark is None or (view.mark & m.mark.mask) != m.mark.value:
+            return False
+    if m.length is not None:
+        lo, hi = m.length
+        if view.length is None or not lo <= view.length <= hi:
+            return False
+    return True
+
+
+def address_matches(addr, family, value) -> bool:
+    """Only packets of the networks' families can match, negated or not."""
+    if value is None or family is None:
+        return False
+    networks = [n for n in addr.networks if n.version == family]
+    if not networks:
+        return False
+    ip = ipaddress.ip_address(value) if family == 4 else ipaddress.IPv6Address(value)
+    inside = any(ip in n for n in networks)
+    return inside != addr.negate

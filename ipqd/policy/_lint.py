@@ -6,6 +6,7 @@ so a silent lint proves nothing, but a warning is never wrong.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from fnmatch import fnmatchcase
 from typing import Iterator, List, Tuple
 
@@ -16,7 +17,7 @@ from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, 
 
 # Comparing every rule with every earlier one is quadratic; past this many
 # comparisons the search stops (a policy that large is generated, not written).
-MAX_COMPARISONS = 2_000_000
+MAX_COMPARISONS = 200_000
 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
@@ -28,6 +29,7 @@ def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
 def shadowed(rules: Tuple[Rule, ...]) -> Iterator[PolicyError]:
     """A warning for each rule that an earlier rule without a rate always beats."""
     tested = [rule.match.fields() for rule in rules]
+    items = [_tested(rule.match) for rule in rules]
     budget = MAX_COMPARISONS
     for later in range(len(rules)):
         for earlier in range(later):
@@ -35,7 +37,8 @@ def shadowed(rules: Tuple[Rule, ...]) -> Iterator[PolicyError]:
             if budget < 0:
                 return
             a, b = rules[earlier], rules[later]
-            if a.rate is None and tested[earlier] <= tested[later] and covers(a.match, b.match):
+            if a.rate is None and a.match.malformed == b.match.malformed \
+                    and tested[earlier] <= tested[later] and _covers(items[earlier], b.match):
                 yield _shadow_warning(a, b)
                 break
 
@@ -52,14 +55,20 @@ def _shadow_warning(a: Rule, b: Rule) -> PolicyError:
 
 def covers(a: Match, b: Match) -> bool:
     """True when every packet `b` matches is certainly matched by `a`."""
-    if a.malformed != b.malformed:
-        return False
-    for f in dataclasses.fields(Match):
-        mine = getattr(a, f.name)
-        if f.name == "malformed" or mine is None:
-            continue
-        theirs = getattr(b, f.name)
-        if theirs is None or not _COVERS.get(f.name, _never)(mine, theirs):
+    return a.malformed == b.malformed and _covers(_tested(a), b)
+
+
+def _tested(match: Match) -> List[Tuple[str, object]]:
+    """(field, value) of each field `match` tests, the cheapest to compare first."""
+    return [(name, getattr(match, name)) for name in _COVERS_ORDER
+            if getattr(match, name) is not None] + \
+        [(name, True) for name in _UNKNOWN_FIELDS if getattr(match, name) is not None]
+
+
+def _covers(tested: List[Tuple[str, object]], b: Match) -> bool:
+    for name, mine in tested:
+        theirs = getattr(b, name)
+        if theirs is None or not _COVERS.get(name, _never)(mine, theirs):
             return False
     return True
 
@@ -83,14 +92,15 @@ def _addresses(a: AddrMatch, b: AddrMatch) -> bool:
                for n in b.networks)
 
 
-def _merged(ranges) -> List[Tuple[int, int]]:
+@functools.lru_cache(maxsize=4096)
+def _merged(ranges: Tuple[Tuple[int, int], ...]) -> Tuple[Tuple[int, int], ...]:
     out: List[List[int]] = []
     for low, high in sorted(ranges):
         if out and low <= out[-1][1] + 1:
             out[-1][1] = max(out[-1][1], high)
         else:
             out.append([low, high])
-    return [(low, high) for low, high in out]
+    return tuple((low, high) for low, high in out)
 
 
 def _ranges(a: RangeMatch, b: RangeMatch) -> bool:
@@ -143,6 +153,10 @@ _COVERS = {
     "length": _span,
     "fragment": _subset,
 }
+_COVERS_ORDER = sorted(_COVERS, key=lambda name: _COVERS[name] in (_addresses, _interfaces))
+# A field added to Match later is never taken as covered: no false warning.
+_UNKNOWN_FIELDS = [f.name for f in dataclasses.fields(Match)
+                   if f.name not in _COVERS and f.name != "malformed"]
 
 
 # --- lock-out ----------------------------------------------------------------------

@@ -15,6 +15,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    run = sub.add_parser("run", help="answer queued packets according to the policy (the daemon)")
+    run.add_argument("--policy", default=DEFAULT_POLICY, help=f"default: {DEFAULT_POLICY}")
+    run.add_argument("--no-hooks", action="store_true",
+                     help="do not install queue rules (the administrator or `ipqd hooks` does)")
+    run.add_argument("--backend", default="auto",
+                     choices=("auto", "nft", "iptables-nft", "iptables-legacy"),
+                     help="how to install the queue rules (default: the best that works here)")
+    run.add_argument("--log-target", default="auto", choices=("auto", "journal", "stderr"),
+                     help="where decisions go (auto: journald under systemd, else stderr)")
+    run.add_argument("--state-dir", default="/run/ipqd",
+                     help="where ipqd notes which backend holds its rules")
+    run.add_argument("--no-batch", action="store_true",
+                     help="one verdict message per packet instead of batch verdicts")
+
     check = sub.add_parser("check", help="validate a policy file and print every problem")
     check.add_argument("policy", help="path of the policy YAML file")
     check.add_argument("--quiet", action="store_true", help="print errors only, no warnings")
@@ -44,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from ipqd.daemon import run_daemon
+        return run_daemon(args)
     if args.command == "check":
         from ipqd.policy.check import run_check
         return run_check(args)

@@ -262,8 +262,8 @@ class QueueSocket:
 
     # ------------------------------------------------------------ receiving
 
-    def receive_events(self, timeout: Optional[float] = None,
-                       max_datagrams: int = 256) -> List[Event]:
+    def receive_events(self, timeout: Optional[float] = None, max_datagrams: int = 256,
+                       wake_fd: Optional[int] = None) -> List[Event]:
         """Every event waiting, after waiting up to `timeout` seconds for the
         first (None: forever; 0: do not wait). Returns [] on timeout.
 
@@ -273,13 +273,14 @@ class QueueSocket:
         packets whose message could not be decoded but whose id could, are
         answered here (foreign_verdict, undecodable_verdict) and counted, so
         every queued packet gets a verdict; only wanted packets come back as
-        Packet events.
+        Packet events. A readable `wake_fd` (a signal or control pipe) ends
+        the wait early; reading it is the caller's business.
         """
         if self._backlog:
             raw, self._backlog = self._backlog, []
             raw.extend(self._read(0, max_datagrams))
         else:
-            raw = self._read(timeout, max_datagrams)
+            raw = self._read(timeout, max_datagrams, wake_fd)
         events: List[Event] = []
         stats = self.stats
         for event in raw:
@@ -300,12 +301,15 @@ class QueueSocket:
             events.append(event)
         return events
 
-    def receive(self, timeout: Optional[float] = None, max_datagrams: int = 256) -> List[Packet]:
+    def receive(self, timeout: Optional[float] = None, max_datagrams: int = 256,
+                wake_fd: Optional[int] = None) -> List[Packet]:
         """The packets waiting (see receive_events), ready for verdicts."""
-        return [e for e in self.receive_events(timeout, max_datagrams) if type(e) is Packet]
+        return [e for e in self.receive_events(timeout, max_datagrams, wake_fd)
+                if type(e) is Packet]
 
-    def _read(self, timeout: Optional[float], max_datagrams: int) -> List[Event]:
-        if not self._wait_readable(timeout):
+    def _read(self, timeout: Optional[float], max_datagrams: int,
+              wake_fd: Optional[int] = None) -> List[Event]:
+        if timeout != 0 and not self._wait_readable(timeout, wake_fd):
             return []
         events: List[Event] = []
         sock = self._sock
@@ -327,17 +331,16 @@ class QueueSocket:
             events.extend(self.protocol.receive_data(bytes(view[:n])))
         return events
 
-    def _wait_readable(self, timeout: Optional[float]) -> bool:
+    def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
+        """Wait for the socket (True) or the wake fd or the timeout (False)."""
         poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-            try:
-                return bool(poller.poll(ms))
-            except InterruptedError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
+        fd = self._sock.fileno()
+        poller.register(fd, select.POLLIN)
+        if wake_fd is not None:
+            poller.register(wake_fd, select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = poller.poll(ms)     # retried by Python after a signal (PEP 475)
+        return any(r == fd for r, _ in ready)
 
     # ------------------------------------------------------------ verdicts
 

@@ -1,0 +1,422 @@
+"""`ipqd run`: the supervisor. Loads the policy, installs hooks, runs the
+workers, and handles signals and systemd.
+
+The supervisor never touches packets: it forks one worker per queue of the
+policy (ipqd.worker), tells them about new policies, and turns their
+reports into sd_notify status, watchdog pings and journal entries. Signals
+only set a flag and wake the loop (signal.set_wakeup_fd); the loop does the
+work, so nothing runs inside a signal handler.
+
+    SIGHUP   reload: load and check the policy; if valid, every worker
+             compiles it off its packet path and swaps it in; if not, the
+             errors go to the journal and the running policy stays.
+    SIGTERM, SIGINT   stop: workers answer what is pending and unbind,
+             installed hooks are removed, exit 0.
+    SIGUSR1  one journal entry per rule with its counters.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import time
+from typing import Dict, List, Optional
+
+from ipqd import hooks as hooks_mod
+from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
+from ipqd.errors import PolicyErrors
+from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, load
+from ipqd.policy.model import Policy
+from ipqd.worker import WorkerConfig, worker_main
+
+READY_TIMEOUT = 15.0
+REPLY_TIMEOUT = 60.0
+STATUS_EVERY = 2.0
+STALE_AFTER = 5.0          # a worker silent this long is wedged: no watchdog ping
+
+
+def notify(state: str) -> None:
+    """sd_notify; a no-op when not started by systemd."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon
+        daemon.notify(state)
+    except Exception:
+        pass
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class PolicyRefused(Exception):
+    def __init__(self, lines: List[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def load_checked(path: str) -> Policy:
+    """Load a policy after checking that only root can change it.
+
+    Raises PolicyRefused with every line to report, OSError when unreadable.
+    """
+    problems = check_file_safety(path)
+    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
+    if os.path.isdir(fragments):
+        problems += check_file_safety(fragments)
+        for name in sorted(os.listdir(fragments)):
+            if name.endswith(".yaml"):
+                problems += check_file_safety(os.path.join(fragments, name))
+    if problems:
+        raise PolicyRefused([f"refusing policy {path}: {p}" for p in dict.fromkeys(problems)])
+    try:
+        return load(path)
+    except PolicyErrors as errors:
+        raise PolicyRefused([str(e) for e in errors.errors]) from None
+
+
+class WorkerHandle:
+    def __init__(self, index: int, process, conn, queues: Dict[int, Optional[str]]):
+        self.index = index
+        self.process = process
+        self.conn = conn
+        self.queues = queues
+        self.stats: Dict[str, int] = {}
+        self.seen = time.monotonic()
+
+
+class Daemon:
+    def __init__(self, args):
+        self.path = args.policy
+        self.manage_hooks = not args.no_hooks
+        self.backend = args.backend
+        self.state_dir = args.state_dir
+        self.batch = not getattr(args, "no_batch", False)
+        self.target = choose_target(args.log_target)
+        self.log = DecisionLog(self.target)
+        self.policy: Optional[Policy] = None
+        self.workers: Dict[int, WorkerHandle] = {}
+        self.installed_backend: Optional[str] = None
+        self.signals: List[int] = []
+        self.reloads = self.failed_reloads = 0
+        self.last_reload_error = ""
+        self.ctx = multiprocessing.get_context("fork")
+
+    # -------------------------------------------------------- life cycle
+
+    def run(self) -> int:
+        try:
+            self.start()
+        except StartupError as error:
+            for line in str(error).splitlines():
+                self.log.event(line, LOG_ERR, IPQD_EVENT="start-failed")
+            self.shutdown()
+            return 1
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+        return 0
+
+    def start(self) -> None:
+        try:
+            self.policy = load_checked(self.path)
+        except PolicyRefused as refused:
+            raise StartupError("\n".join(refused.lines + ["ipqd: not started: fix the policy, "
+                                                          f"then check it with `ipqd check {self.path}`"]))
+        except OSError as error:
+            raise StartupError(f"ipqd: cannot read policy {error.filename or self.path}: {error.strerror}")
+        for warning in self.policy.warnings:
+            self.log.event(str(warning), LOG_WARNING, IPQD_EVENT="policy-warning")
+        if self.manage_hooks:
+            self.install_hooks(self.policy)
+        self.start_workers(self.policy)
+        self.setup_signals()
+        queues = sorted(q for w in self.workers.values() for q in w.queues)
+        self.log.event(f"ipqd started: policy {self.path} ({len(self.policy.rules)} rules), "
+                       f"queues {_ranges(queues)}, "
+                       f"hooks {'by ' + self.installed_backend if self.installed_backend else 'left to the administrator'}",
+                       LOG_INFO, IPQD_EVENT="start", IPQD_POLICY=self.path,
+                       IPQD_RULES=str(len(self.policy.rules)))
+        notify("READY=1\n" + self.status_line())
+
+    def install_hooks(self, policy: Policy) -> None:
+        backend = self.backend
+        try:
+            if backend == "auto":
+                backend = hooks_mod.remembered(self.state_dir) or hooks_mod.detect_backend()[0]
+            hooks_mod.install(policy.hooks, policy.queue, backend)
+            hooks_mod.remember(backend, self.state_dir)
+        except hooks_mod.HookError as error:
+            raise StartupError(f"ipqd: cannot install hooks: {error}")
+        except OSError as error:
+            raise StartupError(f"ipqd: cannot record the hooks backend in {self.state_dir}: "
+                               f"{error.strerror}")
+        self.installed_backend = backend
+
+    def start_workers(self, policy: Policy) -> None:
+        layout = hooks_mod.queue_layout(policy.queue)
+        per_worker: Dict[int, Dict[int, Optional[str]]] = {}
+        for number, (index, state) in layout.items():
+            per_worker.setdefault(index, {})[number] = state
+        for index, queues in sorted(per_worker.items()):
+            self.spawn(index, len(per_worker), queues, policy)
+        deadline = time.monotonic() + READY_TIMEOUT
+        waiting = set(self.workers)
+        while waiting:
+            for worker in list(self.workers.values()):
+                if worker.index in waiting and worker.conn.poll(0.05):
+                    kind, index, detail = worker.conn.recv()
+                    if kind == "failed":
+                        raise StartupError(f"ipqd: worker {index} cannot start: {detail}")
+                    if kind == "ready":
+                        waiting.discard(index)
+            if time.monotonic() > deadline:
+                raise StartupError(f"ipqd: workers {sorted(waiting)} did not start in {READY_TIMEOUT:.0f} s")
+
+    def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]], policy: Policy) -> None:
+        parent, child = self.ctx.Pipe()
+        config = WorkerConfig(index, count, queues, self.target, batch=self.batch)
+        process = self.ctx.Process(target=worker_main, args=(config, policy, child),
+                                   name=f"ipqd-worker-{index}", daemon=False)
+        process.start()
+        child.close()
+        self.workers[index] = WorkerHandle(index, process, parent, queues)
+
+    def stop_workers(self) -> None:
+        for worker in self.workers.values():
+            try:
+                worker.conn.send(("stop",))
+            except (OSError, EOFError):
+                pass
+        for worker in self.workers.values():
+            worker.process.join(5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(2)
+        self.workers = {}
+
+    def shutdown(self) -> None:
+        notify("STOPPING=1")
+        self.stop_workers()
+        if self.installed_backend:
+            try:
+                hooks_mod.remove(self.installed_backend)
+                hooks_mod.forget(self.state_dir)
+            except Exception as error:
+                self.log.event(f"ipqd: could not remove hooks: {error}", LOG_ERR, IPQD_EVENT="stop")
+            self.installed_backend = None
+        if self.policy is not None:
+            self.log.event("ipqd stopped", LOG_INFO, IPQD_EVENT="stop")
+        self.log.close()
+
+    # -------------------------------------------------------- the loop
+
+    def setup_signals(self) -> None:
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, lambda n, _frame: self.signals.append(n))
+
+    def loop(self) -> None:
+        watchdog = _watchdog_interval()
+        last_ping = last_status = 0.0
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        registered = set()
+        while True:
+            for worker in self.workers.values():
+                if worker.conn.fileno() not in registered:
+                    poller.register(worker.conn.fileno(), select.POLLIN)
+                    registered.add(worker.conn.fileno())
+            poller.poll(500)
+            _drain(self.wake_r)
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.log.event(f"ipqd stopping on {signal.Signals(signum).name}", LOG_INFO,
+                                   IPQD_EVENT="stop")
+                    return
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif signum == signal.SIGUSR1:
+                    self.report_counters()
+            for worker in list(self.workers.values()):
+                self.read_worker(worker)
+            for fd in list(registered):
+                if fd not in {w.conn.fileno() for w in self.workers.values()}:
+                    poller.unregister(fd)
+                    registered.discard(fd)
+            now = time.monotonic()
+            if watchdog and now - last_ping >= watchdog and self.healthy(now):
+                notify("WATCHDOG=1")
+                last_ping = now
+            if now - last_status >= STATUS_EVERY:
+                notify(self.status_line())
+                last_status = now
+
+    def read_worker(self, worker: WorkerHandle, want: str = "") -> Optional[tuple]:
+        """Handle what a worker said; return the first message of kind `want`."""
+        wanted = None
+        try:
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                kind = message[0]
+                worker.seen = time.monotonic()
+                if kind == "stats":
+                    worker.stats = message[2]
+                elif kind == want and wanted is None:
+                    wanted = message
+        except (EOFError, OSError):
+            self.worker_died(worker)
+        if not worker.process.is_alive() and worker.index in self.workers:
+            self.worker_died(worker)
+        return wanted
+
+    def worker_died(self, worker: WorkerHandle) -> None:
+        """A worker that dies is restarted at once: its queues must not stay unanswered."""
+        if self.workers.get(worker.index) is not worker:
+            return
+        worker.process.join(1)
+        self.log.event(f"ipqd: worker {worker.index} exited ({worker.process.exitcode}); restarting it",
+                       LOG_ERR, IPQD_EVENT="worker-died")
+        del self.workers[worker.index]
+        self.spawn(worker.index, len(self.workers) + 1, worker.queues, self.policy)
+
+    def healthy(self, now: float) -> bool:
+        return all(now - w.seen < STALE_AFTER and w.process.is_alive() for w in self.workers.values())
+
+    # -------------------------------------------------------- reload
+
+    def reload(self) -> None:
+        notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        started = time.monotonic()
+        try:
+            policy = load_checked(self.path)
+        except (PolicyRefused, OSError) as error:
+            lines = error.lines if isinstance(error, PolicyRefused) else [
+                f"cannot read policy {error.filename or self.path}: {error.strerror}"]
+            self.failed_reloads += 1
+            self.last_reload_error = lines[0]
+            for line in lines:
+                self.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
+            self.log.event(f"reload refused: {len(lines)} problem(s) in {self.path}; "
+                           f"the running policy ({len(self.policy.rules)} rules) stays",
+                           LOG_ERR, IPQD_EVENT="reload-failed")
+            notify("READY=1\n" + self.status_line())
+            return
+        for warning in policy.warnings:
+            self.log.event(str(warning), LOG_WARNING, IPQD_EVENT="policy-warning")
+        layout_changed = (hooks_mod.queue_layout(policy.queue) != hooks_mod.queue_layout(self.policy.queue)
+                          or policy.queue != self.policy.queue)
+        if self.manage_hooks and (policy.hooks != self.policy.hooks or layout_changed):
+            try:
+                hooks_mod.install(policy.hooks, policy.queue, self.installed_backend)
+            except hooks_mod.HookError as error:
+                self.log.event(f"reload refused: cannot update hooks: {error}", LOG_ERR,
+                               IPQD_EVENT="reload-failed")
+                notify("READY=1\n" + self.status_line())
+                return
+        if layout_changed:
+            # New queue numbers or settings: the workers bind anew (a short gap,
+            # covered by the hooks' bypass when the policy asks for it).
+            self.stop_workers()
+            try:
+                self.start_workers(policy)
+            except StartupError as error:
+                self.log.event(str(error), LOG_ERR, IPQD_EVENT="reload-failed")
+                self.start_workers(self.policy)
+                notify("READY=1\n" + self.status_line())
+                return
+        else:
+            errors = self.ask_workers(("policy", policy), "reloaded")
+            problems = [detail for _, _, detail in errors.values() if detail]
+            if problems:
+                self.log.event(f"reload failed in a worker: {problems[0]}", LOG_ERR,
+                               IPQD_EVENT="reload-failed")
+        self.policy = policy
+        self.reloads += 1
+        self.log.event(f"reloaded policy {self.path} ({len(policy.rules)} rules) in "
+                       f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
+                       IPQD_EVENT="reloaded", IPQD_RULES=str(len(policy.rules)))
+        notify("READY=1\n" + self.status_line())
+
+    def ask_workers(self, message: tuple, reply: str) -> Dict[int, tuple]:
+        for worker in self.workers.values():
+            worker.conn.send(message)
+        answers: Dict[int, tuple] = {}
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while len(answers) < len(self.workers) and time.monotonic() < deadline:
+            for worker in list(self.workers.values()):
+                if worker.index not in answers and worker.conn.poll(0.01):
+                    got = self.read_worker(worker, want=reply)
+                    if got is not None:
+                        answers[worker.index] = got
+        return answers
+
+    # -------------------------------------------------------- reports
+
+    def report_counters(self) -> None:
+        answers = self.ask_workers(("counters",), "counters")
+        rules: Dict[str, Dict[str, int]] = {}
+        default = {"hits": 0, "accepted": 0, "dropped": 0}
+        for _, _, counters, _ in answers.values():
+            for name, entry in counters["rules"].items():
+                total = rules.setdefault(name, {"hits": 0, "accepted": 0, "dropped": 0})
+                for key in total:
+                    total[key] += entry[key]
+            for key in default:
+                default[key] += counters["default"][key]
+        for name, entry in list(rules.items()) + [("default", default)]:
+            self.log.event(f"rule {name}: {entry['hits']} hits ({entry['accepted']} accepted, "
+                           f"{entry['dropped']} dropped)", LOG_INFO, IPQD_EVENT="counters",
+                           IPQD_RULE=name, IPQD_HITS=str(entry["hits"]),
+                           IPQD_ACCEPTED=str(entry["accepted"]), IPQD_DROPPED=str(entry["dropped"]))
+
+    def totals(self) -> Dict[str, int]:
+        total: Dict[str, int] = {}
+        for worker in self.workers.values():
+            for key, value in worker.stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def status_line(self) -> str:
+        t = self.totals()
+        text = (f"STATUS={t.get('packets', 0)} packets, {t.get('accepted', 0)} accepted, "
+                f"{t.get('dropped', 0)} dropped; policy {self.path} "
+                f"({len(self.policy.rules) if self.policy else 0} rules)")
+        if self.last_reload_error:
+            text += f"; last failed reload: {self.last_reload_error}"
+        return text
+
+
+def _ranges(numbers: List[int]) -> str:
+    if not numbers:
+        return "none"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) > 1:
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(map(str, numbers))
+
+
+def _watchdog_interval() -> Optional[float]:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def run_daemon(args) -> int:
+    return Daemon(args).run()

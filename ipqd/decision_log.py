@@ -1,0 +1,214 @@
+"""Decision and event logging to journald (structured fields) or stderr.
+
+Logging never blocks verdicts: the packet path only checks the policy's log
+rate and appends to a bounded queue; a thread formats and sends. What the
+rate suppressed and what a full queue (a slow or stuck journald) dropped are
+counted and reported in a summary entry. Every text that comes from the
+network, the kernel or the policy is escaped, so a name with a newline or a
+control character cannot forge a second log line.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+from typing import Callable, Deque, Dict, Optional
+
+from ipqd.packet import PacketView, address_text
+from ipqd.policy.model import HOOK_NAMES, Rate
+
+LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
+_SUMMARY_EVERY = 10.0
+_CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + [0x7F]}
+
+
+def clean(text: object) -> str:
+    """Printable text: control characters (newline included) escaped as \\xNN."""
+    return str(text).translate(_CONTROL)
+
+
+def choose_target(requested: str) -> str:
+    """"journal" or "stderr": auto means journal when started by systemd."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        return "journal"
+    return "stderr"
+
+
+def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
+                    mark: Optional[int]) -> Dict[str, str]:
+    """The journal fields of one decision (headers only: never payload)."""
+    fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
+    if view is None:
+        return fields
+    if view.family:
+        fields["IPQD_FAMILY"] = f"ipv{view.family}"
+    if view.proto is not None:
+        fields["IPQD_PROTO"] = PROTO_NAMES.get(view.proto, str(view.proto))
+    for name, value in (("IPQD_SRC", address_text(view.family, view.src)),
+                        ("IPQD_DST", address_text(view.family, view.dst)),
+                        ("IPQD_SPORT", view.sport), ("IPQD_DPORT", view.dport),
+                        ("IPQD_ICMP_TYPE", view.icmp_type), ("IPQD_ICMP_CODE", view.icmp_code),
+                        ("IPQD_LENGTH", view.length)):
+        if value is not None:
+            fields[name] = str(value)
+    if view.indev:
+        fields["IPQD_IN"] = clean(view.indev)
+    if view.outdev:
+        fields["IPQD_OUT"] = clean(view.outdev)
+    if view.hook is not None:
+        fields["IPQD_HOOK"] = HOOK_NAMES.get(view.hook, str(view.hook))
+    fields["IPQD_MARK"] = f"{mark if mark is not None else view.mark:#x}"
+    if view.ct_state:
+        fields["IPQD_CT_STATE"] = view.ct_state
+    if view.malformed:
+        fields["IPQD_MALFORMED"] = clean(view.reason or "malformed")
+    return fields
+
+
+def decision_message(fields: Dict[str, str]) -> str:
+    """`DROP tcp 10.0.0.2:51514 -> 10.0.0.1:23 in=veth0 rule=no-telnet`."""
+    parts = [fields["IPQD_VERDICT"].upper()]
+    if "IPQD_MALFORMED" in fields:
+        parts.append(f"malformed ({fields['IPQD_MALFORMED']})")
+    parts.append(fields.get("IPQD_PROTO", "ip"))
+    src, dst = fields.get("IPQD_SRC"), fields.get("IPQD_DST")
+    if src and dst:
+        def endpoint(addr: str, port: Optional[str]) -> str:
+            if port is None:
+                return addr
+            return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        parts.append(f"{endpoint(src, fields.get('IPQD_SPORT'))} -> "
+                     f"{endpoint(dst, fields.get('IPQD_DPORT'))}")
+    if "IPQD_ICMP_TYPE" in fields:
+        parts.append(f"type={fields['IPQD_ICMP_TYPE']} code={fields.get('IPQD_ICMP_CODE', '?')}")
+    for key, word in (("IPQD_IN", "in"), ("IPQD_OUT", "out")):
+        if key in fields:
+            parts.append(f"{word}={fields[key]}")
+    parts.append(f"rule={fields['IPQD_RULE']}")
+    return " ".join(parts)
+
+
+class _Bucket:
+    """The log rate: a token bucket on the monotonic clock."""
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: Rate, now: float):
+        self.rate, self.burst = rate.per_second, max(1, rate.burst)
+        self.tokens, self.stamp = float(self.burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class DecisionLog:
+    """Rate-capped, bounded, off-the-packet-path logging."""
+
+    def __init__(self, target: str = "stderr", rate: Optional[Rate] = None, capacity: int = 4096,
+                 identifier: str = "ipqd", send: Optional[Callable] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.target = target
+        self.identifier = identifier
+        self.clock = clock
+        self._send = send or (self._journal_send if target == "journal" else self._stderr_send)
+        self._bucket = _Bucket(rate, clock()) if rate else None
+        self._queue: Deque = collections.deque()
+        self._capacity = capacity
+        self._wake = threading.Event()
+        self._stop = False
+        self.logged = self.suppressed = self.overflowed = self.failed = 0
+        self._reported = (0, 0)
+        self._last_summary = clock()
+        self._thread = threading.Thread(target=self._run, name="ipqd-log", daemon=True)
+        self._thread.start()
+
+    def set_rate(self, rate: Optional[Rate]) -> None:
+        self._bucket = _Bucket(rate, self.clock()) if rate else None
+
+    # -- the packet path: cheap, never blocks
+
+    def decision(self, action: str, rule_name: str, view: Optional[PacketView], queue: int,
+                 mark: Optional[int]) -> None:
+        if self._bucket is not None and not self._bucket.take(self.clock()):
+            self.suppressed += 1
+            return
+        self._put(("decision", action, rule_name, view, queue, mark))
+
+    def event(self, message: str, priority: int = LOG_INFO, **fields: str) -> None:
+        """A life-cycle entry (start, reload, errors): never rate-capped."""
+        self._put(("event", message, priority, fields))
+
+    def _put(self, item) -> None:
+        if len(self._queue) >= self._capacity:
+            self.overflowed += 1
+            return
+        self._queue.append(item)
+        self._wake.set()
+
+    # -- the writer thread
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self._queue:
+                self._write(self._queue.popleft())
+            self._maybe_summary()
+            if self._stop and not self._queue:
+                return
+
+    def _write(self, item) -> None:
+        try:
+            if item[0] == "decision":
+                _, action, rule_name, view, queue, mark = item
+                fields = decision_fields(action, rule_name, view, queue, mark)
+                priority = LOG_NOTICE if action == "drop" else LOG_INFO
+                self._send(decision_message(fields), priority, fields)
+            else:
+                _, message, priority, fields = item
+                self._send(clean(message), priority, {k: clean(v) for k, v in fields.items()})
+            self.logged += 1
+        except Exception:           # a broken log must never stop the daemon
+            self.failed += 1
+
+    def _maybe_summary(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last_summary < _SUMMARY_EVERY:
+            return
+        self._last_summary = now
+        suppressed, overflowed = self.suppressed, self.overflowed
+        new = (suppressed - self._reported[0], overflowed - self._reported[1])
+        if new == (0, 0):
+            return
+        self._reported = (suppressed, overflowed)
+        self._write(("event", f"log entries not written: {new[0]} over the log rate, "
+                              f"{new[1]} while the log was backed up "
+                              f"(totals {suppressed} and {overflowed})", LOG_NOTICE,
+                     {"IPQD_EVENT": "log-summary", "IPQD_SUPPRESSED": str(new[0]),
+                      "IPQD_OVERFLOWED": str(new[1])}))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (and a last summary), then stop the thread."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._maybe_summary(force=True)
+
+    # -- sinks
+
+    def _journal_send(self, message: str, priority: int, fields: Dict[str, str]) -> None:
+        from systemd import journal
+        journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER=self.identifier, **fields)
+
+    def _stderr_send(self, message: str, priority: int, fields: Dict[str, str]) -> None:
+        sys.stderr.write(f"{message}\n")
+        sys.stderr.flush()

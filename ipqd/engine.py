@@ -1,0 +1,87 @@
+"""The decision engine: a queued packet in, a verdict out. Pure.
+
+`Engine.judge` turns the kernel's description of a packet (ipqd.nfqueue.Packet)
+into the view rules match (ipqd.packet.parse), asks the compiled policy
+(ipqd.compiler.Matcher) and returns the verdict to send. Every path ends in
+exactly one verdict: a packet that cannot be parsed is matched as malformed
+(and usually falls to the default); an exception inside the decision code
+gives the default verdict and is counted.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional
+
+from ipqd.compiler import Decision, Matcher, compile_policy
+from ipqd.nfqueue import NF_ACCEPT, NF_DROP, Packet
+from ipqd.packet import PacketMeta, PacketView, parse
+from ipqd.policy.model import Policy
+
+_FAMILY = {2: 4, 10: 6}
+
+
+class Verdict(NamedTuple):
+    verdict: int                 # NF_ACCEPT or NF_DROP
+    mark: Optional[int]          # a new packet mark, or None to leave it
+    decision: Decision
+    view: Optional[PacketView]   # None only when the decision code failed
+
+
+class Counters:
+    """What the engine decided, in total."""
+    __slots__ = ("packets", "accepted", "dropped", "malformed", "errors")
+
+    def __init__(self) -> None:
+        self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Engine:
+    """A compiled policy plus the counters that outlive reloads."""
+
+    def __init__(self, policy: Policy, matcher: Optional[Matcher] = None,
+                 counters: Optional[Counters] = None):
+        self.policy = policy
+        self.matcher = matcher or compile_policy(policy)
+        self.needs = self.matcher.fields
+        self.counters = counters or Counters()
+        default = policy.default
+        self._default_verdict = NF_ACCEPT if default.action == "accept" else NF_DROP
+        self._error_decision = Decision(None, -1, default.action,
+                                        default.set_mark if default.action == "accept" else None,
+                                        default.log)
+
+    @property
+    def default_verdict(self) -> int:
+        return self._default_verdict
+
+    def replaced_by(self, policy: Policy, matcher: Matcher) -> "Engine":
+        """A new engine for a reloaded policy, keeping totals and per-rule counters
+        (by rule name)."""
+        matcher.adopt_counters(self.matcher)
+        return Engine(policy, matcher, self.counters)
+
+    def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
+              ct_state: Optional[str], now: float) -> Verdict:
+        counters = self.counters
+        counters.packets += 1
+        try:
+            meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), packet.mark,
+                              packet.uid, packet.gid, ct_state, packet.cap_len,
+                              _FAMILY.get(packet.family))
+            view = parse(packet.payload or b"", meta, self.needs)
+            decision = self.matcher.decide(view, now)
+        except Exception:       # the per-packet boundary: the default, counted
+            counters.errors += 1
+            return self._finish(self._error_decision, None)
+        if view.malformed:
+            counters.malformed += 1
+        return self._finish(decision, view)
+
+    def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        if decision.action == "accept":
+            self.counters.accepted += 1
+            return Verdict(NF_ACCEPT, decision.mark, decision, view)
+        self.counters.dropped += 1
+        return Verdict(NF_DROP, None, decision, view)

@@ -1,0 +1,192 @@
+"""One worker: a queue socket bound to its queues, answering every packet.
+
+A worker runs in a process of its own (one per queue of a `queue.num`
+range, so the kernel's --queue-balance spreads flows over the cores). It
+talks to the supervisor over a pipe: it reports ready, stats and reload
+results, and takes new policies, counter requests and stop. Reloads compile
+in a thread, so the packet loop keeps answering while a large policy
+compiles, and the swap is one reference assignment.
+
+Verdicts: the packets drained in one wake-up are answered in one datagram:
+individual verdicts first (drops, marks), then one batch verdict per queue
+for the plain accepts. The batch covers only ids already judged, since
+every earlier packet was answered in an earlier datagram; nothing waits for
+company.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Dict, List, Optional
+
+from ipqd import nfqueue as nfq
+from ipqd.compiler import compile_policy
+from ipqd.decision_log import DecisionLog
+from ipqd.engine import Engine
+from ipqd.errors import IpqdError
+from ipqd.policy.model import Policy, Rate
+from ipqd.queue_socket import QueueSocket
+
+STATS_EVERY = 1.0
+
+
+class WorkerConfig:
+    """What a worker needs besides the policy; picklable."""
+
+    def __init__(self, index: int, workers: int, queues: Dict[int, Optional[str]],
+                 log_target: str, rcvbuf: int = 8 << 20, batch: bool = True):
+        self.index = index
+        self.workers = workers
+        self.queues = queues                  # queue number -> conntrack state (or None)
+        self.log_target = log_target
+        self.rcvbuf = rcvbuf
+        self.batch = batch
+
+
+def share_rate(rate: Optional[Rate], workers: int) -> Optional[Rate]:
+    """Each worker's part of the policy's log rate, so the total stays the cap."""
+    if rate is None or workers <= 1:
+        return rate
+    return Rate(rate.per_second / workers, max(1, rate.burst // workers), rate.text)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, policy: Policy, conn, sock=None):
+        self.config = config
+        self.conn = conn
+        self.engine = Engine(policy)
+        self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
+        self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
+                              undecodable_verdict=self.engine.default_verdict)
+        self._pending_reload: Optional[threading.Thread] = None
+        self._reloaded = None
+        self._stop = False
+        self._last_stats = 0.0
+        self.kernel_errors = 0
+
+    def bind(self, policy: Policy) -> None:
+        queue = policy.queue
+        mask = nfq.NFQA_CFG_F_FAIL_OPEN
+        flags = mask if queue.fail_open else 0
+        if {"uid", "gid"} & policy.fields():
+            flags |= nfq.NFQA_CFG_F_UID_GID
+            mask |= nfq.NFQA_CFG_F_UID_GID
+        for number in self.config.queues:
+            self.qs.bind(number, family="both", copy_range=queue.copy_range, maxlen=queue.maxlen,
+                         flags=flags, flags_mask=mask)
+
+    # -------------------------------------------------------- the loop
+
+    def serve(self) -> None:
+        wake = self.conn.fileno()
+        while not self._stop:
+            events = self.qs.receive_events(timeout=0.5, wake_fd=wake)
+            if events:
+                self.answer(events)
+            if self.conn.poll():
+                self._control(self.conn.recv())
+            if self._reloaded is not None:
+                self._finish_reload()
+            now = time.monotonic()
+            if now - self._last_stats >= STATS_EVERY:
+                self._last_stats = now
+                self.conn.send(("stats", self.config.index, self.stats()))
+
+    def answer(self, events: List) -> None:
+        engine = self.engine
+        ct_of = self.config.queues
+        ifname = self.qs.ifname
+        log = self.log
+        now = time.monotonic()
+        single: List[bytes] = []
+        batch: Dict[int, int] = {}
+        use_batch = self.config.batch
+        for event in events:
+            if type(event) is nfq.Packet:
+                verdict = engine.judge(event, ifname, ct_of.get(event.queue), now)
+                if use_batch and verdict.verdict == nfq.NF_ACCEPT and verdict.mark is None:
+                    batch[event.queue] = event.packet_id
+                else:
+                    single.append(nfq.encode_verdict(event.queue, event.packet_id, verdict.verdict,
+                                                     mark=verdict.mark))
+                decision = verdict.decision
+                if decision.log:
+                    log.decision(decision.action,
+                                 decision.rule.name if decision.rule else "default",
+                                 verdict.view, event.queue, verdict.mark)
+            elif isinstance(event, nfq.KernelError):
+                self.kernel_errors += 1
+            # Undecodable packets with an id were answered by the socket (default verdict).
+        for queue, max_id in batch.items():
+            single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
+        self.qs.send_many(single)
+
+    # -------------------------------------------------------- control
+
+    def _control(self, message) -> None:
+        kind = message[0]
+        if kind == "policy":
+            self._start_reload(message[1])
+        elif kind == "counters":
+            self.conn.send(("counters", self.config.index, self.engine.matcher.counters(),
+                            self.stats()))
+        elif kind == "stop":
+            self._stop = True
+
+    def _start_reload(self, policy: Policy) -> None:
+        def compile_it() -> None:
+            try:
+                self._reloaded = (policy, compile_policy(policy), None)
+            except Exception as error:          # the old policy stays
+                self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
+
+        self._pending_reload = threading.Thread(target=compile_it, daemon=True)
+        self._pending_reload.start()
+
+    def _finish_reload(self) -> None:
+        policy, matcher, error = self._reloaded
+        self._reloaded = None
+        if error is None:
+            self.engine = self.engine.replaced_by(policy, matcher)
+            self.qs.undecodable_verdict = self.engine.default_verdict
+            self.log.set_rate(share_rate(policy.logging.rate, self.config.workers))
+        self.conn.send(("reloaded", self.config.index, error))
+
+    def stats(self) -> dict:
+        stats = self.engine.counters.as_dict()
+        stats.update({f"socket_{k}": v for k, v in self.qs.stats.as_dict().items()})
+        stats["kernel_errors"] = self.kernel_errors
+        stats.update(log_logged=self.log.logged, log_suppressed=self.log.suppressed,
+                     log_overflowed=self.log.overflowed, log_failed=self.log.failed)
+        return stats
+
+    def close(self) -> None:
+        try:
+            self.qs.close()
+        finally:
+            self.log.close()
+
+
+def worker_main(config: WorkerConfig, policy: Policy, conn) -> None:
+    """Entry point of a worker process."""
+    # The supervisor handles signals; a worker stops when told (or when the pipe closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        worker = Worker(config, policy, conn)
+        worker.bind(policy)
+    except (IpqdError, OSError) as error:
+        conn.send(("failed", config.index, str(error)))
+        os._exit(1)
+    conn.send(("ready", config.index, sorted(config.queues)))
+    try:
+        worker.serve()
+    except (EOFError, BrokenPipeError):
+        pass                                   # the supervisor is gone: stop cleanly
+    finally:
+        worker.close()
+    os._exit(0)

@@ -26,6 +26,9 @@ class DecodeError(IpqdError):
         self.message = message
         super().__init__(f"cannot decode {what} at offset {offset}: {message}")
 
+    def __reduce__(self):
+        return (type(self), (self.what, self.offset, self.message))
+
 
 class NetlinkError(IpqdError):
     """The kernel (or the socket) refused an operation; carries the errno."""
@@ -40,13 +43,8 @@ class NetlinkError(IpqdError):
             text += f": {hint}"
         super().__init__(text)
 
-
-class QueueOverflow(NetlinkError):
-    """ENOBUFS: the socket buffer overflowed and the kernel dropped messages."""
-
-    def __init__(self, op: str = "receive"):
-        super().__init__(op, _errno.ENOBUFS,
-                         "the receive buffer overflowed; the kernel dropped queue messages")
+    def __reduce__(self):
+        return (NetlinkError, (self.op, self.errno, self.hint))
 
 
 class PolicyError(IpqdError):
@@ -61,6 +59,9 @@ class PolicyError(IpqdError):
         self.severity = severity
         super().__init__(str(self))
 
+    def __reduce__(self):
+        return (type(self), (self.path, self.line, self.column, self.message, self.severity))
+
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}:{self.column}"
         prefix = "warning: " if self.severity == "warning" else ""
@@ -73,3 +74,6 @@ class PolicyErrors(IpqdError):
     def __init__(self, errors: list[PolicyError]):
         self.errors = list(errors)
         super().__init__("\n".join(str(e) for e in self.errors))
+
+    def __reduce__(self):
+        return (type(self), (self.errors,))

@@ -1,0 +1,265 @@
+"""`ipqd run` in a namespace, with real traffic: decisions, reloads, signals, faults."""
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from daemon_harness import RunningIpqd, ping, queue_counters, tcp_probe, udp_probe
+from netns import iptables
+
+pytestmark = pytest.mark.kernel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+POLICY = """\
+version: 1
+queue: {num: %(num)s, bypass: %(bypass)s, fail_open: false}
+hooks:
+  - {chain: input, family: both}
+default: {action: drop, log: true}
+logging: {rate: 10000/second}
+rules:
+  - name: neighbours
+    proto: icmpv6
+    action: accept
+    log: false
+  - name: allow-udp
+    proto: udp
+    dport: %(udp)s
+    action: accept
+  - name: web
+    proto: tcp
+    dport: 8080
+    action: accept
+  - name: ping
+    proto: icmp
+    icmp_type: echo-request
+    action: accept
+  - name: no-telnet
+    proto: tcp
+    dport: 23
+    action: drop
+    log: true
+"""
+
+
+def write_policy(path, num=0, bypass="false", udp=5000):
+    path.write_text(POLICY % dict(num=num, bypass=bypass, udp=udp))
+    os.chmod(path, 0o644)
+    return str(path)
+
+
+@pytest.fixture
+def daemon(lab, tmp_path):
+    started = []
+
+    def start(policy=None, *extra, wait=True, **policy_args):
+        policy = policy or write_policy(tmp_path / "policy.yaml", **policy_args)
+        running = RunningIpqd(lab.server, policy, str(tmp_path / "state"), *extra, wait=wait)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def test_decisions_follow_the_policy_and_are_logged(lab, daemon):
+    ipqd = daemon()
+    assert udp_probe(lab, 5000)
+    assert not udp_probe(lab, 5001)
+    assert tcp_probe(lab, 8080)
+    assert not tcp_probe(lab, 23)
+    assert ping(lab)
+    assert udp_probe(lab, 5000, family=socket.AF_INET6)
+    line = ipqd.wait_for(lambda l: "rule=no-telnet" in l)
+    assert re.fullmatch(r"DROP tcp 10\.77\.0\.1:\d+ -> 10\.77\.0\.2:23 in=veth-s rule=no-telnet", line)
+    ipqd.wait_for(lambda l: re.fullmatch(
+        r"ACCEPT udp 10\.77\.0\.1:\d+ -> 10\.77\.0\.2:5000 in=veth-s rule=allow-udp", l) is not None)
+    ipqd.wait_for(lambda l: re.fullmatch(
+        r"ACCEPT udp \[fd77::1\]:\d+ -> \[fd77::2\]:5000 in=veth-s rule=allow-udp", l) is not None)
+    ipqd.wait_for(lambda l: l.startswith("DROP udp") and ":5001 " in l and l.endswith("rule=default"))
+    ipqd.wait_for(lambda l: l.startswith("ACCEPT icmp 10.77.0.1 -> 10.77.0.2 type=8 code=0"))
+    assert not any("rule=neighbours" in l for l in ipqd.lines)      # log: false
+
+
+def test_stop_removes_hooks_and_exits_zero(lab, daemon):
+    ipqd = daemon()
+    assert "IPQD_INPUT" in lab.server.sh("iptables-legacy-save; iptables-nft-save").stdout
+    assert ipqd.stop() == 0
+    saved = lab.server.sh("iptables-legacy-save; iptables-nft-save; ip6tables-legacy-save; "
+                          "ip6tables-nft-save").stdout
+    assert "IPQD" not in saved
+    assert ipqd.lines[-1] == "ipqd stopped"
+    assert udp_probe(lab, 5001)          # no hooks: nothing queued, nothing dropped
+
+
+def test_reload_changes_behaviour_and_a_bad_edit_keeps_the_old_policy(lab, daemon, tmp_path):
+    policy = write_policy(tmp_path / "policy.yaml", udp=5000)
+    ipqd = daemon(policy)
+    assert udp_probe(lab, 5000) and not udp_probe(lab, 6000)
+    write_policy(tmp_path / "policy.yaml", udp=6000)
+    assert ipqd.reload().startswith("reloaded policy")
+    assert udp_probe(lab, 6000) and not udp_probe(lab, 5000)
+
+    with open(policy, "a") as f:
+        f.write("  - name: broken\n    proto: tcp\n    dprot: 80\n    action: accept\n")
+    mark = len(ipqd.lines)
+    assert ipqd.reload().startswith("reload refused")
+    error = ipqd.wait_for(lambda l: "unknown field" in l, start=mark)
+    assert re.match(r".*policy\.yaml:\d+:5: rule \"broken\": unknown field 'dprot' \(did you mean 'dport'\?\)",
+                    error), error
+    assert udp_probe(lab, 6000) and not udp_probe(lab, 5000)      # the old policy still runs
+
+
+def test_counters_on_sigusr1_carry_over_reloads(lab, daemon, tmp_path):
+    ipqd = daemon()
+    for _ in range(3):
+        assert udp_probe(lab, 5000)
+    assert ipqd.reload().startswith("reloaded")
+    assert udp_probe(lab, 5000)
+    mark = len(ipqd.lines)
+    ipqd.signal(signal.SIGUSR1)
+    line = ipqd.wait_for(lambda l: l.startswith("rule allow-udp:"), start=mark)
+    assert line == "rule allow-udp: 4 hits (4 accepted, 0 dropped)"
+    ipqd.wait_for(lambda l: l.startswith("rule default:"), start=mark)
+
+
+def test_invalid_policy_refuses_to_start_with_positions(lab, daemon, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\ndefault: {action: rejct}\nrules: []\n")
+    ipqd = daemon(str(path), wait=False)
+    assert ipqd.process.wait(20) == 1
+    ipqd.stop()
+    text = "\n".join(ipqd.lines)
+    assert "bad.yaml:2:19: default: unknown action 'rejct' (expected accept or drop)" in text, text
+    assert "not started" in text
+    assert "IPQD" not in lab.server.sh("iptables-legacy-save; iptables-nft-save").stdout
+
+
+def test_group_writable_policy_is_refused(lab, daemon, tmp_path):
+    path = write_policy(tmp_path / "policy.yaml")
+    os.chmod(path, 0o664)
+    ipqd = daemon(path, wait=False)
+    assert ipqd.process.wait(20) == 1
+    ipqd.stop()
+    assert any("writable by group or others" in l and "chmod go-w" in l for l in ipqd.lines), ipqd.lines
+
+
+def test_queue_held_by_another_process_is_a_clear_startup_error(lab, daemon):
+    from ipqd.queue_socket import QueueSocket
+    with QueueSocket(sock=lab.server.netlink_socket()) as holder:
+        holder.bind(0)
+        ipqd = daemon(wait=False)
+        assert ipqd.process.wait(30) == 1
+        ipqd.stop()
+    assert any("queue 0 is held by another process" in l for l in ipqd.lines), ipqd.lines
+
+
+@pytest.mark.parametrize("bypass", [True, False])
+def test_kill_9_with_and_without_bypass_then_restart_enforces_again(lab, daemon, tmp_path, bypass):
+    ipqd = daemon(bypass="true" if bypass else "false")
+    assert not udp_probe(lab, 5001)
+    ipqd.kill()                           # hooks stay; nobody listens on the queue
+    assert udp_probe(lab, 5001) is bypass
+    assert udp_probe(lab, 5000) is bypass
+    daemon(bypass="true" if bypass else "false")   # the restart finds and replaces its hooks
+    assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+
+
+def test_two_queues_two_workers(lab, daemon, tmp_path):
+    ipqd = daemon(num='"0-1"')
+    assert "queues 0-1" in ipqd.wait_for(lambda l: l.startswith("ipqd started"))
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5000))
+    rx.settimeout(2)
+    # --queue-balance hashes the address pair: many client addresses, many flows.
+    for n in range(10, 50):
+        lab.client.sh(f"ip addr add 10.77.0.{n}/24 dev veth-c")
+    senders = []
+    for n in range(10, 50):
+        s = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((f"10.77.0.{n}", 0))
+        s.sendto(b"f", (lab.SERVER4, 5000))
+        senders.append(s)
+    got = sum(1 for _ in range(40) if rx.recv(10) == b"f")
+    assert got == 40
+    rows = {row[0]: row for row in queue_counters(lab.server)}
+    assert set(rows) == {0, 1}
+    assert rows[0][2] == 0 and rows[1][2] == 0           # nothing waiting
+    assert rows[0][7] > 0 and rows[1][7] > 0             # both queues saw packets (id sequence)
+    tx.close()
+
+
+def test_every_packet_accounted_for_under_reloads(lab, daemon, tmp_path):
+    """A reload every 100 ms under a stream of packets loses none."""
+    policy = write_policy(tmp_path / "policy.yaml")
+    ipqd = daemon(policy)
+    total = 100000
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.bind(("0.0.0.0", 5000))
+    rx.settimeout(3)
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stop = threading.Event()
+
+    def reloader():
+        while not stop.is_set():
+            ipqd.signal(signal.SIGHUP)
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=reloader)
+    thread.start()
+    received = 0
+    try:
+        for i in range(total):
+            tx.sendto(b"%d" % i, (lab.SERVER4, 5000))
+            if i % 200 == 199:       # a closed loop in steps: the kernel queue never overflows
+                while received < i + 1 - 100:
+                    rx.recv(100)
+                    received += 1
+        while received < total:
+            rx.recv(100)
+            received += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert received == total
+    row = queue_counters(lab.server)[0]
+    assert row[5] == 0 and row[6] == 0       # queue dropped, user dropped
+    assert sum(1 for l in ipqd.lines if l.startswith("reloaded policy")) >= 5
+
+
+def test_flood_past_the_queue_length_is_survived(lab, daemon, tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text((POLICY % dict(num=0, bypass="false", udp=5000)).replace(
+        "fail_open: false}", "fail_open: false, maxlen: 16}").replace("10000/second", "5/second"))
+    os.chmod(path, 0o644)
+    ipqd = daemon(str(path))
+    os.killpg(ipqd.process.pid, signal.SIGSTOP)       # a daemon that falls behind
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(200):
+        tx.sendto(b"x", (lab.SERVER4, 5000))
+    os.killpg(ipqd.process.pid, signal.SIGCONT)
+    time.sleep(0.5)
+    row = queue_counters(lab.server)[0]
+    assert row[5] > 0                                  # the kernel counted what it dropped
+    assert udp_probe(lab, 5000)                        # and ipqd answers again
+
+
+def test_example_policy_runs_as_shipped(lab, daemon, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(os.path.join(ROOT, "etc", "ipqd", "policy.yaml"), policy)
+    os.chmod(policy, 0o644)
+    ipqd = daemon(str(policy))
+    started = ipqd.wait_for(lambda l: l.startswith("ipqd started"))
+    assert "queues 0-4" in started            # one queue per conntrack state (ct_state rules)
+    assert ping(lab)
+    assert tcp_probe(lab, 22)
+    assert udp_probe(lab, 5353)
+    ipqd.wait_for(lambda l: l.startswith("ACCEPT") or l.startswith("DROP"))

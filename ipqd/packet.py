@@ -166,7 +166,22 @@ def parse(payload: bytes, meta: PacketMeta = PacketMeta(),
     """
     view = PacketView(meta)
     try:
-        _parse_ip(view, payload, meta, needs is None or not needs.isdisjoint(L4_FIELDS))
+        if not payload:
+            raise _Malformed("empty packet")
+        version = payload[0] >> 4
+        if version != 4 and version != 6:
+            raise _Malformed(f"bad IP version {version}")
+        if meta.family is not None and version != meta.family:
+            raise _Malformed(f"IPv{version} header in an IPv{meta.family} packet")
+        wire_len = meta.wire_len
+        cut = wire_len is not None and wire_len > len(payload)
+        if version == 4:
+            start, end = _parse_ipv4(view, payload, cut)
+        else:
+            start, end = _parse_ipv6(view, payload, cut)
+        if view.fragment != "not-first":
+            _check_l4(view, payload, start, end, cut,
+                      needs is None or not needs.isdisjoint(L4_FIELDS))
     except _Malformed as fault:
         _mark_malformed(view, str(fault))
     except Exception as error:  # the boundary: a packet never stops the caller
@@ -178,23 +193,6 @@ def _mark_malformed(view: PacketView, reason: str) -> None:
     view.malformed = True
     view.reason = reason
     view.sport = view.dport = view.icmp_type = view.icmp_code = view.tcp_flags = None
-
-
-def _parse_ip(view: PacketView, data: bytes, meta: PacketMeta, want_l4: bool) -> None:
-    if not data:
-        raise _Malformed("empty packet")
-    version = data[0] >> 4
-    if version not in (4, 6):
-        raise _Malformed(f"bad IP version {version}")
-    if meta.family is not None and version != meta.family:
-        raise _Malformed(f"IPv{version} header in an IPv{meta.family} packet")
-    cut = meta.wire_len is not None and meta.wire_len > len(data)
-    if version == 4:
-        start, end = _parse_ipv4(view, data, cut)
-    else:
-        start, end = _parse_ipv6(view, data, cut)
-    if view.fragment != "not-first":
-        _check_l4(view, data, start, end, cut, want_l4)
 
 
 def _short(what: str, cut: bool) -> _Malformed:

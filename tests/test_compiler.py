@@ -200,3 +200,20 @@ def test_cost_does_not_depend_on_rules_before_the_match():
     index = matcher._by_family[4][6]
     assert len(index.ports[10_999].order) == 1
     assert matcher.decide(tcp(10_999, src="10.39.15.1")).rule_index == 9_999
+
+
+def test_pure_modules_import_no_io():
+    import ast
+
+    import ipqd.compiler
+    import ipqd.packet
+    for module in (ipqd.packet, ipqd.compiler):
+        with open(module.__file__) as f:
+            tree = ast.parse(f.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names.add((node.module or "").split(".")[0])
+        assert not names & {"socket", "select", "signal", "os"}, module.__name__

@@ -5,10 +5,11 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PREFIX  ?= /usr/local
-DEBS    := iptables nftables iproute2 iputils-ping libsystemd-dev pkg-config gcc
+DEBS    := iptables nftables iproute2 iputils-ping libsystemd-dev pkg-config gcc \
+	   systemd util-linux python3-venv python3-dev
 PYTEST_ARGS ?=
 
-.PHONY: all test deps venv check-policy clean
+.PHONY: all test run deps venv check-policy clean install uninstall
 
 all: venv
 
@@ -32,8 +33,57 @@ venv: deps $(VENV)/.installed
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: ipqd on the example policy, in the foreground (Ctrl-C stops it
+# and removes its queue rules).
+run: venv
+	$(VENV)/bin/ipqd check etc/ipqd/policy.yaml
+	chmod go-w etc/ipqd/policy.yaml
+	$(VENV)/bin/ipqd run --policy etc/ipqd/policy.yaml --log-target stderr
+
 check-policy: venv
 	$(VENV)/bin/ipqd check etc/ipqd/policy.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+# make install: a venv of its own in $(LIBDIR), over an interpreter outside
+# /root so the unit's ProtectHome=yes holds (pyenv's lives under /root).
+# PIP_INSTALL_FLAGS passes e.g. --no-index --find-links=DIR for offline installs.
+DESTDIR           ?=
+BINDIR            ?= $(PREFIX)/bin
+LIBDIR            ?= $(PREFIX)/lib/ipqd
+UNITDIR           ?= /etc/systemd/system
+CONFDIR           ?= /etc/ipqd
+INSTALL_PYTHON    ?= /usr/bin/python3
+PIP_INSTALL_FLAGS ?=
+ROOT_OWNED        := $(if $(filter 0,$(shell id -u)),-o root -g root,)
+
+install:
+	@case "$$(readlink -f $(INSTALL_PYTHON))" in /root/*|/home/*) \
+		echo "INSTALL_PYTHON=$(INSTALL_PYTHON) lives under /root or /home:" \
+		     "the unit's ProtectHome=yes would hide it"; exit 1;; esac
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check \
+		$(PIP_INSTALL_FLAGS) .
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR)
+	@# A wrapper, not the venv's console script: its path holds no DESTDIR,
+	@# and -I keeps root's ipqd from importing modules from the current directory.
+	printf '#!/bin/sh\nexec %s/bin/python3 -I -m ipqd.cli "$$@"\n' '$(LIBDIR)' \
+		> $(DESTDIR)$(BINDIR)/ipqd
+	chmod 755 $(DESTDIR)$(BINDIR)/ipqd
+	sed 's|@BINDIR@|$(BINDIR)|g' systemd/ipqd.service > $(DESTDIR)$(UNITDIR)/ipqd.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/ipqd.service
+	install -d -m 755 $(ROOT_OWNED) $(DESTDIR)$(CONFDIR)
+	@# The administrator's policy is never overwritten.
+	@if [ -e $(DESTDIR)$(CONFDIR)/policy.yaml ]; then \
+		echo "keeping the existing $(DESTDIR)$(CONFDIR)/policy.yaml"; \
+	else \
+		install -m 644 $(ROOT_OWNED) etc/ipqd/policy.yaml $(DESTDIR)$(CONFDIR)/policy.yaml; \
+	fi
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# Removes what install put, not the policy (the administrator's by then).
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/ipqd $(DESTDIR)$(UNITDIR)/ipqd.service
+	rm -rf $(DESTDIR)$(LIBDIR)
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -18,7 +18,23 @@ addressed by the host pid of its PID 1, `sb.pid`):
     ip netns add ipqd-peer-<pid>
     ip link add veth-o netns ipqd-peer-<pid> type veth peer name veth-i netns <sb.pid>
 
-`SystemdSandbox.add_veth` does exactly that and addresses both ends.
+`SystemdSandbox.add_veth` does exactly that and addresses both ends. An
+end-to-end test of ipqd (tests/test_unit.py has the full one):
+
+    wheels = str(tmp_path / "wheels")
+    build_wheelhouse(wheels)                     # the sandbox has no network
+    with SystemdSandbox(binds=[wheels], cow_binds=[CHECKOUT]) as sb:
+        sb.run(["make", "-C", CHECKOUT, "install",
+                f"PIP_INSTALL_FLAGS=--no-index --find-links={wheels}"], timeout=300)
+        sb.write_file("/etc/ipqd/policy.yaml", POLICY)
+        sb.systemctl("start", "ipqd")            # returns after READY=1
+        subprocess.run(["ip", "netns", "add", peer], check=True)   # peer: unique name
+        try:
+            sb.add_veth(peer, inside_addr="10.79.0.1/24", outside_addr="10.79.0.2/24")
+            subprocess.run(["ip", "netns", "exec", peer, "ping", "-c1", "10.79.0.1"])
+        finally:
+            subprocess.run(["ip", "netns", "del", peer])
+        drop = sb.wait_journal(unit="ipqd", fields={"IPQD_VERDICT": "drop"})
 
 `Journald` runs systemd-journald alone in a private mount namespace, for
 tests that need the journal but not the service manager.
@@ -36,6 +52,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -43,6 +60,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.dirname(HERE)
 INIT_SCRIPT = os.path.join(HERE, "sandbox-init.sh")
 SYSTEMD = "/lib/systemd/systemd"
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -293,28 +311,40 @@ class SystemdSandbox(_JournalReader):
         while time.monotonic() < deadline:
             if self._unshare.poll() is not None:
                 raise SandboxError(f"sandbox died during boot:\n{_tail(self.boot_log)}")
-            # Until systemd has exec'ed, this runs against the init script's
-            # half-built root and fails: just try again.
-            result = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
-            state = result.stdout.strip()
-            if state in ("running", "degraded"):
-                return
+            if self._systemd_is_up():
+                result = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
+                state = result.stdout.strip()
+                if state in ("running", "degraded"):
+                    return
             time.sleep(0.1)
-        journal = self.run(["journalctl", "--no-pager", "-b", "-n", "40"],
-                           check=False, timeout=10).stdout
+        journal = ""
+        if self._systemd_is_up():
+            journal = self.run(["journalctl", "--no-pager", "-b", "-n", "40"],
+                               check=False, timeout=10).stdout
         raise SandboxError(f"systemd did not finish booting within {self.boot_timeout}s "
                            f"(state {state!r}); last journal lines:\n{journal}\n"
                            f"boot log:\n{_tail(self.boot_log)}")
+
+    def _systemd_is_up(self) -> bool:
+        """Whether the namespace's PID 1 is systemd yet. Before that, its root
+        is still the host's: a systemctl run there would reach the host's own
+        systemd (on hosts that have one) and could power off the host."""
+        try:
+            with open(f"/proc/{self.pid}/comm") as comm:
+                return comm.read().strip() == "systemd"
+        except OSError:
+            return False
 
     def close(self) -> None:
         """Power off (SIGKILL after 10 s), reap, remove the cgroup and scratch dir."""
         if self._unshare is not None:
             if self._unshare.poll() is None and self.pid is not None:
-                poweroff = self.run(["systemctl", "poweroff", "--no-block"],
-                                    check=False, timeout=10)
+                powering_off = self._systemd_is_up() and self.run(
+                    ["systemctl", "poweroff", "--no-block"], check=False, timeout=10
+                ).returncode == 0
                 try:
                     # Without a manager to ask (boot failed early), kill at once.
-                    self._unshare.wait(timeout=10 if poweroff.returncode == 0 else 0)
+                    self._unshare.wait(timeout=10 if powering_off else 0)
                 except subprocess.TimeoutExpired:
                     # Killing a pid namespace's init kills everything in it.
                     _kill(self.pid, signal.SIGKILL)
@@ -506,6 +536,19 @@ class Journald(_JournalReader):
             for stream in (self.holder.stdout, self.holder.stderr):
                 stream.close()
             self.holder = None
+
+
+def build_wheelhouse(path: str) -> None:
+    """Wheels of the project's dependencies and build requirements in `path`,
+    made on the host (from pip's cache or the index), so that `make install`
+    inside a sandbox, which has no network, can use --no-index."""
+    import tomllib     # here: Python 3.11+, and only this helper needs it
+    with open(os.path.join(CHECKOUT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    wanted = project["project"]["dependencies"] + project["build-system"]["requires"] + ["wheel"]
+    args = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+            "-w", path] + wanted
+    _check(args, subprocess.run(args, capture_output=True, text=True))
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -4,13 +4,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
-import tomllib
 
 import pytest
 
-from sandbox import SystemdSandbox, require_sandbox
+from sandbox import SystemdSandbox, build_wheelhouse, require_sandbox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(ROOT, "systemd", "ipqd.service")
@@ -112,16 +110,6 @@ rules:
     action: drop
     log: true
 """
-
-
-def build_wheelhouse(path: str) -> None:
-    """Wheels of the dependencies (from pip's cache or the index, on the host),
-    because the sandbox has no network."""
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)
-    wanted = project["project"]["dependencies"] + project["build-system"]["requires"] + ["wheel"]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "-w", path] + wanted, check=True, capture_output=True)
 
 
 @pytest.mark.kernel

@@ -132,7 +132,9 @@ def missing_prerequisites(journald_only: bool = False) -> List[str]:
     return missing
 
 
-def _require(missing: List[str], what: str) -> None:
+def require(missing: List[str], what: str) -> None:
+    """Skip a test for which this machine lacks `missing`; under CI fail it,
+    so that a skip never hides a broken feature there."""
     if missing:
         message = f"{what} needs: " + ", ".join(missing)
         if in_ci():
@@ -142,12 +144,12 @@ def _require(missing: List[str], what: str) -> None:
 
 def require_sandbox() -> None:
     """Skip (under CI: fail) when SystemdSandbox cannot run here."""
-    _require(missing_prerequisites(), "systemd sandbox test")
+    require(missing_prerequisites(), "systemd sandbox test")
 
 
 def require_journald() -> None:
     """Skip (under CI: fail) when Journald cannot run here."""
-    _require(missing_prerequisites(journald_only=True), "journald test")
+    require(missing_prerequisites(journald_only=True), "journald test")
 
 
 def _check(args: Sequence[str], result: subprocess.CompletedProcess) -> None:

@@ -49,6 +49,14 @@ def assert_gone(traces: dict) -> None:
             pass
 
 
+def journal_mounts() -> list:
+    """Host mounts where Journald mounts privately (others' tests mount
+    elsewhere meanwhile, e.g. /run/netns)."""
+    with open("/proc/self/mountinfo") as mounts:
+        points = [line.split()[4] for line in mounts]
+    return sorted(p for p in points if p.startswith(("/run/systemd", "/run/log", "/var/log")))
+
+
 @pytest.fixture
 def sb():
     require_sandbox()
@@ -165,6 +173,7 @@ journal.send(sys.argv[1], SYSLOG_IDENTIFIER="ipqd-jtest", IPQD_VERDICT=sys.argv[
 def test_journald_alone():
     require_journald()
     host_had_socket = os.path.exists("/run/systemd/journal/socket")
+    host_mounts = journal_mounts()
     with Journald() as jd:
         jd.run([sys.executable, "-c", SEND, "first", "drop"])
         entry = jd.wait_journal(identifier="ipqd-jtest", fields={"IPQD_VERDICT": "drop"})
@@ -190,3 +199,4 @@ def test_journald_alone():
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
     assert os.path.exists("/run/systemd/journal/socket") == host_had_socket
+    assert journal_mounts() == host_mounts

@@ -274,8 +274,9 @@ def probe_nft_queue() -> Tuple[bool, str]:
     if shutil.which("nft") is None:
         return False, "nft is not installed"
     script = ("table inet ipqd_probe\ndelete table inet ipqd_probe\n"
-              "table inet ipqd_probe { chain c { type filter hook input priority 0; "
-              "policy accept; meta l4proto 253 queue num 65535 bypass } }\n")
+              "table inet ipqd_probe {\n  chain c {\n"
+              "    type filter hook input priority 0; policy accept;\n"
+              "    meta l4proto 253 queue num 65535 bypass\n  }\n}\n")
     result = _run(["nft", "-f", "-"], script)
     _run(["nft", "delete", "table", "inet", "ipqd_probe"])
     if result.returncode == 0:

@@ -153,7 +153,8 @@ def test_nft_backend_says_what_is_missing(lab, tmp_path):
         assert "try --backend iptables-nft or --backend iptables-legacy" in result.stderr
         detect = lab.server.sh(f"{IPQD} hooks detect").stdout
         assert detect.strip().endswith("iptables-nft")
-        assert "passed over nft" in detect
+        assert "passed over nft: the nft backend cannot queue packets" in detect
+        assert "CONFIG_NFT_QUEUE" in detect
     else:      # a kernel with CONFIG_NFT_QUEUE: the table is there, and goes away
         assert "queue num 7 bypass" in lab.server.sh("nft list table inet ipqd").stdout
         assert ipqd_in(lab.server, "remove", tmp_path=tmp_path).returncode == 0

@@ -102,7 +102,11 @@ class Daemon:
         self.signals: List[int] = []
         self.reloads = self.failed_reloads = 0
         self.last_reload_error = ""
-        self.ctx = multiprocessing.get_context("fork")
+        # Workers come from a fork server: a clean, single-threaded process.
+        # Forking the supervisor itself would copy locks its log thread may
+        # hold at that instant (an import, stderr), and the worker would hang.
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["ipqd.worker"])
 
     # -------------------------------------------------------- life cycle
 

@@ -16,6 +16,11 @@ import threading
 import time
 from typing import Callable, Deque, Dict, Optional
 
+try:    # imported here, never first in the log thread (an import there holds a lock)
+    from systemd import journal as _journal
+except ImportError:       # stderr logging still works without systemd-python
+    _journal = None
+
 from ipqd.packet import PacketView, address_text
 from ipqd.policy.model import HOOK_NAMES, Rate
 
@@ -206,8 +211,9 @@ class DecisionLog:
     # -- sinks
 
     def _journal_send(self, message: str, priority: int, fields: Dict[str, str]) -> None:
-        from systemd import journal
-        journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER=self.identifier, **fields)
+        if _journal is None:
+            raise RuntimeError("systemd-python is not installed: use --log-target stderr")
+        _journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER=self.identifier, **fields)
 
     def _stderr_send(self, message: str, priority: int, fields: Dict[str, str]) -> None:
         sys.stderr.write(f"{message}\n")

@@ -93,6 +93,15 @@ class Worker:
             if now - self._last_stats >= STATS_EVERY:
                 self._last_stats = now
                 self.conn.send(("stats", self.config.index, self.stats()))
+        self.drain()
+
+    def drain(self, rounds: int = 100) -> None:
+        """Answer what is already queued before unbinding: unbinding would drop it."""
+        for _ in range(rounds):
+            events = self.qs.receive_events(timeout=0)
+            if not events:
+                return
+            self.answer(events)
 
     def answer(self, events: List) -> None:
         engine = self.engine

@@ -41,6 +41,7 @@ HOOK_FAMILIES = ("ipv4", "ipv6", "both")
 DEFAULT_FIELDS = ("action", "log", "set_mark")
 LOGGING_FIELDS = ("rate",)
 
+CT_QUEUE_BLOCKS = 5                  # new, established, related, invalid, untracked
 MAX_QUEUES = 64                      # one worker each: more is a typo, not a plan
 COPY_RANGE_MAX = 65531               # NFQNL_MAX_COPY_RANGE (0xffff - NLA_HDRLEN)
 COPY_RANGE_HEADERS = 64              # an IPv6 header (40) plus a TCP one (20) and change
@@ -298,6 +299,15 @@ class _Loader:
         queue.setdefault("conntrack", bool(reads_ct))
         if "num" in queue:
             queue["nums"] = queue.pop("num")
+        nums = queue.get("nums", QueueConfig().nums)
+        last = nums[0] + CT_QUEUE_BLOCKS * len(nums) - 1
+        if queue["conntrack"] and last > 65535:
+            # ipqd learns the conntrack state from the queue a packet comes on
+            # (one block of queues per state): they must all exist.
+            where.error(item[1] if item else None,
+                        f"queue.num: with conntrack, ipqd uses queues {nums[0]}-{last} "
+                        f"(one per conntrack state and worker), past 65535: choose a lower num")
+            return None
         return QueueConfig(**queue)
 
     def _hooks(self, where: Where, root, item) -> Optional[Tuple]:

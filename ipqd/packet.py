@@ -53,6 +53,7 @@ EXT_MOBILITY = 135
 IPV6_EXT_HEADERS = frozenset({EXT_HOPOPTS, EXT_ROUTING, EXT_FRAGMENT, EXT_AH,
                               EXT_DSTOPTS, EXT_MOBILITY})
 MAX_EXT_HEADERS = 8
+MAX_HOP_OPTIONS = 32       # options read looking for a Jumbo Payload one
 IPV6_OPT_JUMBO = 0xC2
 
 # The view fields each L4 header feeds, in the policy's words.
@@ -282,7 +283,10 @@ def _jumbo_length(data: bytes, cut: bool) -> int:
         return 0
     end = 40 + (data[41] + 1) * 8
     offset = 42
-    while offset + 2 <= min(end, len(data)):
+    # Bounded: a 2 KiB header of Pad1 would otherwise cost a loop turn a byte.
+    for _ in range(MAX_HOP_OPTIONS):
+        if offset + 2 > min(end, len(data)):
+            break
         kind = data[offset]
         if kind == 0:  # Pad1
             offset += 1

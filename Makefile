@@ -87,3 +87,17 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/ipqd $(DESTDIR)$(UNITDIR)/ipqd.service
 	rm -rf $(DESTDIR)$(LIBDIR)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# The throughput, CPU, latency, reload and memory benchmark (root; not part of
+# `make test`). BENCH_ARGS="--reps 3 --quick" for a quick look; see bench/run.py.
+BENCH_DEBS := libnetfilter-queue-dev gcc util-linux
+BENCH_ARGS ?=
+.PHONY: bench
+bench: venv
+	@missing=""; \
+	for p in $(BENCH_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	$(PY) bench/run.py $(BENCH_ARGS)

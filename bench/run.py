@@ -1,0 +1,633 @@
+"""`make bench`: NFQUEUE consumers side by side, on loopback UDP in a namespace.
+
+    .venv/bin/python bench/run.py [--reps 5] [--quick] [--consumers a,b] [--no-reload]
+                                  [--no-rss] [--no-multiqueue] [--json PATH]
+
+Needs root, gcc and libnetfilter-queue-dev (`make bench` installs them). It
+builds bench/udpblast.c and bench/nfq_accept.c into bench/build/, makes
+bench/build/venv with PyPI's netfilterqueue, creates one network namespace
+(ipqd-bench-PID), and removes everything it started, even on failure or
+Ctrl-C. Nothing runs in the root namespace's firewall.
+
+Every consumer is started once, bound to a queue of its own; one iptables
+rule in the namespace (INPUT, udp dport 9000) is pointed at one queue at a
+time, so the consumers are measured interleaved within each repetition and
+every ratio compares numbers of the same repetition. Per consumer and
+repetition:
+
+- closed: lossless closed loop, 64-byte IP packets, a window of packets in
+  flight: packets/s at the receiver, and the consumer's CPU microseconds per
+  packet (utime+stime of all its processes from /proc/PID/stat).
+- flood: open loop as fast as the sender goes: sent, received, and the
+  queue's "queue dropped" and "user dropped" counters.
+- latency: one packet in flight, consumer and sender pinned on CPU 0
+  (cross-CPU wake-ups cost hundreds of microseconds on small VMs): median
+  and p99 round trip.
+
+Then, each optional: reload of the 10,000-rule policy under a latency probe
+(reload time, worst packet delay), resident memory of ipqd with 10 and
+10,000 rules, and two queues on two workers against one queue.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+BUILD = os.path.join(BENCH, "build")
+RESULTS = os.path.join(BENCH, "results")
+sys.path.insert(0, ROOT)
+
+from tests.netns import Host  # noqa: E402  (the suite's namespace helper)
+
+PORT = 9000
+PACKET_SIZE = 64                # bytes of the IP packet
+WINDOW = 256                    # closed loop: packets in flight (queue maxlen is 1024)
+REFERENCE = "c-1verdict"
+IPQD = os.path.join(os.path.dirname(sys.executable), "ipqd")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+
+# name -> what it is, in table order
+CONSUMERS = {
+    "none": "no queue: the rule accepts (ceiling)",
+    "c-1verdict": "C, libnetfilter_queue, one verdict per packet (reference)",
+    "c-batch": "C, libnetfilter_queue, batch verdicts",
+    "py-netfilterqueue": "Python, PyPI netfilterqueue 1.x, accept in the callback",
+    "ipqd-client": "Python, ipqd's QueueSocket, batch verdicts, 8 MB rcvbuf",
+    "ipqd-10": "ipqd run, 10 rules, traffic hits the last, logging off",
+    "ipqd-10-log": "ipqd run, 10 rules, every decision logged (stderr to /dev/null)",
+    "ipqd-1000": "ipqd run, 1,000 rules, logging off",
+    "ipqd-1000-log": "ipqd run, 1,000 rules, every decision logged",
+    "ipqd-10000": "ipqd run, 10,000 rules, logging off",
+    "ipqd-10000-log": "ipqd run, 10,000 rules, every decision logged",
+}
+QUICK = ("none", "c-1verdict", "c-batch", "py-netfilterqueue", "ipqd-client", "ipqd-1000")
+
+
+# ---------------------------------------------------------------- building
+
+def build() -> Dict[str, Optional[str]]:
+    """Compile the C programs and make the netfilterqueue venv; what failed, why."""
+    os.makedirs(BUILD, exist_ok=True)
+    problems: Dict[str, Optional[str]] = {}
+    for name, libs in (("udpblast", []), ("nfq_accept", ["-lnetfilter_queue"])):
+        source, binary = os.path.join(BENCH, name + ".c"), os.path.join(BUILD, name)
+        if not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(source):
+            result = subprocess.run(["gcc", "-O2", "-Wall", "-o", binary, source] + libs,
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"bench: cannot build {name}:\n{result.stderr}")
+    venv = os.path.join(BUILD, "venv")
+    python = os.path.join(venv, "bin", "python")
+    check = [python, "-c", "import netfilterqueue"]
+    if not os.path.exists(python) or subprocess.run(check, capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        result = subprocess.run([python, "-m", "pip", "install", "-q", "netfilterqueue"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            problems["py-netfilterqueue"] = "pip install netfilterqueue failed: " + \
+                (result.stderr.strip().splitlines() or ["?"])[-1]
+    return problems
+
+
+# ---------------------------------------------------------------- processes
+
+def proc_children() -> Dict[int, List[int]]:
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def family(pid: int) -> List[int]:
+    """The process and all its descendants."""
+    children = proc_children()
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def cpu_seconds(pids: List[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])     # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / CLK_TCK
+
+
+def memory_kb(pid: int) -> Dict[str, int]:
+    """VmRSS (status) and Pss (smaps_rollup) of one process, in kB."""
+    out = {"rss_kb": 0, "pss_kb": 0}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    out["rss_kb"] = int(line.split()[1])
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    out["pss_kb"] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def set_affinity(pids: List[int], cpus: str) -> None:
+    for pid in pids:
+        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True)
+
+
+# ---------------------------------------------------------------- the lab
+
+class Lab:
+    """The namespace, its one queue rule, the consumers, the blaster."""
+
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix=f"ipqd-bench-{os.getpid()}-")
+        self.host: Optional[Host] = None
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self.queues: Dict[str, str] = {}         # consumer -> "N" or "A:B"
+        self.logs: Dict[str, str] = {}
+        self.iptables = "iptables-legacy" if shutil.which("iptables-legacy") else "iptables"
+        try:
+            self.host = Host(f"ipqd-bench-{os.getpid()}")
+            self.ipt(f"-I INPUT 1 -p udp --dport {PORT} -j ACCEPT")
+        except BaseException:
+            self.close()
+            raise
+
+    def ipt(self, rule: str) -> None:
+        self.host.sh(f"{self.iptables} -w {rule}")
+
+    def point(self, consumer: str) -> None:
+        """Send the benchmark traffic to `consumer`'s queue (or nowhere: "none")."""
+        queue = self.queues.get(consumer)
+        if queue is None:
+            target = "ACCEPT"
+        elif ":" in queue:
+            target = f"NFQUEUE --queue-balance {queue}"
+        else:
+            target = f"NFQUEUE --queue-num {queue}"
+        self.ipt(f"-R INPUT 1 -p udp --dport {PORT} -j {target}")
+
+    def queue_table(self) -> Dict[int, List[int]]:
+        text = self.host.sh("cat /proc/net/netfilter/nfnetlink_queue", check=False).stdout
+        rows = [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
+        return {row[0]: row for row in rows}
+
+    def start(self, name: str, queue: str, args: List[str], log: Optional[str] = None) -> None:
+        stderr = open(log, "w") if log else subprocess.DEVNULL
+        self.procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", self.host.name] + args, stdout=subprocess.DEVNULL,
+            stderr=stderr, start_new_session=True)
+        if log:
+            stderr.close()
+            self.logs[name] = log
+        self.queues[name] = queue
+
+    def wait_bound(self, names: List[str], timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            bound = self.queue_table()
+            waiting = [n for n in names
+                       if not all(int(q) in bound for q in _queue_numbers(self.queues[n]))]
+            if not waiting:
+                return
+            for name in waiting:
+                if self.procs[name].poll() is not None:
+                    raise SystemExit(f"bench: consumer {name} exited "
+                                     f"({self.procs[name].returncode}) before binding")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: consumers {waiting} did not bind in {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def pids(self, name: str) -> List[int]:
+        proc = self.procs.get(name)
+        return family(proc.pid) if proc else []
+
+    def blast(self, mode: str, *args: str, pin: bool = False) -> dict:
+        command = ["ip", "netns", "exec", self.host.name]
+        if pin:
+            command += ["taskset", "-c", "0"]
+        command += [os.path.join(BUILD, "udpblast"), mode, "--port", str(PORT),
+                    "--size", str(PACKET_SIZE)] + list(args)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: udpblast {mode} failed: {result.stderr.strip()}")
+        return json.loads(result.stdout)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            try:
+                self.stop(name)
+            except Exception:           # the namespace's removal kills the rest
+                pass
+        if self.host is not None:
+            self.host.delete()
+            self.host = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _queue_numbers(queue: str) -> List[int]:
+    if ":" in queue:
+        first, last = map(int, queue.split(":"))
+        return list(range(first, last + 1))
+    return [int(queue)]
+
+
+# ---------------------------------------------------------------- policies
+
+def policy_yaml(rules: int, queue: str, log: bool) -> str:
+    """`rules` rules; the benchmark traffic (udp 127.0.0.0/8 -> 9000) matches only
+    the last. Every other rule is udp from a 10.x.y.0/24 of its own, half of them
+    on port 9000 too, so neither the port nor the protocol alone rules them out.
+    The default drops: a miss would show as lost packets."""
+    flag = "true" if log else "false"
+    num = f'"{queue.replace(":", "-")}"' if ":" in queue else queue
+    lines = ["version: 1", "queue:", f"  num: {num}", "  copy_range: 256",
+             "  fail_open: false", "  bypass: false",
+             "hooks:", "  - {chain: input, family: ipv4, proto: udp}",
+             f"default: {{action: drop, log: {flag}}}", "rules:"]
+    for i in range(rules - 1):
+        dport = PORT if i % 2 else 20000 + i % 40000
+        lines.append(f"  - {{name: r{i}, proto: udp, src: 10.{(i >> 8) & 255}.{i & 255}.0/24, "
+                     f"dport: {dport}, action: accept}}")
+    lines.append(f"  - {{name: bench, proto: udp, src: 127.0.0.0/8, dport: {PORT}, action: accept}}")
+    return "\n".join(lines) + "\n"
+
+
+def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool) -> None:
+    path = os.path.join(lab.tmp, f"{name}.yaml")
+    with open(path, "w") as out:
+        out.write(policy_yaml(rules, queue, log))
+    os.chmod(path, 0o644)
+    state = os.path.join(lab.tmp, f"{name}.state")
+    os.makedirs(state, exist_ok=True)
+    # Decision lines go to /dev/null; a log-off instance keeps its few event lines.
+    log_file = None if log else os.path.join(lab.tmp, f"{name}.log")
+    lab.start(name, queue, [IPQD, "run", "--policy", path, "--no-hooks", "--log-target",
+                            "stderr", "--state-dir", state], log=log_file)
+
+
+def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple]) -> None:
+    queue = 1
+    for name in names:
+        if name == "none":
+            continue
+        q = str(queue)
+        queue += 1
+        if name == "c-1verdict":
+            lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q])
+        elif name == "c-batch":
+            lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q, "--batch"])
+        elif name == "py-netfilterqueue":
+            lab.start(name, q, [os.path.join(BUILD, "venv", "bin", "python"),
+                                os.path.join(BENCH, "accept_all.py"), "netfilterqueue", q])
+        elif name == "ipqd-client":
+            lab.start(name, q, [sys.executable, os.path.join(BENCH, "accept_all.py"),
+                                "queuesocket", q])
+        else:
+            rules = int(name.split("-")[1])
+            start_ipqd(lab, name, rules, q, name.endswith("-log"))
+    for name, (rules, queue_spec) in extra_ipqd.items():
+        start_ipqd(lab, name, rules, queue_spec, False)
+    lab.wait_bound([n for n in names if n != "none"] + list(extra_ipqd))
+
+
+# ---------------------------------------------------------------- measuring
+
+def measure(lab: Lab, name: str, args) -> dict:
+    lab.point(name)
+    pids = lab.pids(name)
+    queues = _queue_numbers(lab.queues[name]) if name in lab.queues else []
+    out: dict = {}
+
+    cpu0 = cpu_seconds(pids)
+    closed = lab.blast("closed", "--duration", str(args.closed), "--window", str(WINDOW))
+    cpu = cpu_seconds(pids) - cpu0
+    closed["cpu_us_per_packet"] = (cpu * 1e6 / closed["received"]
+                                   if pids and closed["received"] else None)
+    out["closed"] = closed
+
+    before = lab.queue_table()
+    flood = lab.blast("flood", "--duration", str(args.flood))
+    after = lab.queue_table()
+    flood["queue_dropped"] = sum(after[q][5] - before[q][5] for q in queues if q in after)
+    flood["user_dropped"] = sum(after[q][6] - before[q][6] for q in queues if q in after)
+    out["flood"] = flood
+
+    set_affinity(pids, "0")
+    try:
+        out["latency"] = lab.blast("latency", "--count", str(args.latency_count), pin=True)
+    finally:
+        set_affinity(pids, f"0-{NCPU - 1}")
+    return out
+
+
+def measure_reload(lab: Lab, name: str, reps: int) -> dict:
+    """SIGHUP under a one-in-flight probe: reload time (the daemon's own
+    figure) and the worst round trip while it ran."""
+    runs = []
+    supervisor = lab.procs[name].pid
+    pids = lab.pids(name)
+    lab.point(name)
+    for _ in range(reps):
+        with open(lab.logs[name]) as log:
+            mark = len(log.readlines())
+        set_affinity(pids, "0")
+        probe = subprocess.Popen(
+            ["ip", "netns", "exec", lab.host.name, "taskset", "-c", "0",
+             os.path.join(BUILD, "udpblast"), "latency", "--duration", "8", "--port", str(PORT),
+             "--size", str(PACKET_SIZE)], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        sent_at = time.monotonic()
+        os.kill(supervisor, signal.SIGHUP)
+        took = None
+        while time.monotonic() - sent_at < 60 and took is None:
+            with open(lab.logs[name]) as log:
+                for line in log.readlines()[mark:]:
+                    found = re.search(r"reloaded policy .* in (\d+) ms", line)
+                    if found:
+                        took = int(found.group(1))
+            time.sleep(0.05)
+        seen_at = time.monotonic() - sent_at
+        stdout, _ = probe.communicate(timeout=60)
+        set_affinity(pids, f"0-{NCPU - 1}")
+        latency = json.loads(stdout)
+        runs.append({"reload_ms": took, "reload_seen_s": round(seen_at, 3),
+                     "probe": latency,
+                     "worst_delay_ms": (latency["max_us"] - latency["median_us"]) / 1000})
+    return {"consumer": name, "runs": runs,
+            "reload_ms_median": _median([r["reload_ms"] for r in runs]),
+            "worst_delay_ms_max": max(r["worst_delay_ms"] for r in runs)}
+
+
+def measure_rss(lab: Lab, names: List[str]) -> dict:
+    out = {}
+    for name in names:
+        if name not in lab.procs:
+            continue
+        per = {str(pid): memory_kb(pid) for pid in lab.pids(name)}
+        out[name] = {"processes": per,
+                     "rss_mb": sum(p["rss_kb"] for p in per.values()) / 1024,
+                     "pss_mb": sum(p["pss_kb"] for p in per.values()) / 1024}
+    return out
+
+
+def measure_multiqueue(lab: Lab, reps: int, duration: float) -> dict:
+    runs = []
+    for _ in range(reps):
+        run = {}
+        for name in ("mq-1queue", "mq-2queues"):
+            lab.point(name)
+            pids = lab.pids(name)
+            before = lab.queue_table()
+            cpu0 = cpu_seconds(pids)
+            closed = lab.blast("closed", "--duration", str(duration), "--window",
+                               str(2 * WINDOW), "--sources", "8")
+            closed["cpu_us_per_packet"] = ((cpu_seconds(pids) - cpu0) * 1e6 / closed["received"]
+                                           if closed["received"] else None)
+            after = lab.queue_table()
+            closed["per_queue"] = {q: after[q][7] - before[q][7]
+                                   for q in _queue_numbers(lab.queues[name]) if q in after}
+            run[name] = closed
+        run["ratio"] = run["mq-2queues"]["pps"] / run["mq-1queue"]["pps"]
+        runs.append(run)
+    return {"runs": runs,
+            "pps_1queue_median": _median([r["mq-1queue"]["pps"] for r in runs]),
+            "pps_2queues_median": _median([r["mq-2queues"]["pps"] for r in runs]),
+            "ratio_median": _median([r["ratio"] for r in runs])}
+
+
+# ---------------------------------------------------------------- reporting
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+METRICS = {      # key in the table -> (path in a measurement, better when higher)
+    "pps": (("closed", "pps"), True),
+    "cpu_us": (("closed", "cpu_us_per_packet"), False),
+    "flood_rx_pps": (("flood", "received_pps"), True),
+    "flood_sent_pps": (("flood", "sent_pps"), True),
+    "queue_dropped": (("flood", "queue_dropped"), False),
+    "user_dropped": (("flood", "user_dropped"), False),
+    "lat_median_us": (("latency", "median_us"), False),
+    "lat_p99_us": (("latency", "p99_us"), False),
+}
+
+
+def summarize(reps: List[Dict[str, dict]], names: List[str]) -> Dict[str, dict]:
+    summary: Dict[str, dict] = {}
+    for name in names:
+        entry: Dict[str, dict] = {}
+        for metric, ((part, key), _) in METRICS.items():
+            values = [rep[name][part].get(key) for rep in reps if name in rep]
+            values = [v for v in values if v is not None]
+            ratios = [rep[name][part][key] / rep[REFERENCE][part][key] for rep in reps
+                      if name in rep and REFERENCE in rep
+                      and rep[name][part].get(key) is not None
+                      and rep[REFERENCE][part].get(key)]
+            entry[metric] = {"median": _median(values), "min": min(values, default=None),
+                             "max": max(values, default=None), "values": values,
+                             "ratio_median": _median(ratios),
+                             "ratio_min": min(ratios, default=None),
+                             "ratio_max": max(ratios, default=None)}
+        summary[name] = entry
+    return summary
+
+
+def _fmt(value, digits=0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def table(summary: Dict[str, dict], reps: int) -> str:
+    head = ("| consumer | packets/s closed loop: median [min-max] | x C | CPU us/packet | x C "
+            "| flood: received/s (sent/s) | queue / user dropped | latency median [min-max] us "
+            "| x C | p99 us |")
+    lines = [head, "|" + " --- |" * 10]
+    for name, s in summary.items():
+        pps, cpu, lat = s["pps"], s["cpu_us"], s["lat_median_us"]
+        lines.append(
+            f"| {name} | {_fmt(pps['median'])} [{_fmt(pps['min'])}-{_fmt(pps['max'])}] "
+            f"| {_fmt(pps['ratio_median'], 2)} "
+            f"| {_fmt(cpu['median'], 2)} | {_fmt(cpu['ratio_median'], 2)} "
+            f"| {_fmt(s['flood_rx_pps']['median'])} ({_fmt(s['flood_sent_pps']['median'])}) "
+            f"| {_fmt(s['queue_dropped']['median'])} / {_fmt(s['user_dropped']['median'])} "
+            f"| {_fmt(lat['median'], 1)} [{_fmt(lat['min'], 1)}-{_fmt(lat['max'], 1)}] "
+            f"| {_fmt(lat['ratio_median'], 2)} | {_fmt(s['lat_p99_us']['median'], 1)} |")
+    lines.append("")
+    lines.append(f"Medians of {reps} repetitions; every ratio (x C) is to {REFERENCE} in the "
+                 "same repetition, then the median of those.")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    model = ""
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": NCPU, "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer consumers ({', '.join(QUICK)}), shorter runs, no extras")
+    parser.add_argument("--consumers", help="comma-separated names, in table order: "
+                        + ", ".join(CONSUMERS))
+    parser.add_argument("--closed", type=float, default=2.0, help="seconds of closed loop")
+    parser.add_argument("--flood", type=float, default=1.0, help="seconds of flood")
+    parser.add_argument("--latency-count", type=int, default=3000, help="round trips")
+    parser.add_argument("--no-reload", action="store_true")
+    parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--no-multiqueue", action="store_true")
+    parser.add_argument("--json", default=os.path.join(RESULTS, "latest.json"))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root (namespaces, iptables, NFQUEUE)", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.closed, args.flood, args.latency_count = 1.0, 0.5, 1000
+        args.no_reload = args.no_rss = args.no_multiqueue = True
+    names = list(QUICK if args.quick else CONSUMERS)
+    if args.consumers:
+        wanted = args.consumers.split(",")
+        unknown = [n for n in wanted if n not in CONSUMERS]
+        if unknown:
+            parser.error(f"unknown consumers {unknown}; known: {', '.join(CONSUMERS)}")
+        names = [n for n in CONSUMERS if n in wanted]
+    if REFERENCE not in names:
+        names.insert(1 if "none" in names else 0, REFERENCE)
+    skipped = build()
+    for name, why in skipped.items():
+        print(f"bench: skipping {name}: {why}", file=sys.stderr)
+    names = [n for n in names if n not in skipped]
+    if not args.no_reload and "ipqd-10000" not in names:
+        names.append("ipqd-10000")
+    extra = {} if args.no_multiqueue else {"mq-1queue": (10, "30"), "mq-2queues": (10, "31:32")}
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+    result = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "config": {"reps": args.reps, "packet_bytes": PACKET_SIZE, "window": WINDOW,
+                         "closed_s": args.closed, "flood_s": args.flood,
+                         "latency_count": args.latency_count, "reference": REFERENCE,
+                         "consumers": {n: CONSUMERS[n] for n in names}}}
+    lab = Lab()
+    try:
+        started = time.monotonic()
+        start_consumers(lab, names, extra)
+        result["startup_s"] = round(time.monotonic() - started, 1)
+        print(f"bench: {len(names)} consumers bound in {result['startup_s']} s "
+              f"(namespace {lab.host.name})", file=sys.stderr)
+        reps: List[Dict[str, dict]] = []
+        for rep in range(args.reps):
+            measured = {}
+            for name in names:
+                measured[name] = measure(lab, name, args)
+                print(f"  rep {rep + 1}/{args.reps} {name:<18} "
+                      f"{measured[name]['closed']['pps']:>10,.0f} packets/s  "
+                      f"lat {measured[name]['latency']['median_us']:>7.1f} us",
+                      file=sys.stderr)
+            reps.append(measured)
+        result["reps"] = reps
+        result["summary"] = summarize(reps, names)
+        if not args.no_rss:
+            result["rss"] = measure_rss(lab, ["ipqd-10", "ipqd-10000"])
+        if not args.no_reload:
+            result["reload"] = measure_reload(lab, "ipqd-10000", 3)
+        if extra:
+            result["multiqueue"] = measure_multiqueue(lab, args.reps, args.closed)
+    finally:
+        lab.close()
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as out:
+        json.dump(result, out, indent=1)
+    report(result)
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+def report(result: dict) -> None:
+    m = result["machine"]
+    print(f"\nipqd bench, {m['nproc']} x {m['cpu']}, Linux {m['kernel']}, Python {m['python']}; "
+          f"loopback UDP, {result['config']['packet_bytes']}-byte packets, closed-loop window "
+          f"{result['config']['window']}\n")
+    print(table(result["summary"], result["config"]["reps"]))
+    s = result["summary"]
+    if "ipqd-10" in s and "ipqd-10000" in s:
+        print(f"\n10,000 rules vs 10: {s['ipqd-10000']['pps']['median'] / s['ipqd-10']['pps']['median']:.2f}x "
+              "packets/s")
+    if "rss" in result:
+        for name, r in result["rss"].items():
+            print(f"memory {name}: VmRSS {r['rss_mb']:.1f} MB, PSS {r['pss_mb']:.1f} MB "
+                  f"over {len(r['processes'])} processes (supervisor, fork server, workers)")
+    if "reload" in result:
+        r = result["reload"]
+        print(f"reload of 10,000 rules: {r['reload_ms_median']} ms (median of "
+              f"{len(r['runs'])}); worst packet delay during it {r['worst_delay_ms_max']:.1f} ms")
+    if "multiqueue" in result:
+        mq = result["multiqueue"]
+        print(f"two queues vs one (ipqd, 10 rules, 8 sources): {mq['pps_2queues_median']:,.0f} vs "
+              f"{mq['pps_1queue_median']:,.0f} packets/s = {mq['ratio_median']:.2f}x")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:
+        print(f"bench: interrupted ({stop}); everything it made is removed", file=sys.stderr)
+        sys.exit(130)

@@ -364,3 +364,23 @@ def test_enobufs_is_survived_and_counted(lab):
         tx.sendto(b"after", dst)                          # still working afterwards
         (after,) = [p for p in receive_n(qs, 1) if p.payload.endswith(b"after")]
         qs.verdict(after, nfq.NF_ACCEPT)
+
+
+def test_no_enobufs_option_silences_the_error_and_the_kernel_still_counts(lab):
+    iptables(lab.server, "-A INPUT -p udp --dport 9999 -j NFQUEUE --queue-num 0")
+    qs = QueueSocket(sock=lab.server.netlink_socket(), no_enobufs=True)
+    try:
+        qs.bind(0, maxlen=10000)
+        granted = qs.set_rcvbuf(4096)
+        assert granted < 65536
+        rx, tx, dst = udp_pair(lab)
+        for _ in range(300):
+            tx.sendto(b"z" * 1000, dst)
+        time.sleep(0.3)
+        packets = receive_n(qs, 300, timeout=1.0)
+        assert qs.stats.enobufs == 0 and 0 < len(packets) < 300
+        qs.verdict_batch(0, max(p.packet_id for p in packets), nfq.NF_ACCEPT)
+        stats = lab.server.sh("cat /proc/net/netfilter/nfnetlink_queue").stdout.split()
+        assert int(stats[6]) > 0                          # user-dropped, counted by the kernel
+    finally:
+        qs.close()

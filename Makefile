@@ -9,7 +9,7 @@ DEBS    := iptables nftables iproute2 iputils-ping libsystemd-dev pkg-config gcc
 	   systemd util-linux python3-venv python3-dev
 PYTEST_ARGS ?=
 
-.PHONY: all test run deps venv check-policy clean install uninstall
+.PHONY: all test run deps venv check-policy clean install uninstall fuzz soak
 
 all: venv
 
@@ -32,6 +32,23 @@ venv: deps $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Hostile input at full size: the hypothesis properties with FUZZ_CASES cases
+# in total, then each atheris (libFuzzer) harness for FUZZ_TIME seconds.
+FUZZ_CASES ?= 120000
+FUZZ_TIME  ?= 60
+fuzz: venv
+	$(PY) -m pip install -q atheris
+	FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest -m fuzz -p no:cacheprovider -q $(PYTEST_ARGS)
+	for target in decoder packet engine; do \
+		$(PY) fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_TIME) -print_final_stats=1 || exit 1; \
+	done
+
+# Load: mixed traffic through `ipqd run` on the example policy, with reloads
+# and restarts, for DURATION seconds (default 30 minutes). Not part of `make test`.
+DURATION ?= 1800
+soak: venv
+	$(PY) soak/run.py --duration $(DURATION)
 
 # The main job: ipqd on the example policy, in the foreground (Ctrl-C stops it
 # and removes its queue rules).

@@ -1,0 +1,40 @@
+"""atheris: a queued packet with fuzzed metadata and payload through
+Engine.judge on a policy that reads every field: one verdict, no error.
+
+    python fuzz/fuzz_engine.py -max_total_time=60
+"""
+import common  # noqa: F401
+import atheris
+
+with atheris.instrument_imports():
+    from ipqd import nfqueue as nfq
+    from ipqd.engine import Engine
+    from ipqd.packet import CT_STATES
+    from ipqd.policy.loader import loads
+    import fuzz_corpus
+
+ENGINE = Engine(loads(fuzz_corpus.FUZZ_POLICY, "fuzz.yaml"))
+NAMES = {1: "lo", 2: "eth0", 3: "eth9", 4: "v\x1b]0;x\x07"}
+clock = [0.0]
+
+
+def test_one_input(data: bytes) -> None:
+    fdp = atheris.FuzzedDataProvider(data)
+    packet = nfq.Packet(fdp.ConsumeIntInRange(0, 0xffff), fdp.PickValueInList([2, 10, 0, 7]),
+                        fdp.ConsumeInt(4), fdp.ConsumeInt(2), fdp.ConsumeIntInRange(0, 255))
+    packet.mark = fdp.ConsumeIntInRange(0, 0xffffffff)
+    for name in ("indev", "outdev", "uid", "gid", "cap_len"):
+        setattr(packet, name, fdp.ConsumeIntInRange(0, 0xffffffff) if fdp.ConsumeBool() else None)
+    ct_state = fdp.PickValueInList(list(CT_STATES) + [None])
+    clock[0] += fdp.ConsumeProbability()
+    packet.payload = fdp.ConsumeBytes(fdp.remaining_bytes())
+    counters = ENGINE.counters
+    before = counters.accepted + counters.dropped
+    verdict = ENGINE.judge(packet, NAMES.get, ct_state, clock[0])
+    assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP)
+    assert counters.accepted + counters.dropped == before + 1
+    assert counters.errors == 0, "the matcher raised"
+
+
+if __name__ == "__main__":
+    common.main(test_one_input, [bytes(24) + s for s in fuzz_corpus.seeds()])

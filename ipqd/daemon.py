@@ -16,6 +16,7 @@ work, so nothing runs inside a signal handler.
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import select
@@ -26,7 +27,8 @@ from typing import Dict, List, Optional
 from ipqd import hooks as hooks_mod
 from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
 from ipqd.errors import PolicyErrors
-from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, load
+from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, fragment_paths, load
+from ipqd.policy._yamlsafe import MAX_BYTES
 from ipqd.policy.model import Policy
 from ipqd.worker import WorkerConfig, worker_main
 
@@ -60,21 +62,52 @@ class PolicyRefused(Exception):
 def load_checked(path: str) -> Policy:
     """Load a policy after checking that only root can change it.
 
-    Raises PolicyRefused with every line to report, OSError when unreadable.
+    Fragments in policy.d must pass the same checks, and a symbolic link
+    there must point inside policy.d. The files are looked at before and
+    after reading: a fragment that appears, vanishes or changes meanwhile
+    refuses the load (the caller keeps what it had). Raises PolicyRefused
+    with every line to report, OSError when unreadable.
     """
+    files = _policy_files(path)
+    before = _identities(files)
     problems = check_file_safety(path)
     fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
     if os.path.isdir(fragments):
         problems += check_file_safety(fragments)
-        for name in sorted(os.listdir(fragments)):
-            if name.endswith(".yaml"):
-                problems += check_file_safety(os.path.join(fragments, name))
+        inside = os.path.realpath(fragments) + os.sep
+        for fragment in files[1:]:
+            if os.path.islink(fragment) and not os.path.realpath(fragment).startswith(inside):
+                problems.append(f"{fragment} is a symbolic link to {os.path.realpath(fragment)}, "
+                                f"outside {fragments}")
+            problems += check_file_safety(fragment)
     if problems:
         raise PolicyRefused([f"refusing policy {path}: {p}" for p in dict.fromkeys(problems)])
     try:
-        return load(path)
+        policy = load(path)
     except PolicyErrors as errors:
         raise PolicyRefused([str(e) for e in errors.errors]) from None
+    if before != _identities(_policy_files(path)):
+        raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
+                             f"reload again"])
+    return policy
+
+
+def _policy_files(path: str) -> List[str]:
+    """The main file and the fragments the loader reads, in its order."""
+    return [path] + fragment_paths(path)
+
+
+def _identities(files: List[str]) -> List[tuple]:
+    """Each file's name and a digest of its bytes (None when unreadable):
+    sizes and times miss a same-size edit within one clock tick."""
+    identities = []
+    for name in files:
+        try:
+            with open(name, "rb") as f:
+                identities.append((name, hashlib.sha256(f.read(MAX_BYTES + 1)).digest()))
+        except OSError:
+            identities.append((name, None))
+    return identities
 
 
 class WorkerHandle:

@@ -30,7 +30,7 @@ from ipqd.policy.model import (
     HOOKS, Default, Hook, LoggingConfig, Policy, QueueConfig,
 )
 
-__all__ = ["load", "loads", "load_with_sets", "check_file_safety", "Loaded"]
+__all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
 FRAGMENT_DIR = "policy.d"
 TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules")
@@ -75,7 +75,7 @@ def load_with_sets(path: str) -> Loaded:
         text = read_text(path)
     except PolicyError as e:
         raise PolicyErrors([e]) from None
-    return _Loader().run(path, text, _fragments(path))
+    return _Loader().run(path, text, fragment_paths(path))
 
 
 def loads(text: str, path: str = "<string>") -> Policy:
@@ -83,7 +83,8 @@ def loads(text: str, path: str = "<string>") -> Policy:
     return _Loader().run(path, text, []).policy
 
 
-def _fragments(path: str) -> List[str]:
+def fragment_paths(path: str) -> List[str]:
+    """The policy.d fragments `load` reads for `path`, in the order it reads them."""
     directory = os.path.join(os.path.dirname(path), FRAGMENT_DIR)
     if not os.path.isdir(directory):
         return []

@@ -1,0 +1,191 @@
+"""Hostile or broken policies against the daemon: a bad reload keeps the
+running policy, says where the problem is, and is quick; policy.d fragments
+that others could change, or that change under the loader, are refused."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+import ipqd.daemon
+import ipqd.policy.loader
+from daemon_harness import IPQD, RunningIpqd, udp_probe
+from ipqd.daemon import PolicyRefused, load_checked
+from test_daemon import write_policy
+
+FRAGMENT = "rules:\n  - {name: frag-udp, proto: udp, dport: 7000, action: accept}\n"
+LAUGHS = "version: 1\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9 if i else ['lol'] * 9)}]\n" for i in range(9)) \
+    + "default: {action: accept}\n"
+
+
+@pytest.fixture
+def policy_dir(tmp_path):
+    """A policy with a policy.d holding one fragment."""
+    path = write_policy(tmp_path / "policy.yaml")
+    (tmp_path / "policy.d").mkdir(mode=0o755)
+    fragment = tmp_path / "policy.d" / "10-frag.yaml"
+    fragment.write_text(FRAGMENT)
+    os.chmod(fragment, 0o644)
+    return tmp_path, path, fragment
+
+
+def refusal(path: str) -> str:
+    with pytest.raises(PolicyRefused) as caught:
+        load_checked(path)
+    return "\n".join(caught.value.lines)
+
+
+# ------------------------------------------------------------------ policy.d, in-process
+
+def test_a_sound_policy_d_loads(policy_dir):
+    _, path, _ = policy_dir
+    assert [r.name for r in load_checked(path).rules][-1] == "frag-udp"
+
+
+def test_fragment_writable_by_group_or_others_is_refused(policy_dir):
+    _, path, fragment = policy_dir
+    for mode in (0o664, 0o646):
+        os.chmod(fragment, mode)
+        assert f"{fragment} is writable by group or others" in refusal(path)
+
+
+def test_fragment_owned_by_another_user_is_refused(policy_dir):
+    _, path, fragment = policy_dir
+    os.chown(fragment, 4321, 4321)
+    assert f"{fragment} is owned by uid 4321, not root" in refusal(path)
+
+
+def test_policy_d_writable_by_others_is_refused(policy_dir):
+    tmp, path, _ = policy_dir
+    os.chmod(tmp / "policy.d", 0o777)
+    assert "policy.d is writable by group or others" in refusal(path)
+
+
+def test_symlink_out_of_policy_d_is_refused_and_one_inside_is_not(policy_dir, tmp_path_factory):
+    tmp, path, fragment = policy_dir
+    outside = tmp_path_factory.mktemp("elsewhere") / "evil.yaml"
+    outside.write_text(FRAGMENT.replace("frag-udp", "evil"))
+    os.chmod(outside, 0o644)
+    link = tmp / "policy.d" / "20-evil.yaml"
+    link.symlink_to(outside)
+    assert f"{link} is a symbolic link to {outside}, outside" in refusal(path)
+    link.unlink()
+    hidden = tmp / "policy.d" / ".kept"
+    hidden.write_text(FRAGMENT.replace("frag-udp", "inside"))
+    os.chmod(hidden, 0o644)
+    link.symlink_to(".kept")
+    assert [r.name for r in load_checked(path).rules][-2:] == ["frag-udp", "inside"]
+
+
+def test_dangling_fragment_link_is_a_clean_refusal(policy_dir):
+    tmp, path, _ = policy_dir
+    (tmp / "policy.d" / "30-gone.yaml").symlink_to(tmp / "policy.d" / "nowhere")
+    with pytest.raises((PolicyRefused, OSError)) as caught:
+        load_checked(path)
+    assert "nowhere" in str(caught.value) or "30-gone" in str(caught.value)
+
+
+@pytest.mark.parametrize("change", ["vanishes", "changes", "appears"])
+def test_fragment_that_changes_while_read_refuses_the_load(policy_dir, monkeypatch, change):
+    tmp, path, fragment = policy_dir
+    real_load = ipqd.daemon.load
+
+    def load_while_changing(name):
+        if change == "vanishes":
+            fragment.unlink()
+            return real_load(name)
+        policy = real_load(name)
+        if change == "changes":
+            fragment.write_text(FRAGMENT.replace("7000", "7001"))
+        else:
+            new = tmp / "policy.d" / "99-new.yaml"
+            new.write_text(FRAGMENT.replace("frag-udp", "new"))
+            os.chmod(new, 0o644)
+        return policy
+
+    monkeypatch.setattr(ipqd.daemon, "load", load_while_changing)
+    assert "its files changed while they were read; reload again" in refusal(path)
+
+
+def test_fragment_that_vanishes_between_listing_and_reading(policy_dir, monkeypatch):
+    _, path, fragment = policy_dir
+    real_read = ipqd.policy.loader.read_text
+
+    def read_text(name):
+        if name == str(fragment):
+            fragment.unlink()
+        return real_read(name)
+
+    monkeypatch.setattr(ipqd.policy.loader, "read_text", read_text)
+    assert re.search(r"10-frag\.yaml:1:1: cannot read this fragment: No such file", refusal(path))
+
+
+def test_policy_that_cuts_the_host_off_is_a_warning_from_check(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\nhooks: [{chain: input}]\ndefault: {action: drop}\n"
+                    "rules:\n  - {name: ssh, proto: tcp, dport: 22, action: accept}\n")
+    result = subprocess.run([IPQD, "check", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert re.search(r"policy\.yaml:3:1: warning: default drops input traffic and no rule "
+                     r"accepts established connections", result.stdout), result.stdout
+
+
+# ------------------------------------------------------------------ the daemon
+
+BAD_POLICIES = {
+    "billion-laughs": (LAUGHS, r"policy\.yaml:2:5: YAML anchors \(&l0\) are not allowed"),
+    "5-MiB": ("version: 1\n#" + "x" * (5 << 20) + "\n",
+              r"policy\.yaml:1:1: policy file is too large \(more than 4194304 bytes\)"),
+    "python-tag": ("version: 1\ndefault: !!python/object/apply:os.system [reboot]\n",
+                   r"policy\.yaml:2:10: YAML tags like '.*' are not allowed in a policy"),
+    "tab": ("version: 1\ndefault:\n\t{action: accept}\n", r"policy\.yaml:3:1: YAML syntax error"),
+    "not-utf8": ("version: 1\n# \udcff\n", r"policy\.yaml:\d+:\d+: policy file is not UTF-8"),
+}
+
+
+@pytest.mark.kernel
+def test_bad_reloads_keep_the_running_policy(lab, policy_dir):
+    """Each bad policy is refused within 5 s with a file:line:col error, and
+    the policy that was running goes on deciding (udp 5000 and 7000 pass, 5001 not)."""
+    tmp, path, fragment = policy_dir
+    good = open(path).read()
+    ipqd = RunningIpqd(lab.server, path, str(tmp / "state"))
+    try:
+        assert udp_probe(lab, 7000) and udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+        tried = []
+        for name, (text, error) in BAD_POLICIES.items():
+            with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(text)
+            mark = len(ipqd.lines)
+            started = time.monotonic()
+            assert ipqd.reload().startswith("reload refused"), name
+            tried.append((name, time.monotonic() - started))
+            assert any(re.search(error, line) for line in ipqd.lines[mark:]), (name, ipqd.lines[mark:])
+        with open(path, "w") as f:
+            f.write(good)
+        outside = tmp / "outside.yaml"
+        outside.write_text(FRAGMENT)
+        os.chmod(outside, 0o644)
+        for name, spoil, mend in (
+                ("fragment-group-writable", lambda: os.chmod(fragment, 0o664),
+                 lambda: os.chmod(fragment, 0o644)),
+                ("fragment-foreign-owner", lambda: os.chown(fragment, 4321, 0),
+                 lambda: os.chown(fragment, 0, 0)),
+                ("fragment-link-outside", lambda: (tmp / "policy.d" / "50-x.yaml").symlink_to(outside),
+                 lambda: (tmp / "policy.d" / "50-x.yaml").unlink())):
+            spoil()
+            started = time.monotonic()
+            assert ipqd.reload().startswith("reload refused"), name
+            tried.append((name, time.monotonic() - started))
+            mend()
+        print("bad reloads (seconds to refuse):", ", ".join(f"{n} {t:.2f}" for n, t in tried))
+        assert all(t < 5 for _, t in tried), tried
+        assert udp_probe(lab, 7000) and udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+        assert ipqd.reload().startswith("reloaded policy")     # and a good one still loads
+        assert ipqd.process.poll() is None
+    finally:
+        ipqd.stop()

@@ -328,7 +328,11 @@ class QueueSocket:
                     self.stats.enobufs += 1
                     continue
                 raise NetlinkError("receive", err.errno) from err
-            events.extend(self.protocol.receive_data(bytes(view[:n])))
+            packet = decode_packet_datagram(buf, n, view)
+            if packet is not None:
+                events.append(packet)
+            else:
+                events.extend(self.protocol.receive_data(bytes(view[:n])))
         return events
 
     def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
@@ -411,6 +415,96 @@ class QueueSocket:
         except OSError:
             return None
         return struct.unpack_from("=H", ifreq, 16)[0]
+
+
+# ------------------------------------------------------------ the fast path
+
+_NLMSG_LEN_TYPE = struct.Struct("=IH")
+_NLATTR = struct.Struct("=HH")
+_BE32 = struct.Struct(">I")
+_PACKET_HDR = struct.Struct(">IHB")
+_TIMESTAMP = struct.Struct(">QQ")
+_HWADDR = struct.Struct(">H2x8s")
+_NLA_TYPE_MASK = nl.NLA_TYPE_MASK
+_MSG_PACKET = nfq.MSG_PACKET
+# be32 attributes the fast path decodes, by type: the Packet field each fills.
+_FAST_BE32 = {
+    nfq.NFQA_MARK: "mark", nfq.NFQA_IFINDEX_INDEV: "indev", nfq.NFQA_IFINDEX_OUTDEV: "outdev",
+    nfq.NFQA_IFINDEX_PHYSINDEV: "physindev", nfq.NFQA_IFINDEX_PHYSOUTDEV: "physoutdev",
+    nfq.NFQA_CT_INFO: "ct_info", nfq.NFQA_CAP_LEN: "cap_len", nfq.NFQA_SKB_INFO: "skb_info",
+    nfq.NFQA_UID: "uid", nfq.NFQA_GID: "gid", nfq.NFQA_PRIORITY: "priority",
+    nfq.NFQA_CGROUP_CLASSID: "cgroup_classid",
+}
+_NFQA_PACKET_HDR = nfq.NFQA_PACKET_HDR
+_NFQA_PAYLOAD = nfq.NFQA_PAYLOAD
+_NFQA_INDEV = nfq.NFQA_IFINDEX_INDEV
+_NFQA_OUTDEV = nfq.NFQA_IFINDEX_OUTDEV
+_NFQA_TIMESTAMP = nfq.NFQA_TIMESTAMP
+_NFQA_HWADDR = nfq.NFQA_HWADDR
+
+
+def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Optional[Packet]:
+    """The Packet of a datagram that holds exactly one well-formed packet
+    message of the usual kind, read in place; None for anything else.
+
+    The receive path's shortcut: the general decoder (QueueProtocol) copies
+    every message and attribute and dispatches on tables, which costs more
+    than parsing and deciding together. Anything this does not handle in
+    full (another message type, several messages, a conntrack, VLAN, L2 or
+    security-context attribute, any length that does not fit) returns None
+    and goes to QueueProtocol, which stays the reference: both give the
+    same Packet (tests/test_fast_decode.py).
+    """
+    if n < 20:
+        return None
+    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
+    if msg_type != _MSG_PACKET or length < 20 or length > n or (length + 3) & ~3 < n:
+        return None
+    if view is None:
+        view = memoryview(buf)
+    hdr = None
+    fields = []
+    payload = timestamp = hwaddr = None
+    offset = 20
+    while offset < length:
+        if length - offset < 4:
+            return None
+        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
+        if attr_len < 4 or attr_len > length - offset:
+            return None
+        attr_type &= _NLA_TYPE_MASK
+        if attr_type == _NFQA_PAYLOAD:
+            payload = bytes(view[offset + 4:offset + attr_len])
+        elif attr_type == _NFQA_PACKET_HDR:
+            if attr_len < 4 + 7:
+                return None
+            hdr = _PACKET_HDR.unpack_from(buf, offset + 4)
+        elif attr_type in _FAST_BE32:
+            if attr_len < 8:
+                return None
+            fields.append((_FAST_BE32[attr_type], _BE32.unpack_from(buf, offset + 4)[0]))
+        elif attr_type == _NFQA_TIMESTAMP:
+            if attr_len < 4 + 16:
+                return None
+            timestamp = _TIMESTAMP.unpack_from(buf, offset + 4)
+        elif attr_type == _NFQA_HWADDR:
+            if attr_len < 4 + 12:
+                return None
+            hwaddr = _HWADDR.unpack_from(buf, offset + 4)
+        elif attr_type <= nfq.NFQA_CGROUP_CLASSID:
+            return None             # an attribute with structure: the full decoder
+        offset += (attr_len + 3) & ~3
+    if hdr is None:
+        return None
+    packet = Packet((buf[18] << 8) | buf[19], buf[16], hdr[0], hdr[1], hdr[2])
+    packet.payload = payload
+    for name, value in fields:
+        setattr(packet, name, value)
+    if timestamp is not None:
+        packet.timestamp = timestamp
+    if hwaddr is not None:
+        packet.hwaddr = hwaddr[1][:min(hwaddr[0], 8)]
+    return packet
 
 
 def open_queues(numbers: Iterable[int], **bind_options) -> List[QueueSocket]:

@@ -1,0 +1,131 @@
+"""What ipqd's worker spends per packet between the socket and the verdict, without the kernel.
+
+    .venv/bin/python bench/pipeline_cost.py [--rules N] [--packets N] [--profile]
+
+Feeds the worker's receive path (QueueSocket.receive_events with its
+socket reads replaced by ready datagrams) and Worker.answer (with the send
+replaced by a list) with packet messages like the kernel's for loopback UDP
+hitting the LAST of N rules, as bench/run.py sends them. Prints nanoseconds
+per packet: decode only, and decode + parse + decide + verdict encoding.
+--profile prints a cProfile of the full path.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dpkt  # noqa: E402
+
+from bench.run import PORT, policy_yaml  # noqa: E402
+from ipqd import nfqueue as nfq  # noqa: E402
+from ipqd import queue_socket  # noqa: E402
+from ipqd.policy.loader import load  # noqa: E402
+from ipqd.worker import Worker, WorkerConfig  # noqa: E402
+
+BATCH = 256
+
+
+def kernel_datagrams(count: int) -> list:
+    """One packet message per datagram, as nfnetlink_queue sends them."""
+    udp = dpkt.udp.UDP(sport=40000, dport=PORT, data=b"x" * 36)
+    udp.ulen = len(udp)
+    ip = dpkt.ip.IP(src=bytes([127, 0, 0, 10]), dst=bytes([127, 0, 0, 1]), p=17, ttl=64, data=udp)
+    ip.len = len(ip)
+    payload = bytes(ip)
+    out = []
+    for i in range(count):
+        packet = nfq.Packet(1, 2, i + 1, 0x0800, 1)
+        packet.indev = 1
+        packet.hwaddr = b"\0" * 6
+        packet.payload = payload
+        out.append(nfq.encode_packet(packet, portid=0))
+    return out
+
+
+class ReplaySocket:
+    """Stands in for the netlink socket: recv_into hands out the datagrams, then
+    says "would block" once, so each receive drains one batch."""
+
+    def __init__(self, datagrams: list, real):
+        self.datagrams = datagrams
+        self.next = 0
+        self.real = real            # interface name lookups still use a real socket
+
+    def recv_into(self, buf, size=0, flags=0) -> int:
+        if self.next == len(self.datagrams):
+            self.next = 0
+            raise BlockingIOError
+        data = self.datagrams[self.next]
+        self.next += 1
+        buf[:len(data)] = data
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+class Fixture:
+    def __init__(self, rules: int):
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "policy.yaml")
+        with open(path, "w") as out:
+            out.write(policy_yaml(rules, "1", False))
+        policy = load(path)
+        self.worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), policy, conn=None)
+        self.worker.qs.queues[1] = frozenset({2, 10})
+        self.sent = []
+        self.worker.qs.send_many = self.sent.extend
+        self.datagrams = kernel_datagrams(BATCH)
+        self.worker.qs._sock = ReplaySocket(self.datagrams, self.worker.qs._sock)
+
+    def decode(self) -> None:
+        self.worker.qs.receive_events(0)
+
+    def full(self) -> None:
+        self.worker.answer(self.worker.qs.receive_events(0))
+
+
+def ns_per_packet(fn, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        for _ in range(rounds):
+            fn()
+        best = min(best, (time.perf_counter_ns() - start) / (rounds * BATCH))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", type=int, default=10)
+    parser.add_argument("--packets", type=int, default=50_000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--reference-decode", action="store_true",
+                        help="decode every message with QueueProtocol (no fast path)")
+    args = parser.parse_args()
+    if args.reference_decode:
+        queue_socket.decode_packet_datagram = lambda buf, n, view=None: None
+    fixture = Fixture(args.rules)
+    fixture.full()
+    assert fixture.worker.engine.counters.accepted == BATCH, "the packets must hit the last rule"
+    rounds = max(1, args.packets // BATCH)
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [fixture.full() for _ in range(rounds)])
+        pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+        return
+    decode = ns_per_packet(fixture.decode, rounds)
+    full = ns_per_packet(fixture.full, rounds)
+    print(f"rules {args.rules}: decode {decode:,.0f} ns/packet, "
+          f"decode+parse+decide+verdict {full:,.0f} ns/packet")
+
+
+if __name__ == "__main__":
+    main()

@@ -408,6 +408,13 @@ class Daemon:
                     total[key] += entry[key]
             for key in default:
                 default[key] += counters["default"][key]
+        totals: Dict[str, int] = {}
+        for _, _, _, stats in answers.values():
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0) + value
+        self.log.event("stats: " + " ".join(f"{k}={v}" for k, v in sorted(totals.items())),
+                       LOG_INFO, IPQD_EVENT="stats",
+                       **{f"IPQD_{k.upper()}": str(v) for k, v in totals.items()})
         for name, entry in list(rules.items()) + [("default", default)]:
             self.log.event(f"rule {name}: {entry['hits']} hits ({entry['accepted']} accepted, "
                            f"{entry['dropped']} dropped)", LOG_INFO, IPQD_EVENT="counters",

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
+import struct
 import sys
 import threading
 import time
 from typing import Callable, Deque, Dict, Optional
-
-try:    # imported here, never first in the log thread (an import there holds a lock)
-    from systemd import journal as _journal
-except ImportError:       # stderr logging still works without systemd-python
-    _journal = None
 
 from ipqd.packet import PacketView, address_text
 from ipqd.policy.model import HOOK_NAMES, Rate
@@ -28,6 +25,8 @@ LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 _SUMMARY_EVERY = 10.0
 _CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + [0x7F]}
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+JOURNAL_TIMEOUT = 1.0
 
 
 def clean(text: object) -> str:
@@ -125,6 +124,7 @@ class DecisionLog:
         self.identifier = identifier
         self.clock = clock
         self._send = send or (self._journal_send if target == "journal" else self._stderr_send)
+        self._journal: Optional[JournalSocket] = None
         self._bucket = _Bucket(rate, clock()) if rate else None
         self._queue: Deque = collections.deque()
         self._capacity = capacity
@@ -206,15 +206,84 @@ class DecisionLog:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
-        self._maybe_summary(force=True)
+        if not self._thread.is_alive():     # a stuck sink would block the caller too
+            self._maybe_summary(force=True)
+        if self._journal is not None:
+            self._journal.close()
 
     # -- sinks
 
     def _journal_send(self, message: str, priority: int, fields: Dict[str, str]) -> None:
-        if _journal is None:
-            raise RuntimeError("systemd-python is not installed: use --log-target stderr")
-        _journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER=self.identifier, **fields)
+        if self._journal is None:
+            self._journal = JournalSocket()
+        self._journal.send({"MESSAGE": message, "PRIORITY": str(priority),
+                            "SYSLOG_IDENTIFIER": self.identifier, **fields})
 
     def _stderr_send(self, message: str, priority: int, fields: Dict[str, str]) -> None:
         sys.stderr.write(f"{message}\n")
         sys.stderr.flush()
+
+
+def encode_journal(fields: Dict[str, str]) -> bytes:
+    """One entry in journald's native protocol: KEY=value lines, or for a value
+    holding a newline, KEY, a newline, its length (64-bit little endian) and the value."""
+    parts = []
+    for key, value in fields.items():
+        data = str(value).encode("utf-8", "backslashreplace")
+        name = key.encode("ascii")
+        if b"\n" in data:
+            parts.append(name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            parts.append(name + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+class JournalSocket:
+    """A datagram socket connected to journald, with a send timeout.
+
+    Not python-systemd's journal.send: that blocks with the GIL held when
+    journald stops reading, which stops every thread of the process, packet
+    loop included. Here a stuck journald costs the log thread at most
+    `timeout` per entry (the entry counts as failed, and the bounded queue
+    drops what comes meanwhile); a restarted journald is reached again
+    through a new socket.
+    """
+
+    def __init__(self, path: str = JOURNAL_SOCKET, timeout: float = JOURNAL_TIMEOUT):
+        self.path = path
+        self.timeout = timeout
+        self._sock: Optional[socket.socket] = None
+
+    def send(self, fields: Dict[str, str]) -> None:
+        """Raises OSError (socket.timeout included) when journald cannot take it."""
+        data = encode_journal(fields)
+        fresh = self._sock is None
+        if fresh:
+            self._connect()
+        try:
+            self._sock.send(data)
+        except ConnectionError:
+            # journald was restarted: this socket still points at the old one.
+            self.close()
+            if fresh:
+                raise
+            self._connect()
+            self._sock.send(data)
+        except OSError:
+            self.close()
+            raise
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)     # connected: a full journald shows as not writable
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

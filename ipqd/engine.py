@@ -73,11 +73,15 @@ class Engine:
             view = parse(packet.payload or b"", meta, self.needs)
             decision = self.matcher.decide(view, now)
         except Exception:       # the per-packet boundary: the default, counted
-            counters.errors += 1
-            return self._finish(self._error_decision, None)
+            return self.fallback()
         if view.malformed:
             counters.malformed += 1
         return self._finish(decision, view)
+
+    def fallback(self) -> Verdict:
+        """The default verdict for a packet the decision code failed on, counted."""
+        self.counters.errors += 1
+        return self._finish(self._error_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
         if decision.action == "accept":

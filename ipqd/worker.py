@@ -114,7 +114,10 @@ class Worker:
         use_batch = self.config.batch
         for event in events:
             if type(event) is nfq.Packet:
-                verdict = engine.judge(event, ifname, ct_of.get(event.queue), now)
+                try:
+                    verdict = engine.judge(event, ifname, ct_of.get(event.queue), now)
+                except Exception:       # judge has its own boundary; this one is the last
+                    verdict = engine.fallback()
                 if use_batch and verdict.verdict == nfq.NF_ACCEPT and verdict.mark is None:
                     batch[event.queue] = event.packet_id
                 else:

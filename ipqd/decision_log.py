@@ -24,7 +24,9 @@ from ipqd.policy.model import HOOK_NAMES, Rate
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 _SUMMARY_EVERY = 10.0
-_CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + [0x7F]}
+# C0, DEL and C1 controls, and the two Unicode line breaks some readers split on.
+_CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 JOURNAL_TIMEOUT = 1.0
 

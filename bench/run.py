@@ -56,7 +56,6 @@ PORT = 9000
 PACKET_SIZE = 64                # bytes of the IP packet
 WINDOW = 256                    # closed loop: packets in flight (queue maxlen is 1024)
 REFERENCE = "c-1verdict"
-IPQD = os.path.join(os.path.dirname(sys.executable), "ipqd")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
@@ -74,6 +73,7 @@ CONSUMERS = {
     "ipqd-10000": "ipqd run, 10,000 rules, logging off",
     "ipqd-10000-log": "ipqd run, 10,000 rules, every decision logged",
 }
+BASE = "base:"                  # prefix of consumers run from the --baseline tree
 QUICK = ("none", "c-1verdict", "c-batch", "py-netfilterqueue", "ipqd-client", "ipqd-1000")
 
 
@@ -202,11 +202,15 @@ class Lab:
         rows = [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
         return {row[0]: row for row in rows}
 
-    def start(self, name: str, queue: str, args: List[str], log: Optional[str] = None) -> None:
+    def start(self, name: str, queue: str, args: List[str], log: Optional[str] = None,
+              source: Optional[str] = None) -> None:
         stderr = open(log, "w") if log else subprocess.DEVNULL
+        env = dict(os.environ)
+        if source:          # ipqd imported from another tree: a before/after pair
+            env["PYTHONPATH"] = source
         self.procs[name] = subprocess.Popen(
             ["ip", "netns", "exec", self.host.name] + args, stdout=subprocess.DEVNULL,
-            stderr=stderr, start_new_session=True)
+            stderr=stderr, start_new_session=True, env=env, cwd=self.tmp)
         if log:
             stderr.close()
             self.logs[name] = log
@@ -296,7 +300,8 @@ def policy_yaml(rules: int, queue: str, log: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool) -> None:
+def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool,
+               source: Optional[str] = None) -> None:
     path = os.path.join(lab.tmp, f"{name}.yaml")
     with open(path, "w") as out:
         out.write(policy_yaml(rules, queue, log))
@@ -305,30 +310,34 @@ def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool) -> None:
     os.makedirs(state, exist_ok=True)
     # Decision lines go to /dev/null; a log-off instance keeps its few event lines.
     log_file = None if log else os.path.join(lab.tmp, f"{name}.log")
-    lab.start(name, queue, [IPQD, "run", "--policy", path, "--no-hooks", "--log-target",
-                            "stderr", "--state-dir", state], log=log_file)
+    lab.start(name, queue, [sys.executable, "-m", "ipqd.cli", "run", "--policy", path,
+                            "--no-hooks", "--log-target", "stderr", "--state-dir", state],
+              log=log_file, source=source)
 
 
-def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple]) -> None:
+def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple],
+                    baseline: Optional[str] = None) -> None:
     queue = 1
     for name in names:
         if name == "none":
             continue
         q = str(queue)
         queue += 1
-        if name == "c-1verdict":
+        source = baseline if name.startswith(BASE) else None
+        kind = name[len(BASE):] if source else name
+        if kind == "ipqd-client":
+            lab.start(name, q, [sys.executable, os.path.join(BENCH, "accept_all.py"),
+                                "queuesocket", q], source=source)
+        elif kind.startswith("ipqd-"):
+            rules = int(kind.split("-")[1])
+            start_ipqd(lab, name, rules, q, kind.endswith("-log"), source)
+        elif name == "c-1verdict":
             lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q])
         elif name == "c-batch":
             lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q, "--batch"])
         elif name == "py-netfilterqueue":
             lab.start(name, q, [os.path.join(BUILD, "venv", "bin", "python"),
                                 os.path.join(BENCH, "accept_all.py"), "netfilterqueue", q])
-        elif name == "ipqd-client":
-            lab.start(name, q, [sys.executable, os.path.join(BENCH, "accept_all.py"),
-                                "queuesocket", q])
-        else:
-            rules = int(name.split("-")[1])
-            start_ipqd(lab, name, rules, q, name.endswith("-log"))
     for name, (rules, queue_spec) in extra_ipqd.items():
         start_ipqd(lab, name, rules, queue_spec, False)
     lab.wait_bound([n for n in names if n != "none"] + list(extra_ipqd))
@@ -532,6 +541,9 @@ def main() -> int:
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--no-multiqueue", action="store_true")
     parser.add_argument("--json", default=os.path.join(RESULTS, "latest.json"))
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run the ipqd consumers from this source tree (e.g. a "
+                        "`git worktree` of an older commit), as base:NAME, for before/after")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (namespaces, iptables, NFQUEUE)", file=sys.stderr)
@@ -546,6 +558,10 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown consumers {unknown}; known: {', '.join(CONSUMERS)}")
         names = [n for n in CONSUMERS if n in wanted]
+    if args.baseline:
+        names += [BASE + n for n in names if n.startswith("ipqd-")]
+        CONSUMERS.update({BASE + n: CONSUMERS[n] + f" (from {args.baseline})"
+                          for n in names if n.startswith("ipqd-")})
     if REFERENCE not in names:
         names.insert(1 if "none" in names else 0, REFERENCE)
     skipped = build()
@@ -569,7 +585,7 @@ def main() -> int:
     lab = Lab()
     try:
         started = time.monotonic()
-        start_consumers(lab, names, extra)
+        start_consumers(lab, names, extra, args.baseline)
         result["startup_s"] = round(time.monotonic() - started, 1)
         print(f"bench: {len(names)} consumers bound in {result['startup_s']} s "
               f"(namespace {lab.host.name})", file=sys.stderr)

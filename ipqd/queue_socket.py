@@ -163,6 +163,11 @@ class QueueSocket:
         self._backlog: List[Event] = []
         self._buf = bytearray(_RECV_BUFSIZE)
         self._ifnames: Dict[int, tuple] = {}
+        self._poller = None
+        self._poll_fds: tuple = ()
+        # Whether the last receive saw the wake fd readable; True when it did
+        # not look, so a caller that skips its own check on False misses nothing.
+        self.woken = True
 
     # ------------------------------------------------------------ life cycle
 
@@ -279,6 +284,7 @@ class QueueSocket:
         if self._backlog:
             raw, self._backlog = self._backlog, []
             raw.extend(self._read(0, max_datagrams))
+            self.woken = True
         else:
             raw = self._read(timeout, max_datagrams, wake_fd)
         events: List[Event] = []
@@ -309,7 +315,9 @@ class QueueSocket:
 
     def _read(self, timeout: Optional[float], max_datagrams: int,
               wake_fd: Optional[int] = None) -> List[Event]:
-        if timeout != 0 and not self._wait_readable(timeout, wake_fd):
+        if timeout == 0:
+            self.woken = True
+        elif not self._wait_readable(timeout, wake_fd):
             return []
         events: List[Event] = []
         sock = self._sock
@@ -336,15 +344,24 @@ class QueueSocket:
         return events
 
     def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
-        """Wait for the socket (True) or the wake fd or the timeout (False)."""
-        poller = select.poll()
+        """Wait for the socket (True) or the wake fd or the timeout (False);
+        `woken` then says whether the wake fd was readable."""
         fd = self._sock.fileno()
-        poller.register(fd, select.POLLIN)
-        if wake_fd is not None:
-            poller.register(wake_fd, select.POLLIN)
+        if self._poll_fds != (fd, wake_fd):     # kept across calls: one wait is one syscall
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
+            if wake_fd is not None:
+                self._poller.register(wake_fd, select.POLLIN)
+            self._poll_fds = (fd, wake_fd)
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        ready = poller.poll(ms)     # retried by Python after a signal (PEP 475)
-        return any(r == fd for r, _ in ready)
+        ready = self._poller.poll(ms)     # retried by Python after a signal (PEP 475)
+        readable = self.woken = False
+        for ready_fd, _ in ready:
+            if ready_fd == fd:
+                readable = True
+            else:
+                self.woken = True
+        return readable
 
     # ------------------------------------------------------------ verdicts
 

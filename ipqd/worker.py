@@ -52,6 +52,18 @@ def share_rate(rate: Optional[Rate], workers: int) -> Optional[Rate]:
     return Rate(rate.per_second / workers, max(1, rate.burst // workers), rate.text)
 
 
+class _IfNames(dict):
+    """Interface names for one batch of packets: each index looked up once."""
+
+    def __init__(self, lookup):
+        super().__init__({None: None})
+        self.lookup = lookup
+
+    def __missing__(self, index):
+        name = self[index] = self.lookup(index)
+        return name
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, policy: Policy, conn, sock=None):
         self.config = config
@@ -85,7 +97,8 @@ class Worker:
             events = self.qs.receive_events(timeout=0.5, wake_fd=wake)
             if events:
                 self.answer(events)
-            if self.conn.poll():
+            # The receive's own wait watched the pipe: look only when it was readable.
+            if self.qs.woken and self.conn.poll():
                 self._control(self.conn.recv())
             if self._reloaded is not None:
                 self._finish_reload()
@@ -106,7 +119,7 @@ class Worker:
     def answer(self, events: List) -> None:
         engine = self.engine
         ct_of = self.config.queues
-        ifname = self.qs.ifname
+        ifname = _IfNames(self.qs.ifname).__getitem__
         log = self.log
         now = time.monotonic()
         single: List[bytes] = []

@@ -64,6 +64,7 @@ def test_udp_metadata_and_accept(lab, family):
     with server_queue(lab, queue=2) as qs:
         rx, tx, dst = udp_pair(lab, family)
         rx.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)   # so input packets carry timestamps
+        time.sleep(0.2)      # the kernel turns stamping on from a work item, not at once
         before = time.time()
         tx.sendto(b"hello", dst)
         (packet,) = receive_n(qs, 1)

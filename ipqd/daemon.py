@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import pickle
 import select
 import signal
 import time
@@ -370,7 +371,9 @@ class Daemon:
                 notify("READY=1\n" + self.status_line())
                 return
         else:
-            errors = self.ask_workers(("policy", policy), "reloaded")
+            # Pickled once here; each worker unpickles it off its packet loop.
+            errors = self.ask_workers(("policy", pickle.dumps(policy, pickle.HIGHEST_PROTOCOL)),
+                                      "reloaded")
             problems = [detail for _, _, detail in errors.values() if detail]
             if problems:
                 self.log.event(f"reload failed in a worker: {problems[0]}", LOG_ERR,

@@ -16,6 +16,7 @@ company.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -160,9 +161,13 @@ class Worker:
         elif kind == "stop":
             self._stop = True
 
-    def _start_reload(self, policy: Policy) -> None:
+    def _start_reload(self, pickled: bytes) -> None:
+        """Unpickle and compile in a thread: a large policy takes milliseconds
+        to unpickle, which the packet loop must not wait for."""
         def compile_it() -> None:
+            policy = None
             try:
+                policy = pickle.loads(pickled)
                 self._reloaded = (policy, compile_policy(policy), None)
             except Exception as error:          # the old policy stays
                 self._reloaded = (policy, None, f"{type(error).__name__}: {error}")

@@ -13,7 +13,7 @@ import struct
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ipqd import nfnetlink as nl
-from ipqd.errors import DecodeError, IpqdError
+from ipqd.errors import DecodeError
 
 # enum nfqnl_msg_types
 NFQNL_MSG_PACKET = 0
@@ -592,7 +592,3 @@ def _packet_identity(body: bytes) -> Tuple[Optional[int], Optional[int]]:
     except (DecodeError, struct.error):
         pass
     return queue, packet_id
-
-
-class ProtocolError(IpqdError):
-    """The kernel answered something the protocol did not expect."""

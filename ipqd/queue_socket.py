@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, fields
-from typing import Deque, Dict, Iterable, List, Optional, Sequence
+from typing import Deque, Dict, List, Optional, Sequence
 
 from ipqd import nfnetlink as nl
 from ipqd import nfqueue as nfq
@@ -523,17 +523,3 @@ def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Op
         packet.hwaddr = hwaddr[1][:min(hwaddr[0], 8)]
     return packet
 
-
-def open_queues(numbers: Iterable[int], **bind_options) -> List[QueueSocket]:
-    """One socket per queue number, each bound: for one worker per queue."""
-    sockets: List[QueueSocket] = []
-    try:
-        for queue in numbers:
-            qs = QueueSocket()
-            sockets.append(qs)
-            qs.bind(queue, **bind_options)
-    except BaseException:
-        for qs in sockets:
-            qs.close()
-        raise
-    return sockets

@@ -73,7 +73,6 @@ class Worker:
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
                               undecodable_verdict=self.engine.default_verdict)
-        self._pending_reload: Optional[threading.Thread] = None
         self._reloaded = None
         self._stop = False
         self._last_stats = 0.0
@@ -172,8 +171,7 @@ class Worker:
             except Exception as error:          # the old policy stays
                 self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
 
-        self._pending_reload = threading.Thread(target=compile_it, daemon=True)
-        self._pending_reload.start()
+        threading.Thread(target=compile_it, daemon=True).start()
 
     def _finish_reload(self) -> None:
         policy, matcher, error = self._reloaded

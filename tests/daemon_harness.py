@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 IPQD = os.path.join(os.path.dirname(sys.executable), "ipqd")
 

@@ -10,7 +10,6 @@ import time
 import pytest
 
 from daemon_harness import RunningIpqd, ping, queue_counters, tcp_probe, udp_probe
-from netns import iptables
 
 pytestmark = pytest.mark.kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

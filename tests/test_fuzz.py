@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 import fuzz_corpus
 from ipqd import nfnetlink as nl
 from ipqd import nfqueue as nfq
-from ipqd.compiler import compile_policy
 from ipqd.engine import Engine
 from ipqd.packet import CT_STATES, L4_FIELDS, PacketMeta, PacketView, parse
 from ipqd.policy.loader import loads

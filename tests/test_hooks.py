@@ -146,7 +146,6 @@ def test_nft_backend_says_what_is_missing(lab, tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY % "true")
     result = ipqd_in(lab.server, "install", f"--policy {policy}", "--backend nft", tmp_path=tmp_path)
-    ok, why = True, ""
     if result.returncode != 0:
         assert "the nft backend cannot queue packets" in result.stderr
         assert "CONFIG_NFT_QUEUE" in result.stderr

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipqd.packet import L4_FIELDS, PacketMeta, PacketView, parse
+from ipqd.packet import PacketMeta, PacketView, parse
 from ipqd.pcap import NotIP, ip_payload, read_capture
 
 A4 = ipaddress.IPv4Address("10.0.0.5").packed

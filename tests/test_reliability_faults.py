@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import signal
 import socket
 import threading
@@ -13,7 +12,6 @@ import time
 import pytest
 
 from daemon_harness import IPQD, RunningIpqd, queue_counters
-from ipqd import nfqueue as nfq
 from ipqd.policy.loader import loads
 from ipqd.worker import Worker, WorkerConfig
 from netns import iptables

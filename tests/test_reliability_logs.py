@@ -2,7 +2,6 @@
 journal fields, and none of them can forge a second entry or a field."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 

@@ -8,7 +8,6 @@ sandbox by veth: the probes need no listener, since an accepted UDP datagram
 or TCP SYN to a closed port is answered (port unreachable, RST) and a dropped
 one is not.
 """
-import json
 import os
 import subprocess
 import sys

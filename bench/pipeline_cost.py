@@ -6,8 +6,9 @@ Feeds the worker's receive path (QueueSocket.receive_events with its
 socket reads replaced by ready datagrams) and Worker.answer (with the send
 replaced by a list) with packet messages like the kernel's for loopback UDP
 hitting the LAST of N rules, as bench/run.py sends them. Prints nanoseconds
-per packet: decode only, and decode + parse + decide + verdict encoding.
---profile prints a cProfile of the full path.
+per packet: decode only; decode + parse + decide + verdict encoding; and a
+verdict cache hit (summary + key + lookup + verdict encoding). --profile
+prints a cProfile of the cache-hit path (--no-cache: of the full path).
 """
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ class Fixture:
     def full(self) -> None:
         self.worker.answer(self.worker.qs.receive_events(0))
 
+    def cached(self) -> None:
+        self.worker.answer(self.worker.qs.receive_events(0, shortcut=self.worker._shortcut))
+
 
 def ns_per_packet(fn, rounds: int) -> float:
     best = float("inf")
@@ -109,6 +113,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--reference-decode", action="store_true",
                         help="decode every message with QueueProtocol (no fast path)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="profile the full path, not the verdict cache's hits")
     args = parser.parse_args()
     if args.reference_decode:
         queue_socket.decode_packet_datagram = lambda buf, n, view=None: None
@@ -118,13 +124,19 @@ def main() -> None:
     rounds = max(1, args.packets // BATCH)
     if args.profile:
         profile = cProfile.Profile()
-        profile.runcall(lambda: [fixture.full() for _ in range(rounds)])
+        step = fixture.full if args.no_cache else fixture.cached
+        profile.runcall(lambda: [step() for _ in range(rounds)])
         pstats.Stats(profile).sort_stats("tottime").print_stats(18)
         return
     decode = ns_per_packet(fixture.decode, rounds)
     full = ns_per_packet(fixture.full, rounds)
+    fixture.cached()
+    cached = ns_per_packet(fixture.cached, rounds)
+    hits = fixture.worker.engine.cache.hits
+    assert hits >= rounds * BATCH, f"the cache must answer: {fixture.worker.engine.cache.stats()}"
     print(f"rules {args.rules}: decode {decode:,.0f} ns/packet, "
-          f"decode+parse+decide+verdict {full:,.0f} ns/packet")
+          f"decode+parse+decide+verdict {full:,.0f} ns/packet, "
+          f"verdict cache hit {cached:,.0f} ns/packet")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where ipqd notes which backend holds its rules")
     run.add_argument("--no-batch", action="store_true",
                      help="one verdict message per packet instead of batch verdicts")
+    run.add_argument("--no-cache", action="store_true",
+                     help="decide every packet in full instead of using the verdict cache")
 
     check = sub.add_parser("check", help="validate a policy file and print every problem")
     check.add_argument("policy", help="path of the policy YAML file")

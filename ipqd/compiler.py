@@ -330,6 +330,7 @@ class Matcher:
         default = policy.default
         self._compiled = [_Compiled(i, rule, default.log) for i, rule in enumerate(policy.rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
+        self.rated = False                           # see decide
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
         self._default = Decision(None, -1, default.action,
@@ -360,7 +361,12 @@ class Matcher:
     # -- the packet path --
 
     def decide(self, view, now: float = 0.0) -> Decision:
-        """The decision for one packet view; counts it and takes a rate token."""
+        """The decision for one packet view; counts it and takes a rate token.
+
+        Afterwards `rated` says whether a rate-limited rule matched the view's
+        fields (taking part in the decision whether it had tokens or not): such
+        a decision depends on the time and must not be cached."""
+        self.rated = False
         if view.malformed:
             i = self._scan_full(self._malformed, view, now)
         else:
@@ -410,7 +416,10 @@ class Matcher:
                 if not check(view):
                     break
             else:
-                if c.bucket is None or c.bucket.available(now):
+                if c.bucket is None:
+                    return i
+                self.rated = True
+                if c.bucket.available(now):
                     return i
         return limit
 
@@ -423,11 +432,21 @@ class Matcher:
                 if not check(view):
                     break
             else:
-                if c.bucket is None or c.bucket.available(now):
+                if c.bucket is None:
+                    return i
+                self.rated = True
+                if c.bucket.available(now):
                     return i
         return self._none
 
     # -- counters --
+
+    def tally(self, rule_index: int) -> None:
+        """Count a decision made without `decide` (a verdict cache hit); -1 is the default."""
+        if rule_index < 0:
+            self._default_hits += 1
+        else:
+            self._hits[rule_index] += 1
 
     def counters(self) -> dict:
         """{"rules": {name: {hits, accepted, dropped}}, "default": {...}}, in rule order."""

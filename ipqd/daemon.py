@@ -128,6 +128,7 @@ class Daemon:
         self.backend = args.backend
         self.state_dir = args.state_dir
         self.batch = not getattr(args, "no_batch", False)
+        self.cache = not getattr(args, "no_cache", False)
         self.target = choose_target(args.log_target)
         self.log = DecisionLog(self.target)
         self.policy: Optional[Policy] = None
@@ -216,7 +217,8 @@ class Daemon:
 
     def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]], policy: Policy) -> None:
         parent, child = self.ctx.Pipe()
-        config = WorkerConfig(index, count, queues, self.target, batch=self.batch)
+        config = WorkerConfig(index, count, queues, self.target, batch=self.batch,
+                              cache=self.cache)
         process = self.ctx.Process(target=worker_main, args=(config, policy, child),
                                    name=f"ipqd-worker-{index}", daemon=False)
         process.start()

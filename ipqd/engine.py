@@ -15,6 +15,7 @@ from ipqd.compiler import Decision, Matcher, compile_policy
 from ipqd.nfqueue import NF_ACCEPT, NF_DROP, Packet
 from ipqd.packet import PacketMeta, PacketView, parse
 from ipqd.policy.model import Policy
+from ipqd.verdict_cache import CachedVerdict, KeyMaker, VerdictCache
 
 _FAMILY = {2: 4, 10: 6}
 
@@ -46,6 +47,8 @@ class Engine:
         self.matcher = matcher or compile_policy(policy)
         self.needs = self.matcher.fields
         self.counters = counters or Counters()
+        self.keys = KeyMaker(self.needs)
+        self.cache = VerdictCache()       # per compiled policy: a reload starts empty
         default = policy.default
         self._default_verdict = NF_ACCEPT if default.action == "accept" else NF_DROP
         self._error_decision = Decision(None, -1, default.action,
@@ -60,7 +63,9 @@ class Engine:
         """A new engine for a reloaded policy, keeping totals and per-rule counters
         (by rule name)."""
         matcher.adopt_counters(self.matcher)
-        return Engine(policy, matcher, self.counters)
+        engine = Engine(policy, matcher, self.counters)
+        engine.cache.carry_counts(self.cache)
+        return engine
 
     def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
               ct_state: Optional[str], now: float) -> Verdict:
@@ -76,7 +81,38 @@ class Engine:
             return self.fallback()
         if view.malformed:
             counters.malformed += 1
-        return self._finish(decision, view)
+            return self._finish(decision, view)
+        verdict = self._finish(decision, view)
+        if not decision.log and not self.matcher.rated and \
+                (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
+            key = self.keys.from_packet(packet, ifname)
+            if key is not None:
+                self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
+                                                    decision.rule_index,
+                                                    verdict.verdict == NF_ACCEPT))
+        return verdict
+
+    def judge_summary(self, summary: tuple, buf, ifname: Callable[[Optional[int]], Optional[str]]
+                      ) -> Optional[CachedVerdict]:
+        """The cached verdict of a packet summary (queue_socket.packet_summary),
+        counted as `judge` would count it, or None: then `judge` decides."""
+        key = self.keys.from_summary(summary, buf, ifname)
+        if key is None:
+            return None
+        cache = self.cache
+        entry = cache.entries.get(key)
+        if entry is None:
+            cache.misses += 1
+            return None
+        cache.hits += 1
+        counters = self.counters
+        counters.packets += 1
+        if entry.accept:
+            counters.accepted += 1
+        else:
+            counters.dropped += 1
+        self.matcher.tally(entry.rule_index)
+        return entry
 
     def fallback(self) -> Verdict:
         """The default verdict for a packet the decision code failed on, counted."""

@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, fields
-from typing import Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 from ipqd import nfnetlink as nl
 from ipqd import nfqueue as nfq
@@ -268,7 +268,8 @@ class QueueSocket:
     # ------------------------------------------------------------ receiving
 
     def receive_events(self, timeout: Optional[float] = None, max_datagrams: int = 256,
-                       wake_fd: Optional[int] = None) -> List[Event]:
+                       wake_fd: Optional[int] = None,
+                       shortcut: Optional[Callable] = None) -> List[Event]:
         """Every event waiting, after waiting up to `timeout` seconds for the
         first (None: forever; 0: do not wait). Returns [] on timeout.
 
@@ -280,17 +281,30 @@ class QueueSocket:
         every queued packet gets a verdict; only wanted packets come back as
         Packet events. A readable `wake_fd` (a signal or control pipe) ends
         the wait early; reading it is the caller's business.
+
+        `shortcut(buf, n)`, when given, sees each datagram first, in place; it
+        returns None, or a tuple (queue, family, packet id, anything) for a
+        packet it has judged, which comes back as that tuple instead of a
+        Packet (the verdict cache's hits, which skip decoding).
         """
         if self._backlog:
             raw, self._backlog = self._backlog, []
-            raw.extend(self._read(0, max_datagrams))
+            raw.extend(self._read(0, max_datagrams, None, shortcut))
             self.woken = True
         else:
-            raw = self._read(timeout, max_datagrams, wake_fd)
+            raw = self._read(timeout, max_datagrams, wake_fd, shortcut)
         events: List[Event] = []
         stats = self.stats
+        queues = self.queues
         for event in raw:
-            if type(event) is Packet:
+            if type(event) is tuple:
+                stats.packets += 1
+                wanted = queues.get(event[0])
+                if wanted is not None and event[1] not in wanted:
+                    stats.foreign += 1
+                    self.verdict_id(event[0], event[2], self.foreign_verdict)
+                    continue
+            elif type(event) is Packet:
                 stats.packets += 1
                 wanted = self.queues.get(event.queue)
                 if wanted is not None and event.family not in wanted:
@@ -314,7 +328,7 @@ class QueueSocket:
                 if type(e) is Packet]
 
     def _read(self, timeout: Optional[float], max_datagrams: int,
-              wake_fd: Optional[int] = None) -> List[Event]:
+              wake_fd: Optional[int] = None, shortcut: Optional[Callable] = None) -> List[Event]:
         if timeout == 0:
             self.woken = True
         elif not self._wait_readable(timeout, wake_fd):
@@ -336,6 +350,11 @@ class QueueSocket:
                     self.stats.enobufs += 1
                     continue
                 raise NetlinkError("receive", err.errno) from err
+            if shortcut is not None:
+                judged = shortcut(buf, n)
+                if judged is not None:
+                    events.append(judged)
+                    continue
             packet = decode_packet_datagram(buf, n, view)
             if packet is not None:
                 events.append(packet)
@@ -523,3 +542,70 @@ def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Op
         packet.hwaddr = hwaddr[1][:min(hwaddr[0], 8)]
     return packet
 
+
+
+_NFQA_MARK = nfq.NFQA_MARK
+_NFQA_UID = nfq.NFQA_UID
+_NFQA_GID = nfq.NFQA_GID
+# Attributes a summary can pass over: nothing a rule reads comes from them.
+_SUMMARY_SKIPS = frozenset({nfq.NFQA_TIMESTAMP, nfq.NFQA_HWADDR, nfq.NFQA_IFINDEX_PHYSINDEV,
+                            nfq.NFQA_IFINDEX_PHYSOUTDEV, nfq.NFQA_SKB_INFO, nfq.NFQA_PRIORITY,
+                            nfq.NFQA_CGROUP_CLASSID})
+
+
+def packet_summary(buf, n: int) -> Optional[tuple]:
+    """(queue, family, packet id, hook, mark, indev, outdev, uid, gid,
+    payload start, payload end) of a datagram holding exactly one packet
+    message with its whole payload, read in place; None for anything else.
+
+    The verdict cache's shortcut: no Packet, no copy of the payload. What it
+    does not handle (a cut copy, META mode, another message, an attribute
+    with structure, any length that does not fit) returns None and goes to
+    decode_packet_datagram and QueueProtocol; tests/test_fast_decode.py
+    checks that both agree.
+    """
+    if n < 20:
+        return None
+    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
+    if msg_type != _MSG_PACKET or length < 20 or length > n or (length + 3) & ~3 < n:
+        return None
+    packet_id = hook = indev = outdev = uid = gid = None
+    mark = 0
+    start = -1
+    end = 0
+    offset = 20
+    while offset < length:
+        if length - offset < 4:
+            return None
+        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
+        if attr_len < 4 or attr_len > length - offset:
+            return None
+        attr_type &= _NLA_TYPE_MASK
+        if attr_type == _NFQA_PAYLOAD:
+            start = offset + 4
+            end = offset + attr_len
+        elif attr_type == _NFQA_PACKET_HDR:
+            if attr_len < 4 + 7:
+                return None
+            packet_id, _proto, hook = _PACKET_HDR.unpack_from(buf, offset + 4)
+        elif attr_type in _SUMMARY_SKIPS:
+            pass
+        elif attr_len < 8:
+            return None
+        elif attr_type == _NFQA_INDEV:
+            indev = _BE32.unpack_from(buf, offset + 4)[0]
+        elif attr_type == _NFQA_OUTDEV:
+            outdev = _BE32.unpack_from(buf, offset + 4)[0]
+        elif attr_type == _NFQA_MARK:
+            mark = _BE32.unpack_from(buf, offset + 4)[0]
+        elif attr_type == _NFQA_UID:
+            uid = _BE32.unpack_from(buf, offset + 4)[0]
+        elif attr_type == _NFQA_GID:
+            gid = _BE32.unpack_from(buf, offset + 4)[0]
+        else:
+            return None             # cap_len (a cut copy), conntrack, VLAN, L2, ...
+        offset += (attr_len + 3) & ~3
+    if packet_id is None or start < 0:
+        return None
+    return ((buf[18] << 8) | buf[19], buf[16], packet_id, hook, mark, indev, outdev, uid, gid,
+            start, end)

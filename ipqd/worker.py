@@ -28,7 +28,7 @@ from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
 from ipqd.errors import IpqdError
 from ipqd.policy.model import Policy, Rate
-from ipqd.queue_socket import QueueSocket
+from ipqd.queue_socket import QueueSocket, packet_summary
 
 STATS_EVERY = 1.0
 
@@ -37,13 +37,15 @@ class WorkerConfig:
     """What a worker needs besides the policy; picklable."""
 
     def __init__(self, index: int, workers: int, queues: Dict[int, Optional[str]],
-                 log_target: str, rcvbuf: int = 8 << 20, batch: bool = True):
+                 log_target: str, rcvbuf: int = 8 << 20, batch: bool = True,
+                 cache: bool = True):
         self.index = index
         self.workers = workers
         self.queues = queues                  # queue number -> conntrack state (or None)
         self.log_target = log_target
         self.rcvbuf = rcvbuf
         self.batch = batch
+        self.cache = cache                    # the verdict cache (ipqd.verdict_cache)
 
 
 def share_rate(rate: Optional[Rate], workers: int) -> Optional[Rate]:
@@ -74,6 +76,7 @@ class Worker:
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
                               undecodable_verdict=self.engine.default_verdict)
         self._reloaded = None
+        self._ifname = _IfNames(self.qs.ifname).__getitem__
         self._stop = False
         self._last_stats = 0.0
         self.kernel_errors = 0
@@ -93,8 +96,10 @@ class Worker:
 
     def serve(self) -> None:
         wake = self.conn.fileno()
+        shortcut = self._shortcut if self.config.cache else None
         while not self._stop:
-            events = self.qs.receive_events(timeout=0.5, wake_fd=wake)
+            self._ifname = _IfNames(self.qs.ifname).__getitem__
+            events = self.qs.receive_events(timeout=0.5, wake_fd=wake, shortcut=shortcut)
             if events:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.
@@ -116,17 +121,38 @@ class Worker:
                 return
             self.answer(events)
 
+    def _shortcut(self, buf, n: int) -> Optional[tuple]:
+        """A verdict cache hit for the datagram in buf[:n], judged in place:
+        (queue, family, packet id, CachedVerdict); None sends it the full way."""
+        try:
+            summary = packet_summary(buf, n)
+            if summary is None:
+                return None
+            entry = self.engine.judge_summary(summary, buf, self._ifname)
+        except Exception:                   # the full path is the boundary that counts
+            return None
+        if entry is None:
+            return None
+        return (summary[0], summary[1], summary[2], entry)
+
     def answer(self, events: List) -> None:
         engine = self.engine
         ct_of = self.config.queues
-        ifname = _IfNames(self.qs.ifname).__getitem__
+        ifname = self._ifname
         log = self.log
         now = time.monotonic()
         single: List[bytes] = []
         batch: Dict[int, int] = {}
         use_batch = self.config.batch
+        encode = nfq.encode_verdict
         for event in events:
-            if type(event) is nfq.Packet:
+            if type(event) is tuple:              # a verdict cache hit
+                queue, _family, packet_id, entry = event
+                if use_batch and entry.verdict == nfq.NF_ACCEPT and entry.mark is None:
+                    batch[queue] = packet_id
+                else:
+                    single.append(encode(queue, packet_id, entry.verdict, mark=entry.mark))
+            elif type(event) is nfq.Packet:
                 try:
                     verdict = engine.judge(event, ifname, ct_of.get(event.queue), now)
                 except Exception:       # judge has its own boundary; this one is the last
@@ -186,6 +212,7 @@ class Worker:
         stats = self.engine.counters.as_dict()
         stats.update({f"socket_{k}": v for k, v in self.qs.stats.as_dict().items()})
         stats["kernel_errors"] = self.kernel_errors
+        stats.update(self.engine.cache.stats())
         stats.update(log_logged=self.log.logged, log_suppressed=self.log.suppressed,
                      log_overflowed=self.log.overflowed, log_failed=self.log.failed)
         return stats

@@ -128,6 +128,34 @@ def test_counters_on_sigusr1_carry_over_reloads(lab, daemon, tmp_path):
     ipqd.wait_for(lambda l: l.startswith("rule default:"), start=mark)
 
 
+def stats_of(ipqd) -> dict:
+    mark = len(ipqd.lines)
+    ipqd.signal(signal.SIGUSR1)
+    line = ipqd.wait_for(lambda l: l.startswith("stats: "), start=mark)
+    return {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+
+
+def test_the_verdict_cache_answers_repeats_and_a_reload_empties_it(lab, daemon, tmp_path):
+    path = tmp_path / "quiet.yaml"
+    write_policy(path)
+    path.write_text(path.read_text().replace("default: {action: drop, log: true}",
+                                             "default: {action: drop, log: false}"))
+    ipqd = daemon(str(path))
+    for _ in range(10):
+        assert udp_probe(lab, 5000)           # new source ports: the policy reads no sport
+    for _ in range(3):
+        assert not udp_probe(lab, 5001)
+    before = stats_of(ipqd)
+    assert before["cache_hits"] >= 9 + 2 and before["cache_entries"] >= 2, before
+    path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
+    assert ipqd.reload().startswith("reloaded policy")
+    for _ in range(3):
+        assert udp_probe(lab, 5001) and not udp_probe(lab, 5000)
+    after = stats_of(ipqd)
+    assert after["cache_hits"] >= before["cache_hits"] + 4, after   # carried over, and hit again
+    assert after["accepted"] == before["accepted"] + 3
+
+
 def test_invalid_policy_refuses_to_start_with_positions(lab, daemon, tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("version: 1\ndefault: {action: rejct}\nrules: []\n")

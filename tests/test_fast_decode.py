@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ipqd import nfqueue as nfq
-from ipqd.queue_socket import decode_packet_datagram
+from ipqd.queue_socket import decode_packet_datagram, packet_summary
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "kernel")
 NAMES = sorted(f[:-4] for f in os.listdir(FIXTURES) if f.endswith(".hex"))
@@ -22,6 +22,20 @@ def agrees(data: bytes) -> None:
     if fast is not None:
         assert fast == reference(data)
         assert type(reference(data)) is nfq.Packet
+    summary_agrees(data)
+
+
+def summary_agrees(data: bytes) -> None:
+    """The verdict cache's summary says what the reference decodes, or nothing."""
+    summary = packet_summary(bytearray(data), len(data))
+    if summary is None:
+        return
+    packet = reference(data)
+    assert type(packet) is nfq.Packet
+    assert summary[:9] == (packet.queue, packet.family, packet.packet_id, packet.hook,
+                           packet.mark, packet.indev, packet.outdev, packet.uid, packet.gid)
+    assert data[summary[9]:summary[10]] == packet.payload
+    assert packet.cap_len is None and packet.conntrack is None
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -33,6 +47,12 @@ def test_kernel_fixtures(name):
         assert fast is not None and fast == reference(data)
     else:
         assert fast is None
+    summary = packet_summary(bytearray(data), len(data))
+    if fast is None or fast.payload is None or fast.cap_len is not None:
+        assert summary is None
+    else:
+        summary_agrees(data)
+        assert summary is not None
 
 
 def test_reads_only_the_first_n_bytes():
@@ -74,6 +94,7 @@ def test_encoded_packets_decode_the_same(packet):
     data = nfq.encode_packet(packet)
     fast = decode_packet_datagram(bytearray(data), len(data))
     assert fast is not None and fast == reference(data)
+    summary_agrees(data)
 
 
 @settings(max_examples=500, deadline=None)

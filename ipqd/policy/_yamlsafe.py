@@ -11,10 +11,13 @@ column it was written at. No Python object is ever constructed from a tag.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 from yaml.composer import Composer
+from yaml.events import AliasEvent, MappingEndEvent, ScalarEvent, SequenceEndEvent, \
+    SequenceStartEvent
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from ipqd.errors import PolicyError
@@ -67,6 +70,11 @@ class _PolicyComposer(Composer, _Parser, Resolver):
 
     Only the composer is used: scalars stay text plus the tag the resolver
     gives them (int, bool, str, ...), and the loader reads them itself.
+    The nodes are built in one loop over the parser's events rather than by
+    PyYAML's composer, whose per-node bookkeeping (anchors, path resolvers,
+    peeks) a policy never needs: with libyaml's parser that is most of the
+    time of a large load. Events are read in the same order, so every error
+    is raised at the same event as PyYAML's composer would raise it.
     """
 
     def __init__(self, text: str):
@@ -78,12 +86,20 @@ class _PolicyComposer(Composer, _Parser, Resolver):
             _Parser.__init__(self)
         Composer.__init__(self)
         Resolver.__init__(self)
-        self.depth = 0
         self.duplicates: List[Tuple[yaml.Node, yaml.Node]] = []
+        # A plain scalar's implicit tag depends on its text alone, and a
+        # policy repeats the same few words (keys, protocols, actions).
+        self._plain_tags: Dict[str, str] = {}
 
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent):
+    def compose_document(self):
+        self.get_event()                            # document start
+        node = self._compose(self.get_event(), 1)
+        self.get_event()                            # document end
+        return node
+
+    def _compose(self, event, depth: int) -> yaml.Node:
+        kind = type(event)
+        if kind is AliasEvent:
             raise _Refused(event.start_mark,
                            f"YAML aliases (*{event.anchor}) are not allowed in a policy: "
                            "write the values out, or name them once in `sets:`")
@@ -92,18 +108,40 @@ class _PolicyComposer(Composer, _Parser, Resolver):
                            f"YAML anchors (&{event.anchor}) are not allowed in a policy: "
                            "write the values out, or name them once in `sets:`")
         _refuse_tag(event)
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise _Refused(event.start_mark,
                            f"the policy is nested too deeply (more than {MAX_DEPTH} levels)")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def compose_mapping_node(self, anchor):
-        node = super().compose_mapping_node(anchor)
-        node.value = self._without_duplicates(node.value)
+        if kind is ScalarEvent:
+            value = event.value
+            if event.implicit[0]:
+                tag = self._plain_tags.get(value)
+                if tag is None:
+                    tag = self._plain_tags[value] = self.resolve(ScalarNode, value, (True, False))
+            else:
+                tag = self.DEFAULT_SCALAR_TAG
+            return ScalarNode(tag, value, event.start_mark, event.end_mark, style=event.style)
+        get_event = self.get_event
+        depth += 1
+        if kind is SequenceStartEvent:
+            items: list = []
+            node = SequenceNode(self.DEFAULT_SEQUENCE_TAG, items, event.start_mark, None,
+                                flow_style=event.flow_style)
+            item = get_event()
+            while type(item) is not SequenceEndEvent:
+                items.append(self._compose(item, depth))
+                item = get_event()
+            node.end_mark = item.end_mark
+            return node
+        pairs = []
+        node = MappingNode(self.DEFAULT_MAPPING_TAG, pairs, event.start_mark, None,
+                           flow_style=event.flow_style)
+        item = get_event()
+        while type(item) is not MappingEndEvent:
+            key = self._compose(item, depth)
+            pairs.append((key, self._compose(get_event(), depth)))
+            item = get_event()
+        node.end_mark = item.end_mark
+        node.value = self._without_duplicates(pairs)
         return node
 
     def _without_duplicates(self, pairs):

@@ -23,6 +23,11 @@ How a decision is found without looking at every rule:
 
 A token is taken only from the rule that finally matches, so `decide` gives
 the same answer as evaluating the rules one by one.
+
+Flow offload (`offload_states`): each Decision also says from which conntrack
+states of the deciding packet its verdict can be handed to the kernel for
+the rest of the flow, because ipqd would give every later packet of the flow
+(same direction, same hook) the same verdict.
 """
 from __future__ import annotations
 
@@ -51,6 +56,9 @@ class Decision(NamedTuple):
     action: str
     mark: Optional[int]
     log: bool
+    # Conntrack states of the deciding packet from which this verdict holds for
+    # the rest of its flow (see offload_states); empty: never offload.
+    offload: frozenset = frozenset()
 
 
 class TokenBucket:
@@ -340,6 +348,7 @@ class Matcher:
         self._plain = tuple(c.index for c in plain)
         self._malformed = tuple(c.index for c in self._compiled if c.rule.match.malformed)
         self._by_family = {family: self._index_family(family, plain) for family in (4, 6)}
+        self._offload(policy)
         fields = set(policy.fields())
         if self._malformed:
             fields.add(MALFORMED)
@@ -357,6 +366,15 @@ class Matcher:
         others = [c for c in rules if c.rule.match.proto is None]
         index[_OTHER] = _ProtoIndex(family, others, self._compiled, False)
         return index
+
+    def _offload(self, policy: Policy) -> None:
+        if policy.queue.offload.mode == "off":
+            return
+        per_rule, default = offload_states(policy.rules, policy.default)
+        for c, states in zip(self._compiled, per_rule):
+            if states:
+                c.decision = c.decision._replace(offload=states)
+        self._default = self._default._replace(offload=default)
 
     # -- the packet path --
 
@@ -478,6 +496,133 @@ class Matcher:
 def _add_hits(entry: dict, action: str, hits: int) -> None:
     entry["hits"] += hits
     entry["accepted" if action == "accept" else "dropped"] += hits
+
+
+# ---- flow offload -----------------------------------------------------------
+#
+# A decision may be offloaded when every later packet P' of the deciding
+# packet P's flow, in the same direction at the same hook, would get the same
+# decision. The kernel rules (ipqd.hooks) apply an offloaded verdict only to
+# packets whose conntrack state is new or established (a related ICMP error
+# carries its master flow's connmark; invalid and untracked packets have no
+# connmark), so P' is new or established: established only, once P is.
+# P' shares P's flow-invariant fields. Conntrack defragments, and validates
+# the headers of the packets it tracks, so P' is whole and well formed.
+#
+# Fields a flow keeps: addresses, ports, protocol, family, interfaces (routes
+# are taken not to change under a flow) and the hook. The others may differ
+# from packet to packet: TCP flags, length, mark, fragment, ICMP type and
+# code, and the owner (packets the kernel sends for a socket, such as a reset
+# after close, have none).
+
+FLOW_FIELDS = frozenset({"family", "proto", "src", "dst", "sport", "dport", "in", "out", "hook"})
+_LATER = {"established": frozenset({"established"}),
+          "new": frozenset({"new", "established"})}
+# Comparing rules with earlier ones is quadratic; past this budget a decision
+# is simply not offloaded.
+OFFLOAD_COMPARISONS = 200_000
+
+
+def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...], frozenset]:
+    """For each rule, and for the default, the states ("new", "established")
+    of a deciding packet from which its verdict holds for the rest of the flow.
+
+    Conservative: a state is only given when it is certain. Rule i qualifies
+    from state s when it cannot miss a later packet (no per-packet field, no
+    rate, its ct_state holds every later state), does nothing per packet (no
+    log, no set_mark, not `offload: false`), and no earlier rule can match a
+    later packet that P did not match: an earlier rule that tests only flow
+    fields and states it tells apart the same way for every later packet,
+    or one that shares no packet with rule i on flow fields.
+    """
+    out = []
+    budget = [OFFLOAD_COMPARISONS]
+    unsafe = {s: [] for s in _LATER}      # earlier rules a later packet might match
+    for i, rule in enumerate(rules):
+        states = set()
+        if _offloadable_itself(rule):
+            for state, later in _LATER.items():
+                if _holds_for(rule.match.ct_state, later) and \
+                        _all_disjoint(rule.match, unsafe[state], budget):
+                    states.add(state)
+        out.append(frozenset(states))
+        for state, later in _LATER.items():
+            if not _stable(rule, later):
+                unsafe[state].append(rule.match)
+    plain = not default.log and default.set_mark is None
+    default_states = frozenset(s for s in _LATER if plain and not unsafe[s])
+    return tuple(out), default_states
+
+
+def _offloadable_itself(rule: Rule) -> bool:
+    m = rule.match
+    return (rule.offload and rule.rate is None and not rule.log and rule.set_mark is None
+            and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
+
+
+def _holds_for(ct_state: Optional[frozenset], later: frozenset) -> bool:
+    return ct_state is None or later <= ct_state
+
+
+def _stable(rule: Rule, later: frozenset) -> bool:
+    """True when the rule matches every later packet or none, as it did the first."""
+    m = rule.match
+    if m.malformed:
+        return True             # later packets are well formed (conntrack checks them)
+    if rule.rate is not None or not m.fields() <= FLOW_FIELDS | {"ct_state"}:
+        return False
+    ct = m.ct_state
+    return ct is None or later <= ct or not later & ct
+
+
+def _all_disjoint(match: Match, earlier: List[Match], budget: List[int]) -> bool:
+    for other in earlier:
+        budget[0] -= 1
+        if budget[0] < 0 or not disjoint(other, match):
+            return False
+    return True
+
+
+def disjoint(a: Match, b: Match) -> bool:
+    """True when no packet can match both, judging by flow fields only."""
+    if not _families(a) & _families(b):
+        return True
+    for attr in ("proto", "hook"):
+        x, y = getattr(a, attr), getattr(b, attr)
+        if x is not None and y is not None and not x & y:
+            return True
+    for attr in ("sport", "dport"):
+        if _ranges_apart(getattr(a, attr), getattr(b, attr)):
+            return True
+    for attr in ("src", "dst"):
+        if _networks_apart(getattr(a, attr), getattr(b, attr)):
+            return True
+    for attr in ("in_", "out"):
+        x, y = getattr(a, attr), getattr(b, attr)
+        if x is not None and y is not None and not x.negate and not y.negate and \
+                not any(_is_glob(p) for p in x.patterns + y.patterns) and \
+                not set(x.patterns) & set(y.patterns):
+            return True
+    return False
+
+
+def _ranges_apart(x: Optional[RangeMatch], y: Optional[RangeMatch]) -> bool:
+    if x is None or y is None:
+        return False
+    if x.negate and y.negate:
+        return False
+    if x.negate or y.negate:            # every plain value among the negated ranges
+        plain, negated = (y, x) if x.negate else (x, y)
+        return all(any(nlo <= lo and hi <= nhi for nlo, nhi in negated.ranges)
+                   for lo, hi in plain.ranges)
+    return not any(lo <= yhi and ylo <= hi for lo, hi in x.ranges for ylo, yhi in y.ranges)
+
+
+def _networks_apart(x: Optional[AddrMatch], y: Optional[AddrMatch]) -> bool:
+    if x is None or y is None or x.negate or y.negate:
+        return False
+    return not any(n.version == m.version and n.overlaps(m)
+                   for n in x.networks for m in y.networks)
 
 
 def compile_policy(policy: Policy) -> Matcher:

@@ -6,13 +6,19 @@ into the view rules match (ipqd.packet.parse), asks the compiled policy
 exactly one verdict: a packet that cannot be parsed is matched as malformed
 (and usually falls to the default); an exception inside the decision code
 gives the default verdict and is counted.
+
+Flow offload: a decision whose verdict holds for the rest of the flow
+(`Decision.offload`) is answered NF_REPEAT with a request bit in the packet
+mark; ipqd's hook rules then write it into the flow's conntrack mark and
+accept or drop the packet (see ipqd.offload).
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Optional
 
 from ipqd.compiler import Decision, Matcher, compile_policy
-from ipqd.nfqueue import NF_ACCEPT, NF_DROP, Packet
+from ipqd.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
+from ipqd.offload import layout as offload_layout
 from ipqd.packet import PacketMeta, PacketView, parse
 from ipqd.policy.model import Policy
 from ipqd.verdict_cache import CachedVerdict, KeyMaker, VerdictCache
@@ -21,7 +27,7 @@ _FAMILY = {2: 4, 10: 6}
 
 
 class Verdict(NamedTuple):
-    verdict: int                 # NF_ACCEPT or NF_DROP
+    verdict: int                 # NF_ACCEPT, NF_DROP, or NF_REPEAT to offload the flow
     mark: Optional[int]          # a new packet mark, or None to leave it
     decision: Decision
     view: Optional[PacketView]   # None only when the decision code failed
@@ -29,10 +35,11 @@ class Verdict(NamedTuple):
 
 class Counters:
     """What the engine decided, in total."""
-    __slots__ = ("packets", "accepted", "dropped", "malformed", "errors")
+    __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+        self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
 
     def as_dict(self) -> Dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -54,6 +61,11 @@ class Engine:
         self._error_decision = Decision(None, -1, default.action,
                                         default.set_mark if default.action == "accept" else None,
                                         default.log)
+        offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+        self._offload_hooks = offload.hooks if offload else frozenset()
+        self._request = offload.request if offload else 0
+        self._request_accept = offload.request_accept if offload else 0
+        self._request_drop = offload.request_drop if offload else 0
 
     @property
     def default_verdict(self) -> int:
@@ -120,8 +132,30 @@ class Engine:
         return self._finish(self._error_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        if decision.offload and view is not None and view.hook in self._offload_hooks:
+            offloaded = self._offloaded(decision, view)
+            if offloaded is not None:
+                return offloaded
         if decision.action == "accept":
             self.counters.accepted += 1
             return Verdict(NF_ACCEPT, decision.mark, decision, view)
         self.counters.dropped += 1
         return Verdict(NF_DROP, None, decision, view)
+
+    def _offloaded(self, decision: Decision, view: PacketView) -> Optional[Verdict]:
+        """NF_REPEAT asking the hook rules to remember the verdict for the flow,
+        or None to answer this packet alone."""
+        mark = view.mark or 0
+        state = view.ct_state
+        # A packet that already carries a request came back without meeting
+        # ipqd's hook rules (--no-hooks, rules of the administrator's own):
+        # asking again would loop it.
+        if mark & self._request or view.malformed or \
+                (state is not None and state not in decision.offload):
+            return None
+        self.counters.offloaded += 1
+        if decision.action == "accept":
+            self.counters.accepted += 1
+            return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
+        self.counters.dropped += 1
+        return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)

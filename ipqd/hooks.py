@@ -14,6 +14,11 @@ preference: nft, iptables-nft, iptables-legacy.
 
 Rule text is built by pure functions (`plan_*`), so what would be installed
 can be tested and shown (`ipqd hooks show`) without touching the kernel.
+
+With flow offload (ipqd.offload), each chain starts with the rules that turn
+ipqd's NF_REPEAT requests into conntrack marks and accept or drop the flows
+already marked, before any queue rule; their packet counters are what the
+kernel decided instead of ipqd.
 """
 from __future__ import annotations
 
@@ -24,10 +29,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ipqd.errors import IpqdError
+from ipqd.offload import Layout, layout as offload_layout
 from ipqd.policy.model import Hook, QueueConfig
 
 BACKENDS = ("nft", "iptables-nft", "iptables-legacy")
 NFT_TABLE = "ipqd"
+# iptables: clears the request bits and accepts (one rule cannot do both).
+OFFLOAD_CHAIN = "IPQD_OFFLOAD"
 
 # Built-in chain -> (iptables table, built-in chain name). Input, forward and
 # output live in filter, where firewall rules are; the routing hooks exist
@@ -117,6 +125,65 @@ def _queue_targets(queue: QueueConfig, nft: bool = False) -> List[Tuple[str, str
     return pairs
 
 
+def _offload_layout(hooks: Sequence[Hook], queue: QueueConfig) -> Optional[Layout]:
+    return offload_layout(queue.offload, {hook.chain for hook in hooks})
+
+
+# Conntrack states an offloaded verdict applies to: a related packet (an ICMP
+# error) carries its master flow's connmark, and must still be decided by ipqd.
+_DIRECTIONS = (("ORIGINAL", "original"), ("REPLY", "reply"))
+
+
+def _offload_iptables(chain: str, hook_chain: str, bits: Layout) -> List[str]:
+    slot = bits.slot(hook_chain)
+    if slot is None:
+        return []
+    ra, rd = bits.request_accept, bits.request_drop
+    accept = dict(zip(("ORIGINAL", "REPLY"), (slot.accept_original, slot.accept_reply)))
+    drop = dict(zip(("ORIGINAL", "REPLY"), (slot.drop_original, slot.drop_reply)))
+    ct = "-m conntrack --ctstate NEW,ESTABLISHED --ctdir"
+    rules = []
+    # ipqd's request (the packet is back from NF_REPEAT): remember it, then apply it.
+    for request, kept in ((ra, accept), (rd, drop)):
+        for direction, _ in _DIRECTIONS:
+            bit = kept[direction]
+            rules.append(f"-A {chain} -m mark --mark {request:#x}/{request:#x} {ct} {direction} "
+                         f"-j CONNMARK --set-xmark {bit:#x}/{bit:#x}")
+    rules.append(f"-A {chain} -m mark --mark {rd:#x}/{rd:#x} -j DROP")
+    rules.append(f"-A {chain} -m mark --mark {ra:#x}/{ra:#x} -j {OFFLOAD_CHAIN}")
+    # Flows offloaded earlier; drop first, should both ever be set.
+    for kept, target in ((drop, "DROP"), (accept, "ACCEPT")):
+        for direction, _ in _DIRECTIONS:
+            bit = kept[direction]
+            rules.append(f"-A {chain} {ct} {direction} -m connmark --mark {bit:#x}/{bit:#x} "
+                         f"-j {target}")
+    return rules
+
+
+def _offload_nft(hook_chain: str, bits: Layout) -> List[str]:
+    slot = bits.slot(hook_chain)
+    if slot is None:
+        return []
+    ra, rd = bits.request_accept, bits.request_drop
+    accept = dict(zip(("original", "reply"), (slot.accept_original, slot.accept_reply)))
+    drop = dict(zip(("original", "reply"), (slot.drop_original, slot.drop_reply)))
+    ct = "ct state { new, established } ct direction"
+    keep = ~bits.request & 0xFFFFFFFF
+    rules = []
+    for request, kept in ((ra, accept), (rd, drop)):
+        for _, direction in _DIRECTIONS:
+            bit = kept[direction]
+            rules.append(f"meta mark and {request:#x} == {request:#x} {ct} {direction} "
+                         f"ct mark set ct mark or {bit:#x}")
+    rules.append(f"meta mark and {rd:#x} == {rd:#x} drop")
+    rules.append(f"meta mark and {ra:#x} == {ra:#x} meta mark set meta mark and {keep:#x} accept")
+    for kept, verdict in ((drop, "drop"), (accept, "accept")):
+        for _, direction in _DIRECTIONS:
+            bit = kept[direction]
+            rules.append(f"{ct} {direction} ct mark and {bit:#x} == {bit:#x} {verdict}")
+    return rules
+
+
 def _ipt_proto(proto: Optional[str], family: int) -> Optional[str]:
     """The -p argument for a hook's proto in one family; None: skip this family."""
     if proto is None:
@@ -132,13 +199,23 @@ def plan_iptables(hooks: Sequence[Hook], queue: QueueConfig, variant: str) -> Pl
     each script replaces ipqd's chains in one transaction."""
     rules: Dict[Tuple[int, str], Dict[str, List[str]]] = {}
     jumps = []
+    bits = _offload_layout(hooks, queue)
     for hook in hooks:
         table, builtin = _IPT_PLACE[hook.chain]
         for family in _families(hook):
             proto = _ipt_proto(hook.proto, family)
             if proto is None:
                 continue
-            chain_rules = rules.setdefault((family, table), {}).setdefault(chain_name(hook.chain), [])
+            chains = rules.setdefault((family, table), {})
+            name = chain_name(hook.chain)
+            if name not in chains:
+                offload = _offload_iptables(name, hook.chain, bits) if bits else []
+                chains[name] = offload
+                if offload:
+                    chains[OFFLOAD_CHAIN] = [
+                        f"-A {OFFLOAD_CHAIN} -j MARK --set-xmark 0x0/{bits.request:#x}",
+                        f"-A {OFFLOAD_CHAIN} -j ACCEPT"]
+            chain_rules = chains[name]
             for match, target in _queue_targets(queue):
                 chain_rules.append(f"-A {chain_name(hook.chain)} {proto}{match}{target}")
             tool = ("iptables" if family == 4 else "ip6tables") + f"-{variant}"
@@ -159,7 +236,10 @@ def plan_iptables(hooks: Sequence[Hook], queue: QueueConfig, variant: str) -> Pl
 def plan_nft(hooks: Sequence[Hook], queue: QueueConfig) -> Plan:
     """One nft script: table inet ipqd, replaced whole (add, delete, define)."""
     chains: Dict[str, List[str]] = {}
+    bits = _offload_layout(hooks, queue)
     for hook in hooks:
+        if hook.chain not in chains:
+            chains[hook.chain] = _offload_nft(hook.chain, bits) if bits else []
         match = {"ipv4": "meta nfproto ipv4 ", "ipv6": "meta nfproto ipv6 ", "both": ""}[hook.family]
         if hook.proto:
             proto = {"icmpv6": "ipv6-icmp"}.get(hook.proto, hook.proto)
@@ -266,7 +346,20 @@ def remove(backend: str) -> List[str]:
         for chain, (table, builtin) in _IPT_PLACE.items():
             if _remove_chain(tool, table, builtin, chain_name(chain)):
                 removed.append(f"{tool} -t {table} {chain_name(chain)}")
+        for table in sorted({table for table, _ in _IPT_PLACE.values()}):
+            if _remove_helper_chain(tool, table, OFFLOAD_CHAIN):
+                removed.append(f"{tool} -t {table} {OFFLOAD_CHAIN}")
     return removed
+
+
+def _remove_helper_chain(tool: str, table: str, chain: str) -> bool:
+    """Delete a chain only ipqd's own chains jump to (they are gone by now)."""
+    base = [tool, "-w", "-t", table]
+    if _run(base + ["-n", "-L", chain]).returncode != 0:
+        return False
+    _run(base + ["-F", chain])
+    _run(base + ["-X", chain])
+    return True
 
 
 def probe_nft_queue() -> Tuple[bool, str]:

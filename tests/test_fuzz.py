@@ -196,8 +196,10 @@ def test_engine_gives_exactly_one_verdict_and_never_errs(request):
         clock[0] += step
         verdict = engine.judge(packet, NAMES.get, ct_state, clock[0])
         after = engine.counters.as_dict()
-        assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP)
-        assert verdict.mark is None or verdict.verdict == nfq.NF_ACCEPT
+        assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP, nfq.NF_REPEAT)
+        assert verdict.mark is None or verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_REPEAT)
+        if verdict.verdict == nfq.NF_REPEAT:     # a flow offload request, never twice
+            assert packet.mark & 0xC0000000 == 0 and verdict.mark & 0xC0000000
         assert after["packets"] == before["packets"] + 1
         assert (after["accepted"] - before["accepted"]) + (after["dropped"] - before["dropped"]) == 1
         assert after["errors"] == 0, "the matcher raised"

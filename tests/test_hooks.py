@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from ipqd import hooks
-from ipqd.policy.model import Hook, QueueConfig
+from ipqd.policy.model import Hook, Offload, QueueConfig
 from ipqd.queue_socket import QueueSocket
 
 IPQD = os.path.join(os.path.dirname(sys.executable), "ipqd")
@@ -19,7 +19,8 @@ def script_text(plan, tool):
 
 def test_plan_single_queue_with_bypass():
     plan = hooks.plan([Hook("input", "ipv4"), Hook("output", "both", "icmp")],
-                      QueueConfig(nums=(3,), bypass=True), "iptables-legacy")
+                      QueueConfig(nums=(3,), bypass=True, offload=Offload("off")),
+                      "iptables-legacy")
     assert script_text(plan, "iptables-legacy-restore") == textwrap.dedent("""\
         *filter
         :IPQD_INPUT - [0:0]
@@ -41,7 +42,8 @@ def test_plan_single_queue_with_bypass():
 
 
 def test_plan_balance_and_routing_hooks_in_mangle():
-    plan = hooks.plan([Hook("prerouting", "ipv6")], QueueConfig(nums=(0, 1, 2, 3), bypass=False),
+    plan = hooks.plan([Hook("prerouting", "ipv6")],
+                      QueueConfig(nums=(0, 1, 2, 3), bypass=False, offload=Offload("off")),
                       "iptables-nft")
     assert script_text(plan, "ip6tables-nft-restore") == (
         "*mangle\n:IPQD_PREROUTING - [0:0]\n"

@@ -398,6 +398,7 @@ RULE_FIELDS = {
     "log": lambda where, node: boolean(where, node, "log"),
     "set_mark": parse_set_mark,
     "rate": parse_rate,
+    "offload": lambda where, node: boolean(where, node, "offload"),
 }
 ALL_FIELDS = list(RULE_FIELDS) + list(MATCH_FIELDS)
 
@@ -448,6 +449,7 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
     match = Match(**{("in_" if f == "in" else f): v for f, v in matched.items()})
     rule = Rule(name=name, match=match, action=done["action"],
                 set_mark=done.get("set_mark"), log=done.get("log"), rate=done.get("rate"),
+                offload=done.get("offload", True),
                 position=Position(file.path, node.start_mark.line + 1,
                                   node.start_mark.column + 1))
     return ParsedRule(name, rule, keys, where, name_node)

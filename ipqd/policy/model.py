@@ -162,6 +162,7 @@ class Rule:
     log: Optional[bool] = None                      # None: follow the default's log
     rate: Optional[Rate] = None                     # above the rate the rule does not match
     position: Optional[Position] = None
+    offload: bool = True                            # false: never offload this rule's flows
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,22 @@ class Default:
     action: str = "drop"
     log: bool = True
     set_mark: Optional[int] = None
+
+
+OFFLOAD_MODES = ("auto", "off")
+# The top 14 bits: clear of the low bits most tools use (kube-proxy 0x4000/0x8000,
+# Cilium 0x0f00, OpenGFW's connmarks 1001/1002, wg-quick 0xca6c); see docs/policy.md.
+OFFLOAD_MASK = 0xFFFC0000
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Flow offload: where the verdict of a flow cannot change, ipqd asks the
+    kernel to remember it in the conntrack mark (bits of `mask`) and stops
+    seeing the flow. `auto`: only where every later packet would get the same
+    verdict from ipqd; `off`: every packet comes to ipqd."""
+    mode: str = "auto"
+    mask: int = OFFLOAD_MASK
 
 
 @dataclass(frozen=True)
@@ -179,6 +196,7 @@ class QueueConfig:
     bypass: bool = True
     maxlen: int = 1024
     conntrack: bool = False                         # loader: queue.conntrack, else on when a rule reads ct_state
+    offload: Offload = field(default_factory=Offload)
 
 
 @dataclass(frozen=True)

@@ -107,3 +107,19 @@ def test_damaged_bytes_never_disagree(packet, data):
     cut = data.draw(st.integers(0, len(raw)))
     agrees(bytes(raw[:cut]))
     agrees(bytes(raw))
+
+
+@settings(max_examples=100, deadline=None)
+@given(packets(), st.integers(0, 255))
+def test_a_learned_layout_never_disagrees_with_the_reference(packet, value):
+    """The summary reads a known layout with two struct calls: every byte of
+    a message of that layout, changed, still gives the reference's answer."""
+    data = nfq.encode_packet(packet)
+    summary_agrees(data)                 # walked in full, its layout remembered
+    for where in range(len(data)):
+        damaged = bytearray(data)
+        damaged[where] = value
+        summary_agrees(bytes(damaged))
+    for cut in range(len(data)):
+        summary_agrees(data[:cut])
+    summary_agrees(data + b"\0\0\0\0")

@@ -69,6 +69,7 @@ CONSUMERS = {
     "ipqd-10": "ipqd run, 10 rules, traffic hits the last, logging off",
     "ipqd-10-log": "ipqd run, 10 rules, every decision logged (stderr to /dev/null)",
     "ipqd-1000": "ipqd run, 1,000 rules, logging off",
+    "ipqd-1000-nocache": "ipqd run, 1,000 rules, logging off, verdict cache off (--no-cache)",
     "ipqd-1000-log": "ipqd run, 1,000 rules, every decision logged",
     "ipqd-10000": "ipqd run, 10,000 rules, logging off",
     "ipqd-10000-log": "ipqd run, 10,000 rules, every decision logged",
@@ -301,7 +302,7 @@ def policy_yaml(rules: int, queue: str, log: bool) -> str:
 
 
 def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool,
-               source: Optional[str] = None) -> None:
+               source: Optional[str] = None, cache: bool = True) -> None:
     path = os.path.join(lab.tmp, f"{name}.yaml")
     with open(path, "w") as out:
         out.write(policy_yaml(rules, queue, log))
@@ -311,7 +312,8 @@ def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool,
     # Decision lines go to /dev/null; a log-off instance keeps its few event lines.
     log_file = None if log else os.path.join(lab.tmp, f"{name}.log")
     lab.start(name, queue, [sys.executable, "-m", "ipqd.cli", "run", "--policy", path,
-                            "--no-hooks", "--log-target", "stderr", "--state-dir", state],
+                            "--no-hooks", "--log-target", "stderr", "--state-dir", state]
+              + ([] if cache else ["--no-cache"]),
               log=log_file, source=source)
 
 
@@ -330,7 +332,8 @@ def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple],
                                 "queuesocket", q], source=source)
         elif kind.startswith("ipqd-"):
             rules = int(kind.split("-")[1])
-            start_ipqd(lab, name, rules, q, kind.endswith("-log"), source)
+            start_ipqd(lab, name, rules, q, kind.endswith("-log"), source,
+                       cache=not kind.endswith("-nocache"))
         elif name == "c-1verdict":
             lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q])
         elif name == "c-batch":

@@ -26,7 +26,9 @@ repetition:
 
 Then, each optional: reload of the 10,000-rule policy under a latency probe
 (reload time, worst packet delay), resident memory of ipqd with 10 and
-10,000 rules, and two queues on two workers against one queue.
+10,000 rules, two queues on two workers against one queue, and TCP bulk
+throughput with and without flow offload (bench/tcp_offload.py, in
+namespaces of its own).
 """
 from __future__ import annotations
 
@@ -543,6 +545,8 @@ def main() -> int:
     parser.add_argument("--no-reload", action="store_true")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--no-multiqueue", action="store_true")
+    parser.add_argument("--no-tcp", action="store_true",
+                        help="skip TCP bulk throughput with and without flow offload")
     parser.add_argument("--json", default=os.path.join(RESULTS, "latest.json"))
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run the ipqd consumers from this source tree (e.g. a "
@@ -553,7 +557,7 @@ def main() -> int:
         return 2
     if args.quick:
         args.closed, args.flood, args.latency_count = 1.0, 0.5, 1000
-        args.no_reload = args.no_rss = args.no_multiqueue = True
+        args.no_reload = args.no_rss = args.no_multiqueue = args.no_tcp = True
     names = list(QUICK if args.quick else CONSUMERS)
     if args.consumers:
         wanted = args.consumers.split(",")
@@ -612,6 +616,9 @@ def main() -> int:
             result["multiqueue"] = measure_multiqueue(lab, args.reps, args.closed)
     finally:
         lab.close()
+    if not args.no_tcp:
+        import tcp_offload     # bench/: its own namespaces, after the UDP lab is gone
+        result["tcp"] = tcp_offload.run(args.reps, 3.0)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as out:
         json.dump(result, out, indent=1)
@@ -638,6 +645,9 @@ def report(result: dict) -> None:
         r = result["reload"]
         print(f"reload of 10,000 rules: {r['reload_ms_median']} ms (median of "
               f"{len(r['runs'])}); worst packet delay during it {r['worst_delay_ms_max']:.1f} ms")
+    if "tcp" in result:
+        import tcp_offload
+        tcp_offload.report(result["tcp"])
     if "multiqueue" in result:
         mq = result["multiqueue"]
         print(f"two queues vs one (ipqd, 10 rules, 8 sources): {mq['pps_2queues_median']:,.0f} vs "

@@ -540,7 +540,7 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
     unsafe = {s: [] for s in _LATER}      # earlier rules a later packet might match
     for i, rule in enumerate(rules):
         states = set()
-        if _offloadable_itself(rule):
+        if _offloadable_itself(rule, default.log):
             for state, later in _LATER.items():
                 if _holds_for(rule.match.ct_state, later) and \
                         _all_disjoint(rule.match, unsafe[state], budget):
@@ -554,9 +554,10 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
     return tuple(out), default_states
 
 
-def _offloadable_itself(rule: Rule) -> bool:
+def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     m = rule.match
-    return (rule.offload and rule.rate is None and not rule.log and rule.set_mark is None
+    logs = rule.log if rule.log is not None else default_log
+    return (rule.offload and rule.rate is None and not logs and rule.set_mark is None
             and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
 
 

@@ -57,6 +57,14 @@ def test_what_a_rule_does_per_packet_keeps_it_in_userspace():
     assert per_rule == (NONE, NONE, NONE, NONE)
 
 
+def test_a_rule_without_log_logs_as_the_default_says():
+    quiet = rule(proto=frozenset({6}))
+    assert states(quiet, default=Default("drop", log=True)) == ((NONE,), NONE)
+    assert states(quiet, default=Default("drop", log=False)) == ((BOTH,), BOTH)
+    loud = rule(proto=frozenset({6}), log=False)
+    assert states(loud, default=Default("drop", log=True)) == ((BOTH,), NONE)
+
+
 def test_per_packet_fields_are_never_offloaded():
     per_rule, default = states(rule(proto=frozenset({6}), tcp_flags=TcpFlagsMatch(0x12, 0x02)))
     assert per_rule == (NONE,)

@@ -21,6 +21,7 @@ import yaml
 from ipqd.errors import PolicyError, PolicyErrors
 from ipqd.policy import _lint
 from ipqd.policy import _values as values
+from ipqd.policy._offload import parse_offload
 from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scalars, text
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
@@ -35,7 +36,7 @@ __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_pat
 FRAGMENT_DIR = "policy.d"
 TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules")
 FRAGMENT_FIELDS = ("sets", "rules")
-QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack")
+QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload")
 HOOK_FIELDS = ("chain", "family", "proto")
 HOOK_FAMILIES = ("ipv4", "ipv6", "both")
 DEFAULT_FIELDS = ("action", "log", "set_mark")
@@ -417,6 +418,7 @@ QUEUE_PARSERS = {
     "bypass": lambda where, node: boolean(where, node, "bypass"),
     "maxlen": _maxlen,
     "conntrack": lambda where, node: boolean(where, node, "conntrack"),
+    "offload": parse_offload,
 }
 
 

@@ -35,11 +35,13 @@ class Verdict(NamedTuple):
 
 class Counters:
     """What the engine decided, in total."""
-    __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded")
+    __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
+                 "offload_returned")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
         self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
+        self.offload_returned = 0    # requests that came back: no hook rules took them
 
     def as_dict(self) -> Dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -66,6 +68,9 @@ class Engine:
         self._request = offload.request if offload else 0
         self._request_accept = offload.request_accept if offload else 0
         self._request_drop = offload.request_drop if offload else 0
+        # Cleared when a request comes back: nothing takes requests (--no-hooks
+        # without ipqd's rules), and asking would send each packet through twice.
+        self.offloading = bool(self._offload_hooks)
 
     @property
     def default_verdict(self) -> int:
@@ -132,7 +137,8 @@ class Engine:
         return self._finish(self._error_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
-        if decision.offload and view is not None and view.hook in self._offload_hooks:
+        if decision.offload and self.offloading and view is not None \
+                and view.hook in self._offload_hooks:
             offloaded = self._offloaded(decision, view)
             if offloaded is not None:
                 return offloaded
@@ -149,9 +155,13 @@ class Engine:
         state = view.ct_state
         # A packet that already carries a request came back without meeting
         # ipqd's hook rules (--no-hooks, rules of the administrator's own):
-        # asking again would loop it.
-        if mark & self._request or view.malformed or \
-                (state is not None and state not in decision.offload):
+        # asking again would loop it, and asking for other flows would only
+        # send their packets through twice, so this engine stops asking.
+        if mark & self._request:
+            self.counters.offload_returned += 1
+            self.offloading = False
+            return None
+        if view.malformed or (state is not None and state not in decision.offload):
             return None
         self.counters.offloaded += 1
         if decision.action == "accept":

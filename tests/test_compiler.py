@@ -217,3 +217,21 @@ def test_pure_modules_import_no_io():
             elif isinstance(node, ast.ImportFrom):
                 names.add((node.module or "").split(".")[0])
         assert not names & {"socket", "select", "signal", "os"}, module.__name__
+
+
+def test_adopt_again_adds_only_the_hits_counted_since():
+    def build():
+        return compile_policy(Policy(path="t.yaml", rules=(
+            Rule("ssh", Match(dport=RangeMatch(((22, 22),))), "accept"),)))
+    old, new, newer = build(), build(), build()
+    old.decide(tcp(22))
+    new.adopt_counters(old)             # off the packet path
+    old.decide(tcp(22))
+    old.decide(tcp(80))
+    new.adopt_counters(old)             # at the swap
+    assert new.counters()["rules"]["ssh"]["hits"] == 2
+    assert new.counters()["default"]["hits"] == 1
+    newer.adopt_counters(old)
+    newer.adopt_counters(new)           # another source: what old gave is taken back
+    assert newer.counters()["rules"]["ssh"]["hits"] == 2
+    assert newer.counters()["default"]["hits"] == 1

@@ -16,6 +16,7 @@ work, so nothing runs inside a signal handler.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import pickle
 import select
 import signal
 import time
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 from ipqd import hooks as hooks_mod
@@ -93,6 +95,60 @@ def load_checked(path: str) -> Policy:
     return policy
 
 
+class LoadedPolicy:
+    """A checked policy as the supervisor keeps it: the pickle the workers
+    compile from, and the policy without its rules for everything else."""
+
+    def __init__(self, pickled: bytes, outline: Policy, rules: int):
+        self.pickled = pickled
+        self.outline = outline          # queue, hooks, default, logging, warnings; rules=()
+        self.rules = rules
+
+
+def load_in_child(ctx, path: str) -> LoadedPolicy:
+    """load_checked in a short-lived process from the fork server.
+
+    A large policy's YAML nodes and model take a hundred megabytes of heap
+    while they are read; the supervisor gets only their pickle, so its own
+    heap never grows with the policy. Raises as load_checked does (and
+    PolicyRefused when the loading process dies).
+    """
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_load_child, args=(path, child), name="ipqd-load",
+                          daemon=True)
+    process.start()
+    child.close()
+    try:
+        answer = parent.recv()
+    except EOFError:
+        answer = ("refused", [f"refusing policy {path}: the process loading it exited"])
+    finally:
+        parent.close()
+        process.join()
+    kind = answer[0]
+    if kind == "loaded":
+        return LoadedPolicy(answer[1], pickle.loads(answer[2]), answer[3])
+    if kind == "oserror":
+        raise OSError(answer[1], answer[2], answer[3])
+    raise PolicyRefused(answer[1])
+
+
+def _load_child(path: str, conn) -> None:
+    # The process exits when done: nothing to collect, and the collector
+    # would walk the whole node tree again and again as it grows.
+    gc.disable()
+    try:
+        policy = load_checked(path)
+        outline = replace(policy, rules=())
+        conn.send(("loaded", pickle.dumps(policy, pickle.HIGHEST_PROTOCOL),
+                   pickle.dumps(outline, pickle.HIGHEST_PROTOCOL), len(policy.rules)))
+    except PolicyRefused as refused:
+        conn.send(("refused", refused.lines))
+    except OSError as error:
+        conn.send(("oserror", error.errno, error.strerror, error.filename))
+    conn.close()
+
+
 def _policy_files(path: str) -> List[str]:
     """The main file and the fragments the loader reads, in its order."""
     return [path] + fragment_paths(path)
@@ -131,7 +187,9 @@ class Daemon:
         self.cache = not getattr(args, "no_cache", False)
         self.target = choose_target(args.log_target)
         self.log = DecisionLog(self.target)
-        self.policy: Optional[Policy] = None
+        self.policy: Optional[Policy] = None          # without its rules: see LoadedPolicy
+        self.pickled = b""                            # the whole policy, for the workers
+        self.rules = 0
         self.workers: Dict[int, WorkerHandle] = {}
         self.installed_backend: Optional[str] = None
         self.signals: List[int] = []
@@ -141,7 +199,8 @@ class Daemon:
         # Forking the supervisor itself would copy locks its log thread may
         # hold at that instant (an import, stderr), and the worker would hang.
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["ipqd.worker"])
+        # ipqd.daemon brings the policy loader, for load_in_child.
+        self.ctx.set_forkserver_preload(["ipqd.worker", "ipqd.daemon"])
 
     # -------------------------------------------------------- life cycle
 
@@ -161,25 +220,29 @@ class Daemon:
 
     def start(self) -> None:
         try:
-            self.policy = load_checked(self.path)
+            loaded = load_in_child(self.ctx, self.path)
         except PolicyRefused as refused:
             raise StartupError("\n".join(refused.lines + ["ipqd: not started: fix the policy, "
                                                           f"then check it with `ipqd check {self.path}`"]))
         except OSError as error:
             raise StartupError(f"ipqd: cannot read policy {error.filename or self.path}: {error.strerror}")
+        self.keep(loaded)
         for warning in self.policy.warnings:
             self.log.event(str(warning), LOG_WARNING, IPQD_EVENT="policy-warning")
         if self.manage_hooks:
             self.install_hooks(self.policy)
-        self.start_workers(self.policy)
+        self.start_workers()
         self.setup_signals()
         queues = sorted(q for w in self.workers.values() for q in w.queues)
-        self.log.event(f"ipqd started: policy {self.path} ({len(self.policy.rules)} rules), "
+        self.log.event(f"ipqd started: policy {self.path} ({self.rules} rules), "
                        f"queues {_ranges(queues)}, "
                        f"hooks {'by ' + self.installed_backend if self.installed_backend else 'left to the administrator'}",
                        LOG_INFO, IPQD_EVENT="start", IPQD_POLICY=self.path,
-                       IPQD_RULES=str(len(self.policy.rules)))
+                       IPQD_RULES=str(self.rules))
         notify("READY=1\n" + self.status_line())
+
+    def keep(self, loaded: LoadedPolicy) -> None:
+        self.policy, self.pickled, self.rules = loaded.outline, loaded.pickled, loaded.rules
 
     def install_hooks(self, policy: Policy) -> None:
         backend = self.backend
@@ -195,13 +258,13 @@ class Daemon:
                                f"{error.strerror}")
         self.installed_backend = backend
 
-    def start_workers(self, policy: Policy) -> None:
-        layout = hooks_mod.queue_layout(policy.queue)
+    def start_workers(self) -> None:
+        layout = hooks_mod.queue_layout(self.policy.queue)
         per_worker: Dict[int, Dict[int, Optional[str]]] = {}
         for number, (index, state) in layout.items():
             per_worker.setdefault(index, {})[number] = state
         for index, queues in sorted(per_worker.items()):
-            self.spawn(index, len(per_worker), queues, policy)
+            self.spawn(index, len(per_worker), queues)
         deadline = time.monotonic() + READY_TIMEOUT
         waiting = set(self.workers)
         while waiting:
@@ -215,11 +278,11 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise StartupError(f"ipqd: workers {sorted(waiting)} did not start in {READY_TIMEOUT:.0f} s")
 
-    def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]], policy: Policy) -> None:
+    def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]]) -> None:
         parent, child = self.ctx.Pipe()
         config = WorkerConfig(index, count, queues, self.target, batch=self.batch,
                               cache=self.cache)
-        process = self.ctx.Process(target=worker_main, args=(config, policy, child),
+        process = self.ctx.Process(target=worker_main, args=(config, self.pickled, child),
                                    name=f"ipqd-worker-{index}", daemon=False)
         process.start()
         child.close()
@@ -325,7 +388,7 @@ class Daemon:
         self.log.event(f"ipqd: worker {worker.index} exited ({worker.process.exitcode}); restarting it",
                        LOG_ERR, IPQD_EVENT="worker-died")
         del self.workers[worker.index]
-        self.spawn(worker.index, len(self.workers) + 1, worker.queues, self.policy)
+        self.spawn(worker.index, len(self.workers) + 1, worker.queues)
 
     def healthy(self, now: float) -> bool:
         return all(now - w.seen < STALE_AFTER and w.process.is_alive() for w in self.workers.values())
@@ -336,7 +399,7 @@ class Daemon:
         notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            policy = load_checked(self.path)
+            loaded = load_in_child(self.ctx, self.path)
         except (PolicyRefused, OSError) as error:
             lines = error.lines if isinstance(error, PolicyRefused) else [
                 f"cannot read policy {error.filename or self.path}: {error.strerror}"]
@@ -345,10 +408,11 @@ class Daemon:
             for line in lines:
                 self.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
             self.log.event(f"reload refused: {len(lines)} problem(s) in {self.path}; "
-                           f"the running policy ({len(self.policy.rules)} rules) stays",
+                           f"the running policy ({self.rules} rules) stays",
                            LOG_ERR, IPQD_EVENT="reload-failed")
             notify("READY=1\n" + self.status_line())
             return
+        policy = loaded.outline
         for warning in policy.warnings:
             self.log.event(str(warning), LOG_WARNING, IPQD_EVENT="policy-warning")
         layout_changed = (hooks_mod.queue_layout(policy.queue) != hooks_mod.queue_layout(self.policy.queue)
@@ -361,30 +425,32 @@ class Daemon:
                                IPQD_EVENT="reload-failed")
                 notify("READY=1\n" + self.status_line())
                 return
+        running = LoadedPolicy(self.pickled, self.policy, self.rules)
+        self.keep(loaded)
         if layout_changed:
             # New queue numbers or settings: the workers bind anew (a short gap,
             # covered by the hooks' bypass when the policy asks for it).
             self.stop_workers()
             try:
-                self.start_workers(policy)
+                self.start_workers()
             except StartupError as error:
                 self.log.event(str(error), LOG_ERR, IPQD_EVENT="reload-failed")
-                self.start_workers(self.policy)
+                self.keep(running)
+                self.start_workers()
                 notify("READY=1\n" + self.status_line())
                 return
         else:
-            # Pickled once here; each worker unpickles it off its packet loop.
-            errors = self.ask_workers(("policy", pickle.dumps(policy, pickle.HIGHEST_PROTOCOL)),
-                                      "reloaded")
+            # Pickled once by the loading process; each worker unpickles it
+            # off its packet loop.
+            errors = self.ask_workers(("policy", self.pickled), "reloaded")
             problems = [detail for _, _, detail in errors.values() if detail]
             if problems:
                 self.log.event(f"reload failed in a worker: {problems[0]}", LOG_ERR,
                                IPQD_EVENT="reload-failed")
-        self.policy = policy
         self.reloads += 1
-        self.log.event(f"reloaded policy {self.path} ({len(policy.rules)} rules) in "
+        self.log.event(f"reloaded policy {self.path} ({self.rules} rules) in "
                        f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
-                       IPQD_EVENT="reloaded", IPQD_RULES=str(len(policy.rules)))
+                       IPQD_EVENT="reloaded", IPQD_RULES=str(self.rules))
         notify("READY=1\n" + self.status_line())
 
     def ask_workers(self, message: tuple, reply: str) -> Dict[int, tuple]:
@@ -437,7 +503,7 @@ class Daemon:
         t = self.totals()
         text = (f"STATUS={t.get('packets', 0)} packets, {t.get('accepted', 0)} accepted, "
                 f"{t.get('dropped', 0)} dropped; policy {self.path} "
-                f"({len(self.policy.rules) if self.policy else 0} rules)")
+                f"({self.rules} rules)")
         if self.last_reload_error:
             text += f"; last failed reload: {self.last_reload_error}"
         return text

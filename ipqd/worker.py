@@ -15,11 +15,14 @@ company.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import signal
 import threading
 import time
+from sys import getrefcount
+from types import FunctionType
 from typing import Dict, List, Optional
 
 from ipqd import nfqueue as nfq
@@ -187,25 +190,40 @@ class Worker:
             self._stop = True
 
     def _start_reload(self, pickled: bytes) -> None:
-        """Unpickle and compile in a thread: a large policy takes milliseconds
-        to unpickle, which the packet loop must not wait for."""
+        """Unpickle, compile and pair the rule counters in a thread: a large
+        policy takes a second or more, which the packet loop must not wait for.
+
+        The cyclic collector stays off until the swap: the compile makes
+        hundreds of thousands of objects, and each full collection it would
+        trigger walks the whole heap for hundreds of milliseconds while
+        holding the GIL, in whichever thread allocates.
+        """
+        old = self.engine.matcher
+
         def compile_it() -> None:
             policy = None
             try:
                 policy = pickle.loads(pickled)
-                self._reloaded = (policy, compile_policy(policy), None)
+                matcher = compile_policy(policy)
+                matcher.adopt_counters(old)     # the swap then adds only the hits since
+                self._reloaded = (policy, matcher, None)
             except Exception as error:          # the old policy stays
                 self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
 
+        gc.disable()
         threading.Thread(target=compile_it, daemon=True).start()
 
     def _finish_reload(self) -> None:
         policy, matcher, error = self._reloaded
         self._reloaded = None
         if error is None:
-            self.engine = self.engine.replaced_by(policy, matcher)
+            old = self.engine
+            self.engine = old.replaced_by(policy, matcher)
             self.qs.undecodable_verdict = self.engine.default_verdict
             self.log.set_rate(share_rate(policy.logging.rate, self.config.workers))
+            threading.Thread(target=release, args=([old],), daemon=True).start()
+            del old, policy, matcher
+        _settle_heap()
         self.conn.send(("reloaded", self.config.index, error))
 
     def stats(self) -> dict:
@@ -224,19 +242,72 @@ class Worker:
             self.log.close()
 
 
-def worker_main(config: WorkerConfig, policy: Policy, conn) -> None:
-    """Entry point of a worker process."""
+def _settle_heap() -> None:
+    """Set aside what exists now from the cyclic collector, which then only
+    walks what the packet path makes.
+
+    A worker's heap is mostly its compiled policy, hundreds of thousands of
+    objects that live until the next reload and hold no cycles; a full
+    collection over them stalls the loop for hundreds of milliseconds.
+    """
+    gc.freeze()
+    gc.enable()
+
+
+def release(box: list) -> None:
+    """Drop the one object in `box` a piece at a time (from a background thread).
+
+    Freeing a compiled 10,000-rule policy at once is one C call of tens of
+    milliseconds that no thread switch can interrupt, so the packet loop
+    would wait for the GIL that long. Instead the containers reachable from
+    it are listed first (parents before children) and let go one by one:
+    each step frees one object, its children being still listed. Only lists,
+    tuples, dicts, sets, instances and closures are followed: never types,
+    modules or a function's globals.
+    """
+    order = [box.pop()]
+    seen = {id(order[0])}               # only objects with other holders can come again
+    for obj in order:                   # grows while it is walked: breadth first
+        if isinstance(obj, FunctionType):
+            referents = obj.__closure__ or ()
+        elif isinstance(obj, _LEAVES):
+            continue
+        else:
+            referents = gc.get_referents(obj)
+        for ref in referents:
+            if not gc.is_tracked(ref) or isinstance(ref, _LEAVES):
+                continue
+            if getrefcount(ref) > 4:        # held by obj, `referents`, `ref` and the call only?
+                if id(ref) in seen:
+                    continue
+                seen.add(id(ref))
+            order.append(ref)
+    seen = None
+    order.reverse()
+    while order:                        # the root was first: it goes first
+        order.pop()
+
+
+_LEAVES = (type, type(os), type(release.__code__))     # types, modules, code
+
+
+def worker_main(config: WorkerConfig, pickled_policy: bytes, conn) -> None:
+    """Entry point of a worker process; the policy comes pickled (as the
+    supervisor keeps it)."""
     # The supervisor handles signals; a worker stops when told (or when the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
+        policy = pickle.loads(pickled_policy)
         worker = Worker(config, policy, conn)
         worker.bind(policy)
     except (IpqdError, OSError) as error:
         conn.send(("failed", config.index, str(error)))
         os._exit(1)
+    del policy, pickled_policy
+    _settle_heap()
     conn.send(("ready", config.index, sorted(config.queues)))
     try:
         worker.serve()

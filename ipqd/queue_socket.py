@@ -283,10 +283,11 @@ class QueueSocket:
         Packet events. A readable `wake_fd` (a signal or control pipe) ends
         the wait early; reading it is the caller's business.
 
-        `shortcut(buf, n)`, when given, sees each datagram first, in place; it
-        returns None, or a tuple (queue, family, packet id, anything) for a
-        packet it has judged, which comes back as that tuple instead of a
-        Packet (the verdict cache's hits, which skip decoding).
+        `shortcut(buf, n)`, when given, sees each datagram first, in place,
+        before any family check; it returns True for a packet it has taken
+        on (judged, and answered or to be answered by the caller), which is
+        counted and not returned, and False for the rest (the verdict
+        cache's hits skip decoding this way).
         """
         if self._backlog:
             raw, self._backlog = self._backlog, []
@@ -296,16 +297,8 @@ class QueueSocket:
             raw = self._read(timeout, max_datagrams, wake_fd, shortcut)
         events: List[Event] = []
         stats = self.stats
-        queues = self.queues
         for event in raw:
-            if type(event) is tuple:
-                stats.packets += 1
-                wanted = queues.get(event[0])
-                if wanted is not None and event[1] not in wanted:
-                    stats.foreign += 1
-                    self.verdict_id(event[0], event[2], self.foreign_verdict)
-                    continue
-            elif type(event) is Packet:
+            if type(event) is Packet:
                 stats.packets += 1
                 wanted = self.queues.get(event.queue)
                 if wanted is not None and event.family not in wanted:
@@ -351,11 +344,9 @@ class QueueSocket:
                     self.stats.enobufs += 1
                     continue
                 raise NetlinkError("receive", err.errno) from err
-            if shortcut is not None:
-                judged = shortcut(buf, n)
-                if judged is not None:
-                    events.append(judged)
-                    continue
+            if shortcut is not None and shortcut(buf, n):
+                self.stats.packets += 1
+                continue
             packet = decode_packet_datagram(buf, n, view)
             if packet is not None:
                 events.append(packet)

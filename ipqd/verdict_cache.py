@@ -146,13 +146,14 @@ class KeyMaker:
 
 class CachedVerdict:
     """What a cache hit needs: the verdict, its mark, and whom to count."""
-    __slots__ = ("verdict", "mark", "rule_index", "accept")
+    __slots__ = ("verdict", "mark", "rule_index", "accept", "batchable")
 
     def __init__(self, verdict: int, mark: Optional[int], rule_index: int, accept: bool):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
         self.accept = accept
+        self.batchable = accept and mark is None      # may go in a batch verdict
 
 
 class VerdictCache:

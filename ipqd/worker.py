@@ -80,6 +80,8 @@ class Worker:
                               undecodable_verdict=self.engine.default_verdict)
         self._reloaded = None
         self._ifname = _IfNames(self.qs.ifname).__getitem__
+        self._single: List[bytes] = []          # this round's verdicts: one per packet,
+        self._batch: Dict[int, int] = {}        # and queue -> highest id of the plain accepts
         self._stop = False
         self._last_stats = 0.0
         self.kernel_errors = 0
@@ -103,7 +105,7 @@ class Worker:
         while not self._stop:
             self._ifname = _IfNames(self.qs.ifname).__getitem__
             events = self.qs.receive_events(timeout=0.5, wake_fd=wake, shortcut=shortcut)
-            if events:
+            if events or self._single or self._batch:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.
             if self.qs.woken and self.conn.poll():
@@ -124,44 +126,48 @@ class Worker:
                 return
             self.answer(events)
 
-    def _shortcut(self, buf, n: int) -> Optional[tuple]:
-        """A verdict cache hit for the datagram in buf[:n], judged in place:
-        (queue, family, packet id, CachedVerdict); None sends it the full way."""
+    def _shortcut(self, buf, n: int) -> bool:
+        """Answer the datagram in buf[:n] from the verdict cache, in place:
+        its verdict joins those of this round (sent by `answer`). False sends
+        it the full way. The worker binds both families, so nothing a
+        shortcut sees is foreign."""
         try:
             summary = packet_summary(buf, n)
             if summary is None:
-                return None
+                return False
             entry = self.engine.judge_summary(summary, buf, self._ifname)
         except Exception:                   # the full path is the boundary that counts
-            return None
+            return False
         if entry is None:
-            return None
-        return (summary[0], summary[1], summary[2], entry)
+            return False
+        if entry.batchable and self.config.batch:
+            self._batch[summary[0]] = summary[2]      # ids grow: the latest is the highest
+        else:
+            self._single.append(nfq.encode_verdict(summary[0], summary[2], entry.verdict,
+                                                   mark=entry.mark))
+        return True
 
     def answer(self, events: List) -> None:
+        """Judge `events` and send every verdict of this round, those the
+        shortcut already found included, in one datagram."""
         engine = self.engine
         ct_of = self.config.queues
         ifname = self._ifname
         log = self.log
         now = time.monotonic()
-        single: List[bytes] = []
-        batch: Dict[int, int] = {}
+        single = self._single
+        batch = self._batch
         use_batch = self.config.batch
-        encode = nfq.encode_verdict
         for event in events:
-            if type(event) is tuple:              # a verdict cache hit
-                queue, _family, packet_id, entry = event
-                if use_batch and entry.verdict == nfq.NF_ACCEPT and entry.mark is None:
-                    batch[queue] = packet_id
-                else:
-                    single.append(encode(queue, packet_id, entry.verdict, mark=entry.mark))
-            elif type(event) is nfq.Packet:
+            if type(event) is nfq.Packet:
                 try:
                     verdict = engine.judge(event, ifname, ct_of.get(event.queue), now)
                 except Exception:       # judge has its own boundary; this one is the last
                     verdict = engine.fallback()
                 if use_batch and verdict.verdict == nfq.NF_ACCEPT and verdict.mark is None:
-                    batch[event.queue] = event.packet_id
+                    # after the shortcut's, so not always the highest id of the round
+                    if event.packet_id > batch.get(event.queue, -1):
+                        batch[event.queue] = event.packet_id
                 else:
                     single.append(nfq.encode_verdict(event.queue, event.packet_id, verdict.verdict,
                                                      mark=verdict.mark))
@@ -175,6 +181,7 @@ class Worker:
             # Undecodable packets with an id were answered by the socket (default verdict).
         for queue, max_id in batch.items():
             single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
+        self._single, self._batch = [], {}
         self.qs.send_many(single)
 
     # -------------------------------------------------------- control

@@ -138,8 +138,10 @@ def stats_of(ipqd) -> dict:
 def test_the_verdict_cache_answers_repeats_and_a_reload_empties_it(lab, daemon, tmp_path):
     path = tmp_path / "quiet.yaml"
     write_policy(path)
+    # Offload off: accepted flows would otherwise be handed to the kernel.
     path.write_text(path.read_text().replace("default: {action: drop, log: true}",
-                                             "default: {action: drop, log: false}"))
+                                             "default: {action: drop, log: false}")
+                    .replace("fail_open: false}", "fail_open: false, offload: off}"))
     ipqd = daemon(str(path))
     for _ in range(10):
         assert udp_probe(lab, 5000)           # new source ports: the policy reads no sport

@@ -1,0 +1,89 @@
+"""The worker's packet loop without a kernel: verdict cache hits and full
+decisions of one round go out together, and every packet is covered."""
+from __future__ import annotations
+
+import struct
+
+from ipqd import nfqueue as nfq
+from ipqd.nfnetlink import NLMSG_HDRLEN
+from ipqd.policy.loader import loads
+from ipqd.worker import Worker, WorkerConfig
+
+POLICY = """version: 1
+queue: {num: 1}
+default: {action: drop, log: false}
+rules:
+  - {name: dns, proto: udp, dport: 53, action: accept}
+  - {name: marked, proto: udp, dport: 54, action: accept, set_mark: 7}
+  - {name: other, proto: udp, dport: 55, action: accept}
+"""
+
+
+def datagram(packet_id: int, dport: int) -> bytes:
+    udp = struct.pack("!HHHH", 40000, dport, 8, 0)
+    ip = struct.pack("!BBHHHBBHII", 0x45, 0, 28, 1, 0, 64, 17, 0, 0x7F000001, 0x7F000001) + udp
+    packet = nfq.Packet(1, 2, packet_id, 0x0800, 1)
+    packet.indev = 1
+    packet.payload = ip
+    return nfq.encode_packet(packet)
+
+
+class ReplaySocket:
+    """recv_into hands out the datagrams of one round, then "would block"."""
+
+    def __init__(self, real):
+        self.rounds, self.real = [], real
+
+    def recv_into(self, buf, size=0, flags=0):
+        if not self.rounds or not self.rounds[0]:
+            if self.rounds:
+                self.rounds.pop(0)
+            raise BlockingIOError
+        data = self.rounds[0].pop(0)
+        buf[:len(data)] = data
+        return len(data)
+
+    def fileno(self):
+        return self.real.fileno()
+
+
+def verdicts(data: bytes) -> list:
+    """(type, queue, id, verdict) of each verdict message in one datagram sent."""
+    out, offset = [], 0
+    while offset < len(data):
+        length, msg_type = struct.unpack_from("=IH", data, offset)
+        queue = struct.unpack_from("!H", data, offset + 18)[0]
+        # NFQA_VERDICT_HDR: verdict, id (network order)
+        verdict, packet_id = struct.unpack_from("!II", data, offset + NLMSG_HDRLEN + 4 + 4)
+        out.append((msg_type & 0xFF, queue, packet_id, verdict))
+        offset += (length + 3) & ~3
+    return out
+
+
+def worker_with_rounds(rounds):
+    worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), loads(POLICY, "p.yaml"), conn=None)
+    worker.qs.queues[1] = frozenset({2, 10})
+    sent = []
+    worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
+    worker.qs._sock = ReplaySocket(worker.qs._sock)
+    worker.qs._sock.rounds = rounds
+    for _ in range(len(rounds)):
+        events = worker.qs.receive_events(0, shortcut=worker._shortcut)
+        worker.answer(events)
+    return worker, sent
+
+
+def test_a_round_of_hits_and_misses_is_covered_by_its_verdicts():
+    rounds = [[datagram(1, 53), datagram(2, 80)],            # misses: both stored
+              [datagram(3, 55), datagram(4, 53), datagram(5, 80), datagram(6, 54)]]
+    worker, sent = worker_with_rounds([list(r) for r in rounds])
+    assert worker.engine.cache.hits == 2                     # 4 (dns) and 5 (default)
+    batch, single = nfq.NFQNL_MSG_VERDICT_BATCH, nfq.NFQNL_MSG_VERDICT
+    assert verdicts(sent[0]) == [(single, 1, 2, nfq.NF_DROP), (batch, 1, 1, nfq.NF_ACCEPT)]
+    # 3 (a miss, accepted, judged after the hits) must not lower the batch below 4
+    assert sorted(verdicts(sent[1])) == sorted([
+        (single, 1, 5, nfq.NF_DROP), (single, 1, 6, nfq.NF_ACCEPT), (batch, 1, 4, nfq.NF_ACCEPT)])
+    assert len(sent) == 2                                    # one datagram per round
+    counters = worker.engine.matcher.counters()
+    assert counters["rules"]["dns"]["hits"] == 2 and counters["default"]["hits"] == 2
+    assert worker.engine.counters.packets == 6 == worker.qs.stats.packets

@@ -24,7 +24,6 @@ import pickle
 import select
 import signal
 import time
-from dataclasses import replace
 from typing import Dict, List, Optional
 
 from ipqd import hooks as hooks_mod
@@ -32,6 +31,7 @@ from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choos
 from ipqd.errors import PolicyErrors
 from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, fragment_paths, load
 from ipqd.policy._yamlsafe import MAX_BYTES
+from ipqd.policy import transfer
 from ipqd.policy.model import Policy
 from ipqd.worker import WorkerConfig, worker_main
 
@@ -137,11 +137,13 @@ def _load_child(path: str, conn) -> None:
     # The process exits when done: nothing to collect, and the collector
     # would walk the whole node tree again and again as it grows.
     gc.disable()
+    # Background work: on a busy core the workers' packet loops come first.
+    os.nice(10)
     try:
         policy = load_checked(path)
-        outline = replace(policy, rules=())
-        conn.send(("loaded", pickle.dumps(policy, pickle.HIGHEST_PROTOCOL),
-                   pickle.dumps(outline, pickle.HIGHEST_PROTOCOL), len(policy.rules)))
+        conn.send(("loaded", transfer.pack(policy),
+                   pickle.dumps(transfer.outline(policy), pickle.HIGHEST_PROTOCOL),
+                   len(policy.rules)))
     except PolicyRefused as refused:
         conn.send(("refused", refused.lines))
     except OSError as error:
@@ -440,8 +442,8 @@ class Daemon:
                 notify("READY=1\n" + self.status_line())
                 return
         else:
-            # Pickled once by the loading process; each worker unpickles it
-            # off its packet loop.
+            # Packed once by the loading process; each worker unpacks it a
+            # piece at a time in its compile thread, off its packet loop.
             errors = self.ask_workers(("policy", self.pickled), "reloaded")
             problems = [detail for _, _, detail in errors.values() if detail]
             if problems:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import gc
 import os
-import pickle
 import signal
+import sys
 import threading
 import time
 from sys import getrefcount
@@ -30,10 +30,13 @@ from ipqd.compiler import compile_policy
 from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
 from ipqd.errors import IpqdError
+from ipqd.policy import transfer
 from ipqd.policy.model import Policy, Rate
 from ipqd.queue_socket import QueueSocket, packet_summary
 
 STATS_EVERY = 1.0
+RELOAD_SWITCH_INTERVAL = 0.0005     # seconds; see _start_reload
+_SWITCH_INTERVAL = sys.getswitchinterval()
 
 
 class WorkerConfig:
@@ -196,7 +199,7 @@ class Worker:
         elif kind == "stop":
             self._stop = True
 
-    def _start_reload(self, pickled: bytes) -> None:
+    def _start_reload(self, packed: bytes) -> None:
         """Unpickle, compile and pair the rule counters in a thread: a large
         policy takes a second or more, which the packet loop must not wait for.
 
@@ -210,7 +213,7 @@ class Worker:
         def compile_it() -> None:
             policy = None
             try:
-                policy = pickle.loads(pickled)
+                policy = transfer.unpack(packed)
                 matcher = compile_policy(policy)
                 matcher.adopt_counters(old)     # the swap then adds only the hits since
                 self._reloaded = (policy, matcher, None)
@@ -218,11 +221,15 @@ class Worker:
                 self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
 
         gc.disable()
+        # The packet loop gets the GIL back this soon from the compile thread
+        # (the default 5 ms, twice per round, would be a 10 ms verdict).
+        sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
         threading.Thread(target=compile_it, daemon=True).start()
 
     def _finish_reload(self) -> None:
         policy, matcher, error = self._reloaded
         self._reloaded = None
+        sys.setswitchinterval(_SWITCH_INTERVAL)
         if error is None:
             old = self.engine
             self.engine = old.replaced_by(policy, matcher)
@@ -307,7 +314,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        policy = pickle.loads(pickled_policy)
+        policy = transfer.unpack(pickled_policy)
         worker = Worker(config, policy, conn)
         worker.bind(policy)
     except (IpqdError, OSError) as error:

@@ -138,7 +138,11 @@ def _load_child(path: str, conn) -> None:
     # would walk the whole node tree again and again as it grows.
     gc.disable()
     # Background work: on a busy core the workers' packet loops come first.
-    os.nice(10)
+    # Best effort: the unit's system call filter (@resources) refuses it.
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     try:
         policy = load_checked(path)
         conn.send(("loaded", transfer.pack(policy),

@@ -82,6 +82,7 @@ class Worker:
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
                               undecodable_verdict=self.engine.default_verdict)
         self._reloaded = None
+        self._compiling = False
         self._ifname = _IfNames(self.qs.ifname).__getitem__
         self._single: List[bytes] = []          # this round's verdicts: one per packet,
         self._batch: Dict[int, int] = {}        # and queue -> highest id of the plain accepts
@@ -221,6 +222,7 @@ class Worker:
                 self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
 
         gc.disable()
+        self._compiling = True
         # The packet loop gets the GIL back this soon from the compile thread
         # (the default 5 ms, twice per round, would be a 10 ms verdict).
         sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
@@ -229,16 +231,29 @@ class Worker:
     def _finish_reload(self) -> None:
         policy, matcher, error = self._reloaded
         self._reloaded = None
-        sys.setswitchinterval(_SWITCH_INTERVAL)
+        self._compiling = False
         if error is None:
             old = self.engine
             self.engine = old.replaced_by(policy, matcher)
             self.qs.undecodable_verdict = self.engine.default_verdict
             self.log.set_rate(share_rate(policy.logging.rate, self.config.workers))
-            threading.Thread(target=release, args=([old],), daemon=True).start()
+            # The short switch interval stays until the old policy is freed:
+            # that thread, too, would otherwise keep the GIL 5 ms at a time.
+            threading.Thread(target=self._release, args=([old],), daemon=True).start()
             del old, policy, matcher
+        else:
+            sys.setswitchinterval(_SWITCH_INTERVAL)
         _settle_heap()
         self.conn.send(("reloaded", self.config.index, error))
+
+    def _release(self, box: list) -> None:
+        """release(box), then the usual switch interval, unless another
+        reload has begun meanwhile (see _start_reload)."""
+        try:
+            release(box)
+        finally:
+            if self._reloaded is None and not self._compiling:
+                sys.setswitchinterval(_SWITCH_INTERVAL)
 
     def stats(self) -> dict:
         stats = self.engine.counters.as_dict()

@@ -5,15 +5,11 @@ it in its compile thread, beside its packet loop. Unpickling a 10,000-rule
 policy in one piece is a single C call of about 12 ms that holds the GIL,
 so every packet would wait that long. Packed in pieces of CHUNK rules, each
 `pickle.loads` is a fraction of a millisecond, and between two the packet
-loop gets the GIL. The whole is compressed (about 14 times smaller for
-10,000 rules): the worker's packet loop reads it from the control pipe, and
-zlib lets go of the GIL while it inflates, in the compile thread. Pure:
-bytes in, policy out.
+loop gets the GIL. Pure: bytes in, policy out.
 """
 from __future__ import annotations
 
 import pickle
-import zlib
 from dataclasses import replace
 
 from ipqd.policy.model import Policy
@@ -27,13 +23,12 @@ def pack(policy: Policy) -> bytes:
     rules in pieces of CHUNK."""
     rules = policy.rules
     pieces = [pickle.dumps(rules[i:i + CHUNK], _PROTOCOL) for i in range(0, len(rules), CHUNK)]
-    return zlib.compress(pickle.dumps((pickle.dumps(outline(policy), _PROTOCOL), pieces),
-                                      _PROTOCOL), 1)
+    return pickle.dumps((pickle.dumps(outline(policy), _PROTOCOL), pieces), _PROTOCOL)
 
 
 def unpack(data: bytes) -> Policy:
     """The policy `pack` packed, read a piece at a time."""
-    packed_outline, pieces = pickle.loads(zlib.decompress(data))
+    packed_outline, pieces = pickle.loads(data)
     rules: list = []
     for piece in pieces:
         rules.extend(pickle.loads(piece))

@@ -51,8 +51,9 @@ class Engine:
     """A compiled policy plus the counters that outlive reloads."""
 
     def __init__(self, policy: Policy, matcher: Optional[Matcher] = None,
-                 counters: Optional[Counters] = None):
+                 counters: Optional[Counters] = None, caching: bool = True):
         self.policy = policy
+        self.caching = caching            # False: judge stores nothing (ipqd run --no-cache)
         self.matcher = matcher or compile_policy(policy)
         self.needs = self.matcher.fields
         self.counters = counters or Counters()
@@ -80,7 +81,7 @@ class Engine:
         """A new engine for a reloaded policy, keeping totals and per-rule counters
         (by rule name)."""
         matcher.adopt_counters(self.matcher)
-        engine = Engine(policy, matcher, self.counters)
+        engine = Engine(policy, matcher, self.counters, self.caching)
         engine.cache.carry_counts(self.cache)
         return engine
 
@@ -100,13 +101,12 @@ class Engine:
             counters.malformed += 1
             return self._finish(decision, view)
         verdict = self._finish(decision, view)
-        if not decision.log and not self.matcher.rated and \
+        if self.caching and not decision.log and not self.matcher.rated and \
                 (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
             key = self.keys.from_packet(packet, ifname)
             if key is not None:
                 self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
-                                                    decision.rule_index,
-                                                    verdict.verdict == NF_ACCEPT))
+                                                    decision.rule_index))
         return verdict
 
     def judge_summary(self, summary: tuple, buf, ifname: Callable[[Optional[int]], Optional[str]]

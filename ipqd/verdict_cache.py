@@ -22,6 +22,7 @@ import struct
 from operator import itemgetter
 from typing import Callable, Dict, Optional
 
+from ipqd.nfqueue import NF_ACCEPT
 from ipqd.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, \
     PROTO_TCP, PROTO_UDP, PROTO_UDPLITE
 
@@ -148,11 +149,11 @@ class CachedVerdict:
     """What a cache hit needs: the verdict, its mark, and whom to count."""
     __slots__ = ("verdict", "mark", "rule_index", "accept", "batchable")
 
-    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, accept: bool):
+    def __init__(self, verdict: int, mark: Optional[int], rule_index: int):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
-        self.accept = accept
+        accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict
 
 

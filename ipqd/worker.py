@@ -77,7 +77,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, policy: Policy, conn, sock=None):
         self.config = config
         self.conn = conn
-        self.engine = Engine(policy)
+        self.engine = Engine(policy, caching=config.cache)
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
                               undecodable_verdict=self.engine.default_verdict)
@@ -252,7 +252,7 @@ class Worker:
         try:
             release(box)
         finally:
-            if self._reloaded is None and not self._compiling:
+            if not self._compiling:
                 sys.setswitchinterval(_SWITCH_INTERVAL)
 
     def stats(self) -> dict:

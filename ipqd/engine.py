@@ -86,7 +86,9 @@ class Engine:
         return engine
 
     def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
-              ct_state: Optional[str], now: float) -> Verdict:
+              ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
+        """The verdict on a decoded packet. `key`, the packet's cache key
+        (`self.keys.read`), stores the decision when it may be cached."""
         counters = self.counters
         counters.packets += 1
         try:
@@ -101,21 +103,15 @@ class Engine:
             counters.malformed += 1
             return self._finish(decision, view)
         verdict = self._finish(decision, view)
-        if self.caching and not decision.log and not self.matcher.rated and \
-                (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
-            key = self.keys.from_packet(packet, ifname)
-            if key is not None:
-                self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
-                                                    decision.rule_index))
+        if key is not None and self.caching and not decision.log and not self.matcher.rated \
+                and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
+            self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
+                                                decision.rule_index))
         return verdict
 
-    def judge_summary(self, summary: tuple, buf, ifname: Callable[[Optional[int]], Optional[str]]
-                      ) -> Optional[CachedVerdict]:
-        """The cached verdict of a packet summary (queue_socket.packet_summary),
-        counted as `judge` would count it, or None: then `judge` decides."""
-        key = self.keys.from_summary(summary, buf, ifname)
-        if key is None:
-            return None
+    def cached(self, key: tuple) -> Optional[CachedVerdict]:
+        """The cached verdict for a key, counted as `judge` would count the
+        decision, or None: then `judge` decides (and stores, given the key)."""
         cache = self.cache
         entry = cache.entries.get(key)
         if entry is None:

@@ -12,16 +12,19 @@ Only "plain" packets get a key: IPv4 without options or IPv6 without
 extension headers, not fragmented, copied whole, carrying TCP, UDP, ICMP,
 ICMPv6 or a protocol without ports, with headers that `ipqd.packet.parse`
 would accept. For those the fields read here are exactly the ones `parse`
-would put in the view (tests/test_verdict_cache.py checks it against
-`parse`); anything else returns None and takes the full path, which stays
-the reference. Pure: no I/O.
+puts in the view (tests/test_verdict_cache.py checks it against `parse`);
+anything else gets no key and takes the full path, which stays the
+reference. A key is read straight from the receive buffer: one struct
+call per packet, compiled for each message layout the kernel uses
+(ipqd.fast_decode.AttributeLayout). Pure: no I/O.
 """
 from __future__ import annotations
 
 import struct
 from operator import itemgetter
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
+from ipqd.fast_decode import AttributeLayout, layout_of, layout_struct
 from ipqd.nfqueue import NF_ACCEPT
 from ipqd.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, \
     PROTO_TCP, PROTO_UDP, PROTO_UDPLITE
@@ -29,120 +32,154 @@ from ipqd.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, P
 # Entries kept before the cache starts over; a miss costs one full decision.
 CACHE_SIZE = 65536
 
-_V4 = struct.Struct("!BxHxxHxBxxII")      # ver_ihl total frag proto src dst
-_V6 = struct.Struct("!4xHBx16s16s")       # plen nxt src dst (as bytes)
-_PORTS = struct.Struct("!HH")
-_UDP_LEN = struct.Struct("!4xH")
-_FAMILY_OF_NFPROTO = {2: 4, 10: 6}        # nfgenmsg family -> IP version
-
-# The payload fields `payload_fields` returns, in tuple order (PacketView names).
-PAYLOAD_FIELDS = ("proto", "src", "dst", "sport", "dport", "tcp_flags",
-                  "icmp_type", "icmp_code", "length")
-# What a plain packet's own protocol leaves empty: sport..icmp_code.
-_NO_L4 = (None, None, None, None, None)
+# What a key reader takes from the IP packet, by offset from its start: the
+# name, and which of the key's fields (PacketView names) it stands for. One
+# 16-bit word holds the ports' first half or ICMP's type and code.
+_IPV4 = ((0, "B", "ver_ihl"), (2, "H", "total"), (6, "H", "frag"), (9, "B", "proto"),
+         (12, "I", "src"), (16, "I", "dst"), (20, "H", "word0"), (22, "H", "dport"),
+         (24, "H", "udp_len"), (32, "B", "tcp_offset"), (33, "B", "tcp_flags"))
+_IPV6 = ((0, "B", "ver_tc"), (4, "H", "plen"), (6, "B", "proto"), (8, "16s", "src"),
+         (24, "16s", "dst"), (40, "H", "word0"), (42, "H", "dport"), (44, "H", "udp_len"),
+         (52, "B", "tcp_offset"), (53, "B", "tcp_flags"))
+_V4_HEADER, _V6_HEADER = 20, 40
+# Which read value answers each field, by kind of transport header.
+_KEY_SOURCE = {
+    "tcp": {"sport": "word0", "dport": "dport", "tcp_flags": "tcp_flags"},
+    "udp": {"sport": "word0", "dport": "dport"},
+    "icmp": {"icmp_type": "word0", "icmp_code": "word0"},
+    "other": {},
+}
+_ABSENT = (0, None)             # the values of metadata a layout does not carry
 _UNCACHED_PROTOS = frozenset({PROTO_SCTP, PROTO_UDPLITE})     # rare: the full path
+# nfgenmsg families
+_NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
+# Packet metadata a key can hold: the policy field each index of
+# fast_decode's summary answers (0 is the queue, which stands for ct_state).
+_META_INDEX = {"ct_state": 0, "hook": 3, "mark": 4, "in": 5, "out": 6, "uid": 7, "gid": 8}
 
-
-def payload_fields(buf, start: int, end: int, version: int, want_l4: bool) -> Optional[tuple]:
-    """The PAYLOAD_FIELDS of the plain IP packet in buf[start:end], as `parse`
-    would read them (L4 fields only when `want_l4`), or None when the packet
-    is not plain (see the module's docstring). IPv6 addresses stay bytes: a
-    key needs them equal, not numeric."""
-    size = end - start
-    if version == 4:
-        if size < 20 or buf[start] != 0x45:
-            return None
-        _vi, total, frag, proto, src, dst = _V4.unpack_from(buf, start)
-        if total != size or frag & 0x3FFF:
-            return None
-        l4 = start + 20
-    elif version == 6:
-        if size < 40 or buf[start] >> 4 != 6:
-            return None
-        plen, proto, src, dst = _V6.unpack_from(buf, start)
-        total = 40 + plen
-        if total != size:
-            return None
-        l4 = start + 40
-    else:
-        return None
-    room = total - (l4 - start)
-    if proto == PROTO_TCP:
-        if room < 20:
-            return None
-        header = (buf[l4 + 12] >> 4) * 4
-        if header < 20 or header > room:
-            return None
-        if not want_l4:
-            return (proto, src, dst, None, None, None, None, None, total)
-        sport, dport = _PORTS.unpack_from(buf, l4)
-        return (proto, src, dst, sport, dport, buf[l4 + 13], None, None, total)
-    if proto == PROTO_UDP:
-        if room < 8:
-            return None
-        length = _UDP_LEN.unpack_from(buf, l4)[0]
-        if length < 8 or length > room:
-            return None
-        if not want_l4:
-            return (proto, src, dst, None, None, None, None, None, total)
-        sport, dport = _PORTS.unpack_from(buf, l4)
-        return (proto, src, dst, sport, dport, None, None, None, total)
-    if (proto == PROTO_ICMP and version == 4) or (proto == PROTO_ICMPV6 and version == 6):
-        if room < (8 if version == 4 else 4):
-            return None
-        if not want_l4:
-            return (proto, src, dst, None, None, None, None, None, total)
-        return (proto, src, dst, None, None, None, buf[l4], buf[l4 + 1], total)
-    if proto in _UNCACHED_PROTOS or (version == 6 and proto in IPV6_EXT_HEADERS):
-        return None
-    return (proto, src, dst) + _NO_L4 + (total,)
-
-
-# The metadata of a packet a key can hold, in the order of
-# `ipqd.queue_socket.packet_summary`'s tuple (queue, family, id, hook, mark,
-# indev, outdev, uid, gid, ...): the policy field each answers.
-_META_POSITION = {"ct_state": 0, "hook": 3, "mark": 4, "in": 5, "out": 6, "uid": 7, "gid": 8}
+# What a reader returns: (queue, packet id, key or None), or None for a
+# message of another layout.
+Read = Optional[Tuple[int, int, Optional[tuple]]]
 
 
 class KeyMaker:
-    """Builds cache keys for one compiled policy: only the fields it reads.
-
-    Keys from a packet summary (the receive path) and from a decoded Packet
-    (the full path, to store what it decided) are built the same way, so a
-    stored verdict is found again.
-    """
+    """Reads cache keys for one compiled policy: only the fields it reads."""
 
     def __init__(self, fields: frozenset):
-        self.want_l4 = not fields.isdisjoint(L4_FIELDS)
-        wanted = [i for i, name in enumerate(PAYLOAD_FIELDS)
-                  if name in fields or name == "proto"]
-        self._payload = itemgetter(*wanted)
-        # The family is always in the key (index 1); the queue stands for ct_state.
-        self._meta = itemgetter(1, *sorted(_META_POSITION[f] for f in fields
-                                           if f in _META_POSITION))
-        self.names = "in" in fields or "out" in fields
+        self.fields = fields
+        self._readers: List[Callable] = []
 
-    def from_summary(self, summary: tuple, buf, ifname: Callable) -> Optional[tuple]:
-        """The key of a packet summary whose payload lies in `buf`, or None."""
-        version = _FAMILY_OF_NFPROTO.get(summary[1])
-        if version is None:
+    def read(self, buf, n: int, ifname: Callable) -> Read:
+        """(queue, packet id, key) of the packet message in buf[:n], with a
+        None key for a packet that is not plain; None for a datagram that
+        is not one ordinary packet message (the full path decodes it)."""
+        for reader in self._readers:
+            found = reader(buf, n, ifname)
+            if found is not None:
+                return found
+        learned = layout_of(buf, n)
+        if learned is None:
             return None
-        found = payload_fields(buf, summary[9], summary[10], version, self.want_l4)
-        if found is None:
-            return None
-        if self.names:      # names, not indexes: an interface can be renamed
-            return (self._meta(summary), self._payload(found),
-                    ifname(summary[5]), ifname(summary[6]))
-        return (self._meta(summary), self._payload(found))
+        reader = layout_reader(learned[0], self.fields)
+        self._readers.insert(0, reader)
+        del self._readers[8:]
+        return reader(buf, n, ifname)
 
-    def from_packet(self, packet, ifname: Callable) -> Optional[tuple]:
-        """The key of a decoded Packet (nfqueue.Packet), or None."""
-        payload = packet.payload
-        if payload is None or packet.cap_len is not None:
+
+def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
+    """The key reader of one message layout: one struct call reads the
+    metadata and the IP and transport headers, and the key takes what
+    `fields` needs. Keys do not depend on the layout: metadata the kernel
+    left out reads as what a decoded Packet would hold (mark 0, else None)."""
+    start = layout.start
+    want_l4 = not fields.isdisjoint(L4_FIELDS)
+    # The family and the queue always; ct_state asks for the queue again.
+    meta = list(dict.fromkeys([1, 0] + sorted(_META_INDEX[f] for f in fields
+                                               if f in _META_INDEX)))
+
+    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], int]:
+        named = sorted([(where[0], where[1], f"m{i}") for i, where in layout.offsets.items()]
+                       + [(start + offset, code, name) for offset, code, name in header])
+        index = {name: i for i, (_, _, name) in enumerate(named)}
+        # What is read is followed by _ABSENT: a missing mark is 0, the rest None.
+        for i in range(9):
+            index.setdefault(f"m{i}", len(named) + (0 if i == 4 else 1))
+        shape = layout_struct(">", [(offset, code) for offset, code, _ in named])
+        return shape, index, named[-1][0] + struct.calcsize(">" + named[-1][1])
+
+    def picker(index: Dict[str, int], kind: str, length: str) -> Callable:
+        wanted = [f"m{i}" for i in meta] + ["proto"]
+        wanted += [name for name in ("src", "dst") if name in fields]
+        if want_l4:
+            sources = _KEY_SOURCE[kind]
+            wanted += list(dict.fromkeys(sources[f] for f in sorted(fields) if f in sources))
+        if "length" in fields:
+            wanted.append(length)
+        return itemgetter(*[index[name] for name in wanted])
+
+    v4, i4, need4 = compile_family(_IPV4)
+    v6, i6, need6 = compile_family(_IPV6)
+    need = max(need4, need6)
+    queue4, id4, queue6, id6 = i4["m0"], i4["m2"], i6["m0"], i6["m2"]
+    vi4, total4, frag4, proto4 = i4["ver_ihl"], i4["total"], i4["frag"], i4["proto"]
+    vt6, plen6, proto6 = i6["ver_tc"], i6["plen"], i6["proto"]
+    ulen4, off4, ulen6, off6 = i4["udp_len"], i4["tcp_offset"], i6["udp_len"], i6["tcp_offset"]
+    pick4 = {kind: picker(i4, kind, "total") for kind in _KEY_SOURCE}
+    pick6 = {kind: picker(i6, kind, "plen") for kind in _KEY_SOURCE}
+    in4, out4, in6, out6 = i4["m5"], i4["m6"], i6["m5"], i6["m6"]
+    names = "in" in fields or "out" in fields
+    payload_end = layout.payload_end
+
+    def read(buf, n: int, ifname: Callable) -> Read:
+        end = payload_end(buf, n)
+        if not end:
             return None
-        summary = (packet.queue, packet.family, packet.packet_id, packet.hook, packet.mark,
-                   packet.indev, packet.outdev, packet.uid, packet.gid, 0, len(payload))
-        return self.from_summary(summary, payload, ifname)
+        if len(buf) < need:                     # never the receive buffer: a test's bytes
+            buf = bytes(buf[:n]) + bytes(need)
+        size = end - start
+        family = buf[16]
+        if family == _NFPROTO_IPV4:
+            v = v4.unpack_from(buf) + _ABSENT
+            if size < _V4_HEADER or v[vi4] != 0x45 or v[total4] != size or v[frag4] & 0x3FFF:
+                return v[queue4], v[id4], None
+            kind = _transport(v[proto4], size - _V4_HEADER, v[ulen4], v[off4], PROTO_ICMP)
+            if kind is None:
+                return v[queue4], v[id4], None
+            key = pick4[kind](v)
+            if names:       # names, not indexes: an interface can be renamed
+                key += (ifname(v[in4]), ifname(v[out4]))
+            return v[queue4], v[id4], key
+        if family == _NFPROTO_IPV6:
+            v = v6.unpack_from(buf) + _ABSENT
+            proto = v[proto6]
+            if v[vt6] >> 4 != 6 or _V6_HEADER + v[plen6] != size or proto in IPV6_EXT_HEADERS:
+                return v[queue6], v[id6], None
+            kind = _transport(proto, size - _V6_HEADER, v[ulen6], v[off6], PROTO_ICMPV6)
+            if kind is None:
+                return v[queue6], v[id6], None
+            key = pick6[kind](v)
+            if names:
+                key += (ifname(v[in6]), ifname(v[out6]))
+            return v[queue6], v[id6], key
+        return None
+
+    return read
+
+
+def _transport(proto: int, room: int, udp_len: int, tcp_offset: int, icmp: int) -> Optional[str]:
+    """Which key picker a transport header needs, or None when parse would
+    not take its header as it is (too short, a bad length) or the protocol
+    is left to the full path. `room`: the bytes after the IP header."""
+    if proto == PROTO_TCP:
+        header = (tcp_offset >> 4) * 4
+        return "tcp" if room >= 20 and 20 <= header <= room else None
+    if proto == PROTO_UDP:
+        return "udp" if room >= 8 and 8 <= udp_len <= room else None
+    if proto == icmp:
+        return "icmp" if room >= (8 if icmp == PROTO_ICMP else 4) else None
+    if proto in _UNCACHED_PROTOS:
+        return None
+    return "other"
 
 
 class CachedVerdict:

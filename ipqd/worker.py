@@ -23,7 +23,7 @@ import threading
 import time
 from sys import getrefcount
 from types import FunctionType
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ipqd import nfqueue as nfq
 from ipqd.compiler import compile_policy
@@ -32,7 +32,7 @@ from ipqd.engine import Engine
 from ipqd.errors import IpqdError
 from ipqd.policy import transfer
 from ipqd.policy.model import Policy, Rate
-from ipqd.queue_socket import QueueSocket, packet_summary
+from ipqd.queue_socket import QueueSocket
 
 STATS_EVERY = 1.0
 RELOAD_SWITCH_INTERVAL = 0.0005     # seconds; see _start_reload
@@ -86,6 +86,7 @@ class Worker:
         self._ifname = _IfNames(self.qs.ifname).__getitem__
         self._single: List[bytes] = []          # this round's verdicts: one per packet,
         self._batch: Dict[int, int] = {}        # and queue -> highest id of the plain accepts
+        self._keys: Dict[Tuple[int, int], tuple] = {}    # (queue, id) -> key of a cache miss
         self._stop = False
         self._last_stats = 0.0
         self.kernel_errors = 0
@@ -133,21 +134,27 @@ class Worker:
     def _shortcut(self, buf, n: int) -> bool:
         """Answer the datagram in buf[:n] from the verdict cache, in place:
         its verdict joins those of this round (sent by `answer`). False sends
-        it the full way. The worker binds both families, so nothing a
+        it the full way, with its key kept for `answer` to store the
+        decision under. The worker binds both families, so nothing a
         shortcut sees is foreign."""
+        engine = self.engine
         try:
-            summary = packet_summary(buf, n)
-            if summary is None:
+            found = engine.keys.read(buf, n, self._ifname)
+            if found is None:
                 return False
-            entry = self.engine.judge_summary(summary, buf, self._ifname)
+            queue, packet_id, key = found
+            if key is None:
+                return False
+            entry = engine.cached(key)
         except Exception:                   # the full path is the boundary that counts
             return False
         if entry is None:
+            self._keys[queue, packet_id] = key
             return False
         if entry.batchable and self.config.batch:
-            self._batch[summary[0]] = summary[2]      # ids grow: the latest is the highest
+            self._batch[queue] = packet_id      # ids grow: the latest is the highest
         else:
-            self._single.append(nfq.encode_verdict(summary[0], summary[2], entry.verdict,
+            self._single.append(nfq.encode_verdict(queue, packet_id, entry.verdict,
                                                    mark=entry.mark))
         return True
 
@@ -162,10 +169,12 @@ class Worker:
         single = self._single
         batch = self._batch
         use_batch = self.config.batch
+        keys = self._keys
         for event in events:
             if type(event) is nfq.Packet:
+                key = keys.pop((event.queue, event.packet_id), None) if keys else None
                 try:
-                    verdict = engine.judge(event, ifname, ct_of.get(event.queue), now)
+                    verdict = engine.judge(event, ifname, ct_of.get(event.queue), now, key)
                 except Exception:       # judge has its own boundary; this one is the last
                     verdict = engine.fallback()
                 if use_batch and verdict.verdict == nfq.NF_ACCEPT and verdict.mark is None:
@@ -186,6 +195,7 @@ class Worker:
         for queue, max_id in batch.items():
             single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
         self._single, self._batch = [], {}
+        keys.clear()                # a key whose packet did not come back as a Packet
         self.qs.send_many(single)
 
     # -------------------------------------------------------- control

@@ -1,4 +1,4 @@
-"""The receive path's shortcut (queue_socket.decode_packet_datagram) against
+"""The receive path's shortcut (fast_decode.decode_packet_datagram) against
 the reference decoder (QueueProtocol): same Packet, or None and the reference decides."""
 import os
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ipqd import nfqueue as nfq
-from ipqd.queue_socket import decode_packet_datagram, packet_summary
+from ipqd.fast_decode import decode_packet_datagram, packet_summary
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "kernel")
 NAMES = sorted(f[:-4] for f in os.listdir(FIXTURES) if f.endswith(".hex"))

@@ -12,8 +12,8 @@ from ipqd import nfqueue as nfq
 from ipqd.engine import Engine
 from ipqd.packet import PacketMeta, parse
 from ipqd.policy.model import Default, Match, Policy, RangeMatch, Rate, Rule
-from ipqd.queue_socket import decode_packet_datagram, packet_summary
-from ipqd.verdict_cache import PAYLOAD_FIELDS, KeyMaker, VerdictCache, payload_fields
+from ipqd.fast_decode import decode_packet_datagram, packet_summary
+from ipqd.verdict_cache import KeyMaker, VerdictCache
 from test_compiler_property import ACTIONS, IFACES, MATCHES, SET_MARKS, LOGS, DEFAULTS, V4, V6
 
 SETTINGS = settings(max_examples=150, deadline=None,
@@ -60,66 +60,92 @@ def packets(draw):
     return family, payload
 
 
-def as_view_value(name: str, value):
-    if name in ("src", "dst") and isinstance(value, bytes):
-        return int.from_bytes(value, "big")
-    return value
+# Every field a key may hold, and the metadata a queued packet comes with.
+KEY_FIELDS = ("proto", "src", "dst", "sport", "dport", "tcp_flags", "icmp_type", "icmp_code",
+              "length", "hook", "mark", "in", "out", "uid", "gid", "ct_state")
+VIEW_NAME = {"in": "indev", "out": "outdev"}
+
+
+def queued_message(family: int, payload: bytes, queue: int = 1, packet_id: int = 7,
+                   **meta) -> bytearray:
+    packet = nfq.Packet(queue, 2 if family == 4 else 10, packet_id, 0x0800, 1)
+    packet.payload = payload
+    for name, value in meta.items():
+        setattr(packet, name, value)
+    return bytearray(nfq.encode_packet(packet))
+
+
+def read_key(keys: KeyMaker, data: bytearray):
+    found = keys.read(data, len(data), IFNAME)
+    return None if found is None else found[2]
+
+
+def view_of(family: int, payload: bytes):
+    return parse(payload, PacketMeta(family=family), None)
 
 
 @SETTINGS
-@given(packets(), st.booleans())
-def test_payload_fields_are_what_parse_reads(packet, want_l4):
+@given(packets())
+def test_a_key_is_read_only_from_packets_parse_takes_whole(packet):
     family, payload = packet
-    found = payload_fields(payload, 0, len(payload), family, want_l4)
-    view = parse(payload, PacketMeta(family=family), None if want_l4 else frozenset())
-    if found is None:
+    data = queued_message(family, payload)
+    found = KeyMaker(frozenset(KEY_FIELDS)).read(data, len(data), IFNAME)
+    assert found is not None and found[:2] == (1, 7)        # queue and id, key or not
+    if found[2] is not None:
+        view = view_of(family, payload)
+        assert not view.malformed, view.reason
+        assert view.fragment == "none" and not view.ext_cut
+
+
+@SETTINGS
+@given(packets(), packets(), st.sets(st.sampled_from(KEY_FIELDS[1:])))
+def test_equal_keys_mean_equal_fields(a, b, fields):
+    """What the cache rests on: two packets with one key agree on every
+    field the policy reads."""
+    keys = KeyMaker(frozenset(fields) | {"proto"})
+    key_a, key_b = read_key(keys, queued_message(*a)), read_key(keys, queued_message(*b))
+    if key_a is None or key_a != key_b:
         return
-    assert not view.malformed, view.reason
-    assert view.fragment == "none"
-    for name, value in zip(PAYLOAD_FIELDS, found):
-        assert as_view_value(name, value) == getattr(view, name), name
+    view_a, view_b = view_of(*a), view_of(*b)
+    for name in fields | {"proto", "family"}:
+        name = VIEW_NAME.get(name, name)
+        assert getattr(view_a, name) == getattr(view_b, name), name
 
 
 def test_plain_packets_get_a_key_and_odd_ones_do_not():
+    keys = KeyMaker(frozenset(KEY_FIELDS))
     udp = checksum_free_packet(4, 17, V4[0], V4[1], 40000, 53, 0, (0, 0), b"x" * 8)
-    assert payload_fields(udp, 0, len(udp), 4, True) == (17, V4[0], V4[1], 40000, 53, None,
-                                                          None, None, len(udp))
+    assert read_key(keys, queued_message(4, udp)) is not None
     options = bytes([0x46]) + udp[1:2] + struct.pack("!H", len(udp) + 4) + udp[4:20] + \
         b"\x01\x01\x01\x00" + udp[20:]
     fragment = udp[:6] + b"\x20\x00" + udp[8:]          # more fragments
     padded = udp + b"\0"
     for odd in (options, fragment, padded, udp[:-1], udp[:6] + b"\x00\x01" + udp[8:]):
-        assert payload_fields(odd, 0, len(odd), 4, True) is None
+        assert read_key(keys, queued_message(4, odd)) is None
     hop_by_hop = checksum_free_packet(6, 0, V6[0], V6[1], 0, 0, 0, (0, 0), b"\x11\0" + b"\0" * 6)
-    assert payload_fields(hop_by_hop, 0, len(hop_by_hop), 6, True) is None
-    assert payload_fields(udp, 0, len(udp), 6, True) is None      # the queue said IPv6
-
-
-def summary_of(packet: nfq.Packet):
-    data = bytearray(nfq.encode_packet(packet))
-    return packet_summary(data, len(data)), data
+    assert read_key(keys, queued_message(6, hop_by_hop)) is None
+    assert read_key(keys, queued_message(6, udp)) is None      # the queue said IPv6
+    cut = nfq.Packet(1, 2, 7, 0x0800, 1)
+    cut.payload, cut.cap_len = udp, 1500
+    data = bytearray(nfq.encode_packet(cut))
+    assert keys.read(data, len(data), IFNAME) is None           # a cut copy: the full path
 
 
 def test_keys_hold_only_what_the_policy_reads():
-    def packet(sport, indev=1):
-        p = nfq.Packet(1, 2, 7, 0x0800, 1)
-        p.indev = indev
-        p.payload = checksum_free_packet(4, 17, V4[0], V4[1], sport, 53, 0, (0, 0), b"")
-        return p
-    names = {1: "eth0", 2: "eth1"}.get
+    def key(keys, sport, indev=1, mark=0):
+        payload = checksum_free_packet(4, 17, V4[0], V4[1], sport, 53, 0, (0, 0), b"")
+        return read_key(keys, queued_message(4, payload, indev=indev, mark=mark))
     by_dport = KeyMaker(frozenset({"proto", "dport"}))
     by_sport = KeyMaker(frozenset({"proto", "sport", "in"}))
-    a, b, c = packet(1000), packet(2000), packet(1000, indev=2)
-    assert by_dport.from_packet(a, names) == by_dport.from_packet(b, names) \
-        == by_dport.from_packet(c, names)
-    assert by_sport.from_packet(a, names) != by_sport.from_packet(b, names)
-    assert by_sport.from_packet(a, names) != by_sport.from_packet(c, names)
-    # the receive path's key is the same as the full path's
-    summary, data = summary_of(a)
-    assert by_sport.from_summary(summary, data, names) == by_sport.from_packet(a, names)
-    cut = packet(1000)
-    cut.cap_len = 1500
-    assert by_dport.from_packet(cut, names) is None
+    by_mark = KeyMaker(frozenset({"proto", "mark"}))
+    assert key(by_dport, 1000) == key(by_dport, 2000) == key(by_dport, 1000, indev=2)
+    assert key(by_sport, 1000) != key(by_sport, 2000)
+    assert key(by_sport, 1000) != key(by_sport, 1000, indev=2)
+    assert key(by_mark, 1000, mark=1) == key(by_mark, 2000, mark=1) != key(by_mark, 1000, mark=2)
+    # the queue stands for ct_state and is always in the key
+    payload = checksum_free_packet(4, 17, V4[0], V4[1], 1, 53, 0, (0, 0), b"")
+    assert read_key(by_dport, queued_message(4, payload, queue=1)) != \
+        read_key(by_dport, queued_message(4, payload, queue=2))
 
 
 def test_the_cache_starts_over_when_full():
@@ -162,6 +188,20 @@ CT_OF = {0: None, 1: "new", 2: "established"}
 IFNAME = dict(zip(range(1, 5), IFACES)).get
 
 
+def decide_cached(engine: Engine, packet: nfq.Packet, now: float) -> tuple:
+    """What the worker does: the cache first, then the full path, which
+    stores the decision under the key read."""
+    data = bytearray(nfq.encode_packet(packet))
+    found = engine.keys.read(data, len(data), IFNAME)
+    key = found[2] if found else None
+    if key is not None:
+        entry = engine.cached(key)
+        if entry is not None:
+            return entry.verdict, entry.mark, entry.rule_index
+    got = engine.judge(packet, IFNAME, CT_OF[packet.queue], now, key)
+    return got.verdict, got.mark, got.decision.rule_index
+
+
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(policies(), st.lists(queued(), min_size=1, max_size=40), st.data())
@@ -174,13 +214,7 @@ def test_a_cached_engine_decides_and_counts_as_a_full_one(policy, stream, data):
         packet.packet_id = n + 1
         now += data.draw(st.sampled_from([0.0, 0.1, 1.0]))
         expected = full.judge(packet, IFNAME, CT_OF[packet.queue], now)
-        summary, buf = summary_of(packet)
-        entry = cached.judge_summary(summary, buf, IFNAME) if summary else None
-        if entry is None:
-            got = cached.judge(packet, IFNAME, CT_OF[packet.queue], now)
-            got = (got.verdict, got.mark, got.decision.rule_index)
-        else:
-            got = (entry.verdict, entry.mark, entry.rule_index)
+        got = decide_cached(cached, packet, now)
         assert got == (expected.verdict, expected.mark, expected.decision.rule_index), packet
     assert cached.counters.as_dict() == full.counters.as_dict()
     assert cached.matcher.counters() == full.matcher.counters()
@@ -198,9 +232,7 @@ def test_rated_and_logged_decisions_are_not_cached():
         packet = nfq.Packet(0, 2, 1, 0x0800, 1)
         packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, dport, 0, (0, 0), b"")
         for _ in range(3):
-            summary, buf = summary_of(packet)
-            if engine.judge_summary(summary, buf, IFNAME) is None:
-                engine.judge(packet, IFNAME, None, 0.0)
+            decide_cached(engine, packet, 0.0)
     # 55 (plain) and 56 (the default) were cached: a miss then two hits each.
     assert engine.cache.hits == 4 and len(engine.cache.entries) == 2
     assert engine.matcher.counters()["rules"]["rated"]["hits"] == 1     # one token
@@ -212,7 +244,8 @@ def test_a_summary_agrees_with_the_decoded_packet():
     packet.payload = checksum_free_packet(6, 6, V6[0], V6[1], 1, 2, 0x02, (0, 0), b"")
     packet.outdev, packet.mark, packet.uid, packet.gid = 4, 0x11, 1000, 100
     packet.timestamp = (1, 2)
-    summary, buf = summary_of(packet)
+    buf = bytearray(nfq.encode_packet(packet))
+    summary = packet_summary(buf, len(buf))
     decoded = decode_packet_datagram(buf, len(buf))
     assert summary[:9] == (decoded.queue, decoded.family, decoded.packet_id, decoded.hook,
                            decoded.mark, decoded.indev, decoded.outdev, decoded.uid, decoded.gid)
@@ -264,13 +297,7 @@ def test_many_random_policies_and_streams_with_many_hits():
             packet.packet_id = n + 1
             now += rng.choice([0.0, 0.2])
             expected = full.judge(packet, IFNAME, CT_OF[packet.queue], now)
-            summary, buf = summary_of(packet)
-            entry = cached.judge_summary(summary, buf, IFNAME)
-            if entry is None:
-                got = cached.judge(packet, IFNAME, CT_OF[packet.queue], now)
-                got = (got.verdict, got.mark, got.decision.rule_index)
-            else:
-                got = (entry.verdict, entry.mark, entry.rule_index)
+            got = decide_cached(cached, packet, now)
             assert got == (expected.verdict, expected.mark, expected.decision.rule_index), \
                 (packet, policy)
         assert cached.counters.as_dict() == full.counters.as_dict()

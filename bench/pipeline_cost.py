@@ -71,6 +71,13 @@ class ReplaySocket:
     def fileno(self) -> int:
         return self.real.fileno()
 
+    def poll(self, timeout=None) -> list:
+        """Stands in for the socket's own poller: readable until the batch is out."""
+        if self.next < len(self.datagrams):
+            return [(0, 1)]
+        self.next = 0
+        return []
+
 
 class Fixture:
     def __init__(self, rules: int):
@@ -84,7 +91,8 @@ class Fixture:
         self.sent = []
         self.worker.qs.send_many = self.sent.extend
         self.datagrams = kernel_datagrams(BATCH)
-        self.worker.qs._sock = ReplaySocket(self.datagrams, self.worker.qs._sock)
+        replay = ReplaySocket(self.datagrams, self.worker.qs._sock)
+        self.worker.qs._sock = self.worker.qs._sock_poller = replay
 
     def decode(self) -> None:
         self.worker.qs.receive_events(0)

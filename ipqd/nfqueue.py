@@ -280,11 +280,30 @@ def queue_verdict(queue: int) -> int:
     return (queue << 16) | NF_QUEUE
 
 
+# The bytes before the verdict header of a verdict that carries nothing else,
+# by (message type, queue): the same for every packet, so made once.
+_PLAIN_PREFIX: Dict[Tuple[int, int], bytes] = {}
+
+
+def _plain_verdict(msg_type: int, queue: int, packet_id: int, verdict: int) -> bytes:
+    prefix = _PLAIN_PREFIX.get((msg_type, queue))
+    if prefix is None:
+        body = nl.encode_nfgenmsg(nl.NFPROTO_UNSPEC, queue) + \
+            nl.encode_attr(NFQA_VERDICT_HDR, bytes(_VERDICT_HDR.size))
+        whole = nl.encode_nlmsg(msg_type, nl.NLM_F_REQUEST, 0, body)
+        prefix = _PLAIN_PREFIX.setdefault((msg_type, queue), whole[:-_VERDICT_HDR.size])
+    if verdict != NF_ACCEPT and verdict != NF_DROP:
+        _check_verdict(verdict)
+    return prefix + _VERDICT_HDR.pack(verdict, packet_id)
+
+
 def encode_verdict(queue: int, packet_id: int, verdict: int, *, mark: Optional[int] = None,
                    payload: Optional[bytes] = None, connmark: Optional[int] = None,
                    seq: int = 0) -> bytes:
     """A verdict on one packet, optionally setting its mark, its connection's
     mark, or replacing its contents (checksums are the caller's job)."""
+    if mark is None and payload is None and connmark is None and not seq:
+        return _plain_verdict(MSG_VERDICT, queue, packet_id, verdict)
     _check_verdict(verdict)
     attrs = nl.encode_attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(verdict, packet_id))
     if mark is not None:
@@ -306,6 +325,8 @@ def encode_verdict_batch(queue: int, max_id: int, verdict: int, *, mark: Optiona
 
     The kernel allows only the verdict header and a mark on a batch.
     """
+    if mark is None and not seq:
+        return _plain_verdict(MSG_VERDICT_BATCH, queue, max_id, verdict)
     _check_verdict(verdict)
     attrs = nl.encode_attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(verdict, max_id))
     if mark is not None:

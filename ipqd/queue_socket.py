@@ -166,6 +166,8 @@ class QueueSocket:
         self._ifnames: Dict[int, tuple] = {}
         self._poller = None
         self._poll_fds: tuple = ()
+        self._sock_poller = select.poll()               # the socket alone: "any more?"
+        self._sock_poller.register(self._sock.fileno(), select.POLLIN)
         # Whether the last receive saw the wake fd readable; True when it did
         # not look, so a caller that skips its own check on False misses nothing.
         self.woken = True
@@ -332,7 +334,9 @@ class QueueSocket:
         buf = self._buf
         view = memoryview(buf)
         flags = socket.MSG_DONTWAIT
-        for _ in range(max_datagrams):
+        for count in range(max_datagrams):
+            if count == 1 and not self._sock_poller.poll(0):
+                break           # one packet in: a poll says "dry" for less than a failed recv
             try:
                 n = sock.recv_into(buf, 0, flags)
             except BlockingIOError:

@@ -83,7 +83,8 @@ class Worker:
                               undecodable_verdict=self.engine.default_verdict)
         self._reloaded = None
         self._compiling = False
-        self._ifname = _IfNames(self.qs.ifname).__getitem__
+        self._names = _IfNames(self.qs.ifname)       # interface names, per round
+        self._ifname = self._names.__getitem__
         self._single: List[bytes] = []          # this round's verdicts: one per packet,
         self._batch: Dict[int, int] = {}        # and queue -> highest id of the plain accepts
         self._keys: Dict[Tuple[int, int], tuple] = {}    # (queue, id) -> key of a cache miss
@@ -108,7 +109,9 @@ class Worker:
         wake = self.conn.fileno()
         shortcut = self._shortcut if self.config.cache else None
         while not self._stop:
-            self._ifname = _IfNames(self.qs.ifname).__getitem__
+            if len(self._names) > 1:        # a lookup was made: the next round asks again
+                self._names = _IfNames(self.qs.ifname)
+                self._ifname = self._names.__getitem__
             events = self.qs.receive_events(timeout=0.5, wake_fd=wake, shortcut=shortcut)
             if events or self._single or self._batch:
                 self.answer(events)
@@ -161,6 +164,17 @@ class Worker:
     def answer(self, events: List) -> None:
         """Judge `events` and send every verdict of this round, those the
         shortcut already found included, in one datagram."""
+        if events:
+            self._judge(events)
+        single = self._single
+        for queue, max_id in self._batch.items():
+            single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
+        self._single, self._batch = [], {}
+        self.qs.send_many(single)
+
+    def _judge(self, events: List) -> None:
+        """The full path: decide each Packet of `events`, adding its verdict
+        to this round's."""
         engine = self.engine
         ct_of = self.config.queues
         ifname = self._ifname
@@ -192,11 +206,7 @@ class Worker:
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
             # Undecodable packets with an id were answered by the socket (default verdict).
-        for queue, max_id in batch.items():
-            single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
-        self._single, self._batch = [], {}
         keys.clear()                # a key whose packet did not come back as a Packet
-        self.qs.send_many(single)
 
     # -------------------------------------------------------- control
 

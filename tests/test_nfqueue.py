@@ -123,6 +123,19 @@ def test_verdict_bytes_with_mark():
     assert data[20:].hex() == "0c000200" "00000001" "01020304" "08000300" "00000007"
 
 
+def test_plain_verdict_bytes_are_made_per_queue_and_stay_exact():
+    for queue in (0, 5, 5, 0xFFFF):      # the second 5 comes from the kept prefix
+        data = nfq.encode_verdict(queue, 0x01020304, nfq.NF_DROP)
+        assert data.hex() == ("20000000" + struct.pack("=HH", nfq.MSG_VERDICT, nl.NLM_F_REQUEST).hex()
+                              + "00000000" "00000000" "0000" + struct.pack(">H", queue).hex()
+                              + "0c000200" "00000000" "01020304")
+        batch = nfq.encode_verdict_batch(queue, 9, nfq.NF_ACCEPT)
+        assert batch[4:6] == struct.pack("=H", nfq.MSG_VERDICT_BATCH) and batch[20:] == \
+            bytes.fromhex("0c000200" "00000001" "00000009")
+    with pytest.raises(ValueError, match="not a netfilter verdict"):
+        nfq.encode_verdict_batch(5, 9, 7)
+
+
 def test_batch_verdict_type_and_body():
     data = nfq.encode_verdict_batch(0, 99, nfq.NF_DROP)
     msg = next(nl.iter_messages(data))

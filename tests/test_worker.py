@@ -46,6 +46,14 @@ class ReplaySocket:
     def fileno(self):
         return self.real.fileno()
 
+    def poll(self, timeout=None):
+        """The socket's own poller: readable while the round lasts."""
+        if self.rounds and self.rounds[0]:
+            return [(0, 1)]
+        if self.rounds:
+            self.rounds.pop(0)
+        return []
+
 
 def verdicts(data: bytes) -> list:
     """(type, queue, id, verdict) of each verdict message in one datagram sent."""
@@ -65,7 +73,7 @@ def worker_with_rounds(rounds):
     worker.qs.queues[1] = frozenset({2, 10})
     sent = []
     worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
-    worker.qs._sock = ReplaySocket(worker.qs._sock)
+    worker.qs._sock = worker.qs._sock_poller = ReplaySocket(worker.qs._sock)
     worker.qs._sock.rounds = rounds
     for _ in range(len(rounds)):
         events = worker.qs.receive_events(0, shortcut=worker._shortcut)

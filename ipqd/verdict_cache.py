@@ -32,23 +32,26 @@ from ipqd.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, P
 # Entries kept before the cache starts over; a miss costs one full decision.
 CACHE_SIZE = 65536
 
-# What a key reader takes from the IP packet, by offset from its start: the
-# name, and which of the key's fields (PacketView names) it stands for. One
-# 16-bit word holds the ports' first half or ICMP's type and code.
-_IPV4 = ((0, "B", "ver_ihl"), (2, "H", "total"), (6, "H", "frag"), (9, "B", "proto"),
+# What a key reader takes from the IP packet, by offset from its start. Both
+# families put the protocol and what follows at the same places in the read
+# tuple (IPv6 reads its traffic class byte to keep step), so one code path
+# checks the transport header. One 16-bit word holds the ports' first half
+# or ICMP's type and code.
+_IPV4 = ((0, "B", "version"), (2, "H", "total"), (6, "H", "frag"), (9, "B", "proto"),
          (12, "I", "src"), (16, "I", "dst"), (20, "H", "word0"), (22, "H", "dport"),
          (24, "H", "udp_len"), (32, "B", "tcp_offset"), (33, "B", "tcp_flags"))
-_IPV6 = ((0, "B", "ver_tc"), (4, "H", "plen"), (6, "B", "proto"), (8, "16s", "src"),
-         (24, "16s", "dst"), (40, "H", "word0"), (42, "H", "dport"), (44, "H", "udp_len"),
-         (52, "B", "tcp_offset"), (53, "B", "tcp_flags"))
+_IPV6 = ((0, "B", "version"), (1, "B", "traffic_class"), (4, "H", "plen"), (6, "B", "proto"),
+         (8, "16s", "src"), (24, "16s", "dst"), (40, "H", "word0"), (42, "H", "dport"),
+         (44, "H", "udp_len"), (52, "B", "tcp_offset"), (53, "B", "tcp_flags"))
 _V4_HEADER, _V6_HEADER = 20, 40
 # Which read value answers each field, by kind of transport header.
-_KEY_SOURCE = {
-    "tcp": {"sport": "word0", "dport": "dport", "tcp_flags": "tcp_flags"},
-    "udp": {"sport": "word0", "dport": "dport"},
-    "icmp": {"icmp_type": "word0", "icmp_code": "word0"},
-    "other": {},
-}
+_TCP, _UDP, _ICMP, _OTHER = range(4)
+_KEY_SOURCE = (
+    {"sport": "word0", "dport": "dport", "tcp_flags": "tcp_flags"},     # _TCP
+    {"sport": "word0", "dport": "dport"},                               # _UDP
+    {"icmp_type": "word0", "icmp_code": "word0"},                       # _ICMP
+    {},                                                                 # _OTHER
+)
 _ABSENT = (0, None)             # the values of metadata a layout does not carry
 _UNCACHED_PROTOS = frozenset({PROTO_SCTP, PROTO_UDPLITE})     # rare: the full path
 # nfgenmsg families
@@ -107,7 +110,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
         shape = layout_struct(">", [(offset, code) for offset, code, _ in named])
         return shape, index, named[-1][0] + struct.calcsize(">" + named[-1][1])
 
-    def picker(index: Dict[str, int], kind: str, length: str) -> Callable:
+    def picker(index: Dict[str, int], kind: int, length: str) -> Callable:
         wanted = [f"m{i}" for i in meta] + ["proto"]
         wanted += [name for name in ("src", "dst") if name in fields]
         if want_l4:
@@ -119,67 +122,70 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
 
     v4, i4, need4 = compile_family(_IPV4)
     v6, i6, need6 = compile_family(_IPV6)
+    shared = ("m0", "m2", "m5", "m6", "version", "proto", "udp_len", "tcp_offset")
+    assert all(i4[name] == i6[name] for name in shared), "the families must keep step"
+    queue, packet_id, indev, outdev, version, proto_at, udp_len, tcp_offset = \
+        (i4[name] for name in shared)
+    total, frag, plen = i4["total"], i4["frag"], i6["plen"]
     need = max(need4, need6)
-    queue4, id4, queue6, id6 = i4["m0"], i4["m2"], i6["m0"], i6["m2"]
-    vi4, total4, frag4, proto4 = i4["ver_ihl"], i4["total"], i4["frag"], i4["proto"]
-    vt6, plen6, proto6 = i6["ver_tc"], i6["plen"], i6["proto"]
-    ulen4, off4, ulen6, off6 = i4["udp_len"], i4["tcp_offset"], i6["udp_len"], i6["tcp_offset"]
-    pick4 = {kind: picker(i4, kind, "total") for kind in _KEY_SOURCE}
-    pick6 = {kind: picker(i6, kind, "plen") for kind in _KEY_SOURCE}
-    in4, out4, in6, out6 = i4["m5"], i4["m6"], i6["m5"], i6["m6"]
+    picks4 = tuple(picker(i4, kind, "total") for kind in range(len(_KEY_SOURCE)))
+    picks6 = tuple(picker(i6, kind, "plen") for kind in range(len(_KEY_SOURCE)))
     names = "in" in fields or "out" in fields
-    payload_end = layout.payload_end
+    heads, expected, payload_type = layout.heads, layout.expected, layout.payload_type
+    payload_at = layout.payload_at
 
     def read(buf, n: int, ifname: Callable) -> Read:
-        end = payload_end(buf, n)
-        if not end:
+        # The layout's attribute headers, the payload last and the message
+        # exactly n bytes long, as the kernel sends it (stricter than
+        # AttributeLayout.payload_end: anything else takes the full path).
+        # The payload's own length is checked against the IP header below.
+        if n < start:
+            return None
+        found = heads.unpack_from(buf)
+        if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
+                or payload_at + ((found[-2] + 3) & ~3) != n:
             return None
         if len(buf) < need:                     # never the receive buffer: a test's bytes
             buf = bytes(buf[:n]) + bytes(need)
-        size = end - start
+        size = found[-2] - 4
         family = buf[16]
         if family == _NFPROTO_IPV4:
             v = v4.unpack_from(buf) + _ABSENT
-            if size < _V4_HEADER or v[vi4] != 0x45 or v[total4] != size or v[frag4] & 0x3FFF:
-                return v[queue4], v[id4], None
-            kind = _transport(v[proto4], size - _V4_HEADER, v[ulen4], v[off4], PROTO_ICMP)
-            if kind is None:
-                return v[queue4], v[id4], None
-            key = pick4[kind](v)
-            if names:       # names, not indexes: an interface can be renamed
-                key += (ifname(v[in4]), ifname(v[out4]))
-            return v[queue4], v[id4], key
-        if family == _NFPROTO_IPV6:
+            if size < _V4_HEADER or v[version] != 0x45 or v[total] != size or v[frag] & 0x3FFF:
+                return v[queue], v[packet_id], None
+            room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
+        elif family == _NFPROTO_IPV6:
             v = v6.unpack_from(buf) + _ABSENT
-            proto = v[proto6]
-            if v[vt6] >> 4 != 6 or _V6_HEADER + v[plen6] != size or proto in IPV6_EXT_HEADERS:
-                return v[queue6], v[id6], None
-            kind = _transport(proto, size - _V6_HEADER, v[ulen6], v[off6], PROTO_ICMPV6)
-            if kind is None:
-                return v[queue6], v[id6], None
-            key = pick6[kind](v)
-            if names:
-                key += (ifname(v[in6]), ifname(v[out6]))
-            return v[queue6], v[id6], key
-        return None
+            if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
+                    or v[proto_at] in IPV6_EXT_HEADERS:
+                return v[queue], v[packet_id], None
+            room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
+        else:
+            return None
+        # The transport header as parse would take it, or no key.
+        proto = v[proto_at]
+        if proto == PROTO_TCP:
+            header = (v[tcp_offset] >> 4) * 4
+            if room < 20 or header < 20 or header > room:
+                return v[queue], v[packet_id], None
+            key = picks[_TCP](v)
+        elif proto == PROTO_UDP:
+            if room < 8 or not 8 <= v[udp_len] <= room:
+                return v[queue], v[packet_id], None
+            key = picks[_UDP](v)
+        elif proto == icmp:
+            if room < icmp_room:
+                return v[queue], v[packet_id], None
+            key = picks[_ICMP](v)
+        elif proto in _UNCACHED_PROTOS:
+            return v[queue], v[packet_id], None
+        else:
+            key = picks[_OTHER](v)
+        if names:       # names, not indexes: an interface can be renamed
+            key += (ifname(v[indev]), ifname(v[outdev]))
+        return v[queue], v[packet_id], key
 
     return read
-
-
-def _transport(proto: int, room: int, udp_len: int, tcp_offset: int, icmp: int) -> Optional[str]:
-    """Which key picker a transport header needs, or None when parse would
-    not take its header as it is (too short, a bad length) or the protocol
-    is left to the full path. `room`: the bytes after the IP header."""
-    if proto == PROTO_TCP:
-        header = (tcp_offset >> 4) * 4
-        return "tcp" if room >= 20 and 20 <= header <= room else None
-    if proto == PROTO_UDP:
-        return "udp" if room >= 8 and 8 <= udp_len <= room else None
-    if proto == icmp:
-        return "icmp" if room >= (8 if icmp == PROTO_ICMP else 4) else None
-    if proto in _UNCACHED_PROTOS:
-        return None
-    return "other"
 
 
 class CachedVerdict:

@@ -140,6 +140,7 @@ def main() -> None:
     full = ns_per_packet(fixture.full, rounds)
     fixture.cached()
     cached = ns_per_packet(fixture.cached, rounds)
+    fixture.worker.engine.settle()
     hits = fixture.worker.engine.cache.hits
     assert hits >= rounds * BATCH, f"the cache must answer: {fixture.worker.engine.cache.stats()}"
     print(f"rules {args.rules}: decode {decode:,.0f} ns/packet, "

@@ -461,12 +461,12 @@ class Matcher:
 
     # -- counters --
 
-    def tally(self, rule_index: int) -> None:
-        """Count a decision made without `decide` (a verdict cache hit); -1 is the default."""
+    def tally(self, rule_index: int, count: int = 1) -> None:
+        """Count decisions made without `decide` (verdict cache hits); -1 is the default."""
         if rule_index < 0:
-            self._default_hits += 1
+            self._default_hits += count
         else:
-            self._hits[rule_index] += 1
+            self._hits[rule_index] += count
 
     def counters(self) -> dict:
         """{"rules": {name: {hits, accepted, dropped}}, "default": {...}}, in rule order."""

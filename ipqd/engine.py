@@ -80,6 +80,7 @@ class Engine:
     def replaced_by(self, policy: Policy, matcher: Matcher) -> "Engine":
         """A new engine for a reloaded policy, keeping totals and per-rule counters
         (by rule name)."""
+        self.settle()
         matcher.adopt_counters(self.matcher)
         engine = Engine(policy, matcher, self.counters, self.caching)
         engine.cache.carry_counts(self.cache)
@@ -110,22 +111,35 @@ class Engine:
         return verdict
 
     def cached(self, key: tuple) -> Optional[CachedVerdict]:
-        """The cached verdict for a key, counted as `judge` would count the
-        decision, or None: then `judge` decides (and stores, given the key)."""
+        """The cached verdict for a key, or None: then `judge` decides (and
+        stores, given the key). A hit is counted on its entry, and in the
+        totals at the next `settle`."""
         cache = self.cache
         entry = cache.entries.get(key)
         if entry is None:
             cache.misses += 1
             return None
-        cache.hits += 1
-        counters = self.counters
-        counters.packets += 1
-        if entry.accept:
-            counters.accepted += 1
-        else:
-            counters.dropped += 1
-        self.matcher.tally(entry.rule_index)
+        if not entry.hits:
+            cache.touched.append(entry)
+        entry.hits += 1
         return entry
+
+    def settle(self) -> None:
+        """Add the cache's hits since the last call to the totals, as `judge`
+        would have counted each: before anyone reads them."""
+        cache = self.cache
+        counters = self.counters
+        tally = self.matcher.tally
+        for entry in cache.touched:
+            hits, entry.hits = entry.hits, 0
+            cache.hits += hits
+            counters.packets += hits
+            if entry.accept:
+                counters.accepted += hits
+            else:
+                counters.dropped += hits
+            tally(entry.rule_index, hits)
+        cache.touched.clear()
 
     def fallback(self) -> Verdict:
         """The default verdict for a packet the decision code failed on, counted."""

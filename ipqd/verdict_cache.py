@@ -190,12 +190,13 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
 
 class CachedVerdict:
     """What a cache hit needs: the verdict, its mark, and whom to count."""
-    __slots__ = ("verdict", "mark", "rule_index", "accept", "batchable")
+    __slots__ = ("verdict", "mark", "rule_index", "accept", "batchable", "hits")
 
     def __init__(self, verdict: int, mark: Optional[int], rule_index: int):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
+        self.hits = 0                         # since Engine.settle last counted them
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict
 
@@ -206,6 +207,9 @@ class VerdictCache:
     def __init__(self, size: int = CACHE_SIZE):
         self.size = size
         self.entries: Dict[tuple, CachedVerdict] = {}
+        # Entries hit since the totals were last settled (Engine.settle); kept
+        # here, not found from `entries`, which a flush may have emptied.
+        self.touched: List[CachedVerdict] = []
         self.hits = 0
         self.misses = 0
         self.flushes = 0

@@ -215,6 +215,7 @@ class Worker:
         if kind == "policy":
             self._start_reload(message[1])
         elif kind == "counters":
+            self.engine.settle()
             self.conn.send(("counters", self.config.index, self.engine.matcher.counters(),
                             self.stats()))
         elif kind == "stop":
@@ -276,6 +277,7 @@ class Worker:
                 sys.setswitchinterval(_SWITCH_INTERVAL)
 
     def stats(self) -> dict:
+        self.engine.settle()
         stats = self.engine.counters.as_dict()
         stats.update({f"socket_{k}": v for k, v in self.qs.stats.as_dict().items()})
         stats["kernel_errors"] = self.kernel_errors

@@ -216,6 +216,7 @@ def test_a_cached_engine_decides_and_counts_as_a_full_one(policy, stream, data):
         expected = full.judge(packet, IFNAME, CT_OF[packet.queue], now)
         got = decide_cached(cached, packet, now)
         assert got == (expected.verdict, expected.mark, expected.decision.rule_index), packet
+    cached.settle()
     assert cached.counters.as_dict() == full.counters.as_dict()
     assert cached.matcher.counters() == full.matcher.counters()
 
@@ -234,9 +235,34 @@ def test_rated_and_logged_decisions_are_not_cached():
         for _ in range(3):
             decide_cached(engine, packet, 0.0)
     # 55 (plain) and 56 (the default) were cached: a miss then two hits each.
+    engine.settle()
     assert engine.cache.hits == 4 and len(engine.cache.entries) == 2
     assert engine.matcher.counters()["rules"]["rated"]["hits"] == 1     # one token
     assert engine.matcher.counters()["default"]["hits"] == 3 + 2        # 56, and 53 without tokens
+
+
+def test_hits_are_settled_after_a_flush_and_a_reload():
+    policy = Policy(path="p.yaml", rules=(Rule(name="dns", match=Match(
+        proto=frozenset({17}), dport=RangeMatch(((53, 53),))), action="accept"),),
+        default=Default(action="drop", log=False))
+    engine = Engine(policy)
+    engine.cache.size = 1                   # every store starts the cache over
+
+    def packet(dport):
+        p = nfq.Packet(0, 2, 1, 0x0800, 1)
+        p.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, dport, 0, (0, 0), b"")
+        return p
+    for dport in (53, 53, 53, 80, 80):      # dns: a miss, two hits; 80 flushes it
+        decide_cached(engine, packet(dport), 0.0)
+    reloaded = engine.replaced_by(policy, Engine(policy).matcher)
+    decide_cached(reloaded, packet(80), 0.0)        # a new cache: a miss
+    decide_cached(reloaded, packet(80), 0.0)
+    reloaded.settle()
+    assert reloaded.counters.as_dict()["packets"] == 7
+    assert (reloaded.counters.accepted, reloaded.counters.dropped) == (3, 4)
+    counters = reloaded.matcher.counters()
+    assert counters["rules"]["dns"]["hits"] == 3 and counters["default"]["hits"] == 4
+    assert reloaded.cache.hits == 2 + 1 + 1
 
 
 def test_a_summary_agrees_with_the_decoded_packet():
@@ -300,6 +326,7 @@ def test_many_random_policies_and_streams_with_many_hits():
             got = decide_cached(cached, packet, now)
             assert got == (expected.verdict, expected.mark, expected.decision.rule_index), \
                 (packet, policy)
+        cached.settle()
         assert cached.counters.as_dict() == full.counters.as_dict()
         assert cached.matcher.counters() == full.matcher.counters()
         hits += cached.cache.hits

@@ -85,6 +85,7 @@ def test_a_round_of_hits_and_misses_is_covered_by_its_verdicts():
     rounds = [[datagram(1, 53), datagram(2, 80)],            # misses: both stored
               [datagram(3, 55), datagram(4, 53), datagram(5, 80), datagram(6, 54)]]
     worker, sent = worker_with_rounds([list(r) for r in rounds])
+    worker.engine.settle()
     assert worker.engine.cache.hits == 2                     # 4 (dns) and 5 (default)
     batch, single = nfq.NFQNL_MSG_VERDICT_BATCH, nfq.NFQNL_MSG_VERDICT
     assert verdicts(sent[0]) == [(single, 1, 2, nfq.NF_DROP), (batch, 1, 1, nfq.NF_ACCEPT)]

@@ -142,12 +142,13 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
         if n < start:
             return None
         found = heads.unpack_from(buf)
+        attr_len = found[-2]
         if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
-                or payload_at + ((found[-2] + 3) & ~3) != n:
+                or not payload_at + attr_len <= n <= payload_at + ((attr_len + 3) & ~3):
             return None
         if len(buf) < need:                     # never the receive buffer: a test's bytes
             buf = bytes(buf[:n]) + bytes(need)
-        size = found[-2] - 4
+        size = attr_len - 4
         family = buf[16]
         if family == _NFPROTO_IPV4:
             v = v4.unpack_from(buf) + _ABSENT

@@ -3,7 +3,10 @@ decides (and counts) exactly as one that decides every packet in full."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import struct
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -66,13 +69,24 @@ KEY_FIELDS = ("proto", "src", "dst", "sport", "dport", "tcp_flags", "icmp_type",
 VIEW_NAME = {"in": "indev", "out": "outdev"}
 
 
+def kernel_bytes(packet: nfq.Packet, padded: bool = False) -> bytearray:
+    """The packet message as the kernel sends it: its length stops where the
+    payload does (encode_packet pads the last attribute too)."""
+    data = bytearray(nfq.encode_packet(packet))
+    if padded or packet.payload is None:
+        return data
+    unpadded = len(data) - (-len(packet.payload) % 4)
+    struct.pack_into("=I", data, 0, unpadded)
+    return data[:unpadded]
+
+
 def queued_message(family: int, payload: bytes, queue: int = 1, packet_id: int = 7,
-                   **meta) -> bytearray:
+                   padded: bool = False, **meta) -> bytearray:
     packet = nfq.Packet(queue, 2 if family == 4 else 10, packet_id, 0x0800, 1)
     packet.payload = payload
     for name, value in meta.items():
         setattr(packet, name, value)
-    return bytearray(nfq.encode_packet(packet))
+    return kernel_bytes(packet, padded)
 
 
 def read_key(keys: KeyMaker, data: bytearray):
@@ -85,10 +99,10 @@ def view_of(family: int, payload: bytes):
 
 
 @SETTINGS
-@given(packets())
-def test_a_key_is_read_only_from_packets_parse_takes_whole(packet):
+@given(packets(), st.booleans())
+def test_a_key_is_read_only_from_packets_parse_takes_whole(packet, padded):
     family, payload = packet
-    data = queued_message(family, payload)
+    data = queued_message(family, payload, padded=padded)
     found = KeyMaker(frozenset(KEY_FIELDS)).read(data, len(data), IFNAME)
     assert found is not None and found[:2] == (1, 7)        # queue and id, key or not
     if found[2] is not None:
@@ -129,6 +143,14 @@ def test_plain_packets_get_a_key_and_odd_ones_do_not():
     cut.payload, cut.cap_len = udp, 1500
     data = bytearray(nfq.encode_packet(cut))
     assert keys.read(data, len(data), IFNAME) is None           # a cut copy: the full path
+
+
+@pytest.mark.parametrize("name", ["packet-ipv4-udp-output-mark", "packet-ipv6-udp-input"])
+def test_the_kernels_own_messages_get_keys(name):
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "kernel", name + ".hex")) as f:
+        data = bytearray(bytes.fromhex(f.read().strip()))
+    found = KeyMaker(frozenset(KEY_FIELDS)).read(data, len(data), IFNAME)
+    assert found is not None and found[2] is not None
 
 
 def test_keys_hold_only_what_the_policy_reads():
@@ -191,7 +213,7 @@ IFNAME = dict(zip(range(1, 5), IFACES)).get
 def decide_cached(engine: Engine, packet: nfq.Packet, now: float) -> tuple:
     """What the worker does: the cache first, then the full path, which
     stores the decision under the key read."""
-    data = bytearray(nfq.encode_packet(packet))
+    data = kernel_bytes(packet)
     found = engine.keys.read(data, len(data), IFNAME)
     key = found[2] if found else None
     if key is not None:

@@ -164,10 +164,12 @@ class QueueSocket:
         self._backlog: List[Event] = []
         self._buf = bytearray(_RECV_BUFSIZE)
         self._ifnames: Dict[int, tuple] = {}
+        self._view = memoryview(self._buf)
+        self._fd = self._sock.fileno()
         self._poller = None
-        self._poll_fds: tuple = ()
+        self._wake_fd: Optional[int] = None
         self._sock_poller = select.poll()               # the socket alone: "any more?"
-        self._sock_poller.register(self._sock.fileno(), select.POLLIN)
+        self._sock_poller.register(self._fd, select.POLLIN)
         # Whether the last receive saw the wake fd readable; True when it did
         # not look, so a caller that skips its own check on False misses nothing.
         self.woken = True
@@ -330,15 +332,15 @@ class QueueSocket:
         elif not self._wait_readable(timeout, wake_fd):
             return []
         events: List[Event] = []
-        sock = self._sock
+        recv_into = self._sock.recv_into
         buf = self._buf
-        view = memoryview(buf)
         flags = socket.MSG_DONTWAIT
+        taken = 0
         for count in range(max_datagrams):
             if count == 1 and not self._sock_poller.poll(0):
                 break           # one packet in: a poll says "dry" for less than a failed recv
             try:
-                n = sock.recv_into(buf, 0, flags)
+                n = recv_into(buf, 0, flags)
             except BlockingIOError:
                 break
             except InterruptedError:
@@ -347,32 +349,34 @@ class QueueSocket:
                 if err.errno == errno.ENOBUFS:
                     self.stats.enobufs += 1
                     continue
+                self.stats.packets += taken
                 raise NetlinkError("receive", err.errno) from err
             if shortcut is not None and shortcut(buf, n):
-                self.stats.packets += 1
+                taken += 1
                 continue
-            packet = decode_packet_datagram(buf, n, view)
+            packet = decode_packet_datagram(buf, n, self._view)
             if packet is not None:
                 events.append(packet)
             else:
-                events.extend(self.protocol.receive_data(bytes(view[:n])))
+                events.extend(self.protocol.receive_data(bytes(self._view[:n])))
+        self.stats.packets += taken
         return events
 
     def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
         """Wait for the socket (True) or the wake fd or the timeout (False);
         `woken` then says whether the wake fd was readable."""
-        fd = self._sock.fileno()
-        if self._poll_fds != (fd, wake_fd):     # kept across calls: one wait is one syscall
+        if self._wake_fd != wake_fd or self._poller is None:
+            # kept across calls: one wait is one syscall
             self._poller = select.poll()
-            self._poller.register(fd, select.POLLIN)
+            self._poller.register(self._fd, select.POLLIN)
             if wake_fd is not None:
                 self._poller.register(wake_fd, select.POLLIN)
-            self._poll_fds = (fd, wake_fd)
+            self._wake_fd = wake_fd
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
         ready = self._poller.poll(ms)     # retried by Python after a signal (PEP 475)
         readable = self.woken = False
         for ready_fd, _ in ready:
-            if ready_fd == fd:
+            if ready_fd == self._fd:
                 readable = True
             else:
                 self.woken = True

@@ -108,15 +108,17 @@ class Worker:
     def serve(self) -> None:
         wake = self.conn.fileno()
         shortcut = self._shortcut if self.config.cache else None
+        qs = self.qs
+        receive = qs.receive_events
         while not self._stop:
             if len(self._names) > 1:        # a lookup was made: the next round asks again
-                self._names = _IfNames(self.qs.ifname)
+                self._names = _IfNames(qs.ifname)
                 self._ifname = self._names.__getitem__
-            events = self.qs.receive_events(timeout=0.5, wake_fd=wake, shortcut=shortcut)
+            events = receive(0.5, 256, wake, shortcut)
             if events or self._single or self._batch:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.
-            if self.qs.woken and self.conn.poll():
+            if qs.woken and self.conn.poll():
                 self._control(self.conn.recv())
             if self._reloaded is not None:
                 self._finish_reload()

@@ -34,8 +34,9 @@ from __future__ import annotations
 import fnmatch
 import re
 import weakref
+from functools import lru_cache
 from operator import attrgetter
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ipqd.packet import MALFORMED, PORT_PROTOS, PROTO_ICMP, PROTO_ICMPV6
 from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rate, Rule
@@ -91,17 +92,25 @@ class TokenBucket:
 
 
 # ---- field checks: one small closure per tested field -----------------------
+#
+# A check is made once per distinct (field, value) of a policy and shared by
+# every rule that tests the same (see _checks): a large policy repeats its
+# protocols, ports and interfaces thousands of times.
+
+# One attribute getter per field name, shared by the checks of every rule.
+_getter: Callable[[str], Callable[[object], object]] = lru_cache(maxsize=None)(attrgetter)
+
 
 def _member(attr: str, values: frozenset) -> Check:
-    get = attrgetter(attr)
+    get = _getter(attr)
     return lambda view: get(view) in values          # None is never in values
 
 
 def _in_ranges(attr: str, match: RangeMatch) -> Check:
-    get = attrgetter(attr)
+    get = _getter(attr)
     negate = match.negate
     if _span(match) <= EXACT_PORTS_MAX:
-        values = frozenset(_range_values(match))
+        values = _small_set(_range_values(match))
 
         def check(view) -> bool:
             value = get(view)
@@ -128,7 +137,13 @@ def _range_values(match: RangeMatch) -> set:
     return {v for lo, hi in match.ranges for v in range(lo, hi + 1)}
 
 
-def prefix_tables(networks: Sequence) -> Dict[int, Tuple[Tuple[int, frozenset], ...]]:
+def _small_set(values) -> Union[tuple, frozenset]:
+    """The values as something `in` can test: a tuple when they are a few (a
+    tenth of a frozenset's size, as fast to search), else a frozenset."""
+    return tuple(sorted(values)) if len(values) <= 4 else frozenset(values)
+
+
+def prefix_tables(networks: Sequence) -> Dict[int, Tuple[Tuple[int, Collection[int]], ...]]:
     """family -> ((shift, {address >> shift of each network}), ...).
 
     An address lies in one of the networks when, for some prefix length in
@@ -139,29 +154,34 @@ def prefix_tables(networks: Sequence) -> Dict[int, Tuple[Tuple[int, frozenset], 
         shift = _BITS[net.version] - net.prefixlen
         keys = by_family.setdefault(net.version, {}).setdefault(shift, set())
         keys.add(int(net.network_address) >> shift)
-    return {family: tuple((shift, frozenset(keys)) for shift, keys in sorted(shifts.items()))
+    return {family: tuple((shift, _small_set(keys)) for shift, keys in sorted(shifts.items()))
             for family, shifts in by_family.items()}
 
 
 def _in_networks(attr: str, match: AddrMatch) -> Check:
-    get = attrgetter(attr)
-    tables = prefix_tables(match.networks)
+    get = _getter(attr)
+    # (family, table) pairs, not a dict: most matches have one family, and this
+    # is the check of which a policy of many address rules has one per rule.
+    tables = tuple(prefix_tables(match.networks).items())
     negate = match.negate
 
     def check(view) -> bool:
-        table = tables.get(view.family)
         address = get(view)
-        if table is None or address is None:
+        if address is None:
             return False
-        for shift, keys in table:
-            if (address >> shift) in keys:
-                return not negate
-        return negate
+        family = view.family
+        for table_family, table in tables:
+            if table_family == family:
+                for shift, keys in table:
+                    if (address >> shift) in keys:
+                        return not negate
+                return negate
+        return False
     return check
 
 
 def _iface(attr: str, match: IfaceMatch) -> Check:
-    get = attrgetter(attr)
+    get = _getter(attr)
     exact = frozenset(p for p in match.patterns if not _is_glob(p))
     globs = [fnmatch.translate(p) for p in match.patterns if _is_glob(p)]
     regex = re.compile("|".join(globs)) if globs else None
@@ -214,79 +234,102 @@ def _families(match: Match) -> frozenset:
     return families
 
 
-def _checks(match: Match, skip: frozenset) -> Tuple[Check, ...]:
-    """The checks for every tested field not in `skip`, cheapest first."""
+def _checks(match: Match, skip: frozenset, made: Dict[tuple, Check]) -> Tuple[Check, ...]:
+    """The checks for every tested field not in `skip`, cheapest first.
+
+    `made` holds the checks made so far for this policy, by maker and value:
+    a check already made for an equal value is used again.
+    """
     out: List[Check] = []
+
+    def add(make: Callable[..., Check], *args) -> None:
+        key = (make, args)
+        check = made.get(key)
+        if check is None:
+            check = made[key] = make(*args)
+        out.append(check)
+
     m = match
     if m.family is not None and "family" not in skip:
-        out.append(_member("family", frozenset({m.family})))  # src/dst check their own
+        add(_member, "family", frozenset({m.family}))  # src/dst check their own
     if m.proto is not None and "proto" not in skip:
-        out.append(_member("proto", m.proto))
+        add(_member, "proto", m.proto)
     if m.dport is not None and "dport" not in skip:
-        out.append(_in_ranges("dport", m.dport))
+        add(_in_ranges, "dport", m.dport)
     for attr in ("hook", "ct_state", "fragment", "icmp_type", "icmp_code"):
         values = getattr(m, attr)
         if values is not None:
-            out.append(_member(attr, values))
+            add(_member, attr, values)
     if m.sport is not None:
-        out.append(_in_ranges("sport", m.sport))
+        add(_in_ranges, "sport", m.sport)
     if m.tcp_flags is not None:
-        out.append(_tcp_flags(m.tcp_flags.mask, m.tcp_flags.value))
+        add(_tcp_flags, m.tcp_flags.mask, m.tcp_flags.value)
     if m.mark is not None:
-        out.append(_mark(m.mark.mask, m.mark.value))
+        add(_mark, m.mark.mask, m.mark.value)
     if m.length is not None:
-        out.append(_length(*m.length))
+        add(_length, *m.length)
     for attr in ("uid", "gid"):
         if getattr(m, attr) is not None:
-            out.append(_in_ranges(attr, getattr(m, attr)))
+            add(_in_ranges, attr, getattr(m, attr))
     for attr, field in (("indev", m.in_), ("outdev", m.out)):
         if field is not None:
-            out.append(_iface(attr, field))
+            add(_iface, attr, field)
     for attr in ("src", "dst"):
         if getattr(m, attr) is not None:
-            out.append(_in_networks(attr, getattr(m, attr)))
+            add(_in_networks, attr, getattr(m, attr))
     return tuple(out)
+
+
+def _exact_dports(match: Match) -> Optional[frozenset]:
+    """The destination ports of a rule that sits only in their buckets, or None."""
+    dport = match.dport
+    if dport is None or dport.negate or _span(dport) > EXACT_PORTS_MAX:
+        return None
+    return frozenset(_range_values(dport))
 
 
 # ---- compiled rules and candidate lists ------------------------------------
 
 class _Compiled:
-    """One rule, ready to verify: the checks left after the lookup, its bucket."""
-    __slots__ = ("index", "rule", "families", "exact_dports", "checks",
-                 "full_checks", "bucket", "decision")
+    """One rule, ready to verify: the checks left after the lookup, every check
+    (for views the lookup cannot place), its bucket and its decision."""
+    __slots__ = ("checks", "full_checks", "bucket", "decision")
 
-    def __init__(self, index: int, rule: Rule, default_log: bool):
+    def __init__(self, index: int, rule: Rule, default_log: bool, exact: bool,
+                 made: Dict[tuple, Check]):
         m = rule.match
-        self.index = index
-        self.rule = rule
-        self.families = _families(m)
-        dport = m.dport
-        exact = dport is not None and not dport.negate and _span(dport) <= EXACT_PORTS_MAX
-        self.exact_dports = frozenset(_range_values(dport)) if exact else None
-        proven = {"family", "proto"} | ({"dport"} if exact else set())
-        self.checks = _checks(m, frozenset(proven))
-        self.full_checks = _checks(m, frozenset())
+        self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made)
+        self.full_checks = _checks(m, frozenset(), made)
         self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
         self.decision = Decision(rule, index, rule.action, mark, log)
+
+    @property
+    def rule(self) -> Rule:
+        return self.decision.rule
+
+
+# What the bucket lookup proves of the rules it lists (dport: for exact rules).
+_PROVEN = frozenset({"family", "proto"})
+_PROVEN_EXACT = _PROVEN | {"dport"}
 
 
 class _Candidates:
     """Rule indexes in policy order, optionally split by an address table."""
     __slots__ = ("order", "attr", "rest", "tables")
 
-    def __init__(self, indexes: Sequence[int], compiled: Sequence[_Compiled], family: int):
+    def __init__(self, indexes: Sequence[int], rules: Sequence[Rule], family: int):
         self.order = tuple(sorted(set(indexes)))
         self.attr: Optional[str] = None
         self.rest: Tuple[int, ...] = self.order
         self.tables: Tuple[Tuple[int, Dict[int, Tuple[int, ...]]], ...] = ()
         if len(self.order) > ADDRESS_TABLE_MIN:
-            self._split(compiled, family)
+            self._split(rules, family)
 
-    def _split(self, compiled: Sequence[_Compiled], family: int) -> None:
+    def _split(self, rules: Sequence[Rule], family: int) -> None:
         def positive(i: int, attr: str) -> bool:
-            addr = getattr(compiled[i].rule.match, attr)
+            addr = getattr(rules[i].match, attr)
             return addr is not None and not addr.negate and family in addr.families
         counts = {attr: sum(positive(i, attr) for i in self.order) for attr in ("src", "dst")}
         attr = max(counts, key=counts.get)
@@ -298,7 +341,7 @@ class _Candidates:
             if not positive(i, attr):
                 rest.append(i)
                 continue
-            networks = getattr(compiled[i].rule.match, attr).networks
+            networks = getattr(rules[i].match, attr).networks
             for shift, keys in prefix_tables(networks)[family]:
                 table = tables.setdefault(shift, {})
                 for key in keys:
@@ -313,20 +356,37 @@ class _ProtoIndex:
     """The candidates of one (family, proto): by destination port and without."""
     __slots__ = ("ports", "wild", "no_port")
 
-    def __init__(self, family: int, members: List[_Compiled], compiled, carries_ports: bool):
-        self.no_port = _Candidates([c.index for c in members if c.rule.match.dport is None],
-                                   compiled, family)
+    def __init__(self, family: int, members: List[int], rules: Sequence[Rule],
+                 exact: Sequence[Optional[frozenset]], carries_ports: bool):
+        self.no_port = _Candidates([i for i in members if rules[i].match.dport is None],
+                                   rules, family)
         ports: Dict[int, List[int]] = {}
         wild: List[int] = []
         if carries_ports:
-            for c in members:
-                if c.exact_dports is None:
-                    wild.append(c.index)
+            for i in members:
+                if exact[i] is None:
+                    wild.append(i)
                 else:
-                    for port in c.exact_dports:
-                        ports.setdefault(port, []).append(c.index)
-        self.ports = {port: _Candidates(ix, compiled, family) for port, ix in ports.items()}
-        self.wild = _Candidates(wild, compiled, family)
+                    for port in exact[i]:
+                        ports.setdefault(port, []).append(i)
+        self.ports = {port: _Candidates(ix, rules, family) for port, ix in ports.items()}
+        self.wild = _Candidates(wild, rules, family)
+
+
+def _index_family(family: int, plain: List[int], rules: Sequence[Rule],
+                  exact: Sequence[Optional[frozenset]]) -> Dict[int, _ProtoIndex]:
+    """proto -> the candidates of the well-formed rules `plain` for `family`."""
+    members = [i for i in plain if family in _families(rules[i].match)]
+    named = {p for i in members if rules[i].match.proto is not None for p in rules[i].match.proto}
+    keys = named | PORT_PROTOS | {PROTO_ICMP, PROTO_ICMPV6}
+    index = {}
+    for proto in keys:
+        listed = [i for i in members
+                  if rules[i].match.proto is None or proto in rules[i].match.proto]
+        index[proto] = _ProtoIndex(family, listed, rules, exact, proto in PORT_PROTOS)
+    others = [i for i in members if rules[i].match.proto is None]
+    index[_OTHER] = _ProtoIndex(family, others, rules, exact, False)
+    return index
 
 
 # ---- the matcher ------------------------------------------------------------
@@ -337,7 +397,11 @@ class Matcher:
     def __init__(self, policy: Policy):
         self.policy = policy
         default = policy.default
-        self._compiled = [_Compiled(i, rule, default.log) for i, rule in enumerate(policy.rules)]
+        rules = policy.rules
+        exact = [_exact_dports(rule.match) for rule in rules]
+        made: Dict[tuple, Check] = {}
+        self._compiled = [_Compiled(i, rule, default.log, exact[i] is not None, made)
+                          for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
         self.rated = False                           # see decide
         self._hits = [0] * len(self._compiled)
@@ -346,28 +410,15 @@ class Matcher:
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
                                  default.log)
-        plain = [c for c in self._compiled if not c.rule.match.malformed]
-        self._plain = tuple(c.index for c in plain)
-        self._malformed = tuple(c.index for c in self._compiled if c.rule.match.malformed)
-        self._by_family = {family: self._index_family(family, plain) for family in (4, 6)}
+        plain = [i for i, rule in enumerate(rules) if not rule.match.malformed]
+        self._plain = tuple(plain)
+        self._malformed = tuple(i for i, rule in enumerate(rules) if rule.match.malformed)
+        self._by_family = {family: _index_family(family, plain, rules, exact) for family in (4, 6)}
         self._offload(policy)
         fields = set(policy.fields())
         if self._malformed:
             fields.add(MALFORMED)
         self.fields = frozenset(fields)
-
-    def _index_family(self, family: int, plain: List[_Compiled]) -> Dict[int, _ProtoIndex]:
-        rules = [c for c in plain if family in c.families]
-        named = {p for c in rules if c.rule.match.proto is not None for p in c.rule.match.proto}
-        keys = named | PORT_PROTOS | {PROTO_ICMP, PROTO_ICMPV6}
-        index = {}
-        for proto in keys:
-            members = [c for c in rules
-                       if c.rule.match.proto is None or proto in c.rule.match.proto]
-            index[proto] = _ProtoIndex(family, members, self._compiled, proto in PORT_PROTOS)
-        others = [c for c in rules if c.rule.match.proto is None]
-        index[_OTHER] = _ProtoIndex(family, others, self._compiled, False)
-        return index
 
     def _offload(self, policy: Policy) -> None:
         if policy.queue.offload.mode == "off":
@@ -471,9 +522,9 @@ class Matcher:
     def counters(self) -> dict:
         """{"rules": {name: {hits, accepted, dropped}}, "default": {...}}, in rule order."""
         rules: Dict[str, dict] = {}
-        for c in self._compiled:
+        for c, hits in zip(self._compiled, self._hits):
             entry = rules.setdefault(c.rule.name, {"hits": 0, "accepted": 0, "dropped": 0})
-            _add_hits(entry, c.rule.action, self._hits[c.index])
+            _add_hits(entry, c.rule.action, hits)
         default = {"hits": 0, "accepted": 0, "dropped": 0}
         _add_hits(default, self._default.action, self._default_hits)
         return {"rules": rules, "default": default}
@@ -502,15 +553,15 @@ class _Adoption:
     def __init__(self, new: Matcher, old: Matcher):
         self.source = weakref.ref(old)          # the old matcher must be free to go
         previous: Dict[str, int] = {}
-        for c in old._compiled:
-            previous.setdefault(c.rule.name, c.index)
+        for before, c in enumerate(old._compiled):
+            previous.setdefault(c.rule.name, before)
         self.into = [-1] * len(old._compiled)   # old index -> new index, -1: gone
         self.buckets = []                       # (new bucket, old bucket) of unchanged rates
-        for c in new._compiled:
+        for index, c in enumerate(new._compiled):
             before = previous.get(c.rule.name)
             if before is None:
                 continue
-            self.into[before] = c.index
+            self.into[before] = index
             b = old._compiled[before]
             if c.bucket is not None and b.bucket is not None and c.rule.rate == b.rule.rate:
                 self.buckets.append((c.bucket, b.bucket))

@@ -3,6 +3,7 @@ the NF_REPEAT answer (engine), the mark bits, the hook rules' text, and the
 `queue.offload` setting."""
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 import textwrap
@@ -211,8 +212,7 @@ def test_no_offload_at_unhooked_chains_untracked_packets_or_with_mode_off():
     assert judge(engine, 80, ct_state="untracked").verdict == nfq.NF_ACCEPT
     assert judge(engine, 80, ct_state="related").verdict == nfq.NF_ACCEPT
     assert judge(engine, 80, ct_state=None).verdict == nfq.NF_REPEAT    # no conntrack queues
-    off = loads(HOOKED)
-    off = Policy(**{**off.__dict__, "queue": QueueConfig(offload=Offload("off"))})
+    off = dataclasses.replace(loads(HOOKED), queue=QueueConfig(offload=Offload("off")))
     assert judge(Engine(off), 80).verdict == nfq.NF_ACCEPT
 
 

@@ -9,10 +9,15 @@ interpret text.
 from __future__ import annotations
 
 import ipaddress
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# Slots, where Python has them for dataclasses (3.10): a worker holds one
+# Rule, Match, ... per rule, and an instance dict is most of each one's size.
+_SLOTS = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 # Netfilter hook numbers (include/uapi/linux/netfilter.h, enum nf_inet_hooks):
 # the same numbers the kernel puts in NFQA_PACKET_HDR.hook.
@@ -38,7 +43,7 @@ FRAGMENTS = ("first", "not-first", "none")
 ACTIONS = ("accept", "drop")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Position:
     """Where something was written: file path and 1-based line and column."""
     path: str
@@ -49,7 +54,7 @@ class Position:
         return f"{self.path}:{self.line}:{self.column}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class AddrMatch:
     """`src`/`dst`: the packet's address lies in one of `networks`.
 
@@ -65,7 +70,7 @@ class AddrMatch:
         return frozenset(n.version for n in self.networks)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class RangeMatch:
     """A numeric field (ports, uid, gid) lies in one of the inclusive ranges.
 
@@ -80,28 +85,28 @@ class RangeMatch:
         return inside != self.negate
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class IfaceMatch:
     """`in`/`out`: interface name equal to one of the names or fnmatch globs."""
     patterns: Tuple[str, ...]
     negate: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class TcpFlagsMatch:
     """`tcp_flags: syn,!ack` -> (flags & mask) == value. Bits as in the TCP header."""
     mask: int
     value: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class MarkMatch:
     """`mark: 0x10/0xff` -> (packet mark & mask) == value."""
     value: int
     mask: int = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Rate:
     """A token bucket: `per_second` tokens a second, at most `burst` saved up."""
     per_second: float
@@ -109,7 +114,7 @@ class Rate:
     text: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Match:
     """Everything a rule tests. None means "not tested" (matches anything).
 
@@ -153,7 +158,7 @@ class Match:
         return frozenset(names)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Rule:
     name: str
     match: Match
@@ -165,7 +170,7 @@ class Rule:
     offload: bool = True                            # false: never offload this rule's flows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Default:
     action: str = "drop"
     log: bool = True
@@ -178,7 +183,7 @@ OFFLOAD_MODES = ("auto", "off")
 OFFLOAD_MASK = 0xFFFC0000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Offload:
     """Flow offload: where the verdict of a flow cannot change, ipqd asks the
     kernel to remember it in the conntrack mark (bits of `mask`) and stops
@@ -188,7 +193,7 @@ class Offload:
     mask: int = OFFLOAD_MASK
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class QueueConfig:
     nums: Tuple[int, ...] = (0,)                    # "0-3" -> (0, 1, 2, 3)
     copy_range: int = 256
@@ -199,7 +204,7 @@ class QueueConfig:
     offload: Offload = field(default_factory=Offload)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Hook:
     """One kernel rule ipqd installs to send traffic to its queue."""
     chain: str                                      # input, output, forward, prerouting, postrouting
@@ -207,12 +212,12 @@ class Hook:
     proto: Optional[str] = None                     # tcp, udp, icmp, ... or None for all
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class LoggingConfig:
     rate: Optional[Rate] = None                     # cap on decision log entries
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **_SLOTS)
 class Policy:
     path: str
     version: int = 1

@@ -417,8 +417,13 @@ def rule_name(where: Where, node: yaml.MappingNode, index: int) -> Tuple[str, ya
 
 
 def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef],
-               used_sets: Set[str]) -> Optional[ParsedRule]:
-    """The rule at `node` (index is 1-based over every file), or None when not a mapping."""
+               used_sets: Set[str], shared: Dict[tuple, object]) -> Optional[ParsedRule]:
+    """The rule at `node` (index is 1-based over every file), or None when not a mapping.
+
+    `shared` holds the values of the rules read before: a value equal to one
+    of them is replaced by it, so a large policy keeps one `proto: udp` or
+    `dport: 53` for all its rules, not one each.
+    """
     if not isinstance(node, yaml.MappingNode):
         file.error(node, f"rule {index} must be a mapping of fields, not {describe(node)}")
         return None
@@ -446,8 +451,11 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
                                       "(a dropped packet keeps no mark)")
     if ctx.failed or None in done.values() or "action" not in found:
         return ParsedRule(name, None, keys, where, name_node)
-    match = Match(**{("in_" if f == "in" else f): v for f, v in matched.items()})
-    rule = Rule(name=name, match=match, action=done["action"],
+    def one(value):
+        return shared.setdefault((type(value), value), value)
+
+    match = Match(**{("in_" if f == "in" else f): one(v) for f, v in matched.items()})
+    rule = Rule(name=name, match=match, action=one(done["action"]),
                 set_mark=done.get("set_mark"), log=done.get("log"), rate=done.get("rate"),
                 offload=done.get("offload", True),
                 position=Position(file.path, node.start_mark.line + 1,

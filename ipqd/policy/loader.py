@@ -98,6 +98,7 @@ class _Loader:
         self.problems: List[PolicyError] = []
         self.sets: Dict[str, SetDef] = {}
         self.used_sets: Set[str] = set()
+        self.shared: Dict[tuple, object] = {}       # see parse_rule
         self.sources: List[str] = []
 
     # --- files ---------------------------------------------------------------
@@ -230,7 +231,8 @@ class _Loader:
             return []
         out = []
         for offset, item in enumerate(node.value, start=1):
-            parsed = parse_rule(where, item, before + offset, self.sets, self.used_sets)
+            parsed = parse_rule(where, item, before + offset, self.sets, self.used_sets,
+                                self.shared)
             if parsed is not None:
                 out.append(parsed)
         return out

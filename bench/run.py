@@ -384,25 +384,23 @@ RELOAD_PROBE_S = 16.0       # the probe runs from 1.5 s before the SIGHUP to pas
 
 
 def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:
-    """An ipqd's processes by role: the workers are the fork server's children."""
+    """An ipqd's processes by role: the workers run `python -m ipqd.child worker`."""
     commands = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/cmdline") as f:
-                commands[pid] = f.read()
+                commands[pid] = f.read().rstrip("\0").split("\0")
         except OSError:
             continue
-    servers = [pid for pid, command in commands.items() if "forkserver" in command]
-    children = proc_children()
-    workers = [child for server in servers for child in children.get(server, [])]
+    workers = [pid for pid, command in commands.items() if command[-3:-1] == ["ipqd.child", "worker"]]
     return {"workers": workers, "others": [pid for pid in commands if pid not in workers]}
 
 
 def measure_reload(lab: Lab, name: str, reps: int, one_cpu: bool) -> dict:
     """SIGHUP under a one-in-flight probe: reload time (the daemon's own
     figure) and the worst round trip while it ran. The probe and the worker
-    share CPU 0; the supervisor, its fork server and so the process that
-    loads the new policy run on CPU 0 too when `one_cpu`, else on the other
+    share CPU 0; the supervisor and so the process it starts to
+    load the new policy run on CPU 0 too when `one_cpu`, else on the other
     CPUs (the compile itself is always in the worker, beside its packets)."""
     runs = []
     supervisor = lab.procs[name].pid
@@ -669,7 +667,7 @@ def report(result: dict) -> None:
     if "rss" in result:
         for name, r in result["rss"].items():
             print(f"memory {name}: VmRSS {r['rss_mb']:.1f} MB, PSS {r['pss_mb']:.1f} MB "
-                  f"over {len(r['processes'])} processes (supervisor, fork server, workers)")
+                  f"over {len(r['processes'])} processes (supervisor, workers)")
     for key, where in (("reload", "load on another CPU"), ("reload_one_cpu", "all on one CPU")):
         if key in result:
             r = result[key]

@@ -1,8 +1,9 @@
 """`ipqd run`: the supervisor. Loads the policy, installs hooks, runs the
 workers, and handles signals and systemd.
 
-The supervisor never touches packets: it forks one worker per queue of the
-policy (ipqd.worker), tells them about new policies, and turns their
+The supervisor never touches packets: it starts one worker per queue of the
+policy (ipqd.worker, in a process of its own: ipqd.child), tells them about
+new policies, and turns their
 reports into sd_notify status, watchdog pings and journal entries. Signals
 only set a flag and wake the loop (signal.set_wakeup_fd); the loop does the
 work, so nothing runs inside a signal handler.
@@ -17,8 +18,6 @@ work, so nothing runs inside a signal handler.
 from __future__ import annotations
 
 import gc
-import hashlib
-import multiprocessing
 import os
 import pickle
 import select
@@ -26,14 +25,11 @@ import signal
 import time
 from typing import Dict, List, Optional
 
+from ipqd import child
 from ipqd import hooks as hooks_mod
 from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
 from ipqd.errors import PolicyErrors
-from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, fragment_paths, load
-from ipqd.policy._yamlsafe import MAX_BYTES
-from ipqd.policy import transfer
 from ipqd.policy.model import Policy
-from ipqd.worker import WorkerConfig, worker_main
 
 READY_TIMEOUT = 15.0
 REPLY_TIMEOUT = 60.0
@@ -70,7 +66,11 @@ def load_checked(path: str) -> Policy:
     after reading: a fragment that appears, vanishes or changes meanwhile
     refuses the load (the caller keeps what it had). Raises PolicyRefused
     with every line to report, OSError when unreadable.
+
+    Runs in the loading process (load_in_child): the loader and YAML are
+    imported there, never into the supervisor.
     """
+    from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, load
     files = _policy_files(path)
     before = _identities(files)
     problems = check_file_safety(path)
@@ -105,26 +105,26 @@ class LoadedPolicy:
         self.rules = rules
 
 
-def load_in_child(ctx, path: str) -> LoadedPolicy:
-    """load_checked in a short-lived process from the fork server.
+def load_in_child(path: str) -> LoadedPolicy:
+    """load_checked in a short-lived process (ipqd.child).
 
     A large policy's YAML nodes and model take a hundred megabytes of heap
     while they are read; the supervisor gets only their pickle, so its own
     heap never grows with the policy. Raises as load_checked does (and
     PolicyRefused when the loading process dies).
     """
-    parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_load_child, args=(path, child), name="ipqd-load",
-                          daemon=True)
-    process.start()
-    child.close()
     try:
-        answer = parent.recv()
-    except EOFError:
+        loading = child.start("load", path)
+    except OSError as error:
+        raise PolicyRefused([f"refusing policy {path}: cannot start the process loading it: "
+                             f"{error}"]) from None
+    try:
+        answer = loading.conn.recv()
+    except (EOFError, OSError):
         answer = ("refused", [f"refusing policy {path}: the process loading it exited"])
     finally:
-        parent.close()
-        process.join()
+        loading.conn.close()
+        loading.join()
     kind = answer[0]
     if kind == "loaded":
         return LoadedPolicy(answer[1], pickle.loads(answer[2]), answer[3])
@@ -133,7 +133,9 @@ def load_in_child(ctx, path: str) -> LoadedPolicy:
     raise PolicyRefused(answer[1])
 
 
-def _load_child(path: str, conn) -> None:
+def load_policy_job(path: str, conn) -> None:
+    """What the loading process does: load_checked, its answer sent on `conn`."""
+    from ipqd.policy import transfer
     # The process exits when done: nothing to collect, and the collector
     # would walk the whole node tree again and again as it grows.
     gc.disable()
@@ -157,12 +159,15 @@ def _load_child(path: str, conn) -> None:
 
 def _policy_files(path: str) -> List[str]:
     """The main file and the fragments the loader reads, in its order."""
+    from ipqd.policy.loader import fragment_paths
     return [path] + fragment_paths(path)
 
 
 def _identities(files: List[str]) -> List[tuple]:
     """Each file's name and a digest of its bytes (None when unreadable):
     sizes and times miss a same-size edit within one clock tick."""
+    import hashlib
+    from ipqd.policy._yamlsafe import MAX_BYTES
     identities = []
     for name in files:
         try:
@@ -201,12 +206,6 @@ class Daemon:
         self.signals: List[int] = []
         self.reloads = self.failed_reloads = 0
         self.last_reload_error = ""
-        # Workers come from a fork server: a clean, single-threaded process.
-        # Forking the supervisor itself would copy locks its log thread may
-        # hold at that instant (an import, stderr), and the worker would hang.
-        self.ctx = multiprocessing.get_context("forkserver")
-        # ipqd.daemon brings the policy loader, for load_in_child.
-        self.ctx.set_forkserver_preload(["ipqd.worker", "ipqd.daemon"])
 
     # -------------------------------------------------------- life cycle
 
@@ -226,7 +225,7 @@ class Daemon:
 
     def start(self) -> None:
         try:
-            loaded = load_in_child(self.ctx, self.path)
+            loaded = load_in_child(self.path)
         except PolicyRefused as refused:
             raise StartupError("\n".join(refused.lines + ["ipqd: not started: fix the policy, "
                                                           f"then check it with `ipqd check {self.path}`"]))
@@ -285,14 +284,12 @@ class Daemon:
                 raise StartupError(f"ipqd: workers {sorted(waiting)} did not start in {READY_TIMEOUT:.0f} s")
 
     def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]]) -> None:
-        parent, child = self.ctx.Pipe()
-        config = WorkerConfig(index, count, queues, self.target, batch=self.batch,
-                              cache=self.cache)
-        process = self.ctx.Process(target=worker_main, args=(config, self.pickled, child),
-                                   name=f"ipqd-worker-{index}", daemon=False)
-        process.start()
-        child.close()
-        self.workers[index] = WorkerHandle(index, process, parent, queues)
+        try:
+            process = child.start("worker", index, count, queues, self.target, self.batch,
+                                  self.cache, payload=self.pickled)
+        except OSError as error:
+            raise StartupError(f"ipqd: cannot start worker {index}: {error}")
+        self.workers[index] = WorkerHandle(index, process, process.conn, queues)
 
     def stop_workers(self) -> None:
         for worker in self.workers.values():
@@ -344,16 +341,18 @@ class Daemon:
                     registered.add(worker.conn.fileno())
             poller.poll(500)
             _drain(self.wake_r)
-            while self.signals:
-                signum = self.signals.pop(0)
-                if signum in (signal.SIGTERM, signal.SIGINT):
+            # What came since the last round, each once: a stop first, and one
+            # reload for many SIGHUPs (it reads the files as they are now).
+            pending, self.signals = self.signals, []
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signum in pending:
                     self.log.event(f"ipqd stopping on {signal.Signals(signum).name}", LOG_INFO,
                                    IPQD_EVENT="stop")
                     return
-                if signum == signal.SIGHUP:
-                    self.reload()
-                elif signum == signal.SIGUSR1:
-                    self.report_counters()
+            if signal.SIGHUP in pending:
+                self.reload()
+            if signal.SIGUSR1 in pending:
+                self.report_counters()
             for worker in list(self.workers.values()):
                 self.read_worker(worker)
             for fd in list(registered):
@@ -405,7 +404,7 @@ class Daemon:
         notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            loaded = load_in_child(self.ctx, self.path)
+            loaded = load_in_child(self.path)
         except (PolicyRefused, OSError) as error:
             lines = error.lines if isinstance(error, PolicyRefused) else [
                 f"cannot read policy {error.filename or self.path}: {error.strerror}"]

@@ -16,10 +16,12 @@ import struct
 import sys
 import threading
 import time
-from typing import Callable, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional
 
-from ipqd.packet import PacketView, address_text
 from ipqd.policy.model import HOOK_NAMES, Rate
+
+if TYPE_CHECKING:       # the supervisor logs no packets: it need not import them (dpkt)
+    from ipqd.packet import PacketView
 
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
@@ -48,6 +50,7 @@ def choose_target(requested: str) -> str:
 def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
                     mark: Optional[int]) -> Dict[str, str]:
     """The journal fields of one decision (headers only: never payload)."""
+    from ipqd.packet import address_text      # imported by the worker already: see above
     fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
     if view is None:
         return fields

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-import ipqd.daemon
 import ipqd.policy.loader
 from daemon_harness import IPQD, RunningIpqd, udp_probe
 from ipqd.daemon import PolicyRefused, load_checked
@@ -92,7 +91,7 @@ def test_dangling_fragment_link_is_a_clean_refusal(policy_dir):
 @pytest.mark.parametrize("change", ["vanishes", "changes", "appears"])
 def test_fragment_that_changes_while_read_refuses_the_load(policy_dir, monkeypatch, change):
     tmp, path, fragment = policy_dir
-    real_load = ipqd.daemon.load
+    real_load = ipqd.policy.loader.load
 
     def load_while_changing(name):
         if change == "vanishes":
@@ -107,7 +106,7 @@ def test_fragment_that_changes_while_read_refuses_the_load(policy_dir, monkeypat
             os.chmod(new, 0o644)
         return policy
 
-    monkeypatch.setattr(ipqd.daemon, "load", load_while_changing)
+    monkeypatch.setattr(ipqd.policy.loader, "load", load_while_changing)
     assert "its files changed while they were read; reload again" in refusal(path)
 
 

@@ -1,0 +1,96 @@
+"""The supervisor's child processes: each one a fresh interpreter.
+
+A worker, or the short-lived process that loads a policy, runs as
+`python -m ipqd.child JOB FD`, FD being its end of a socketpair to the
+supervisor, over which the first message brings the job's arguments. A
+fresh interpreter rather than a fork: the supervisor runs a log thread, and
+a fork would copy whatever lock that thread holds at the instant. Started
+this way, each child imports only what its job needs, and no other process
+(multiprocessing's fork server and resource tracker) stays resident.
+"""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from typing import Optional
+
+
+class Child:
+    """A started child: its end of the pipe, and the process calls the
+    supervisor makes (as multiprocessing.Process names them)."""
+
+    def __init__(self, popen: subprocess.Popen, conn: Connection):
+        self.popen = popen
+        self.conn = conn
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        """The exit status, -N for signal N, None while running."""
+        return self.popen.poll()
+
+
+def start(job: str, *args, payload: Optional[bytes] = None) -> Child:
+    """Start `job` ("worker" or "load") with `args`; `payload`, bytes sent
+    apart from them, is passed as the last argument but one (before the pipe).
+
+    Raises OSError when the interpreter cannot be started. A child that
+    dies at once shows as the pipe's end of file.
+    """
+    mine, theirs = socket.socketpair()
+    try:
+        popen = subprocess.Popen([sys.executable, "-m", "ipqd.child", job, str(theirs.fileno())],
+                                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+    finally:
+        theirs.close()
+    conn = Connection(mine.detach())
+    try:
+        conn.send(args)
+        if payload is not None:
+            conn.send_bytes(payload)
+    except OSError:
+        pass                    # it died: its reader gets end of file
+    return Child(popen, conn)
+
+
+def _worker(conn: Connection, index, workers, queues, log_target, batch, cache) -> None:
+    from ipqd.worker import WorkerConfig, worker_main
+    config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
+    # The policy's bytes go straight into the call, held by no name here:
+    # worker_main lets them go once unpacked.
+    worker_main(config, conn.recv_bytes(), conn)
+
+
+def _load(conn: Connection, path: str) -> None:
+    from ipqd.daemon import load_policy_job
+    load_policy_job(path, conn)
+
+
+_JOBS = {"worker": _worker, "load": _load}
+
+
+def main() -> None:
+    # The supervisor handles Ctrl-C (the terminal sends it to the whole group);
+    # a child stops when told to, or when the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    job, fd = sys.argv[1], int(sys.argv[2])
+    conn = Connection(fd)
+    _JOBS[job](conn, *conn.recv())
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,7 @@ from ipqd.queue_socket import QueueSocket
 
 STATS_EVERY = 1.0
 RELOAD_SWITCH_INTERVAL = 0.0005     # seconds; see _start_reload
+IDLE_WAIT = 0.5                     # seconds a receive waits for packets before looking at stats
 _SWITCH_INTERVAL = sys.getswitchinterval()
 
 
@@ -83,6 +84,9 @@ class Worker:
                               undecodable_verdict=self.engine.default_verdict)
         self._reloaded = None
         self._compiling = False
+        # The compile thread's "done": it wakes the loop, which would
+        # otherwise notice the new policy only at its next packet or timeout.
+        self._compiled_r, self._compiled_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._names = _IfNames(self.qs.ifname)       # interface names, per round
         self._ifname = self._names.__getitem__
         self._single: List[bytes] = []          # this round's verdicts: one per packet,
@@ -106,7 +110,7 @@ class Worker:
     # -------------------------------------------------------- the loop
 
     def serve(self) -> None:
-        wake = self.conn.fileno()
+        wake = (self.conn.fileno(), self._compiled_r)
         shortcut = self._shortcut if self.config.cache else None
         qs = self.qs
         receive = qs.receive_events
@@ -114,12 +118,14 @@ class Worker:
             if len(self._names) > 1:        # a lookup was made: the next round asks again
                 self._names = _IfNames(qs.ifname)
                 self._ifname = self._names.__getitem__
-            events = receive(0.5, 256, wake, shortcut)
+            events = receive(IDLE_WAIT, 256, wake, shortcut)
             if events or self._single or self._batch:
                 self.answer(events)
-            # The receive's own wait watched the pipe: look only when it was readable.
-            if qs.woken and self.conn.poll():
-                self._control(self.conn.recv())
+            # The receive's own wait watched the pipes: look only when one was readable.
+            if qs.woken:
+                if self.conn.poll():
+                    self._control(self.conn.recv())
+                _drain(self._compiled_r)
             if self._reloaded is not None:
                 self._finish_reload()
             now = time.monotonic()
@@ -243,6 +249,10 @@ class Worker:
                 self._reloaded = (policy, matcher, None)
             except Exception as error:          # the old policy stays
                 self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
+            try:
+                os.write(self._compiled_w, b"!")
+            except BlockingIOError:         # full: the loop has wake-ups enough
+                pass
 
         gc.disable()
         self._compiling = True
@@ -293,6 +303,17 @@ class Worker:
             self.qs.close()
         finally:
             self.log.close()
+            os.close(self._compiled_r)
+            os.close(self._compiled_w)
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking wake pipe."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _settle_heap() -> None:

@@ -3,6 +3,11 @@ decisions of one round go out together, and every packet is covered."""
 from __future__ import annotations
 
 import struct
+import threading
+from multiprocessing import Pipe
+
+from ipqd import worker as worker_module
+from ipqd.policy import transfer
 
 from ipqd import nfqueue as nfq
 from ipqd.nfnetlink import NLMSG_HDRLEN
@@ -96,3 +101,26 @@ def test_a_round_of_hits_and_misses_is_covered_by_its_verdicts():
     counters = worker.engine.matcher.counters()
     assert counters["rules"]["dns"]["hits"] == 2 and counters["default"]["hits"] == 2
     assert worker.engine.counters.packets == 6 == worker.qs.stats.packets
+
+
+def test_a_reload_wakes_the_idle_loop_when_its_compile_ends(monkeypatch):
+    """No packets and no timeout: the compile thread's end alone must bring
+    the new policy in and the answer back."""
+    monkeypatch.setattr(worker_module, "IDLE_WAIT", 60.0)
+    ours, theirs = Pipe()
+    worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), loads(POLICY, "p.yaml"), conn=theirs)
+    loop = threading.Thread(target=worker.serve, daemon=True)
+    loop.start()
+    try:
+        ours.send(("policy", transfer.pack(loads(POLICY.replace("dport: 55", "dport: 56"),
+                                                 "p.yaml"))))
+        reply = ("stats",)
+        while reply[0] == "stats":          # sent once a second, and at the start
+            assert ours.poll(20), "the reload waited for the receive's timeout"
+            reply = ours.recv()
+        assert reply == ("reloaded", 0, None)
+        assert "56" in str(worker.engine.matcher.policy.rules[2].match.dport)
+    finally:
+        ours.send(("stop",))
+        loop.join(70)
+        worker.close()

@@ -11,7 +11,8 @@ Where dpkt is used and where it is not:
   checked by hand: dpkt's `IP(buf)` decodes every layer eagerly (15-20 us a
   packet) and on hostile input either raises or leaves raw bytes behind, while
   `unpack_from` costs about 1 us for everything a policy reads. Protocol and
-  header numbers come from dpkt's constants so the same names are used.
+  header numbers are dpkt's constants written out (tests/test_packet.py
+  checks them): importing dpkt would cost every worker 5 MB of memory.
 - `ipqd.pcap` reads pcap and pcapng files with dpkt's file and block header
   classes, and `ipqd.explain` builds packets from a description with dpkt
   (headers, lengths and checksums), then feeds their bytes to this `parse`.
@@ -30,25 +31,23 @@ import ipaddress
 import struct
 from typing import NamedTuple, Optional
 
-import dpkt
-
-# Upper-layer protocol numbers (dpkt.ip.IP_PROTO_*, the IANA numbers).
-PROTO_ICMP = dpkt.ip.IP_PROTO_ICMP          # 1
-PROTO_TCP = dpkt.ip.IP_PROTO_TCP            # 6
-PROTO_UDP = dpkt.ip.IP_PROTO_UDP            # 17
-PROTO_ICMPV6 = dpkt.ip.IP_PROTO_ICMP6       # 58
-PROTO_NONE = dpkt.ip.IP_PROTO_NONE          # 59: IPv6 "no next header"
-PROTO_SCTP = dpkt.ip.IP_PROTO_SCTP          # 132
+# Upper-layer protocol numbers (the IANA numbers; dpkt.ip.IP_PROTO_*).
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+PROTO_NONE = 59             # IPv6 "no next header"
+PROTO_SCTP = 132
 PROTO_UDPLITE = 136
 
 PORT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
 
 # IPv6 extension headers walked to find the upper-layer protocol.
-EXT_HOPOPTS = dpkt.ip.IP_PROTO_HOPOPTS      # 0
-EXT_ROUTING = dpkt.ip.IP_PROTO_ROUTING      # 43
-EXT_FRAGMENT = dpkt.ip.IP_PROTO_FRAGMENT    # 44
-EXT_AH = dpkt.ip.IP_PROTO_AH                # 51
-EXT_DSTOPTS = dpkt.ip.IP_PROTO_DSTOPTS      # 60
+EXT_HOPOPTS = 0
+EXT_ROUTING = 43
+EXT_FRAGMENT = 44
+EXT_AH = 51
+EXT_DSTOPTS = 60
 EXT_MOBILITY = 135
 IPV6_EXT_HEADERS = frozenset({EXT_HOPOPTS, EXT_ROUTING, EXT_FRAGMENT, EXT_AH,
                               EXT_DSTOPTS, EXT_MOBILITY})

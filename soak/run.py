@@ -44,7 +44,7 @@ PROBE_EVERY = 0.05
 
 
 def processes(ipqd: RunningIpqd) -> list:
-    """The pids of ipqd's process group (supervisor, fork server, workers)."""
+    """The pids of ipqd's process group: the supervisor, workers, loading processes."""
     pgid = ipqd.process.pid
     pids = []
     for entry in os.listdir("/proc"):

@@ -223,3 +223,22 @@ def test_shared_captures_parse(path):
                 view = parse(ip.payload, META._replace(wire_len=ip.wire_len, family=ip.family),
                              needs)
                 assert view.malformed or view.proto is not None
+
+
+def test_protocol_numbers_are_dpkts():
+    """packet.py writes dpkt's constants out so that workers need not import it."""
+    from ipqd import packet
+    for name, dpkt_name in [("PROTO_ICMP", "ICMP"), ("PROTO_TCP", "TCP"), ("PROTO_UDP", "UDP"),
+                            ("PROTO_ICMPV6", "ICMP6"), ("PROTO_NONE", "NONE"),
+                            ("PROTO_SCTP", "SCTP"), ("EXT_HOPOPTS", "HOPOPTS"),
+                            ("EXT_ROUTING", "ROUTING"), ("EXT_FRAGMENT", "FRAGMENT"),
+                            ("EXT_AH", "AH"), ("EXT_DSTOPTS", "DSTOPTS")]:
+        assert getattr(packet, name) == getattr(dpkt.ip, "IP_PROTO_" + dpkt_name), name
+
+
+def test_a_worker_imports_no_dpkt():
+    import subprocess
+    import sys
+    code = "import sys, ipqd.worker; print('dpkt' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True).stdout.strip() == "False"

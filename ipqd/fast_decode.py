@@ -110,10 +110,11 @@ def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Op
 _NFQA_MARK = nfq.NFQA_MARK
 _NFQA_UID = nfq.NFQA_UID
 _NFQA_GID = nfq.NFQA_GID
-# Attributes a summary can pass over: nothing a rule reads comes from them.
-_SUMMARY_SKIPS = frozenset({nfq.NFQA_TIMESTAMP, nfq.NFQA_HWADDR, nfq.NFQA_IFINDEX_PHYSINDEV,
-                            nfq.NFQA_IFINDEX_PHYSOUTDEV, nfq.NFQA_SKB_INFO, nfq.NFQA_PRIORITY,
-                            nfq.NFQA_CGROUP_CLASSID})
+# Attributes a summary can pass over, as nothing a rule reads comes from
+# them, with the fewest bytes QueueProtocol accepts in each.
+_SUMMARY_SKIPS = {nfq.NFQA_TIMESTAMP: 16, nfq.NFQA_HWADDR: 12, nfq.NFQA_IFINDEX_PHYSINDEV: 4,
+                  nfq.NFQA_IFINDEX_PHYSOUTDEV: 4, nfq.NFQA_SKB_INFO: 4, nfq.NFQA_PRIORITY: 4,
+                  nfq.NFQA_CGROUP_CLASSID: 4}
 
 
 def packet_summary(buf, n: int) -> Optional[tuple]:
@@ -258,7 +259,8 @@ def _walk_summary(buf, n: int) -> Optional[Tuple[tuple, List[Tuple[int, int, int
                 return None
             packet_id, _proto, hook = _PACKET_HDR.unpack_from(buf, offset + 4)
         elif attr_type in _SUMMARY_SKIPS:
-            pass
+            if attr_len - 4 < _SUMMARY_SKIPS[attr_type]:
+                return None             # the reference refuses it: so does the summary
         elif attr_len < 8:
             return None
         elif attr_type == _NFQA_INDEV:

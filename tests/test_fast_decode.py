@@ -123,3 +123,12 @@ def test_a_learned_layout_never_disagrees_with_the_reference(packet, value):
     for cut in range(len(data)):
         summary_agrees(data[:cut])
     summary_agrees(data + b"\0\0\0\0")
+
+
+def test_a_skipped_attribute_too_short_for_the_reference_gives_no_summary():
+    """Found by the property above: a mark attribute retyped as a 4-byte
+    timestamp, which QueueProtocol refuses."""
+    data = bytes.fromhex("2c000000000300000000000000000000020000000b000100000000000000"
+                         "0000080004000000000104000a00")
+    assert type(reference(data)) is nfq.Undecodable
+    assert packet_summary(bytearray(data), len(data)) is None

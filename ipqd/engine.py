@@ -57,8 +57,8 @@ class Engine:
         self.matcher = matcher or compile_policy(policy)
         self.needs = self.matcher.fields
         self.counters = counters or Counters()
-        self.keys = KeyMaker(self.needs)
         self.cache = VerdictCache()       # per compiled policy: a reload starts empty
+        self.keys = KeyMaker(self.needs, self.cache)
         default = policy.default
         self._default_verdict = NF_ACCEPT if default.action == "accept" else NF_DROP
         self._error_decision = Decision(None, -1, default.action,
@@ -89,7 +89,8 @@ class Engine:
     def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
               ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
         """The verdict on a decoded packet. `key`, the packet's cache key
-        (`self.keys.read`), stores the decision when it may be cached."""
+        (`self.keys.read`, which found no verdict under it), stores the
+        decision when it may be cached."""
         counters = self.counters
         counters.packets += 1
         try:
@@ -109,20 +110,6 @@ class Engine:
             self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                 decision.rule_index))
         return verdict
-
-    def cached(self, key: tuple) -> Optional[CachedVerdict]:
-        """The cached verdict for a key, or None: then `judge` decides (and
-        stores, given the key). A hit is counted on its entry, and in the
-        totals at the next `settle`."""
-        cache = self.cache
-        entry = cache.entries.get(key)
-        if entry is None:
-            cache.misses += 1
-            return None
-        if not entry.hits:
-            cache.touched.append(entry)
-        entry.hits += 1
-        return entry
 
     def settle(self) -> None:
         """Add the cache's hits since the last call to the totals, as `judge`

@@ -60,22 +60,26 @@ _NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
 # fast_decode's summary answers (0 is the queue, which stands for ct_state).
 _META_INDEX = {"ct_state": 0, "hook": 3, "mark": 4, "in": 5, "out": 6, "uid": 7, "gid": 8}
 
-# What a reader returns: (queue, packet id, key or None), or None for a
-# message of another layout.
-Read = Optional[Tuple[int, int, Optional[tuple]]]
+# What a reader returns: (queue, packet id, key or None, cached verdict or
+# None), or None for a message of another layout.
+Read = Optional[Tuple[int, int, Optional[tuple], Optional["CachedVerdict"]]]
 
 
 class KeyMaker:
-    """Reads cache keys for one compiled policy: only the fields it reads."""
+    """Reads cache keys for one compiled policy, only the fields it reads,
+    and looks them up in its cache."""
 
-    def __init__(self, fields: frozenset):
+    def __init__(self, fields: frozenset, cache: Optional["VerdictCache"] = None):
         self.fields = fields
+        self.cache = cache if cache is not None else VerdictCache()
         self._readers: List[Callable] = []
 
     def read(self, buf, n: int, ifname: Callable) -> Read:
-        """(queue, packet id, key) of the packet message in buf[:n], with a
-        None key for a packet that is not plain; None for a datagram that
-        is not one ordinary packet message (the full path decodes it)."""
+        """(queue, packet id, key, cached verdict) of the packet message in
+        buf[:n]. The key is None for a packet that is not plain; the verdict
+        None on a miss, and a hit is counted (see VerdictCache.touched). None
+        for a datagram that is not one ordinary packet message (the full
+        path decodes it)."""
         for reader in self._readers:
             found = reader(buf, n, ifname)
             if found is not None:
@@ -83,17 +87,18 @@ class KeyMaker:
         learned = layout_of(buf, n)
         if learned is None:
             return None
-        reader = layout_reader(learned[0], self.fields)
+        reader = layout_reader(learned[0], self.fields, self.cache)
         self._readers.insert(0, reader)
         del self._readers[8:]
         return reader(buf, n, ifname)
 
 
-def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
+def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCache") -> Callable:
     """The key reader of one message layout: one struct call reads the
-    metadata and the IP and transport headers, and the key takes what
-    `fields` needs. Keys do not depend on the layout: metadata the kernel
-    left out reads as what a decoded Packet would hold (mark 0, else None)."""
+    metadata and the IP and transport headers, the key takes what `fields`
+    needs, and `cache` answers it. Keys do not depend on the layout:
+    metadata the kernel left out reads as what a decoded Packet would hold
+    (mark 0, else None)."""
     start = layout.start
     want_l4 = not fields.isdisjoint(L4_FIELDS)
     # The family and the queue always; ct_state asks for the queue again.
@@ -133,6 +138,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
     names = "in" in fields or "out" in fields
     heads, expected, payload_type = layout.heads, layout.expected, layout.payload_type
     payload_at = layout.payload_at
+    entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
 
     def read(buf, n: int, ifname: Callable) -> Read:
         # The layout's attribute headers, the payload last and the message
@@ -153,13 +159,13 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
         if family == _NFPROTO_IPV4:
             v = v4.unpack_from(buf) + _ABSENT
             if size < _V4_HEADER or v[version] != 0x45 or v[total] != size or v[frag] & 0x3FFF:
-                return v[queue], v[packet_id], None
+                return v[queue], v[packet_id], None, None
             room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
         elif family == _NFPROTO_IPV6:
             v = v6.unpack_from(buf) + _ABSENT
             if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
                     or v[proto_at] in IPV6_EXT_HEADERS:
-                return v[queue], v[packet_id], None
+                return v[queue], v[packet_id], None, None
             room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
         else:
             return None
@@ -168,23 +174,30 @@ def layout_reader(layout: AttributeLayout, fields: frozenset) -> Callable:
         if proto == PROTO_TCP:
             header = (v[tcp_offset] >> 4) * 4
             if room < 20 or header < 20 or header > room:
-                return v[queue], v[packet_id], None
+                return v[queue], v[packet_id], None, None
             key = picks[_TCP](v)
         elif proto == PROTO_UDP:
             if room < 8 or not 8 <= v[udp_len] <= room:
-                return v[queue], v[packet_id], None
+                return v[queue], v[packet_id], None, None
             key = picks[_UDP](v)
         elif proto == icmp:
             if room < icmp_room:
-                return v[queue], v[packet_id], None
+                return v[queue], v[packet_id], None, None
             key = picks[_ICMP](v)
         elif proto in _UNCACHED_PROTOS:
-            return v[queue], v[packet_id], None
+            return v[queue], v[packet_id], None, None
         else:
             key = picks[_OTHER](v)
         if names:       # names, not indexes: an interface can be renamed
             key += (ifname(v[indev]), ifname(v[outdev]))
-        return v[queue], v[packet_id], key
+        entry = entries.get(key)
+        if entry is None:
+            cache.misses += 1
+        else:
+            if not entry.hits:
+                touched.append(entry)
+            entry.hits += 1
+        return v[queue], v[packet_id], key, entry
 
     return read
 

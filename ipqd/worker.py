@@ -148,19 +148,16 @@ class Worker:
         it the full way, with its key kept for `answer` to store the
         decision under. The worker binds both families, so nothing a
         shortcut sees is foreign."""
-        engine = self.engine
         try:
-            found = engine.keys.read(buf, n, self._ifname)
-            if found is None:
-                return False
-            queue, packet_id, key = found
-            if key is None:
-                return False
-            entry = engine.cached(key)
+            found = self.engine.keys.read(buf, n, self._ifname)
         except Exception:                   # the full path is the boundary that counts
             return False
+        if found is None:
+            return False
+        queue, packet_id, key, entry = found
         if entry is None:
-            self._keys[queue, packet_id] = key
+            if key is not None:
+                self._keys[queue, packet_id] = key
             return False
         if entry.batchable and self.config.batch:
             self._batch[queue] = packet_id      # ids grow: the latest is the highest

@@ -215,11 +215,11 @@ def decide_cached(engine: Engine, packet: nfq.Packet, now: float) -> tuple:
     stores the decision under the key read."""
     data = kernel_bytes(packet)
     found = engine.keys.read(data, len(data), IFNAME)
-    key = found[2] if found else None
-    if key is not None:
-        entry = engine.cached(key)
-        if entry is not None:
-            return entry.verdict, entry.mark, entry.rule_index
+    key = entry = None
+    if found is not None:
+        key, entry = found[2:]
+    if entry is not None:
+        return entry.verdict, entry.mark, entry.rule_index
     got = engine.judge(packet, IFNAME, CT_OF[packet.queue], now, key)
     return got.verdict, got.mark, got.decision.rule_index
 

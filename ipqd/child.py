@@ -10,19 +10,80 @@ this way, each child imports only what its job needs, and no other process
 """
 from __future__ import annotations
 
+import os
+import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
-from multiprocessing.connection import Connection
-from typing import Optional
+from typing import Any, Optional
+
+_LENGTH = struct.Struct("!I")
+
+
+class Channel:
+    """One end of the socketpair between the supervisor and a child: whole
+    messages, each a 4-byte length and its bytes (`send` pickles).
+
+    The calls and errors of multiprocessing.connection.Connection (EOFError
+    at the peer's end, OSError from the system), without importing
+    multiprocessing: 3 MB less resident in every process.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def send(self, message: Any) -> None:
+        self.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    def send_bytes(self, data: bytes) -> None:
+        self._write(_LENGTH.pack(len(data)))
+        self._write(data)
+
+    def recv(self) -> Any:
+        return pickle.loads(self.recv_bytes())
+
+    def recv_bytes(self) -> bytes:
+        return self._read(_LENGTH.unpack(self._read(_LENGTH.size))[0])
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        """Whether a message (or the end) can be read, after waiting up to `timeout` s."""
+        return bool(self._poller.poll(int(timeout * 1000)))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _read(self, size: int) -> bytes:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = os.readv(self._fd, [view[got:]])
+            if n == 0:
+                raise EOFError
+            got += n
+        return bytes(buf)
 
 
 class Child:
     """A started child: its end of the pipe, and the process calls the
     supervisor makes (as multiprocessing.Process names them)."""
 
-    def __init__(self, popen: subprocess.Popen, conn: Connection):
+    def __init__(self, popen: subprocess.Popen, conn: Channel):
         self.popen = popen
         self.conn = conn
 
@@ -57,7 +118,7 @@ def start(job: str, *args, payload: Optional[bytes] = None) -> Child:
                                  pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     finally:
         theirs.close()
-    conn = Connection(mine.detach())
+    conn = Channel(mine.detach())
     try:
         conn.send(args)
         if payload is not None:
@@ -67,7 +128,7 @@ def start(job: str, *args, payload: Optional[bytes] = None) -> Child:
     return Child(popen, conn)
 
 
-def _worker(conn: Connection, index, workers, queues, log_target, batch, cache) -> None:
+def _worker(conn: Channel, index, workers, queues, log_target, batch, cache) -> None:
     from ipqd.worker import WorkerConfig, worker_main
     config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
     # The policy's bytes go straight into the call, held by no name here:
@@ -75,7 +136,7 @@ def _worker(conn: Connection, index, workers, queues, log_target, batch, cache) 
     worker_main(config, conn.recv_bytes(), conn)
 
 
-def _load(conn: Connection, path: str) -> None:
+def _load(conn: Channel, path: str) -> None:
     from ipqd.daemon import load_policy_job
     load_policy_job(path, conn)
 
@@ -88,7 +149,7 @@ def main() -> None:
     # a child stops when told to, or when the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     job, fd = sys.argv[1], int(sys.argv[2])
-    conn = Connection(fd)
+    conn = Channel(fd)
     _JOBS[job](conn, *conn.recv())
 
 

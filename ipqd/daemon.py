@@ -448,10 +448,26 @@ class Daemon:
             # Packed once by the loading process; each worker unpacks it a
             # piece at a time in its compile thread, off its packet loop.
             errors = self.ask_workers(("policy", self.pickled), "reloaded")
-            problems = [detail for _, _, detail in errors.values() if detail]
+            problems = [f"worker {index}: {detail}"
+                        for index, (_, _, detail) in sorted(errors.items()) if detail]
             if problems:
-                self.log.event(f"reload failed in a worker: {problems[0]}", LOG_ERR,
-                               IPQD_EVENT="reload-failed")
+                # The loader took the policy, so this is a fault in a worker (memory,
+                # say). All go back to the running policy: workers must agree.
+                self.keep(running)
+                self.ask_workers(("policy", self.pickled), "reloaded")
+                if self.manage_hooks and policy.hooks != running.outline.hooks:
+                    try:
+                        hooks_mod.install(running.outline.hooks, running.outline.queue,
+                                          self.installed_backend)
+                    except hooks_mod.HookError as error:
+                        self.log.event(f"cannot put the running policy's hooks back: {error}",
+                                       LOG_ERR, IPQD_EVENT="reload-failed")
+                self.failed_reloads += 1
+                self.last_reload_error = f"reload failed in {problems[0]}"
+                self.log.event(f"{self.last_reload_error}; the running policy ({self.rules} "
+                               f"rules) stays", LOG_ERR, IPQD_EVENT="reload-failed")
+                notify("READY=1\n" + self.status_line())
+                return
         self.reloads += 1
         self.log.event(f"reloaded policy {self.path} ({self.rules} rules) in "
                        f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,

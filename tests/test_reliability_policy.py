@@ -188,3 +188,30 @@ def test_bad_reloads_keep_the_running_policy(lab, policy_dir):
         assert ipqd.process.poll() is None
     finally:
         ipqd.stop()
+
+
+def test_a_reload_a_worker_cannot_take_is_undone_in_every_worker(tmp_path):
+    """The loader took the policy but a worker's compile failed: the workers
+    must not run two policies, so all are sent the running one again."""
+    import argparse
+    from ipqd.daemon import Daemon, load_in_child
+    path = tmp_path / "policy.yaml"
+    write_policy(path)
+    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
+                                       state_dir=str(tmp_path), log_target="stderr"))
+    daemon.keep(load_in_child(str(path)))
+    running = daemon.pickled
+    sent = []
+
+    def ask_workers(message, reply):
+        sent.append(message)
+        return {0: ("reloaded", 0, "MemoryError: " if len(sent) == 1 else None),
+                1: ("reloaded", 1, None)}
+    daemon.ask_workers = ask_workers
+    path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
+    daemon.reload()
+    assert [m[0] for m in sent] == ["policy", "policy"]
+    assert sent[0][1] != running and sent[1][1] == running
+    assert daemon.pickled == running and (daemon.reloads, daemon.failed_reloads) == (0, 1)
+    assert daemon.last_reload_error == "reload failed in worker 0: MemoryError: "
+    daemon.log.close()

@@ -111,10 +111,13 @@ class Engine:
                                                 decision.rule_index))
         return verdict
 
-    def settle(self) -> None:
+    def settle(self, at_least: int = 0) -> None:
         """Add the cache's hits since the last call to the totals, as `judge`
-        would have counted each: before anyone reads them."""
+        would have counted each: before anyone reads them. With `at_least`,
+        only once that many entries have been hit (bounded work per call)."""
         cache = self.cache
+        if len(cache.touched) < at_least:
+            return
         counters = self.counters
         tally = self.matcher.tally
         for entry in cache.touched:

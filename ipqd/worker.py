@@ -36,6 +36,7 @@ from ipqd.queue_socket import QueueSocket
 
 STATS_EVERY = 1.0
 RELOAD_SWITCH_INTERVAL = 0.0005     # seconds; see _start_reload
+SETTLE_AT = 256                     # cache entries hit before the totals are brought up to date
 IDLE_WAIT = 0.5                     # seconds a receive waits for packets before looking at stats
 _SWITCH_INTERVAL = sys.getswitchinterval()
 
@@ -176,6 +177,9 @@ class Worker:
             single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
         self._single, self._batch = [], {}
         self.qs.send_many(single)
+        # Hits into the totals in bounded steps: never a whole cache's worth
+        # of entries at once in the packet loop (stats() settles the rest).
+        self.engine.settle(at_least=SETTLE_AT)
 
     def _judge(self, events: List) -> None:
         """The full path: decide each Packet of `events`, adding its verdict

@@ -287,6 +287,24 @@ def test_hits_are_settled_after_a_flush_and_a_reload():
     assert reloaded.cache.hits == 2 + 1 + 1
 
 
+def test_settling_waits_for_enough_entries_when_asked_to():
+    policy = Policy(path="p.yaml", rules=(Rule(name="one", match=Match(
+        proto=frozenset({17}), dport=RangeMatch(((1, 1),))), action="accept"),),
+        default=Default(action="drop", log=False))
+    engine = Engine(policy)
+
+    def packet(dport):
+        p = nfq.Packet(0, 2, 1, 0x0800, 1)
+        p.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, dport, 0, (0, 0), b"")
+        return p
+    for dport in (1, 2, 1, 2):                  # two entries, each hit once
+        decide_cached(engine, packet(dport), 0.0)
+    engine.settle(at_least=3)
+    assert engine.counters.packets == 2 and len(engine.cache.touched) == 2
+    engine.settle(at_least=2)
+    assert engine.counters.packets == 4 and not engine.cache.touched
+
+
 def test_a_summary_agrees_with_the_decoded_packet():
     packet = nfq.Packet(3, 10, 9, 0x86DD, 3)
     packet.payload = checksum_free_packet(6, 6, V6[0], V6[1], 1, 2, 0x02, (0, 0), b"")

@@ -1,14 +1,16 @@
 """What ipqd's worker spends per packet between the socket and the verdict, without the kernel.
 
-    .venv/bin/python bench/pipeline_cost.py [--rules N] [--packets N] [--profile]
+    .venv/bin/python bench/pipeline_cost.py [--rules N] [--packets N] [--batch N] [--profile]
 
 Feeds the worker's receive path (QueueSocket.receive_events with its
 socket reads replaced by ready datagrams) and Worker.answer (with the send
 replaced by a list) with packet messages like the kernel's for loopback UDP
 hitting the LAST of N rules, as bench/run.py sends them. Prints nanoseconds
 per packet: decode only; decode + parse + decide + verdict encoding; and a
-verdict cache hit (summary + key + lookup + verdict encoding). --profile
-prints a cProfile of the cache-hit path (--no-cache: of the full path).
+verdict cache hit (key read + lookup + verdict encoding). Each receive
+drains --batch datagrams (256; 1 shows the cost of a wake-up with one packet,
+as with one packet in flight). --profile prints a cProfile of the cache-hit
+path (--no-cache: of the full path).
 """
 from __future__ import annotations
 
@@ -115,15 +117,18 @@ def ns_per_packet(fn, rounds: int) -> float:
 
 
 def main() -> None:
+    global BATCH            # the fixture and the timing read it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", type=int, default=10)
     parser.add_argument("--packets", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=BATCH, help="datagrams per receive")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--reference-decode", action="store_true",
                         help="decode every message with QueueProtocol (no fast path)")
     parser.add_argument("--no-cache", action="store_true",
                         help="profile the full path, not the verdict cache's hits")
     args = parser.parse_args()
+    BATCH = args.batch
     if args.reference_decode:
         queue_socket.decode_packet_datagram = lambda buf, n, view=None: None
     fixture = Fixture(args.rules)

@@ -39,7 +39,7 @@ from operator import attrgetter
 from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ipqd.packet import MALFORMED, PORT_PROTOS, PROTO_ICMP, PROTO_ICMPV6
-from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rate, Rule
+from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, Position, RangeMatch, Rate, Rule
 
 Check = Callable[[object], bool]
 
@@ -51,9 +51,19 @@ _OTHER = -1            # the protocol key of every protocol no rule names
 _BITS = {4: 32, 6: 128}
 
 
+class RuleRef(NamedTuple):
+    """What a decision keeps of its rule: enough to name, count and explain
+    it. The policy's own Rule objects, with their matches, can then go once
+    the policy is compiled (a worker keeps no policy)."""
+    name: str
+    action: str
+    rate: Optional[Rate]
+    position: Optional[Position]     # where the rule was written
+
+
 class Decision(NamedTuple):
     """What to do with a packet: the matching rule (None: the default)."""
-    rule: Optional[Rule]
+    rule: Optional[RuleRef]
     rule_index: int
     action: str
     mark: Optional[int]
@@ -303,10 +313,11 @@ class _Compiled:
         self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
-        self.decision = Decision(rule, index, rule.action, mark, log)
+        self.decision = Decision(RuleRef(rule.name, rule.action, rule.rate, rule.position),
+                                 index, rule.action, mark, log)
 
     @property
-    def rule(self) -> Rule:
+    def rule(self) -> RuleRef:
         return self.decision.rule
 
 
@@ -395,8 +406,8 @@ class Matcher:
     """A compiled policy. `decide` is the packet path; the rest is bookkeeping."""
 
     def __init__(self, policy: Policy):
-        self.policy = policy
-        default = policy.default
+        self.path = policy.path                     # for explain: the policy itself is not kept
+        default = self.default = policy.default
         rules = policy.rules
         exact = [_exact_dports(rule.match) for rule in rules]
         made: Dict[tuple, Check] = {}

@@ -48,11 +48,11 @@ class Counters:
 
 
 class Engine:
-    """A compiled policy plus the counters that outlive reloads."""
+    """A compiled policy plus the counters that outlive reloads. It keeps
+    none of the policy's rules: the matcher has what it needs."""
 
     def __init__(self, policy: Policy, matcher: Optional[Matcher] = None,
                  counters: Optional[Counters] = None, caching: bool = True):
-        self.policy = policy
         self.caching = caching            # False: judge stores nothing (ipqd run --no-cache)
         self.matcher = matcher or compile_policy(policy)
         self.needs = self.matcher.fields

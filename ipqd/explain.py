@@ -178,7 +178,7 @@ def _output(records: List[dict], matcher: Matcher, as_json: bool, out: TextIO,
             capture: Optional[str], problem: Optional[str] = None) -> None:
     counters = matcher.counters()
     if as_json:
-        document = {"policy": matcher.policy.path, "capture": capture,
+        document = {"policy": matcher.path, "capture": capture,
                     "packets": records, "counters": counters}
         if problem:
             document["error"] = problem
@@ -197,7 +197,7 @@ def _output(records: List[dict], matcher: Matcher, as_json: bool, out: TextIO,
         return
     out.write("\n")
     rows = [(name, c) for name, c in counters["rules"].items()]
-    rows.append(("(default: " + matcher.policy.default.action + ")", counters["default"]))
+    rows.append(("(default: " + matcher.default.action + ")", counters["default"]))
     width = max([len(name) for name, _ in rows] + [4])
     out.write(f"{'rule':<{width}}  {'hits':>7}  {'accepted':>8}  {'dropped':>7}\n")
     for name, c in rows:

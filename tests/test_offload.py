@@ -195,15 +195,15 @@ def test_a_packet_already_carrying_a_request_gets_a_plain_verdict():
 
 def test_a_request_that_comes_back_stops_the_engine_asking():
     """Without rules to take requests, asking would send every packet twice."""
-    engine = Engine(loads(HOOKED))
+    policy = loads(HOOKED)
+    engine = Engine(policy)
     assert judge(engine, 80).verdict == nfq.NF_REPEAT
     assert judge(engine, 80, mark=0x80000000).verdict == nfq.NF_ACCEPT     # it came back
     assert judge(engine, 80).verdict == nfq.NF_ACCEPT and not engine.offloading
     assert judge(engine, 23).verdict == nfq.NF_DROP
     assert engine.counters.offload_returned == 1 and engine.counters.offloaded == 1
     # a reload asks again (the hooks may have been installed meanwhile)
-    assert judge(engine.replaced_by(engine.policy, compile_policy(engine.policy)),
-                 80).verdict == nfq.NF_REPEAT
+    assert judge(engine.replaced_by(policy, compile_policy(policy)), 80).verdict == nfq.NF_REPEAT
 
 
 def test_no_offload_at_unhooked_chains_untracked_packets_or_with_mode_off():

@@ -54,24 +54,15 @@ def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Op
     and goes to QueueProtocol, which stays the reference: both give the
     same Packet (tests/test_fast_decode.py).
     """
-    if n < 20:
-        return None
-    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
-    if msg_type != _MSG_PACKET or length < 20 or length > n or (length + 3) & ~3 < n:
+    attrs = _attributes(buf, n)
+    if attrs is None:
         return None
     if view is None:
         view = memoryview(buf)
     hdr = None
     fields = []
     payload = timestamp = hwaddr = None
-    offset = 20
-    while offset < length:
-        if length - offset < 4:
-            return None
-        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
-        if attr_len < 4 or attr_len > length - offset:
-            return None
-        attr_type &= _NLA_TYPE_MASK
+    for offset, attr_type, attr_len in attrs:
         if attr_type == _NFQA_PAYLOAD:
             payload = bytes(view[offset + 4:offset + attr_len])
         elif attr_type == _NFQA_PACKET_HDR:
@@ -92,7 +83,6 @@ def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Op
             hwaddr = _HWADDR.unpack_from(buf, offset + 4)
         elif attr_type <= nfq.NFQA_CGROUP_CLASSID:
             return None             # an attribute with structure: the full decoder
-        offset += (attr_len + 3) & ~3
     if hdr is None:
         return None
     packet = Packet((buf[18] << 8) | buf[19], buf[16], hdr[0], hdr[1], hdr[2])
@@ -231,24 +221,15 @@ def layout_struct(order: str, fields: List[Tuple[int, str]]) -> struct.Struct:
 def _walk_summary(buf, n: int) -> Optional[Tuple[tuple, List[Tuple[int, int, int]]]]:
     """packet_summary by walking every attribute; also the attributes before
     the payload as (offset, type, length), for AttributeLayout."""
-    if n < 20:
-        return None
-    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
-    if msg_type != _MSG_PACKET or length < 20 or length > n or (length + 3) & ~3 < n:
+    attrs = _attributes(buf, n)
+    if attrs is None:
         return None
     packet_id = hook = indev = outdev = uid = gid = None
     mark = 0
     start = -1
     end = 0
-    attrs: List[Tuple[int, int, int]] = []
-    offset = 20
-    while offset < length:
-        if length - offset < 4:
-            return None
-        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
-        if attr_len < 4 or attr_len > length - offset:
-            return None
-        attr_type &= _NLA_TYPE_MASK
+    before: List[Tuple[int, int, int]] = []
+    for offset, attr_type, attr_len in attrs:
         if start >= 0:
             return None                 # the payload is the last attribute
         if attr_type == _NFQA_PAYLOAD:
@@ -276,9 +257,30 @@ def _walk_summary(buf, n: int) -> Optional[Tuple[tuple, List[Tuple[int, int, int
         else:
             return None             # cap_len (a cut copy), conntrack, VLAN, L2, ...
         if start < 0:
-            attrs.append((offset, attr_type, attr_len))
-        offset += (attr_len + 3) & ~3
+            before.append((offset, attr_type, attr_len))
     if packet_id is None or start < 0:
         return None
     return (((buf[18] << 8) | buf[19], buf[16], packet_id, hook, mark, indev, outdev, uid, gid,
-             start, end), attrs)
+             start, end), before)
+
+
+def _attributes(buf, n: int) -> Optional[List[Tuple[int, int, int]]]:
+    """(offset, type, length) of each attribute of the packet message that
+    fills buf[:n], or None when the datagram is not one packet message whose
+    attributes all fit."""
+    if n < 20:
+        return None
+    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
+    if msg_type != _MSG_PACKET or length < 20 or length > n or (length + 3) & ~3 < n:
+        return None
+    attrs = []
+    offset = 20
+    while offset < length:
+        if length - offset < 4:
+            return None
+        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
+        if attr_len < 4 or attr_len > length - offset:
+            return None
+        attrs.append((offset, attr_type & _NLA_TYPE_MASK, attr_len))
+        offset += (attr_len + 3) & ~3
+    return attrs

@@ -380,7 +380,7 @@ def measure(lab: Lab, name: str, args) -> dict:
     return out
 
 
-RELOAD_PROBE_S = 16.0       # the probe runs from 1.5 s before the SIGHUP to past the reload's end
+RELOAD_PROBE_S = 20.0       # the probe runs from 1.5 s before the SIGHUP to past the reload's end
 
 
 def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:

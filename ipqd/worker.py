@@ -242,14 +242,19 @@ class Worker:
         old = self.engine.matcher
 
         def compile_it() -> None:
-            policy = None
+            box: list = []
             try:
-                policy = transfer.unpack(packed)
-                matcher = compile_policy(policy)
+                box.append(transfer.unpack(packed))
+                matcher = compile_policy(box[0])
                 matcher.adopt_counters(old)     # the swap then adds only the hits since
-                self._reloaded = (policy, matcher, None)
+                reloaded = (transfer.outline(box[0]), matcher, None)
             except Exception as error:          # the old policy stays
-                self._reloaded = (policy, None, f"{type(error).__name__}: {error}")
+                reloaded = (None, None, f"{type(error).__name__}: {error}")
+            # The rules themselves are needed no more (the matcher keeps what
+            # it uses): freed here, a piece at a time, not by the packet loop.
+            if box:
+                release(box)
+            self._reloaded = reloaded
             try:
                 os.write(self._compiled_w, b"!")
             except BlockingIOError:         # full: the loop has wake-ups enough

@@ -96,6 +96,20 @@ def text(where: Where, node: yaml.Node, field: str, expected: str) -> Optional[s
     return node.value
 
 
+def choice(where: Where, node: yaml.Node, field: str, choices: Iterable[str],
+           kind: Optional[str] = None) -> Optional[str]:
+    """One of `choices`, in any case; `kind` names what was unknown (the field)."""
+    word = text(where, node, field, one_of(choices))
+    if word is None:
+        return None
+    word = word.strip().lower()
+    if word not in choices:
+        hint = suggest(word, choices) or f" (expected {one_of(choices)})"
+        where.error(node, f"unknown {kind or field} '{word}'{hint}")
+        return None
+    return word
+
+
 def boolean(where: Where, node: yaml.Node, field: str) -> Optional[bool]:
     if not (isinstance(node, yaml.ScalarNode) and node.tag == BOOL):
         where.error(node, f"{field} must be true or false, not {describe(node)}")

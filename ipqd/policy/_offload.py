@@ -11,8 +11,8 @@ import yaml
 
 from ipqd.offload import MIN_BITS, bits_of
 from ipqd.policy import _values as values
-from ipqd.policy._nodes import Where, fields, is_scalar, text
-from ipqd.policy._values import Invalid, one_of, suggest
+from ipqd.policy._nodes import Where, choice, fields, is_scalar, text
+from ipqd.policy._values import Invalid
 from ipqd.policy.model import OFFLOAD_MASK, OFFLOAD_MODES, Offload
 
 OFFLOAD_FIELDS = ("mode", "mask")
@@ -37,16 +37,8 @@ def parse_offload(where: Where, node: yaml.Node) -> Optional[Offload]:
 
 
 def _mode(where: Where, node: yaml.Node) -> Optional[str]:
-    # `off` is a YAML 1.1 boolean; text() gives it back as written.
-    word = text(where, node, "offload", one_of(OFFLOAD_MODES))
-    if word is None:
-        return None
-    word = word.strip().lower()
-    if word not in OFFLOAD_MODES:
-        hint = suggest(word, OFFLOAD_MODES) or f" (expected {one_of(OFFLOAD_MODES)})"
-        where.error(node, f"unknown mode '{word}'{hint}")
-        return None
-    return word
+    # `off` is a YAML 1.1 boolean; choice() reads it as written.
+    return choice(where, node, "offload", OFFLOAD_MODES, kind="mode")
 
 
 def _mask(where: Where, node: yaml.Node) -> Optional[int]:

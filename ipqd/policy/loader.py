@@ -22,10 +22,10 @@ from ipqd.errors import PolicyError, PolicyErrors
 from ipqd.policy import _lint
 from ipqd.policy import _values as values
 from ipqd.policy._offload import parse_offload
-from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scalars, text
+from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
-from ipqd.policy._values import Invalid, one_of, suggest
+from ipqd.policy._values import Invalid, one_of
 from ipqd.policy._yamlsafe import compose, read_text
 from ipqd.policy.model import (
     HOOKS, Default, Hook, LoggingConfig, Policy, QueueConfig,
@@ -449,15 +449,7 @@ def _hook(where: Where, node: yaml.Node) -> Optional[Hook]:
 
 def _hook_word(field: str, choices) -> Callable:
     def parse(where: Where, node) -> Optional[str]:
-        word = text(where, node, field, one_of(choices))
-        if word is None:
-            return None
-        word = word.strip().lower()
-        if word not in choices:
-            hint = suggest(word, choices) or f" (expected {one_of(choices)})"
-            where.error(node, f"unknown {field} '{word}'{hint}")
-            return None
-        return word
+        return choice(where, node, field, choices)
     return parse
 
 

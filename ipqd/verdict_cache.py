@@ -173,21 +173,16 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
         proto = v[proto_at]
         if proto == PROTO_TCP:
             header = (v[tcp_offset] >> 4) * 4
-            if room < 20 or header < 20 or header > room:
-                return v[queue], v[packet_id], None, None
-            key = picks[_TCP](v)
+            kind = _TCP if room >= 20 and 20 <= header <= room else None
         elif proto == PROTO_UDP:
-            if room < 8 or not 8 <= v[udp_len] <= room:
-                return v[queue], v[packet_id], None, None
-            key = picks[_UDP](v)
+            kind = _UDP if room >= 8 and 8 <= v[udp_len] <= room else None
         elif proto == icmp:
-            if room < icmp_room:
-                return v[queue], v[packet_id], None, None
-            key = picks[_ICMP](v)
-        elif proto in _UNCACHED_PROTOS:
-            return v[queue], v[packet_id], None, None
+            kind = _ICMP if room >= icmp_room else None
         else:
-            key = picks[_OTHER](v)
+            kind = None if proto in _UNCACHED_PROTOS else _OTHER
+        if kind is None:
+            return v[queue], v[packet_id], None, None
+        key = picks[kind](v)
         if names:       # names, not indexes: an interface can be renamed
             key += (ifname(v[indev]), ifname(v[outdev]))
         entry = entries.get(key)

@@ -338,7 +338,6 @@ class QueueSocket:
         recv_into = self._sock.recv_into
         buf = self._buf
         flags = socket.MSG_DONTWAIT
-        taken = 0
         for count in range(max_datagrams):
             if count == 1 and not self._sock_poller.poll(0):
                 break           # one packet in: a poll says "dry" for less than a failed recv
@@ -352,17 +351,15 @@ class QueueSocket:
                 if err.errno == errno.ENOBUFS:
                     self.stats.enobufs += 1
                     continue
-                self.stats.packets += taken
                 raise NetlinkError("receive", err.errno) from err
             if shortcut is not None and shortcut(buf, n):
-                taken += 1
+                self.stats.packets += 1
                 continue
             packet = decode_packet_datagram(buf, n, self._view)
             if packet is not None:
                 events.append(packet)
             else:
                 events.extend(self.protocol.receive_data(bytes(self._view[:n])))
-        self.stats.packets += taken
         return events
 
     def _wait_readable(self, timeout: Optional[float], wake_fd: WakeFds = None) -> bool:

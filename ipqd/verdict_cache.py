@@ -104,8 +104,10 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
     # The family and the queue always; ct_state asks for the queue again.
     meta = list(dict.fromkeys([1, 0] + sorted(_META_INDEX[f] for f in fields
                                                if f in _META_INDEX)))
+    names = "in" in fields or "out" in fields
+    used = [2, 5, 6] if names else [2]          # read besides the key: id, interfaces
 
-    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], int]:
+    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], int, bool]:
         named = sorted([(where[0], where[1], f"m{i}") for i, where in layout.offsets.items()]
                        + [(start + offset, code, name) for offset, code, name in header])
         index = {name: i for i, (_, _, name) in enumerate(named)}
@@ -113,7 +115,10 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
         for i in range(9):
             index.setdefault(f"m{i}", len(named) + (0 if i == 4 else 1))
         shape = layout_struct(">", [(offset, code) for offset, code, _ in named])
-        return shape, index, named[-1][0] + struct.calcsize(">" + named[-1][1])
+        # Added only when the reader takes from it (the copy costs per packet):
+        # most layouts carry all the metadata a policy reads.
+        absent = any(index[f"m{i}"] >= len(named) for i in meta + used)
+        return shape, index, named[-1][0] + struct.calcsize(">" + named[-1][1]), absent
 
     def picker(index: Dict[str, int], kind: int, length: str) -> Callable:
         wanted = [f"m{i}" for i in meta] + ["proto"]
@@ -125,8 +130,8 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
             wanted.append(length)
         return itemgetter(*[index[name] for name in wanted])
 
-    v4, i4, need4 = compile_family(_IPV4)
-    v6, i6, need6 = compile_family(_IPV6)
+    v4, i4, need4, absent4 = compile_family(_IPV4)
+    v6, i6, need6, absent6 = compile_family(_IPV6)
     shared = ("m0", "m2", "m5", "m6", "version", "proto", "udp_len", "tcp_offset")
     assert all(i4[name] == i6[name] for name in shared), "the families must keep step"
     queue, packet_id, indev, outdev, version, proto_at, udp_len, tcp_offset = \
@@ -135,7 +140,6 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
     need = max(need4, need6)
     picks4 = tuple(picker(i4, kind, "total") for kind in range(len(_KEY_SOURCE)))
     picks6 = tuple(picker(i6, kind, "plen") for kind in range(len(_KEY_SOURCE)))
-    names = "in" in fields or "out" in fields
     heads, expected, payload_type = layout.heads, layout.expected, layout.payload_type
     payload_at = layout.payload_at
     entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
@@ -157,12 +161,16 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
         size = attr_len - 4
         family = buf[16]
         if family == _NFPROTO_IPV4:
-            v = v4.unpack_from(buf) + _ABSENT
+            v = v4.unpack_from(buf)
+            if absent4:
+                v += _ABSENT
             if size < _V4_HEADER or v[version] != 0x45 or v[total] != size or v[frag] & 0x3FFF:
                 return v[queue], v[packet_id], None, None
             room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
         elif family == _NFPROTO_IPV6:
-            v = v6.unpack_from(buf) + _ABSENT
+            v = v6.unpack_from(buf)
+            if absent6:
+                v += _ABSENT
             if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
                     or v[proto_at] in IPV6_EXT_HEADERS:
                 return v[queue], v[packet_id], None, None

@@ -148,7 +148,8 @@ class QueueSocket:
         try:
             self._sock = sock or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
                                                nl.NETLINK_NETFILTER)
-            self._sock.bind((0, 0))
+            if self._sock.getsockname()[0] == 0:        # not bound yet (a second bind fails)
+                self._sock.bind((0, 0))
         except OSError as err:
             raise NetlinkError("open netlink socket", err.errno,
                                "is this a Linux kernel with nfnetlink?") from err
@@ -227,17 +228,30 @@ class QueueSocket:
         if family not in FAMILIES:
             raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
         self._transact(self.protocol.bind(queue), "bind", queue)
-        self.queues[queue] = frozenset(FAMILIES[family])
         try:
-            self._transact(self.protocol.set_mode(queue, copy_mode, copy_range), "mode", queue)
-            if maxlen is not None:
-                self._transact(self.protocol.set_maxlen(queue, maxlen), "maxlen", queue)
-            mask = flags if flags_mask is None else flags_mask
-            if mask:
-                self.set_flags(queue, flags, mask)
+            self.configure(queue, family=family, copy_mode=copy_mode, copy_range=copy_range,
+                           maxlen=maxlen, flags=flags, flags_mask=flags_mask)
         except NetlinkError:
             self.unbind(queue)
             raise
+
+    def configure(self, queue: int, *, family: str = "both",
+                  copy_mode: int = nfq.NFQNL_COPY_PACKET, copy_range: int = 0xFFFF,
+                  maxlen: Optional[int] = None, flags: int = 0,
+                  flags_mask: Optional[int] = None) -> None:
+        """The settings of `queue`, which this socket is bound to already: by
+        `bind`, or by another process that held the same socket before (a
+        reload's new worker takes its predecessor's socket, queued packets
+        and all, and must not bind again: the kernel would refuse)."""
+        if family not in FAMILIES:
+            raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+        self.queues[queue] = frozenset(FAMILIES[family])
+        self._transact(self.protocol.set_mode(queue, copy_mode, copy_range), "mode", queue)
+        if maxlen is not None:
+            self._transact(self.protocol.set_maxlen(queue, maxlen), "maxlen", queue)
+        mask = flags if flags_mask is None else flags_mask
+        if mask:
+            self.set_flags(queue, flags, mask)
 
     def set_mode(self, queue: int, copy_mode: int, copy_range: int) -> None:
         self._transact(self.protocol.set_mode(queue, copy_mode, copy_range), "mode", queue)

@@ -18,7 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 _LENGTH = struct.Struct("!I")
 
@@ -105,9 +105,10 @@ class Child:
         return self.popen.poll()
 
 
-def start(job: str, *args, payload: Optional[bytes] = None) -> Child:
+def start(job: str, *args, payload: Optional[bytes] = None, fds: Tuple[int, ...] = ()) -> Child:
     """Start `job` ("worker" or "load") with `args`; `payload`, bytes sent
     apart from them, is passed as the last argument but one (before the pipe).
+    `fds` are inherited under the same numbers (args can name them).
 
     Raises OSError when the interpreter cannot be started. A child that
     dies at once shows as the pipe's end of file.
@@ -115,7 +116,8 @@ def start(job: str, *args, payload: Optional[bytes] = None) -> Child:
     mine, theirs = socket.socketpair()
     try:
         popen = subprocess.Popen([sys.executable, "-m", "ipqd.child", job, str(theirs.fileno())],
-                                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                 pass_fds=(theirs.fileno(),) + tuple(fds),
+                                 stdin=subprocess.DEVNULL)
     finally:
         theirs.close()
     conn = Channel(mine.detach())
@@ -128,12 +130,13 @@ def start(job: str, *args, payload: Optional[bytes] = None) -> Child:
     return Child(popen, conn)
 
 
-def _worker(conn: Channel, index, workers, queues, log_target, batch, cache) -> None:
+def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, sock_fd,
+            successor) -> None:
     from ipqd.worker import WorkerConfig, worker_main
     config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
     # The policy's bytes go straight into the call, held by no name here:
     # worker_main lets them go once unpacked.
-    worker_main(config, conn.recv_bytes(), conn)
+    worker_main(config, conn.recv_bytes(), conn, sock_fd, successor)
 
 
 def _load(conn: Channel, path: str) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import weakref
 from functools import lru_cache
 from operator import attrgetter
 from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -417,7 +416,6 @@ class Matcher:
         self.rated = False                           # see decide
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
-        self._adoption: Optional[_Adoption] = None   # see adopt_counters
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
                                  default.log)
@@ -540,64 +538,29 @@ class Matcher:
         _add_hits(default, self._default.action, self._default_hits)
         return {"rules": rules, "default": default}
 
-    def adopt_counters(self, old: "Matcher") -> None:
-        """Carry hit counts (and rate buckets of unchanged rates) over from `old`, by rule name.
+    def carry_over(self) -> dict:
+        """What a successor in another process takes over (`take_over`): hit
+        counts and rate buckets by rule name. Plain data, for a pipe."""
+        hits: Dict[str, int] = {}
+        buckets: Dict[str, tuple] = {}
+        for c, count in zip(self._compiled, self._hits):
+            hits[c.rule.name] = hits.get(c.rule.name, 0) + count
+            if c.bucket is not None and c.rule.name not in buckets:
+                buckets[c.rule.name] = (c.rule.rate, c.bucket.tokens, c.bucket.stamp)
+        return {"hits": hits, "default": self._default_hits, "buckets": buckets}
 
-        May be called again with the same `old`, which may have gone on
-        counting meanwhile: a repeat call adds only the hits counted since,
-        and takes the buckets' latest state. So a reload pairs the rules off
-        the packet path and the swap itself is cheap. Adopting from another
-        matcher first takes back what the earlier one gave.
-        """
-        adoption = self._adoption
-        if adoption is None or adoption.source() is not old:
-            if adoption is not None:
-                adoption.take_back(self)
-            adoption = self._adoption = _Adoption(self, old)
-        adoption.catch_up(self, old)
-
-class _Adoption:
-    """What a matcher took over from an older one: which old rule counts into
-    which new one, and how many of the old hits are already carried."""
-    __slots__ = ("source", "into", "carried", "carried_default", "buckets")
-
-    def __init__(self, new: Matcher, old: Matcher):
-        self.source = weakref.ref(old)          # the old matcher must be free to go
-        previous: Dict[str, int] = {}
-        for before, c in enumerate(old._compiled):
-            previous.setdefault(c.rule.name, before)
-        self.into = [-1] * len(old._compiled)   # old index -> new index, -1: gone
-        self.buckets = []                       # (new bucket, old bucket) of unchanged rates
-        for index, c in enumerate(new._compiled):
-            before = previous.get(c.rule.name)
-            if before is None:
-                continue
-            self.into[before] = index
-            b = old._compiled[before]
-            if c.bucket is not None and b.bucket is not None and c.rule.rate == b.rule.rate:
-                self.buckets.append((c.bucket, b.bucket))
-        self.carried = [0] * len(old._compiled)
-        self.carried_default = 0
-
-    def catch_up(self, new: Matcher, old: Matcher) -> None:
-        hits = list(old._hits)                  # one consistent copy: `old` may be counting
-        carried, into, mine = self.carried, self.into, new._hits
-        for i in [i for i, (now, before) in enumerate(zip(hits, carried)) if now != before]:
-            if into[i] >= 0:
-                mine[into[i]] += hits[i] - carried[i]
-        self.carried = hits
-        default = old._default_hits
-        new._default_hits += default - self.carried_default
-        self.carried_default = default
-        for bucket, before in self.buckets:
-            bucket.tokens, bucket.stamp = before.tokens, before.stamp
-
-    def take_back(self, new: Matcher) -> None:
-        for i, j in enumerate(self.into):
-            if j >= 0:
-                new._hits[j] -= self.carried[i]
-        new._default_hits -= self.carried_default
-
+    def take_over(self, state: dict) -> None:
+        """Start from a predecessor's `carry_over`: each name's hits go to the
+        first rule of that name, a bucket carries over when its rate is
+        unchanged."""
+        hits, buckets = dict(state["hits"]), state["buckets"]
+        for i, c in enumerate(self._compiled):
+            name = c.rule.name
+            self._hits[i] += hits.pop(name, 0)
+            carried = buckets.get(name)
+            if c.bucket is not None and carried is not None and carried[0] == c.rule.rate:
+                c.bucket.tokens, c.bucket.stamp = carried[1], carried[2]
+        self._default_hits += state["default"]
 
 def _add_hits(entry: dict, action: str, hits: int) -> None:
     entry["hits"] += hits

@@ -2,15 +2,18 @@
 workers, and handles signals and systemd.
 
 The supervisor never touches packets: it starts one worker per queue of the
-policy (ipqd.worker, in a process of its own: ipqd.child), tells them about
-new policies, and turns their
-reports into sd_notify status, watchdog pings and journal entries. Signals
+policy (ipqd.worker, in a process of its own: ipqd.child), holds each
+worker's netlink socket so that a reload's new worker can take it over,
+and turns their reports into sd_notify status, watchdog pings and journal
+entries. Signals
 only set a flag and wake the loop (signal.set_wakeup_fd); the loop does the
 work, so nothing runs inside a signal handler.
 
-    SIGHUP   reload: load and check the policy; if valid, every worker
-             compiles it off its packet path and swaps it in; if not, the
-             errors go to the journal and the running policy stays.
+    SIGHUP   reload: load and check the policy; if valid, a new worker per
+             queue compiles it beside the running one, then takes over its
+             socket and counters (see ipqd.worker); if not, or if a new
+             worker fails, the errors go to the journal and the running
+             policy stays.
     SIGTERM, SIGINT   stop: workers answer what is pending and unbind,
              installed hooks are removed, exit 0.
     SIGUSR1  one journal entry per rule with its counters.
@@ -22,6 +25,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import time
 from typing import Dict, List, Optional
 
@@ -29,6 +33,7 @@ from ipqd import child
 from ipqd import hooks as hooks_mod
 from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
 from ipqd.errors import PolicyErrors
+from ipqd.nfnetlink import NETLINK_NETFILTER
 from ipqd.policy.model import Policy
 
 READY_TIMEOUT = 15.0
@@ -202,6 +207,7 @@ class Daemon:
         self.pickled = b""                            # the whole policy, for the workers
         self.rules = 0
         self.workers: Dict[int, WorkerHandle] = {}
+        self.sockets: Dict[int, socket.socket] = {}  # worker index -> its netlink socket
         self.installed_backend: Optional[str] = None
         self.signals: List[int] = []
         self.reloads = self.failed_reloads = 0
@@ -283,13 +289,32 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise StartupError(f"ipqd: workers {sorted(waiting)} did not start in {READY_TIMEOUT:.0f} s")
 
-    def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]]) -> None:
+    def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]],
+              successor: bool = False) -> WorkerHandle:
+        """Start worker `index`: on a new socket, or as the `successor` of the
+        running one, on its socket (the caller hands over; see reload)."""
         try:
+            if not successor:
+                self.close_socket(index)
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+                sock.bind((0, 0))
+                self.sockets[index] = sock
+            fd = self.sockets[index].fileno()
             process = child.start("worker", index, count, queues, self.target, self.batch,
-                                  self.cache, payload=self.pickled)
+                                  self.cache, fd, successor, payload=self.pickled, fds=(fd,))
         except OSError as error:
             raise StartupError(f"ipqd: cannot start worker {index}: {error}")
-        self.workers[index] = WorkerHandle(index, process, process.conn, queues)
+        handle = WorkerHandle(index, process, process.conn, queues)
+        if not successor:
+            self.workers[index] = handle
+        return handle
+
+    def close_socket(self, index: int) -> None:
+        """Let go of a worker's socket: once no process holds it, the kernel
+        unbinds its queues (and drops what a dead worker left unanswered)."""
+        sock = self.sockets.pop(index, None)
+        if sock is not None:
+            sock.close()
 
     def stop_workers(self) -> None:
         for worker in self.workers.values():
@@ -303,6 +328,8 @@ class Daemon:
                 worker.process.kill()
                 worker.process.join(2)
         self.workers = {}
+        for index in list(self.sockets):
+            self.close_socket(index)
 
     def shutdown(self) -> None:
         notify("STOPPING=1")
@@ -393,7 +420,7 @@ class Daemon:
         self.log.event(f"ipqd: worker {worker.index} exited ({worker.process.exitcode}); restarting it",
                        LOG_ERR, IPQD_EVENT="worker-died")
         del self.workers[worker.index]
-        self.spawn(worker.index, len(self.workers) + 1, worker.queues)
+        self.spawn(worker.index, len(self.workers) + 1, worker.queues)     # on a new socket
 
     def healthy(self, now: float) -> bool:
         return all(now - w.seen < STALE_AFTER and w.process.is_alive() for w in self.workers.values())
@@ -445,16 +472,10 @@ class Daemon:
                 notify("READY=1\n" + self.status_line())
                 return
         else:
-            # Packed once by the loading process; each worker unpacks it a
-            # piece at a time in its compile thread, off its packet loop.
-            errors = self.ask_workers(("policy", self.pickled), "reloaded")
-            problems = [f"worker {index}: {detail}"
-                        for index, (_, _, detail) in sorted(errors.items()) if detail]
+            problems = self.hand_over()
             if problems:
-                # The loader took the policy, so this is a fault in a worker (memory,
-                # say). All go back to the running policy: workers must agree.
+                # The new workers are gone and the running ones never knew.
                 self.keep(running)
-                self.ask_workers(("policy", self.pickled), "reloaded")
                 if self.manage_hooks and policy.hooks != running.outline.hooks:
                     try:
                         hooks_mod.install(running.outline.hooks, running.outline.queue,
@@ -473,6 +494,93 @@ class Daemon:
                        f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
                        IPQD_EVENT="reloaded", IPQD_RULES=str(self.rules))
         notify("READY=1\n" + self.status_line())
+
+    def hand_over(self) -> List[str]:
+        """Start a successor of every worker with the policy just kept; once
+        all have compiled, each running worker hands its socket's queue and
+        counters over to its successor. Returns the problems (then nothing
+        was handed over and the running workers go on)."""
+        count = len(self.workers)
+        successors: Dict[int, WorkerHandle] = {}
+        problems: List[str] = []
+        try:
+            for index, worker in sorted(self.workers.items()):
+                successors[index] = self.spawn(index, count, worker.queues, successor=True)
+        except StartupError as error:
+            problems.append(str(error))
+        waiting = set(successors) if not problems else set()
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while waiting and not problems:
+            for index in sorted(waiting):
+                message = self.read_successor(successors[index], 0.05)
+                if message is None:
+                    continue
+                if message[0] == "compiled":
+                    waiting.discard(index)
+                else:
+                    problems.append(f"worker {index}: {message[2]}")
+            # The running workers go on reporting meanwhile.
+            for worker in list(self.workers.values()):
+                self.read_worker(worker)
+            if time.monotonic() > deadline:
+                problems.append(f"workers {sorted(waiting)}: no compiled policy in "
+                                f"{REPLY_TIMEOUT:.0f} s")
+        if problems:
+            for successor in successors.values():
+                _stop_child(successor)
+            return problems
+        for index, successor in sorted(successors.items()):
+            self.hand_over_one(self.workers[index], successor)
+        return []
+
+    def read_successor(self, successor: WorkerHandle, timeout: float) -> Optional[tuple]:
+        """A successor's "compiled" or "failed" (also for one that died)."""
+        try:
+            if not successor.conn.poll(timeout):
+                if successor.process.is_alive():
+                    return None
+                return ("failed", successor.index, f"exited ({successor.process.exitcode})")
+            return successor.conn.recv()
+        except (EOFError, OSError):
+            return ("failed", successor.index, "exited before it had compiled")
+
+    def hand_over_one(self, worker: WorkerHandle, successor: WorkerHandle) -> None:
+        """The running worker stops after answering what it has received and
+        sends its counters; the successor goes on from there. Packets that
+        arrive meanwhile wait in the socket."""
+        state = None
+        try:
+            worker.conn.send(("handover",))
+            deadline = time.monotonic() + REPLY_TIMEOUT
+            while state is None and time.monotonic() < deadline:
+                if worker.conn.poll(0.05):
+                    message = worker.conn.recv()
+                    if message[0] == "handed":
+                        state = message[2]
+                    elif message[0] == "stats":
+                        worker.stats = message[2]
+                elif not worker.process.is_alive():
+                    break
+        except (EOFError, OSError):
+            pass
+        worker.process.join(5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(2)
+        worker.conn.close()
+        if state is None:
+            # It died first: what it had received may be unanswered in the
+            # kernel, where the successor's batch verdicts would cover it.
+            # So the socket goes, with them, and the slot starts afresh.
+            _stop_child(successor)
+            self.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
+                           LOG_ERR, IPQD_EVENT="worker-died")
+            del self.workers[worker.index]
+            self.spawn(worker.index, len(self.workers) + 1, worker.queues)
+            return
+        successor.conn.send(("go", state))
+        successor.stats = worker.stats
+        self.workers[worker.index] = successor
 
     def ask_workers(self, message: tuple, reply: str) -> Dict[int, tuple]:
         for worker in self.workers.values():
@@ -528,6 +636,18 @@ class Daemon:
         if self.last_reload_error:
             text += f"; last failed reload: {self.last_reload_error}"
         return text
+
+
+def _stop_child(handle: WorkerHandle) -> None:
+    try:
+        handle.conn.send(("stop",))
+    except OSError:
+        pass
+    handle.process.join(5)
+    if handle.process.is_alive():
+        handle.process.kill()
+        handle.process.join(2)
+    handle.conn.close()
 
 
 def _ranges(numbers: List[int]) -> str:

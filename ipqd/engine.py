@@ -77,14 +77,22 @@ class Engine:
     def default_verdict(self) -> int:
         return self._default_verdict
 
-    def replaced_by(self, policy: Policy, matcher: Matcher) -> "Engine":
-        """A new engine for a reloaded policy, keeping totals and per-rule counters
-        (by rule name)."""
+    def carry_over(self) -> dict:
+        """What a successor worker takes over (`take_over`): the totals, the
+        cache's counts and the matcher's (plain data, for a pipe)."""
         self.settle()
-        matcher.adopt_counters(self.matcher)
-        engine = Engine(policy, matcher, self.counters, self.caching)
-        engine.cache.carry_counts(self.cache)
-        return engine
+        return {"counters": self.counters.as_dict(), "matcher": self.matcher.carry_over(),
+                "cache": (self.cache.hits, self.cache.misses, self.cache.flushes)}
+
+    def take_over(self, state: dict) -> None:
+        """Count on from a predecessor's `carry_over` (a reload's new worker)."""
+        for name, value in state["counters"].items():
+            setattr(self.counters, name, getattr(self.counters, name) + value)
+        self.matcher.take_over(state["matcher"])
+        hits, misses, flushes = state["cache"]
+        self.cache.hits += hits
+        self.cache.misses += misses
+        self.cache.flushes += flushes
 
     def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
               ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:

@@ -239,10 +239,6 @@ class VerdictCache:
             self.flushes += 1
         entries[key] = entry
 
-    def carry_counts(self, old: "VerdictCache") -> None:
-        """Keep the totals of the cache this one replaces (a reload), not its entries."""
-        self.hits, self.misses, self.flushes = old.hits, old.misses, old.flushes
-
     def stats(self) -> Dict[str, int]:
         return {"cache_hits": self.hits, "cache_misses": self.misses,
                 "cache_entries": len(self.entries), "cache_flushes": self.flushes}

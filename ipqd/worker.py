@@ -2,10 +2,16 @@
 
 A worker runs in a process of its own (one per queue of a `queue.num`
 range, so the kernel's --queue-balance spreads flows over the cores). It
-talks to the supervisor over a pipe: it reports ready, stats and reload
-results, and takes new policies, counter requests and stop. Reloads compile
-in a thread, so the packet loop keeps answering while a large policy
-compiles, and the swap is one reference assignment.
+talks to the supervisor over a pipe: it reports ready and stats, and takes
+counter requests, stop and hand-over.
+
+A reload starts a new worker process (a successor) with the new policy on
+the same netlink socket, which the supervisor holds: the successor
+compiles in its own process, beside the running worker, so the packet
+loop never waits for a compile. Once every successor has compiled, each
+running worker answers what it has received, hands its counters over and
+exits without unbinding; its successor counts on from there and reads the
+packets that queued meanwhile. A successor that fails changes nothing.
 
 Verdicts: the packets drained in one wake-up are answered in one datagram:
 individual verdicts first (drops, marks), then one batch verdict per queue
@@ -18,15 +24,11 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import sys
-import threading
+import socket
 import time
-from sys import getrefcount
-from types import FunctionType
 from typing import Dict, List, Optional, Tuple
 
 from ipqd import nfqueue as nfq
-from ipqd.compiler import compile_policy
 from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
 from ipqd.errors import IpqdError
@@ -35,10 +37,8 @@ from ipqd.policy.model import Policy, Rate
 from ipqd.queue_socket import QueueSocket
 
 STATS_EVERY = 1.0
-RELOAD_SWITCH_INTERVAL = 0.0005     # seconds; see _start_reload
 SETTLE_AT = 256                     # cache entries hit before the totals are brought up to date
 IDLE_WAIT = 0.5                     # seconds a receive waits for packets before looking at stats
-_SWITCH_INTERVAL = sys.getswitchinterval()
 
 
 class WorkerConfig:
@@ -83,57 +83,49 @@ class Worker:
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
                               undecodable_verdict=self.engine.default_verdict)
-        self._reloaded = None
-        self._compiling = False
-        # The compile thread's "done": it wakes the loop, which would
-        # otherwise notice the new policy only at its next packet or timeout.
-        self._compiled_r, self._compiled_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._queue_settings = _queue_settings(policy)
         self._names = _IfNames(self.qs.ifname)       # interface names, per round
         self._ifname = self._names.__getitem__
         self._single: List[bytes] = []          # this round's verdicts: one per packet,
         self._batch: Dict[int, int] = {}        # and queue -> highest id of the plain accepts
         self._keys: Dict[Tuple[int, int], tuple] = {}    # (queue, id) -> key of a cache miss
         self._stop = False
+        self.handing_over = False           # told to hand over: the loop ends, nothing unbinds
         self._last_stats = 0.0
         self.kernel_errors = 0
 
-    def bind(self, policy: Policy) -> None:
-        queue = policy.queue
-        mask = nfq.NFQA_CFG_F_FAIL_OPEN
-        flags = mask if queue.fail_open else 0
-        if {"uid", "gid"} & policy.fields():
-            flags |= nfq.NFQA_CFG_F_UID_GID
-            mask |= nfq.NFQA_CFG_F_UID_GID
+    def bind(self, taken_over: bool = False) -> None:
+        """Bind the worker's queues; `taken_over`: the socket came from a
+        predecessor and is bound already, so only the settings are sent."""
+        setup = self.qs.configure if taken_over else self.qs.bind
         for number in self.config.queues:
-            self.qs.bind(number, family="both", copy_range=queue.copy_range, maxlen=queue.maxlen,
-                         flags=flags, flags_mask=mask)
+            setup(number, family="both", **self._queue_settings)
 
     # -------------------------------------------------------- the loop
 
     def serve(self) -> None:
-        wake = (self.conn.fileno(), self._compiled_r)
+        wake = self.conn.fileno()
         shortcut = self._shortcut if self.config.cache else None
         qs = self.qs
         receive = qs.receive_events
-        while not self._stop:
+        while not (self._stop or self.handing_over):
             if len(self._names) > 1:        # a lookup was made: the next round asks again
                 self._names = _IfNames(qs.ifname)
                 self._ifname = self._names.__getitem__
             events = receive(IDLE_WAIT, 256, wake, shortcut)
             if events or self._single or self._batch:
                 self.answer(events)
-            # The receive's own wait watched the pipes: look only when one was readable.
-            if qs.woken:
-                if self.conn.poll():
-                    self._control(self.conn.recv())
-                _drain(self._compiled_r)
-            if self._reloaded is not None:
-                self._finish_reload()
+            # The receive's own wait watched the pipe: look only when it was readable.
+            if qs.woken and self.conn.poll():
+                self._control(self.conn.recv())
             now = time.monotonic()
             if now - self._last_stats >= STATS_EVERY:
                 self._last_stats = now
                 self.conn.send(("stats", self.config.index, self.stats()))
-        self.drain()
+        # Every packet received so far is answered (the round's answer comes
+        # before control). On a hand-over the rest stays queued for the successor.
+        if self._stop:
+            self.drain()
 
     def drain(self, rounds: int = 100) -> None:
         """Answer what is already queued before unbinding: unbinding would drop it."""
@@ -221,78 +213,34 @@ class Worker:
 
     def _control(self, message) -> None:
         kind = message[0]
-        if kind == "policy":
-            self._start_reload(message[1])
-        elif kind == "counters":
+        if kind == "counters":
             self.engine.settle()
             self.conn.send(("counters", self.config.index, self.engine.matcher.counters(),
                             self.stats()))
+        elif kind == "handover":
+            self.handing_over = True
         elif kind == "stop":
             self._stop = True
 
-    def _start_reload(self, packed: bytes) -> None:
-        """Unpickle, compile and pair the rule counters in a thread: a large
-        policy takes a second or more, which the packet loop must not wait for.
+    def carry_over(self) -> dict:
+        """What the successor takes over (`take_over`): every counter."""
+        return {"engine": self.engine.carry_over(), "socket": self.qs.stats.as_dict(),
+                "kernel_errors": self.kernel_errors,
+                "log": (self.log.logged, self.log.suppressed, self.log.overflowed,
+                        self.log.failed)}
 
-        The cyclic collector stays off until the swap: the compile makes
-        hundreds of thousands of objects, and each full collection it would
-        trigger walks the whole heap for hundreds of milliseconds while
-        holding the GIL, in whichever thread allocates.
-        """
-        old = self.engine.matcher
-
-        def compile_it() -> None:
-            box: list = []
-            try:
-                box.append(transfer.unpack(packed))
-                matcher = compile_policy(box[0])
-                matcher.adopt_counters(old)     # the swap then adds only the hits since
-                reloaded = (transfer.outline(box[0]), matcher, None)
-            except Exception as error:          # the old policy stays
-                reloaded = (None, None, f"{type(error).__name__}: {error}")
-            # The rules themselves are needed no more (the matcher keeps what
-            # it uses): freed here, a piece at a time, not by the packet loop.
-            if box:
-                release(box)
-            self._reloaded = reloaded
-            try:
-                os.write(self._compiled_w, b"!")
-            except BlockingIOError:         # full: the loop has wake-ups enough
-                pass
-
-        gc.disable()
-        self._compiling = True
-        # The packet loop gets the GIL back this soon from the compile thread
-        # (the default 5 ms, twice per round, would be a 10 ms verdict).
-        sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
-        threading.Thread(target=compile_it, daemon=True).start()
-
-    def _finish_reload(self) -> None:
-        policy, matcher, error = self._reloaded
-        self._reloaded = None
-        self._compiling = False
-        if error is None:
-            old = self.engine
-            self.engine = old.replaced_by(policy, matcher)
-            self.qs.undecodable_verdict = self.engine.default_verdict
-            self.log.set_rate(share_rate(policy.logging.rate, self.config.workers))
-            # The short switch interval stays until the old policy is freed:
-            # that thread, too, would otherwise keep the GIL 5 ms at a time.
-            threading.Thread(target=self._release, args=([old],), daemon=True).start()
-            del old, policy, matcher
-        else:
-            sys.setswitchinterval(_SWITCH_INTERVAL)
-        _settle_heap()
-        self.conn.send(("reloaded", self.config.index, error))
-
-    def _release(self, box: list) -> None:
-        """release(box), then the usual switch interval, unless another
-        reload has begun meanwhile (see _start_reload)."""
-        try:
-            release(box)
-        finally:
-            if not self._compiling:
-                sys.setswitchinterval(_SWITCH_INTERVAL)
+    def take_over(self, state: dict) -> None:
+        """Count on from a predecessor's `carry_over`."""
+        self.engine.take_over(state["engine"])
+        for name, value in state["socket"].items():
+            setattr(self.qs.stats, name, getattr(self.qs.stats, name) + value)
+        self.kernel_errors += state["kernel_errors"]
+        log = self.log
+        logged, suppressed, overflowed, failed = state["log"]
+        log.logged += logged
+        log.suppressed += suppressed
+        log.overflowed += overflowed
+        log.failed += failed
 
     def stats(self) -> dict:
         self.engine.settle()
@@ -309,17 +257,18 @@ class Worker:
             self.qs.close()
         finally:
             self.log.close()
-            os.close(self._compiled_r)
-            os.close(self._compiled_w)
 
 
-def _drain(fd: int) -> None:
-    """Empty a non-blocking wake pipe."""
-    try:
-        while os.read(fd, 64):
-            pass
-    except BlockingIOError:
-        pass
+def _queue_settings(policy: Policy) -> dict:
+    """How the policy has its queues set up (QueueSocket.configure's arguments)."""
+    queue = policy.queue
+    mask = nfq.NFQA_CFG_F_FAIL_OPEN
+    flags = mask if queue.fail_open else 0
+    if {"uid", "gid"} & policy.fields():
+        flags |= nfq.NFQA_CFG_F_UID_GID
+        mask |= nfq.NFQA_CFG_F_UID_GID
+    return {"copy_range": queue.copy_range, "maxlen": queue.maxlen, "flags": flags,
+            "flags_mask": mask}
 
 
 def _settle_heap() -> None:
@@ -334,65 +283,73 @@ def _settle_heap() -> None:
     gc.enable()
 
 
-def release(box: list) -> None:
-    """Drop the one object in `box` a piece at a time (from a background thread).
-
-    Freeing a compiled 10,000-rule policy at once is one C call of tens of
-    milliseconds that no thread switch can interrupt, so the packet loop
-    would wait for the GIL that long. Instead the containers reachable from
-    it are listed first (parents before children) and let go one by one:
-    each step frees one object, its children being still listed. Only lists,
-    tuples, dicts, sets, instances and closures are followed: never types,
-    modules or a function's globals.
-    """
-    order = [box.pop()]
-    seen = {id(order[0])}               # only objects with other holders can come again
-    for obj in order:                   # grows while it is walked: breadth first
-        if isinstance(obj, FunctionType):
-            referents = obj.__closure__ or ()
-        elif isinstance(obj, _LEAVES):
-            continue
-        else:
-            referents = gc.get_referents(obj)
-        for ref in referents:
-            if not gc.is_tracked(ref) or isinstance(ref, _LEAVES):
-                continue
-            if getrefcount(ref) > 4:        # held by obj, `referents`, `ref` and the call only?
-                if id(ref) in seen:
-                    continue
-                seen.add(id(ref))
-            order.append(ref)
-    seen = None
-    order.reverse()
-    while order:                        # the root was first: it goes first
-        order.pop()
-
-
-_LEAVES = (type, type(os), type(release.__code__))     # types, modules, code
-
-
-def worker_main(config: WorkerConfig, pickled_policy: bytes, conn) -> None:
-    """Entry point of a worker process; the policy comes pickled (as the
-    supervisor keeps it)."""
+def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
+                successor: bool = False) -> None:
+    """Entry point of a worker process. The policy comes pickled (as the
+    supervisor keeps it), the netlink socket as an fd the supervisor holds
+    too. A `successor` (a reload's new worker) finds the socket bound: it
+    compiles, says "compiled", then waits for ("go", its predecessor's
+    counters) before it touches the socket, or for "stop" (the reload was
+    called off: the socket is left as it is)."""
     # The supervisor handles signals; a worker stops when told (or when the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The compile makes hundreds of thousands of objects: collections while
+    # it runs would only walk them again and again (_settle_heap turns it on).
+    gc.disable()
+    if successor:
+        _yield_to_packets(True)
     try:
         policy = transfer.unpack(pickled_policy)
-        worker = Worker(config, policy, conn)
-        worker.bind(policy)
-    except (IpqdError, OSError) as error:
-        conn.send(("failed", config.index, str(error)))
+        del pickled_policy
+        worker = Worker(config, policy, conn, sock=socket.socket(fileno=sock_fd))
+        del policy
+        if not successor:
+            worker.bind()
+    except Exception as error:          # the supervisor says it; the running policy stays
+        detail = str(error) if isinstance(error, (IpqdError, OSError)) \
+            else f"{type(error).__name__}: {error}"
+        conn.send(("failed", config.index, detail))
         os._exit(1)
-    del policy, pickled_policy
     _settle_heap()
+    if successor:
+        conn.send(("compiled", config.index, None))
+        try:
+            message = conn.recv()
+        except EOFError:
+            message = ("stop",)
+        if message[0] != "go":
+            os._exit(0)                 # not worker.close(): the socket is the running worker's
+        _yield_to_packets(False)
+        if message[1] is not None:
+            worker.take_over(message[1])
+        try:
+            worker.bind(taken_over=True)
+        except (IpqdError, OSError) as error:
+            conn.send(("failed", config.index, str(error)))
+            os._exit(1)
     conn.send(("ready", config.index, sorted(config.queues)))
     try:
         worker.serve()
     except (EOFError, BrokenPipeError):
         pass                                   # the supervisor is gone: stop cleanly
-    finally:
+    if worker.handing_over:
+        # No unbind, no close: the socket goes on with the successor.
+        conn.send(("handed", config.index, worker.carry_over()))
+        worker.log.close()
+    else:
         worker.close()
     os._exit(0)
+
+
+def _yield_to_packets(compiling: bool) -> None:
+    """While a successor compiles, the running worker's wake-ups preempt it
+    (SCHED_BATCH); it answers packets as a normal task again afterwards.
+    Both steps need no privilege."""
+    policy = os.SCHED_BATCH if compiling else os.SCHED_OTHER
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        pass                                # a sandbox may forbid it: only a nicety

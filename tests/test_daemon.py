@@ -128,6 +128,62 @@ def test_counters_on_sigusr1_carry_over_reloads(lab, daemon, tmp_path):
     ipqd.wait_for(lambda l: l.startswith("rule default:"), start=mark)
 
 
+def worker_pids(ipqd) -> list:
+    with open(f"/proc/{ipqd.process.pid}/task/{ipqd.process.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    pids = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                if f.read().split("\0")[1:4] == ["-m", "ipqd.child", "worker"]:
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_reload_hands_the_bound_socket_to_a_new_worker_under_traffic(lab, daemon, tmp_path):
+    """The new policy runs in a new worker process on the same netlink socket
+    (the queue's peer port id stays, so nothing was unbound or dropped), and
+    a stream sent all through three reloads arrives whole, in order."""
+    ipqd = daemon(write_policy(tmp_path / "policy.yaml", udp=5000))
+    before_pids, (before,) = worker_pids(ipqd), queue_counters(lab.server)
+    assert len(before_pids) == 1
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind((lab.SERVER4, 5000))
+    rx.settimeout(5)
+    got = []
+    receiver = threading.Thread(target=lambda: got.extend(iter(lambda: int(rx.recv(64)), -1)))
+    receiver.daemon = True
+    receiver.start()
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stop, sent = threading.Event(), [0]
+
+    def stream():
+        while not stop.is_set():
+            tx.sendto(b"%d" % sent[0], (lab.SERVER4, 5000))
+            sent[0] += 1
+            time.sleep(0.001)
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        for udp in (5000, 5000, 5000):
+            write_policy(tmp_path / "policy.yaml", udp=udp)
+            assert ipqd.reload().startswith("reloaded policy")
+    finally:
+        stop.set()
+        sender.join()
+    tx.sendto(b"-1", (lab.SERVER4, 5000))         # the end
+    receiver.join(10)
+    assert got == list(range(sent[0])) and sent[0] > 100
+    (after,) = queue_counters(lab.server)
+    assert after[1] == before[1]                    # the same socket holds the queue
+    assert after[5] == after[6] == 0                # nothing dropped by the kernel
+    after_pids = worker_pids(ipqd)
+    assert len(after_pids) == 1 and after_pids != before_pids
+    rx.close()
+
+
 def stats_of(ipqd) -> dict:
     mark = len(ipqd.lines)
     ipqd.signal(signal.SIGUSR1)

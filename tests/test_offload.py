@@ -203,7 +203,9 @@ def test_a_request_that_comes_back_stops_the_engine_asking():
     assert judge(engine, 23).verdict == nfq.NF_DROP
     assert engine.counters.offload_returned == 1 and engine.counters.offloaded == 1
     # a reload asks again (the hooks may have been installed meanwhile)
-    assert judge(engine.replaced_by(policy, compile_policy(policy)), 80).verdict == nfq.NF_REPEAT
+    successor = Engine(policy)
+    successor.take_over(engine.carry_over())
+    assert judge(successor, 80).verdict == nfq.NF_REPEAT
 
 
 def test_no_offload_at_unhooked_chains_untracked_packets_or_with_mode_off():

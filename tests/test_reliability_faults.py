@@ -159,7 +159,7 @@ def test_decision_code_that_raises_gives_every_packet_the_default(lab, default):
     rx = Receiver(lab, [6000])
     tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        worker.bind(policy)
+        worker.bind()
         real_judge = worker.engine.judge
         calls = [0]
 
@@ -304,7 +304,9 @@ def test_reload_storm_and_a_reload_during_a_flood(lab, tmp_path):
         print(f"reload storm: {signals[0]} SIGHUPs, {reloads} reloads, {sent} datagrams, "
               f"all received; queue dropped {row[5]}, user dropped {row[6]}")
         assert row[5] == 0 and row[6] == 0
-        assert ipqd.process.poll() is None and reloads >= 10
+        # Each reload starts a loading process and a new worker (some 0.4 s
+        # here), and the SIGHUPs that come meanwhile make one more reload.
+        assert ipqd.process.poll() is None and reloads >= 5
         assert rx.probe(tx, lab, 5000) and not rx.probe(tx, lab, 5001)
         stopping = time.monotonic()
         assert ipqd.stop() == 0

@@ -190,28 +190,65 @@ def test_bad_reloads_keep_the_running_policy(lab, policy_dir):
         ipqd.stop()
 
 
-def test_a_reload_a_worker_cannot_take_is_undone_in_every_worker(tmp_path):
-    """The loader took the policy but a worker's compile failed: the workers
-    must not run two policies, so all are sent the running one again."""
+class FakeConn:
+    def __init__(self, replies=()):
+        self.sent, self.replies = [], list(replies)
+
+    def send(self, message):
+        self.sent.append(message)
+
+    def poll(self, timeout=0.0):
+        return bool(self.replies)
+
+    def recv(self):
+        return self.replies.pop(0)
+
+    def fileno(self):
+        return -1
+
+    def close(self):
+        pass
+
+
+class FakeProcess:
+    exitcode = None
+
+    def is_alive(self):
+        return True
+
+    def join(self, timeout=None):
+        pass
+
+    def kill(self):
+        pass
+
+
+def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_path):
+    """The loader took the policy, but one new worker failed to compile it:
+    the other new worker is stopped, the running workers are never asked to
+    hand over, and the running policy stays the one kept."""
     import argparse
-    from ipqd.daemon import Daemon, load_in_child
+    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
     path = tmp_path / "policy.yaml"
     write_policy(path)
     daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
                                        state_dir=str(tmp_path), log_target="stderr"))
     daemon.keep(load_in_child(str(path)))
     running = daemon.pickled
-    sent = []
+    daemon.workers = {i: WorkerHandle(i, FakeProcess(), FakeConn(), {i: None}) for i in (0, 1)}
+    successors = []
 
-    def ask_workers(message, reply):
-        sent.append(message)
-        return {0: ("reloaded", 0, "MemoryError: " if len(sent) == 1 else None),
-                1: ("reloaded", 1, None)}
-    daemon.ask_workers = ask_workers
+    def spawn(index, count, queues, successor=False):
+        assert successor and daemon.pickled != running          # the new policy
+        reply = ("compiled", 0, None) if index == 0 else ("failed", 1, "MemoryError: ")
+        successors.append(WorkerHandle(index, FakeProcess(), FakeConn([reply]), queues))
+        return successors[-1]
+    daemon.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
-    assert [m[0] for m in sent] == ["policy", "policy"]
-    assert sent[0][1] != running and sent[1][1] == running
+    assert [w.conn.sent for w in daemon.workers.values()] == [[], []]
+    assert [s.conn.sent for s in successors] == [[("stop",)], [("stop",)]]
     assert daemon.pickled == running and (daemon.reloads, daemon.failed_reloads) == (0, 1)
-    assert daemon.last_reload_error == "reload failed in worker 0: MemoryError: "
+    assert daemon.last_reload_error == "reload failed in worker 1: MemoryError: "
     daemon.log.close()
+

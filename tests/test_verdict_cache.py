@@ -276,7 +276,8 @@ def test_hits_are_settled_after_a_flush_and_a_reload():
         return p
     for dport in (53, 53, 53, 80, 80):      # dns: a miss, two hits; 80 flushes it
         decide_cached(engine, packet(dport), 0.0)
-    reloaded = engine.replaced_by(policy, Engine(policy).matcher)
+    reloaded = Engine(policy)                       # a reload's new worker
+    reloaded.take_over(engine.carry_over())
     decide_cached(reloaded, packet(80), 0.0)        # a new cache: a miss
     decide_cached(reloaded, packet(80), 0.0)
     reloaded.settle()

@@ -2,13 +2,13 @@
 decisions of one round go out together, and every packet is covered."""
 from __future__ import annotations
 
+import pickle
 import struct
 import threading
 from multiprocessing import Pipe
 
 from ipqd import worker as worker_module
 from ipqd.packet import PacketMeta, parse
-from ipqd.policy import transfer
 
 from ipqd import nfqueue as nfq
 from ipqd.nfnetlink import NLMSG_HDRLEN
@@ -108,24 +108,31 @@ def udp_view(dport: int):
     return parse(bytes(datagram(1, dport))[-28:], PacketMeta(family=4))
 
 
-def test_a_reload_wakes_the_idle_loop_when_its_compile_ends(monkeypatch):
-    """No packets and no timeout: the compile thread's end alone must bring
-    the new policy in and the answer back."""
+def test_a_worker_told_to_hand_over_stops_at_once_and_its_successor_counts_on(monkeypatch):
+    """No packets and no timeout: the hand-over request alone ends the loop,
+    without the unbinding a stop does; a successor with a changed policy
+    takes every counter over (rules by name)."""
     monkeypatch.setattr(worker_module, "IDLE_WAIT", 60.0)
     ours, theirs = Pipe()
-    worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), loads(POLICY, "p.yaml"), conn=theirs)
+    worker, _ = worker_with_rounds([[datagram(1, 53), datagram(2, 53), datagram(3, 80)]])
+    worker.conn = theirs
+    unbound = []
+    worker.qs.unbind = unbound.append
     loop = threading.Thread(target=worker.serve, daemon=True)
     loop.start()
-    try:
-        ours.send(("policy", transfer.pack(loads(POLICY.replace("dport: 55", "dport: 56"),
-                                                 "p.yaml"))))
-        reply = ("stats",)
-        while reply[0] == "stats":          # sent once a second, and at the start
-            assert ours.poll(20), "the reload waited for the receive's timeout"
-            reply = ours.recv()
-        assert reply == ("reloaded", 0, None)
-        assert worker.engine.matcher.decide(udp_view(56), 0.0).rule.name == "other"
-    finally:
-        ours.send(("stop",))
-        loop.join(70)
-        worker.close()
+    ours.send(("handover",))
+    loop.join(20)
+    assert not loop.is_alive(), "the hand-over waited for the receive's timeout"
+    assert worker.handing_over and unbound == []
+    successor = Worker(WorkerConfig(0, 1, {1: None}, "stderr"),
+                       loads(POLICY.replace("dport: 53", "dport: 5353"), "p.yaml"), conn=None)
+    successor.take_over(pickle.loads(pickle.dumps(worker.carry_over())))     # through the pipe
+    counters = successor.engine.matcher.counters()
+    assert counters["rules"]["dns"]["hits"] == 2 and counters["default"]["hits"] == 1
+    stats = successor.stats()
+    assert (stats["packets"], stats["accepted"], stats["dropped"]) == (3, 2, 1)
+    assert stats["socket_packets"] == 3
+    worker.qs._sock = worker.qs._sock.real
+    worker.close()
+    successor.close()
+

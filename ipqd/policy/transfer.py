@@ -1,11 +1,10 @@
-"""A checked policy as bytes for another process, in pieces that load quickly.
+"""A checked policy as bytes for another process, and the outline the
+supervisor keeps of it.
 
-The supervisor's loading process packs the policy once; each worker unpacks
-it in its compile thread, beside its packet loop. Unpickling a 10,000-rule
-policy in one piece is a single C call of about 12 ms that holds the GIL,
-so every packet would wait that long. Packed in pieces of CHUNK rules, each
-`pickle.loads` is a fraction of a millisecond, and between two the packet
-loop gets the GIL. Pure: bytes in, policy out.
+The supervisor's loading process packs the policy once; each worker (a new
+one for each reload) unpacks it before it touches a packet. The supervisor
+keeps only the outline: it needs the settings, hooks and warnings, not the
+rules. Pure: bytes in, policy out.
 """
 from __future__ import annotations
 
@@ -14,25 +13,17 @@ from dataclasses import replace
 
 from ipqd.policy.model import Policy
 
-CHUNK = 200
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def pack(policy: Policy) -> bytes:
-    """The policy as bytes: its outline (everything but the rules) and its
-    rules in pieces of CHUNK."""
-    rules = policy.rules
-    pieces = [pickle.dumps(rules[i:i + CHUNK], _PROTOCOL) for i in range(0, len(rules), CHUNK)]
-    return pickle.dumps((pickle.dumps(outline(policy), _PROTOCOL), pieces), _PROTOCOL)
+    """The whole policy as bytes."""
+    return pickle.dumps(policy, _PROTOCOL)
 
 
 def unpack(data: bytes) -> Policy:
-    """The policy `pack` packed, read a piece at a time."""
-    packed_outline, pieces = pickle.loads(data)
-    rules: list = []
-    for piece in pieces:
-        rules.extend(pickle.loads(piece))
-    return replace(pickle.loads(packed_outline), rules=tuple(rules))
+    """The policy `pack` packed."""
+    return pickle.loads(data)
 
 
 def outline(policy: Policy) -> Policy:

@@ -416,6 +416,8 @@ class Matcher:
         self.rated = False                           # see decide
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
+        self._names = tuple(rule.name for rule in rules)     # by index: for carry_over
+        self._bucketed = tuple(c for c in self._compiled if c.bucket is not None)
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
                                  default.log)
@@ -540,12 +542,15 @@ class Matcher:
 
     def carry_over(self) -> dict:
         """What a successor in another process takes over (`take_over`): hit
-        counts and rate buckets by rule name. Plain data, for a pipe."""
+        counts and rate buckets by rule name. Plain data, for a pipe; it is
+        on the hand-over's path, so only what is not zero."""
         hits: Dict[str, int] = {}
+        for name, count in zip(self._names, self._hits):
+            if count:
+                hits[name] = hits.get(name, 0) + count
         buckets: Dict[str, tuple] = {}
-        for c, count in zip(self._compiled, self._hits):
-            hits[c.rule.name] = hits.get(c.rule.name, 0) + count
-            if c.bucket is not None and c.rule.name not in buckets:
+        for c in self._bucketed:
+            if c.rule.name not in buckets:
                 buckets[c.rule.name] = (c.rule.rate, c.bucket.tokens, c.bucket.stamp)
         return {"hits": hits, "default": self._default_hits, "buckets": buckets}
 
@@ -553,14 +558,20 @@ class Matcher:
         """Start from a predecessor's `carry_over`: each name's hits go to the
         first rule of that name, a bucket carries over when its rate is
         unchanged."""
-        hits, buckets = dict(state["hits"]), state["buckets"]
-        for i, c in enumerate(self._compiled):
-            name = c.rule.name
-            self._hits[i] += hits.pop(name, 0)
-            carried = buckets.get(name)
-            if c.bucket is not None and carried is not None and carried[0] == c.rule.rate:
+        names = self._names
+        if state["hits"]:
+            # the first index of each name: reversed, so that it is written last
+            first = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
+            for name, count in state["hits"].items():
+                index = first.get(name)
+                if index is not None:
+                    self._hits[index] += count
+        for c in self._bucketed:
+            carried = state["buckets"].get(c.rule.name)
+            if carried is not None and carried[0] == c.rule.rate:
                 c.bucket.tokens, c.bucket.stamp = carried[1], carried[2]
         self._default_hits += state["default"]
+
 
 def _add_hits(entry: dict, action: str, hits: int) -> None:
     entry["hits"] += hits

@@ -87,6 +87,10 @@ class Child:
         self.popen = popen
         self.conn = conn
 
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
     def is_alive(self) -> bool:
         return self.popen.poll() is None
 

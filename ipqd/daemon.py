@@ -545,42 +545,63 @@ class Daemon:
             return ("failed", successor.index, "exited before it had compiled")
 
     def hand_over_one(self, worker: WorkerHandle, successor: WorkerHandle) -> None:
-        """The running worker stops after answering what it has received and
-        sends its counters; the successor goes on from there. Packets that
-        arrive meanwhile wait in the socket."""
-        state = None
+        """The running worker stops after answering what it has received, and
+        the successor starts at once on the socket, where packets wait
+        meanwhile, and on the same CPUs. The counters follow: the old worker
+        sends them after it stopped, and the successor adds them up."""
+        try:
+            os.sched_setaffinity(successor.process.pid, os.sched_getaffinity(worker.process.pid))
+        except OSError:
+            pass                    # a sandbox may forbid it; or a worker is gone (below)
         try:
             worker.conn.send(("handover",))
-            deadline = time.monotonic() + REPLY_TIMEOUT
-            while state is None and time.monotonic() < deadline:
-                if worker.conn.poll(0.05):
-                    message = worker.conn.recv()
-                    if message[0] == "handed":
-                        state = message[2]
-                    elif message[0] == "stats":
-                        worker.stats = message[2]
-                elif not worker.process.is_alive():
-                    break
-        except (EOFError, OSError):
-            pass
-        worker.process.join(5)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join(2)
-        worker.conn.close()
-        if state is None:
+        except OSError:
+            pass                    # gone: seen as no "stopped" below
+        if self._await(worker, "stopped") is None:
             # It died first: what it had received may be unanswered in the
             # kernel, where the successor's batch verdicts would cover it.
             # So the socket goes, with them, and the slot starts afresh.
+            _stop_child(worker)
             _stop_child(successor)
             self.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
                            LOG_ERR, IPQD_EVENT="worker-died")
             del self.workers[worker.index]
             self.spawn(worker.index, len(self.workers) + 1, worker.queues)
             return
-        successor.conn.send(("go", state))
         successor.stats = worker.stats
         self.workers[worker.index] = successor
+        try:
+            successor.conn.send(("go",))
+        except OSError:
+            pass                    # it died: the loop restarts it, on a new socket
+        handed = self._await(worker, "handed")
+        if handed is None:
+            self.log.event(f"ipqd: worker {worker.index} exited before it handed its counters "
+                           "over; they start again from zero", LOG_ERR, IPQD_EVENT="worker-died")
+        else:
+            try:
+                successor.conn.send(("take_over", handed[2]))
+            except OSError:
+                pass
+        _stop_child(worker)
+
+    def _await(self, worker: WorkerHandle, kind: str) -> Optional[tuple]:
+        """The worker's next message of `kind`; None if it dies or stays
+        silent first."""
+        try:
+            deadline = time.monotonic() + REPLY_TIMEOUT
+            while time.monotonic() < deadline:
+                if worker.conn.poll(0.05):
+                    message = worker.conn.recv()
+                    if message[0] == kind:
+                        return message
+                    if message[0] == "stats":
+                        worker.stats = message[2]
+                elif not worker.process.is_alive():
+                    return None
+        except (EOFError, OSError):
+            pass
+        return None
 
     def ask_workers(self, message: tuple, reply: str) -> Dict[int, tuple]:
         for worker in self.workers.values():

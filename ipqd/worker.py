@@ -9,9 +9,10 @@ A reload starts a new worker process (a successor) with the new policy on
 the same netlink socket, which the supervisor holds: the successor
 compiles in its own process, beside the running worker, so the packet
 loop never waits for a compile. Once every successor has compiled, each
-running worker answers what it has received, hands its counters over and
-exits without unbinding; its successor counts on from there and reads the
-packets that queued meanwhile. A successor that fails changes nothing.
+running worker answers what it has received and stops reading; its
+successor starts at once, reading the packets that queued meanwhile, and
+adds up the counters the old worker sends before it exits (without
+unbinding). A successor that fails changes nothing.
 
 Verdicts: the packets drained in one wake-up are answered in one datagram:
 individual verdicts first (drops, marks), then one batch verdict per queue
@@ -219,6 +220,8 @@ class Worker:
                             self.stats()))
         elif kind == "handover":
             self.handing_over = True
+        elif kind == "take_over":           # a reload's predecessor counted these
+            self.take_over(message[1])
         elif kind == "stop":
             self._stop = True
 
@@ -288,9 +291,9 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     """Entry point of a worker process. The policy comes pickled (as the
     supervisor keeps it), the netlink socket as an fd the supervisor holds
     too. A `successor` (a reload's new worker) finds the socket bound: it
-    compiles, says "compiled", then waits for ("go", its predecessor's
-    counters) before it touches the socket, or for "stop" (the reload was
-    called off: the socket is left as it is)."""
+    compiles, says "compiled", then waits for "go" before it touches the
+    socket (its predecessor's counters come later, as "take_over"), or for
+    "stop" (the reload was called off: the socket is left as it is)."""
     # The supervisor handles signals; a worker stops when told (or when the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -315,6 +318,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         os._exit(1)
     _settle_heap()
     if successor:
+        _yield_to_packets(False)            # compiled: a normal task again, idle until "go"
         conn.send(("compiled", config.index, None))
         try:
             message = conn.recv()
@@ -322,9 +326,6 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
             message = ("stop",)
         if message[0] != "go":
             os._exit(0)                 # not worker.close(): the socket is the running worker's
-        _yield_to_packets(False)
-        if message[1] is not None:
-            worker.take_over(message[1])
         try:
             worker.bind(taken_over=True)
         except (IpqdError, OSError) as error:
@@ -336,7 +337,10 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     except (EOFError, BrokenPipeError):
         pass                                   # the supervisor is gone: stop cleanly
     if worker.handing_over:
-        # No unbind, no close: the socket goes on with the successor.
+        # No unbind, no close: the socket goes on with the successor, which
+        # may start at once; the counters follow (it adds them up).
+        conn.send(("stopped", config.index, None))
+        _step_aside()
         conn.send(("handed", config.index, worker.carry_over()))
         worker.log.close()
     else:
@@ -344,10 +348,20 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     os._exit(0)
 
 
+def _step_aside() -> None:
+    """A worker that has handed over still counts and exits, maybe on its
+    successor's CPU: it gives way to anything else there (SCHED_IDLE; it
+    never needs to come back from it)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        pass                                # a sandbox may forbid it: only a nicety
+
+
 def _yield_to_packets(compiling: bool) -> None:
     """While a successor compiles, the running worker's wake-ups preempt it
-    (SCHED_BATCH); it answers packets as a normal task again afterwards.
-    Both steps need no privilege."""
+    (SCHED_BATCH); then it is a normal task again. Neither step needs
+    privilege."""
     policy = os.SCHED_BATCH if compiling else os.SCHED_OTHER
     try:
         os.sched_setscheduler(0, policy, os.sched_param(0))

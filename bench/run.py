@@ -399,15 +399,15 @@ def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:
 def measure_reload(lab: Lab, name: str, reps: int, one_cpu: bool) -> dict:
     """SIGHUP under a one-in-flight probe: reload time (the daemon's own
     figure) and the worst round trip while it ran. The probe and the worker
-    share CPU 0; the supervisor and so the process it starts to
-    load the new policy run on CPU 0 too when `one_cpu`, else on the other
-    CPUs (the compile itself is always in the worker, beside its packets)."""
+    share CPU 0; the supervisor, and so the processes it starts to load the
+    new policy and to compile it (the new worker), run on CPU 0 too when
+    `one_cpu`, else on the other CPUs."""
     runs = []
     supervisor = lab.procs[name].pid
-    pids = lab.pids(name)
-    roles = daemon_roles(pids)
     lab.point(name)
     for _ in range(reps):
+        pids = lab.pids(name)           # each reload makes a new worker
+        roles = daemon_roles(pids)
         with open(lab.logs[name]) as log:
             mark = len(log.readlines())
         set_affinity(pids, "0")
@@ -639,6 +639,8 @@ def main() -> int:
         if not args.no_reload:
             result["reload"] = measure_reload(lab, "ipqd-10000", 3, one_cpu=False)
             result["reload_one_cpu"] = measure_reload(lab, "ipqd-10000", 3, one_cpu=True)
+            if not args.no_rss:
+                result["rss_after_reloads"] = measure_rss(lab, ["ipqd-10000"])
         if extra:
             result["multiqueue"] = measure_multiqueue(lab, args.reps, args.closed)
     finally:
@@ -664,9 +666,9 @@ def report(result: dict) -> None:
     if "ipqd-10" in s and "ipqd-10000" in s:
         print(f"\n10,000 rules vs 10: {s['ipqd-10000']['pps']['median'] / s['ipqd-10']['pps']['median']:.2f}x "
               "packets/s")
-    if "rss" in result:
-        for name, r in result["rss"].items():
-            print(f"memory {name}: VmRSS {r['rss_mb']:.1f} MB, PSS {r['pss_mb']:.1f} MB "
+    for key, when in (("rss", ""), ("rss_after_reloads", ", after the 6 reloads below")):
+        for name, r in result.get(key, {}).items():
+            print(f"memory {name}{when}: VmRSS {r['rss_mb']:.1f} MB, PSS {r['pss_mb']:.1f} MB "
                   f"over {len(r['processes'])} processes (supervisor, workers)")
     for key, where in (("reload", "load on another CPU"), ("reload_one_cpu", "all on one CPU")):
         if key in result:

@@ -134,8 +134,21 @@ def start(job: str, *args, payload: Optional[bytes] = None, fds: Tuple[int, ...]
     return Child(popen, conn)
 
 
+def background(on: bool) -> None:
+    """SCHED_BATCH (on) or back to SCHED_OTHER: a process starting up or
+    compiling beside a running worker lets the worker's wake-ups preempt it.
+    Needs no privilege either way; best effort, since a sandbox's system call
+    filter may refuse it."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH if on else os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass
+
+
 def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, sock_fd,
             successor) -> None:
+    if successor:
+        background(True)            # before the imports: they are work too
     from ipqd.worker import WorkerConfig, worker_main
     config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
     # The policy's bytes go straight into the call, held by no name here:
@@ -144,6 +157,12 @@ def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, soc
 
 
 def _load(conn: Channel, path: str) -> None:
+    # Background work: on a busy core the workers' packet loops come first.
+    # For good: the process exits when done. Best effort, as in background().
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     from ipqd.daemon import load_policy_job
     load_policy_job(path, conn)
 

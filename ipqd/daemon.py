@@ -144,12 +144,6 @@ def load_policy_job(path: str, conn) -> None:
     # The process exits when done: nothing to collect, and the collector
     # would walk the whole node tree again and again as it grows.
     gc.disable()
-    # Background work: on a busy core the workers' packet loops come first.
-    # Best effort: the unit's system call filter (@resources) refuses it.
-    try:
-        os.nice(10)
-    except OSError:
-        pass
     try:
         policy = load_checked(path)
         conn.send(("loaded", transfer.pack(policy),

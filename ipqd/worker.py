@@ -30,6 +30,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from ipqd import nfqueue as nfq
+from ipqd.child import background
 from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
 from ipqd.errors import IpqdError
@@ -302,8 +303,6 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     # The compile makes hundreds of thousands of objects: collections while
     # it runs would only walk them again and again (_settle_heap turns it on).
     gc.disable()
-    if successor:
-        _yield_to_packets(True)
     try:
         policy = transfer.unpack(pickled_policy)
         del pickled_policy
@@ -318,7 +317,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         os._exit(1)
     _settle_heap()
     if successor:
-        _yield_to_packets(False)            # compiled: a normal task again, idle until "go"
+        background(False)                   # compiled (see ipqd.child._worker); idle until "go"
         conn.send(("compiled", config.index, None))
         try:
             message = conn.recv()
@@ -354,16 +353,5 @@ def _step_aside() -> None:
     never needs to come back from it)."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        pass                                # a sandbox may forbid it: only a nicety
-
-
-def _yield_to_packets(compiling: bool) -> None:
-    """While a successor compiles, the running worker's wake-ups preempt it
-    (SCHED_BATCH); then it is a normal task again. Neither step needs
-    privilege."""
-    policy = os.SCHED_BATCH if compiling else os.SCHED_OTHER
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError:
         pass                                # a sandbox may forbid it: only a nicety

@@ -398,29 +398,37 @@ def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:
 
 def measure_reload(lab: Lab, name: str, reps: int, one_cpu: bool) -> dict:
     """SIGHUP under a one-in-flight probe: reload time (the daemon's own
-    figure) and the worst round trip while it ran. The probe and the worker
-    share CPU 0; the supervisor, and so the processes it starts to load the
-    new policy and to compile it (the new worker), run on CPU 0 too when
-    `one_cpu`, else on the other CPUs."""
-    runs = []
-    supervisor = lab.procs[name].pid
+    figure) and the worst round trip while it ran; then the same probe once
+    without a reload (`control`), for the VM's own worst delay. The probe and
+    the worker share CPU 0; the supervisor, and so the processes it starts
+    to load the new policy and to compile it (the new worker), run on CPU 0
+    too when `one_cpu`, else on the other CPUs."""
     lab.point(name)
-    for _ in range(reps):
-        pids = lab.pids(name)           # each reload makes a new worker
-        roles = daemon_roles(pids)
-        with open(lab.logs[name]) as log:
-            mark = len(log.readlines())
-        set_affinity(pids, "0")
-        if not one_cpu and NCPU > 1:
-            set_affinity(roles["others"], f"1-{NCPU - 1}")
-        probe = subprocess.Popen(
-            ["ip", "netns", "exec", lab.host.name, "taskset", "-c", "0",
-             os.path.join(BUILD, "udpblast"), "latency", "--duration", str(RELOAD_PROBE_S),
-             "--port", str(PORT), "--size", str(PACKET_SIZE)], stdout=subprocess.PIPE, text=True)
-        time.sleep(1.5)
-        sent_at = time.monotonic()
-        os.kill(supervisor, signal.SIGHUP)
-        took = None
+    runs = [_probe_reload(lab, name, one_cpu, reload=True) for _ in range(reps)]
+    control = _probe_reload(lab, name, one_cpu, reload=False)
+    return {"consumer": name, "one_cpu": one_cpu, "runs": runs, "control": control,
+            "reload_ms_median": _median([r["reload_ms"] for r in runs]),
+            "worst_delay_ms_max": max(r["worst_delay_ms"] for r in runs),
+            "lost": sum(r["probe"].get("lost", 0) for r in runs)}
+
+
+def _probe_reload(lab: Lab, name: str, one_cpu: bool, reload: bool) -> dict:
+    pids = lab.pids(name)               # each reload makes a new worker
+    roles = daemon_roles(pids)
+    with open(lab.logs[name]) as log:
+        mark = len(log.readlines())
+    set_affinity(pids, "0")
+    if not one_cpu and NCPU > 1:
+        set_affinity(roles["others"], f"1-{NCPU - 1}")
+    probe = subprocess.Popen(
+        ["ip", "netns", "exec", lab.host.name, "taskset", "-c", "0",
+         os.path.join(BUILD, "udpblast"), "latency", "--duration", str(RELOAD_PROBE_S),
+         "--port", str(PORT), "--size", str(PACKET_SIZE)], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    sent_at = time.monotonic()
+    took = None
+    if reload:
+        os.kill(lab.procs[name].pid, signal.SIGHUP)
         while time.monotonic() - sent_at < 60 and took is None:
             with open(lab.logs[name]) as log:
                 for line in log.readlines()[mark:]:
@@ -428,18 +436,14 @@ def measure_reload(lab: Lab, name: str, reps: int, one_cpu: bool) -> dict:
                     if found:
                         took = int(found.group(1))
             time.sleep(0.05)
-        seen_at = time.monotonic() - sent_at
-        stdout, _ = probe.communicate(timeout=60)
-        set_affinity(lab.pids(name), f"0-{NCPU - 1}")
-        latency = json.loads(stdout)
-        runs.append({"reload_ms": took, "reload_seen_s": round(seen_at, 3),
-                     "probe_covered_reload": 1.5 + seen_at < RELOAD_PROBE_S,
-                     "probe": latency,
-                     "worst_delay_ms": (latency["max_us"] - latency["median_us"]) / 1000})
-    return {"consumer": name, "one_cpu": one_cpu, "runs": runs,
-            "reload_ms_median": _median([r["reload_ms"] for r in runs]),
-            "worst_delay_ms_max": max(r["worst_delay_ms"] for r in runs),
-            "lost": sum(r["probe"].get("lost", 0) for r in runs)}
+    seen_at = time.monotonic() - sent_at
+    stdout, _ = probe.communicate(timeout=60)
+    set_affinity(lab.pids(name), f"0-{NCPU - 1}")
+    latency = json.loads(stdout)
+    return {"reload_ms": took, "reload_seen_s": round(seen_at, 3),
+            "probe_covered_reload": 1.5 + seen_at < RELOAD_PROBE_S,
+            "probe": latency,
+            "worst_delay_ms": (latency["max_us"] - latency["median_us"]) / 1000}
 
 
 def measure_rss(lab: Lab, names: List[str]) -> dict:
@@ -673,9 +677,14 @@ def report(result: dict) -> None:
     for key, where in (("reload", "load on another CPU"), ("reload_one_cpu", "all on one CPU")):
         if key in result:
             r = result[key]
+            control = r.get("control")
+            each = ", ".join(f"{x['worst_delay_ms']:.1f}" for x in r["runs"])
             print(f"reload of 10,000 rules ({where}): {r['reload_ms_median']} ms (median of "
                   f"{len(r['runs'])}); worst packet delay during it {r['worst_delay_ms_max']:.1f} ms"
-                  f", probes lost {r['lost']}"
+                  f" (each: {each})"
+                  + (f"; the same probe without a reload: {control['worst_delay_ms']:.1f} ms"
+                     if control else "")
+                  + f", probes lost {r['lost']}"
                   + ("" if all(x["probe_covered_reload"] for x in r["runs"])
                      else " (the probe ended before a reload did)"))
     if "tcp" in result:

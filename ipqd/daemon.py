@@ -513,9 +513,12 @@ class Daemon:
                     waiting.discard(index)
                 else:
                     problems.append(f"worker {index}: {message[2]}")
-            # The running workers go on reporting meanwhile.
-            for worker in list(self.workers.values()):
-                self.read_worker(worker)
+            # The running workers go on reporting meanwhile. One that dies
+            # calls the reload off: its slot restarts afresh (the loop's
+            # worker_died), which needs the successor off its socket first.
+            for index, worker in sorted(self.workers.items()):
+                if not self.read_stats(worker):
+                    problems.append(f"worker {index}: exited during the reload")
             if time.monotonic() > deadline:
                 problems.append(f"workers {sorted(waiting)}: no compiled policy in "
                                 f"{REPLY_TIMEOUT:.0f} s")
@@ -526,6 +529,19 @@ class Daemon:
         for index, successor in sorted(successors.items()):
             self.hand_over_one(self.workers[index], successor)
         return []
+
+    def read_stats(self, worker: WorkerHandle) -> bool:
+        """Take a running worker's stats reports; False when it has died
+        (read_worker, unlike this, restarts it)."""
+        try:
+            while worker.conn.poll():
+                message = worker.conn.recv()
+                worker.seen = time.monotonic()
+                if message[0] == "stats":
+                    worker.stats = message[2]
+        except (EOFError, OSError):
+            return False
+        return worker.process.is_alive()
 
     def read_successor(self, successor: WorkerHandle, timeout: float) -> Optional[tuple]:
         """A successor's "compiled" or "failed" (also for one that died)."""

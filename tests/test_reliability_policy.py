@@ -212,9 +212,13 @@ class FakeConn:
 
 class FakeProcess:
     exitcode = None
+    pid = 0                         # no such process: setting its CPUs fails, as for a dead one
+
+    def __init__(self, alive=True):
+        self.alive = alive
 
     def is_alive(self):
-        return True
+        return self.alive
 
     def join(self, timeout=None):
         pass
@@ -252,3 +256,70 @@ def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_pa
     assert daemon.last_reload_error == "reload failed in worker 1: MemoryError: "
     daemon.log.close()
 
+
+
+def test_a_worker_that_dies_before_it_stops_reading_gets_a_fresh_socket(tmp_path):
+    """The running worker died instead of answering "handover": whatever it
+    had received may be unanswered in the kernel, so its successor (which
+    would cover those ids with its batch verdicts) is stopped and the slot
+    starts afresh, on a new socket, with the new policy."""
+    import argparse
+    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
+    path = tmp_path / "policy.yaml"
+    write_policy(path)
+    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
+                                       state_dir=str(tmp_path), log_target="stderr"))
+    daemon.keep(load_in_child(str(path)))
+    process = FakeProcess()
+
+    class DyingConn(FakeConn):
+        def send(self, message):
+            super().send(message)
+            process.alive = message != ("handover",)
+    daemon.workers = {0: WorkerHandle(0, process, DyingConn(), {0: None})}
+    started = []
+
+    def spawn(index, count, queues, successor=False):
+        handle = WorkerHandle(index, FakeProcess(), FakeConn([("compiled", index, None)]), queues)
+        started.append((successor, handle))
+        if not successor:
+            daemon.workers[index] = handle
+        return handle
+    daemon.spawn = spawn
+    path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
+    daemon.reload()
+    (was_successor, successor), (fresh, restarted) = started
+    assert was_successor and not fresh
+    assert successor.conn.sent == [("stop",)]               # never told to go
+    assert daemon.workers == {0: restarted} and daemon.reloads == 1
+    daemon.log.close()
+
+
+def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tmp_path):
+    """Its slot must restart afresh on a new socket (the loop's worker_died),
+    so the successor, which holds the old socket, is stopped first and the
+    running policy stays."""
+    import argparse
+    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
+    path = tmp_path / "policy.yaml"
+    write_policy(path)
+    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
+                                       state_dir=str(tmp_path), log_target="stderr"))
+    daemon.keep(load_in_child(str(path)))
+    running = daemon.pickled
+    dead = WorkerHandle(0, FakeProcess(alive=False), FakeConn(), {0: None})
+    daemon.workers = {0: dead}
+    successors = []
+
+    def spawn(index, count, queues, successor=False):
+        assert successor
+        successors.append(WorkerHandle(index, FakeProcess(), FakeConn(), queues))  # still compiling
+        return successors[-1]
+    daemon.spawn = spawn
+    path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
+    daemon.reload()
+    assert successors[0].conn.sent == [("stop",)] and dead.conn.sent == []
+    assert daemon.pickled == running and daemon.failed_reloads == 1
+    assert daemon.last_reload_error == "reload failed in worker 0: exited during the reload"
+    assert daemon.workers == {0: dead}          # for the loop to restart
+    daemon.log.close()

@@ -278,6 +278,18 @@ def test_two_queues_two_workers(lab, daemon, tmp_path):
     assert set(rows) == {0, 1}
     assert rows[0][2] == 0 and rows[1][2] == 0           # nothing waiting
     assert rows[0][7] > 0 and rows[1][7] > 0             # both queues saw packets (id sequence)
+    # A reload: each worker hands its own socket to its own successor.
+    before = set(worker_pids(ipqd))
+    assert len(before) == 2
+    assert ipqd.reload().startswith("reloaded policy")
+    for s in senders:
+        s.sendto(b"g", (lab.SERVER4, 5000))
+    assert sum(1 for _ in range(40) if rx.recv(10) == b"g") == 40
+    after = {row[0]: row for row in queue_counters(lab.server)}
+    assert {q: row[1] for q, row in after.items()} == {q: row[1] for q, row in rows.items()}
+    assert after[0][7] > rows[0][7] and after[1][7] > rows[1][7]
+    workers = set(worker_pids(ipqd))
+    assert len(workers) == 2 and not workers & before
     tx.close()
 
 

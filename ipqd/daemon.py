@@ -27,7 +27,7 @@ import select
 import signal
 import socket
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ipqd import child
 from ipqd import hooks as hooks_mod
@@ -110,8 +110,9 @@ class LoadedPolicy:
         self.rules = rules
 
 
-def load_in_child(path: str) -> LoadedPolicy:
-    """load_checked in a short-lived process (ipqd.child).
+def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None) -> LoadedPolicy:
+    """load_checked in a short-lived process (ipqd.child); `waiting` is
+    called about twice a second until it answers.
 
     A large policy's YAML nodes and model take a hundred megabytes of heap
     while they are read; the supervisor gets only their pickle, so its own
@@ -124,6 +125,8 @@ def load_in_child(path: str) -> LoadedPolicy:
         raise PolicyRefused([f"refusing policy {path}: cannot start the process loading it: "
                              f"{error}"]) from None
     try:
+        while waiting is not None and not loading.conn.poll(0.5):
+            waiting()
         answer = loading.conn.recv()
     except (EOFError, OSError):
         answer = ("refused", [f"refusing policy {path}: the process loading it exited"])
@@ -205,6 +208,8 @@ class Daemon:
         self.installed_backend: Optional[str] = None
         self.signals: List[int] = []
         self.reloads = self.failed_reloads = 0
+        self.watchdog = _watchdog_interval()          # seconds between pings, or None
+        self.last_ping = 0.0
         self.last_reload_error = ""
 
     # -------------------------------------------------------- life cycle
@@ -350,8 +355,7 @@ class Daemon:
             signal.signal(signum, lambda n, _frame: self.signals.append(n))
 
     def loop(self) -> None:
-        watchdog = _watchdog_interval()
-        last_ping = last_status = 0.0
+        last_status = 0.0
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
         registered = set()
@@ -381,12 +385,19 @@ class Daemon:
                     poller.unregister(fd)
                     registered.discard(fd)
             now = time.monotonic()
-            if watchdog and now - last_ping >= watchdog and self.healthy(now):
-                notify("WATCHDOG=1")
-                last_ping = now
+            self.tend_watchdog()
             if now - last_status >= STATUS_EVERY:
                 notify(self.status_line())
                 last_status = now
+
+    def tend_watchdog(self) -> None:
+        """Ping systemd's watchdog when it is due and the workers are answering:
+        from the loop, and while a reload waits (a large policy on a slow
+        machine can take longer than the watchdog's period)."""
+        now = time.monotonic()
+        if self.watchdog and now - self.last_ping >= self.watchdog and self.healthy(now):
+            notify("WATCHDOG=1")
+            self.last_ping = now
 
     def read_worker(self, worker: WorkerHandle, want: str = "") -> Optional[tuple]:
         """Handle what a worker said; return the first message of kind `want`."""
@@ -425,7 +436,7 @@ class Daemon:
         notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            loaded = load_in_child(self.path)
+            loaded = load_in_child(self.path, waiting=self.tend_watchdog)
         except (PolicyRefused, OSError) as error:
             lines = error.lines if isinstance(error, PolicyRefused) else [
                 f"cannot read policy {error.filename or self.path}: {error.strerror}"]
@@ -519,6 +530,7 @@ class Daemon:
             for index, worker in sorted(self.workers.items()):
                 if not self.read_stats(worker):
                     problems.append(f"worker {index}: exited during the reload")
+            self.tend_watchdog()
             if time.monotonic() > deadline:
                 problems.append(f"workers {sorted(waiting)}: no compiled policy in "
                                 f"{REPLY_TIMEOUT:.0f} s")

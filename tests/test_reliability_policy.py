@@ -323,3 +323,38 @@ def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tm
     assert daemon.last_reload_error == "reload failed in worker 0: exited during the reload"
     assert daemon.workers == {0: dead}          # for the loop to restart
     daemon.log.close()
+
+
+def test_a_long_reload_keeps_the_watchdog_fed(tmp_path, monkeypatch):
+    """A large policy on a slow machine compiles for longer than systemd's
+    watchdog period: the supervisor pings while it waits, as its loop would."""
+    import argparse
+    import ipqd.daemon
+    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
+    path = tmp_path / "policy.yaml"
+    write_policy(path)
+    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
+                                       state_dir=str(tmp_path), log_target="stderr"))
+    daemon.keep(load_in_child(str(path)))
+    daemon.watchdog = 0.01
+    notified = []
+    monkeypatch.setattr(ipqd.daemon, "notify", notified.append)
+    daemon.workers = {0: WorkerHandle(0, FakeProcess(), FakeConn(), {0: None})}
+
+    class SlowConn(FakeConn):
+        polls = 0
+
+        def poll(self, timeout=0.0):
+            self.polls += 1
+            if self.polls < 20:         # 20 waits of 50 ms: about a second
+                time.sleep(timeout)
+                return False
+            return True
+
+    def spawn(index, count, queues, successor=False):
+        return WorkerHandle(index, FakeProcess(), SlowConn([("failed", index, "no")]), queues)
+    daemon.spawn = spawn
+    path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
+    daemon.reload()
+    assert notified.count("WATCHDOG=1") >= 10
+    daemon.log.close()

@@ -330,6 +330,9 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         except (IpqdError, OSError) as error:
             conn.send(("failed", config.index, str(error)))
             os._exit(1)
+        # Its first stats report waits a period, so that it already holds
+        # the predecessor's counters ("take_over" comes milliseconds later).
+        worker._last_stats = time.monotonic()
     conn.send(("ready", config.index, sorted(config.queues)))
     try:
         worker.serve()

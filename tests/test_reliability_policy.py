@@ -190,6 +190,19 @@ def test_bad_reloads_keep_the_running_policy(lab, policy_dir):
         ipqd.stop()
 
 
+def supervisor(tmp_path):
+    """A Daemon (the supervisor) that has loaded the test policy, with no
+    workers: the tests give it fake ones."""
+    import argparse
+    from ipqd.daemon import Daemon, load_in_child
+    path = tmp_path / "policy.yaml"
+    write_policy(path)
+    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
+                                       state_dir=str(tmp_path), log_target="stderr"))
+    daemon.keep(load_in_child(str(path)))
+    return daemon, path
+
+
 class FakeConn:
     def __init__(self, replies=()):
         self.sent, self.replies = [], list(replies)
@@ -231,13 +244,8 @@ def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_pa
     """The loader took the policy, but one new worker failed to compile it:
     the other new worker is stopped, the running workers are never asked to
     hand over, and the running policy stays the one kept."""
-    import argparse
-    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
-    path = tmp_path / "policy.yaml"
-    write_policy(path)
-    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
-                                       state_dir=str(tmp_path), log_target="stderr"))
-    daemon.keep(load_in_child(str(path)))
+    from ipqd.daemon import WorkerHandle
+    daemon, path = supervisor(tmp_path)
     running = daemon.pickled
     daemon.workers = {i: WorkerHandle(i, FakeProcess(), FakeConn(), {i: None}) for i in (0, 1)}
     successors = []
@@ -263,13 +271,8 @@ def test_a_worker_that_dies_before_it_stops_reading_gets_a_fresh_socket(tmp_path
     had received may be unanswered in the kernel, so its successor (which
     would cover those ids with its batch verdicts) is stopped and the slot
     starts afresh, on a new socket, with the new policy."""
-    import argparse
-    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
-    path = tmp_path / "policy.yaml"
-    write_policy(path)
-    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
-                                       state_dir=str(tmp_path), log_target="stderr"))
-    daemon.keep(load_in_child(str(path)))
+    from ipqd.daemon import WorkerHandle
+    daemon, path = supervisor(tmp_path)
     process = FakeProcess()
 
     class DyingConn(FakeConn):
@@ -299,13 +302,8 @@ def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tm
     """Its slot must restart afresh on a new socket (the loop's worker_died),
     so the successor, which holds the old socket, is stopped first and the
     running policy stays."""
-    import argparse
-    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
-    path = tmp_path / "policy.yaml"
-    write_policy(path)
-    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
-                                       state_dir=str(tmp_path), log_target="stderr"))
-    daemon.keep(load_in_child(str(path)))
+    from ipqd.daemon import WorkerHandle
+    daemon, path = supervisor(tmp_path)
     running = daemon.pickled
     dead = WorkerHandle(0, FakeProcess(alive=False), FakeConn(), {0: None})
     daemon.workers = {0: dead}
@@ -328,14 +326,9 @@ def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tm
 def test_a_long_reload_keeps_the_watchdog_fed(tmp_path, monkeypatch):
     """A large policy on a slow machine compiles for longer than systemd's
     watchdog period: the supervisor pings while it waits, as its loop would."""
-    import argparse
     import ipqd.daemon
-    from ipqd.daemon import Daemon, WorkerHandle, load_in_child
-    path = tmp_path / "policy.yaml"
-    write_policy(path)
-    daemon = Daemon(argparse.Namespace(policy=str(path), no_hooks=True, backend="auto",
-                                       state_dir=str(tmp_path), log_target="stderr"))
-    daemon.keep(load_in_child(str(path)))
+    from ipqd.daemon import WorkerHandle
+    daemon, path = supervisor(tmp_path)
     daemon.watchdog = 0.01
     notified = []
     monkeypatch.setattr(ipqd.daemon, "notify", notified.append)

@@ -40,6 +40,7 @@ READY_TIMEOUT = 15.0
 REPLY_TIMEOUT = 60.0
 STATUS_EVERY = 2.0
 STALE_AFTER = 5.0          # a worker silent this long is wedged: no watchdog ping
+RETIRE_WITHIN = 10.0       # a handed-over worker has this long to write its log and exit
 
 
 def notify(state: str) -> None:
@@ -209,6 +210,7 @@ class Daemon:
         self.signals: List[int] = []
         self.reloads = self.failed_reloads = 0
         self.watchdog = _watchdog_interval()          # seconds between pings, or None
+        self.retiring: List[tuple] = []               # (since, handle) of handed-over workers
         self.last_ping = 0.0
         self.last_reload_error = ""
 
@@ -327,6 +329,7 @@ class Daemon:
                 worker.process.kill()
                 worker.process.join(2)
         self.workers = {}
+        self.reap_retired(float("inf"))
         for index in list(self.sockets):
             self.close_socket(index)
 
@@ -386,9 +389,31 @@ class Daemon:
                     registered.discard(fd)
             now = time.monotonic()
             self.tend_watchdog()
+            self.reap_retired(now)
             if now - last_status >= STATUS_EVERY:
                 notify(self.status_line())
                 last_status = now
+
+    def reap_retired(self, now: float) -> None:
+        """Handed-over workers that have exited; one still there after
+        RETIRE_WITHIN is killed (it has nothing left but its log to write)."""
+        for entry in list(self.retiring):
+            since, worker = entry
+            if worker.process.is_alive() and now - since < RETIRE_WITHIN:
+                continue
+            worker.process.join(1)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(1)
+            worker.conn.close()
+            self.retiring.remove(entry)
+
+    def keep_alive(self) -> None:
+        """While a reload waits: take the running workers' reports (so that
+        they count as answering) and feed the watchdog."""
+        for worker in list(self.workers.values()):
+            self.read_stats(worker)
+        self.tend_watchdog()
 
     def tend_watchdog(self) -> None:
         """Ping systemd's watchdog when it is due and the workers are answering:
@@ -436,7 +461,7 @@ class Daemon:
         notify(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            loaded = load_in_child(self.path, waiting=self.tend_watchdog)
+            loaded = load_in_child(self.path, waiting=self.keep_alive)
         except (PolicyRefused, OSError) as error:
             lines = error.lines if isinstance(error, PolicyRefused) else [
                 f"cannot read policy {error.filename or self.path}: {error.strerror}"]
@@ -534,9 +559,13 @@ class Daemon:
             if time.monotonic() > deadline:
                 problems.append(f"workers {sorted(waiting)}: no compiled policy in "
                                 f"{REPLY_TIMEOUT:.0f} s")
+        if not problems:
+            problems = [f"worker {index}: its new worker exited before the hand-over"
+                        for index, successor in sorted(successors.items())
+                        if not successor.process.is_alive()]
         if problems:
             for successor in successors.values():
-                _stop_child(successor)
+                _call_off(successor)
             return problems
         for index, successor in sorted(successors.items()):
             self.hand_over_one(self.workers[index], successor)
@@ -571,6 +600,16 @@ class Daemon:
         the successor starts at once on the socket, where packets wait
         meanwhile, and on the same CPUs. The counters follow: the old worker
         sends them after it stopped, and the successor adds them up."""
+        if not successor.process.is_alive():
+            # Gone since it compiled: the running worker keeps its queue (and
+            # the previous policy) rather than leave the queue unread.
+            _call_off(successor)
+            self.failed_reloads += 1
+            self.last_reload_error = f"worker {worker.index} kept the previous policy"
+            self.log.event(f"ipqd: the new worker {worker.index} exited before the hand-over; "
+                           "that worker keeps the previous policy until the next reload",
+                           LOG_ERR, IPQD_EVENT="reload-failed")
+            return
         try:
             os.sched_setaffinity(successor.process.pid, os.sched_getaffinity(worker.process.pid))
         except OSError:
@@ -579,21 +618,25 @@ class Daemon:
             worker.conn.send(("handover",))
         except OSError:
             pass                    # gone: seen as no "stopped" below
-        if self._await(worker, "stopped") is None:
+        stopped = self._await(worker, "stopped")
+        if stopped is None:
             # It died first: what it had received may be unanswered in the
             # kernel, where the successor's batch verdicts would cover it.
             # So the socket goes, with them, and the slot starts afresh.
+            _call_off(successor)
             _stop_child(worker)
-            _stop_child(successor)
             self.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
                            LOG_ERR, IPQD_EVENT="worker-died")
             del self.workers[worker.index]
             self.spawn(worker.index, len(self.workers) + 1, worker.queues)
             return
         successor.stats = worker.stats
+        successor.seen = time.monotonic()
         self.workers[worker.index] = successor
         try:
-            successor.conn.send(("go",))
+            # With the old worker's queue settings: it sets up the queue only
+            # if its own differ (an acknowledgement can be lost under load).
+            successor.conn.send(("go", stopped[2]))
         except OSError:
             pass                    # it died: the loop restarts it, on a new socket
         handed = self._await(worker, "handed")
@@ -605,7 +648,8 @@ class Daemon:
                 successor.conn.send(("take_over", handed[2]))
             except OSError:
                 pass
-        _stop_child(worker)
+        # It exits by itself once its log is written; the loop reaps it.
+        self.retiring.append((time.monotonic(), worker))
 
     def _await(self, worker: WorkerHandle, kind: str) -> Optional[tuple]:
         """The worker's next message of `kind`; None if it dies or stays
@@ -615,12 +659,14 @@ class Daemon:
             while time.monotonic() < deadline:
                 if worker.conn.poll(0.05):
                     message = worker.conn.recv()
+                    worker.seen = time.monotonic()
                     if message[0] == kind:
                         return message
                     if message[0] == "stats":
                         worker.stats = message[2]
                 elif not worker.process.is_alive():
                     return None
+                self.tend_watchdog()
         except (EOFError, OSError):
             pass
         return None
@@ -679,6 +725,14 @@ class Daemon:
         if self.last_reload_error:
             text += f"; last failed reload: {self.last_reload_error}"
         return text
+
+
+def _call_off(successor: WorkerHandle) -> None:
+    """End a successor that was not told "go": it never read the socket, so
+    killing it loses nothing, and it may be deep in a compile."""
+    successor.process.kill()
+    successor.process.join(2)
+    successor.conn.close()
 
 
 def _stop_child(handle: WorkerHandle) -> None:

@@ -243,15 +243,20 @@ class QueueSocket:
         `bind`, or by another process that held the same socket before (a
         reload's new worker takes its predecessor's socket, queued packets
         and all, and must not bind again: the kernel would refuse)."""
-        if family not in FAMILIES:
-            raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
-        self.queues[queue] = frozenset(FAMILIES[family])
+        self.adopt(queue, family)
         self._transact(self.protocol.set_mode(queue, copy_mode, copy_range), "mode", queue)
         if maxlen is not None:
             self._transact(self.protocol.set_maxlen(queue, maxlen), "maxlen", queue)
         mask = flags if flags_mask is None else flags_mask
         if mask:
             self.set_flags(queue, flags, mask)
+
+    def adopt(self, queue: int, family: str = "both") -> None:
+        """Take `queue` as bound and set up already, with nothing asked of the
+        kernel: by another process that held this socket with the same settings."""
+        if family not in FAMILIES:
+            raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+        self.queues[queue] = frozenset(FAMILIES[family])
 
     def set_mode(self, queue: int, copy_mode: int, copy_range: int) -> None:
         self._transact(self.protocol.set_mode(queue, copy_mode, copy_range), "mode", queue)

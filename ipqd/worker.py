@@ -85,7 +85,7 @@ class Worker:
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
                               undecodable_verdict=self.engine.default_verdict)
-        self._queue_settings = _queue_settings(policy)
+        self.queue_settings = _queue_settings(policy)
         self._names = _IfNames(self.qs.ifname)       # interface names, per round
         self._ifname = self._names.__getitem__
         self._single: List[bytes] = []          # this round's verdicts: one per packet,
@@ -96,12 +96,18 @@ class Worker:
         self._last_stats = 0.0
         self.kernel_errors = 0
 
-    def bind(self, taken_over: bool = False) -> None:
-        """Bind the worker's queues; `taken_over`: the socket came from a
-        predecessor and is bound already, so only the settings are sent."""
-        setup = self.qs.configure if taken_over else self.qs.bind
+    def bind(self, taken_over: bool = False, predecessor: Optional[dict] = None) -> None:
+        """Bind the worker's queues. `taken_over`: the socket came from a
+        predecessor and is bound already, so only the settings are sent, and
+        not even those when they equal the `predecessor`'s (each waits for an
+        acknowledgement, which a full receive buffer could lose)."""
         for number in self.config.queues:
-            setup(number, family="both", **self._queue_settings)
+            if not taken_over:
+                self.qs.bind(number, family="both", **self.queue_settings)
+            elif predecessor == self.queue_settings:
+                self.qs.adopt(number, family="both")
+            else:
+                self.qs.configure(number, family="both", **self.queue_settings)
 
     # -------------------------------------------------------- the loop
 
@@ -326,7 +332,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         if message[0] != "go":
             os._exit(0)                 # not worker.close(): the socket is the running worker's
         try:
-            worker.bind(taken_over=True)
+            worker.bind(taken_over=True, predecessor=message[1])
         except (IpqdError, OSError) as error:
             conn.send(("failed", config.index, str(error)))
             os._exit(1)
@@ -341,7 +347,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     if worker.handing_over:
         # No unbind, no close: the socket goes on with the successor, which
         # may start at once; the counters follow (it adds them up).
-        conn.send(("stopped", config.index, None))
+        conn.send(("stopped", config.index, worker.queue_settings))
         _step_aside()
         conn.send(("handed", config.index, worker.carry_over()))
         worker.log.close()

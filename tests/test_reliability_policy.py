@@ -225,7 +225,7 @@ class FakeConn:
 
 class FakeProcess:
     exitcode = None
-    pid = 0                         # no such process: setting its CPUs fails, as for a dead one
+    pid = 0x7FFFFFFF                # no such process: reading its CPUs fails, as for a dead one
 
     def __init__(self, alive=True):
         self.alive = alive
@@ -236,8 +236,10 @@ class FakeProcess:
     def join(self, timeout=None):
         pass
 
+    killed = False
+
     def kill(self):
-        pass
+        self.killed, self.alive = True, False
 
 
 def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_path):
@@ -259,7 +261,7 @@ def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_pa
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     assert [w.conn.sent for w in daemon.workers.values()] == [[], []]
-    assert [s.conn.sent for s in successors] == [[("stop",)], [("stop",)]]
+    assert [(s.conn.sent, s.process.killed) for s in successors] == [([], True), ([], True)]
     assert daemon.pickled == running and (daemon.reloads, daemon.failed_reloads) == (0, 1)
     assert daemon.last_reload_error == "reload failed in worker 1: MemoryError: "
     daemon.log.close()
@@ -278,7 +280,8 @@ def test_a_worker_that_dies_before_it_stops_reading_gets_a_fresh_socket(tmp_path
     class DyingConn(FakeConn):
         def send(self, message):
             super().send(message)
-            process.alive = message != ("handover",)
+            if message == ("handover",):
+                process.alive = False
     daemon.workers = {0: WorkerHandle(0, process, DyingConn(), {0: None})}
     started = []
 
@@ -293,7 +296,7 @@ def test_a_worker_that_dies_before_it_stops_reading_gets_a_fresh_socket(tmp_path
     daemon.reload()
     (was_successor, successor), (fresh, restarted) = started
     assert was_successor and not fresh
-    assert successor.conn.sent == [("stop",)]               # never told to go
+    assert successor.conn.sent == [] and successor.process.killed      # never told to go
     assert daemon.workers == {0: restarted} and daemon.reloads == 1
     daemon.log.close()
 
@@ -316,7 +319,8 @@ def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tm
     daemon.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
-    assert successors[0].conn.sent == [("stop",)] and dead.conn.sent == []
+    assert successors[0].conn.sent == [] and successors[0].process.killed
+    assert dead.conn.sent == []
     assert daemon.pickled == running and daemon.failed_reloads == 1
     assert daemon.last_reload_error == "reload failed in worker 0: exited during the reload"
     assert daemon.workers == {0: dead}          # for the loop to restart
@@ -350,4 +354,27 @@ def test_a_long_reload_keeps_the_watchdog_fed(tmp_path, monkeypatch):
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     assert notified.count("WATCHDOG=1") >= 10
+    daemon.log.close()
+
+
+def test_a_new_worker_that_dies_after_compiling_calls_the_reload_off(tmp_path):
+    """Handing over to it would leave the queue unread: the running workers
+    are never asked, and the running policy stays."""
+    from ipqd.daemon import WorkerHandle
+    daemon, path = supervisor(tmp_path)
+    running = daemon.pickled
+    daemon.workers = {0: WorkerHandle(0, FakeProcess(), FakeConn(), {0: None})}
+    successors = []
+
+    def spawn(index, count, queues, successor=False):
+        successors.append(WorkerHandle(index, FakeProcess(alive=False),
+                                       FakeConn([("compiled", index, None)]), queues))
+        return successors[-1]
+    daemon.spawn = spawn
+    path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
+    daemon.reload()
+    assert daemon.workers[0].conn.sent == [] and successors[0].conn.sent == []
+    assert daemon.pickled == running and daemon.failed_reloads == 1
+    assert daemon.last_reload_error == \
+        "reload failed in worker 0: its new worker exited before the hand-over"
     daemon.log.close()

@@ -166,9 +166,14 @@ def test_a_reload_hands_the_bound_socket_to_a_new_worker_under_traffic(lab, daem
             time.sleep(0.001)
     sender = threading.Thread(target=stream)
     sender.start()
+    owner = "  - {name: owner, proto: tcp, dport: 9, uid: 0, action: drop}\n"
     try:
-        for udp in (5000, 5000, 5000):
-            write_policy(tmp_path / "policy.yaml", udp=udp)
+        # The second reload reads the uid (the queue's UID_GID flag is set on
+        # the taken-over socket); the others keep their predecessor's settings.
+        for extra in ("", owner, ""):
+            path = write_policy(tmp_path / "policy.yaml", udp=5000)
+            with open(path, "a") as f:
+                f.write(extra)
             assert ipqd.reload().startswith("reloaded policy")
     finally:
         stop.set()

@@ -134,3 +134,19 @@ def test_a_worker_told_to_hand_over_stops_at_once_and_its_successor_counts_on(mo
     worker.close()
     successor.close()
 
+
+
+def test_a_successor_sets_up_the_queue_only_when_its_settings_differ():
+    """Each setting waits for an acknowledgement on a socket that may hold a
+    backlog; equal settings are taken as they are."""
+    calls = []
+    worker = Worker(WorkerConfig(0, 1, {1: None, 2: None}, "stderr"), loads(POLICY, "p.yaml"),
+                    conn=None)
+    worker.qs.adopt = lambda number, family: calls.append(("adopt", number))
+    worker.qs.configure = lambda number, family, **settings: calls.append(("configure", number))
+    worker.bind(taken_over=True, predecessor=dict(worker.queue_settings))
+    assert calls == [("adopt", 1), ("adopt", 2)]
+    calls.clear()
+    worker.bind(taken_over=True, predecessor=dict(worker.queue_settings, flags=0, flags_mask=0))
+    assert calls == [("configure", 1), ("configure", 2)]
+    worker.close()

@@ -381,6 +381,7 @@ def measure(lab: Lab, name: str, args) -> dict:
 
 
 RELOAD_PROBE_S = 20.0       # the probe runs from 1.5 s before the SIGHUP to past the reload's end
+PROBE_WARMUP_S = 0.5        # its first round trips (a process just started) are not counted
 
 
 def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:
@@ -423,7 +424,8 @@ def _probe_reload(lab: Lab, name: str, one_cpu: bool, reload: bool) -> dict:
     probe = subprocess.Popen(
         ["ip", "netns", "exec", lab.host.name, "taskset", "-c", "0",
          os.path.join(BUILD, "udpblast"), "latency", "--duration", str(RELOAD_PROBE_S),
-         "--port", str(PORT), "--size", str(PACKET_SIZE)], stdout=subprocess.PIPE, text=True)
+         "--warmup", str(PROBE_WARMUP_S), "--port", str(PORT), "--size", str(PACKET_SIZE)],
+        stdout=subprocess.PIPE, text=True)
     time.sleep(1.5)
     sent_at = time.monotonic()
     took = None

@@ -3,6 +3,7 @@
  *   udpblast closed  --duration S [--window W]   lossless closed loop: packets/s
  *   udpblast flood   --duration S                open loop: sent vs received
  *   udpblast latency --duration S | --count N    one packet in flight: RTT
+ *                    [--warmup S]                 (round trips in the first S s not recorded)
  *
  * Common options: --dst A (127.0.0.1) --port P (9000) --size BYTES (64: the IP
  * packet) --sources N (1: senders bound to 127.0.0.10, .11, ... so that
@@ -205,7 +206,7 @@ static void flood(struct blast *b, double duration)
            b->received / ((t - start) / 1e9), b->send_errors);
 }
 
-static void latency(struct blast *b, double duration, long count)
+static void latency(struct blast *b, double duration, long count, double warmup)
 {
     long cap = count > 0 ? count : 2000000, n = 0;
     int64_t *rtt = malloc(sizeof(int64_t) * cap), *at = malloc(sizeof(int64_t) * cap);
@@ -226,7 +227,7 @@ static void latency(struct blast *b, double duration, long count)
             }
             recv_some(b, MSG_DONTWAIT, &stamp);
         }
-        if (b->received == before)
+        if (b->received == before || t - start < (int64_t)(warmup * 1e9))
             continue;
         rtt[n] = now_ns() - t;
         at[n] = t - start;
@@ -249,7 +250,7 @@ int main(int argc, char **argv)
 {
     const char *mode, *dst = "127.0.0.1";
     int port = 9000, size = 64, sources = 1, window = 256;
-    double duration = 2.0;
+    double duration = 2.0, warmup = 0.0;
     long count = 0;
     struct blast b;
 
@@ -266,6 +267,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--window")) window = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--duration")) duration = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--count")) count = atol(argv[i + 1]);
+        else if (!strcmp(argv[i], "--warmup")) warmup = atof(argv[i + 1]);
         else {
             fprintf(stderr, "udpblast: unknown option %s\n", argv[i]);
             return 2;
@@ -282,7 +284,7 @@ int main(int argc, char **argv)
     else if (!strcmp(mode, "flood"))
         flood(&b, duration);
     else if (!strcmp(mode, "latency"))
-        latency(&b, duration, count);
+        latency(&b, duration, count, warmup);
     else {
         fprintf(stderr, "udpblast: unknown mode %s\n", mode);
         return 2;

@@ -401,11 +401,7 @@ class Daemon:
             since, worker = entry
             if worker.process.is_alive() and now - since < RETIRE_WITHIN:
                 continue
-            worker.process.join(1)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(1)
-            worker.conn.close()
+            _end(worker, 1)
             self.retiring.remove(entry)
 
     def keep_alive(self) -> None:
@@ -730,9 +726,7 @@ class Daemon:
 def _call_off(successor: WorkerHandle) -> None:
     """End a successor that was not told "go": it never read the socket, so
     killing it loses nothing, and it may be deep in a compile."""
-    successor.process.kill()
-    successor.process.join(2)
-    successor.conn.close()
+    _end(successor, 0)
 
 
 def _stop_child(handle: WorkerHandle) -> None:
@@ -740,7 +734,13 @@ def _stop_child(handle: WorkerHandle) -> None:
         handle.conn.send(("stop",))
     except OSError:
         pass
-    handle.process.join(5)
+    _end(handle, 5)
+
+
+def _end(handle: WorkerHandle, wait: float) -> None:
+    """Give a child `wait` seconds to exit, kill it if it has not, close its pipe."""
+    if wait:
+        handle.process.join(wait)
     if handle.process.is_alive():
         handle.process.kill()
         handle.process.join(2)

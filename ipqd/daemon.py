@@ -324,10 +324,7 @@ class Daemon:
             except (OSError, EOFError):
                 pass
         for worker in self.workers.values():
-            worker.process.join(5)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(2)
+            _end(worker, 5)
         self.workers = {}
         self.reap_retired(float("inf"))
         for index in list(self.sockets):
@@ -443,6 +440,7 @@ class Daemon:
         if self.workers.get(worker.index) is not worker:
             return
         worker.process.join(1)
+        worker.conn.close()
         self.log.event(f"ipqd: worker {worker.index} exited ({worker.process.exitcode}); restarting it",
                        LOG_ERR, IPQD_EVENT="worker-died")
         del self.workers[worker.index]

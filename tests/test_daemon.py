@@ -365,3 +365,40 @@ def test_example_policy_runs_as_shipped(lab, daemon, tmp_path):
     assert tcp_probe(lab, 22)
     assert udp_probe(lab, 5353)
     ipqd.wait_for(lambda l: l.startswith("ACCEPT") or l.startswith("DROP"))
+
+
+def netfilter_sockets(pid: int) -> set:
+    """Inodes of the NETLINK_NETFILTER sockets process `pid` holds."""
+    with open(f"/proc/{pid}/net/netlink") as f:
+        netfilter = {line.split()[-1] for line in f.readlines()[1:] if line.split()[1] == "12"}
+    held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    return {inode for inode in netfilter if f"socket:[{inode}]" in held}
+
+
+def test_a_killed_worker_is_restarted_on_a_new_socket_and_leaks_nothing(lab, daemon, tmp_path):
+    """kill -9 of the worker, three times: each time a new worker answers on a
+    new socket (the dead one's is let go, so the kernel unbinds it), and the
+    supervisor holds as many open files as before."""
+    ipqd = daemon()
+    assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+    supervisor_fds = f"/proc/{ipqd.process.pid}/fd"
+    files = len(os.listdir(supervisor_fds))
+    for round_ in range(3):
+        (pid,) = worker_pids(ipqd)
+        (row,) = queue_counters(lab.server)
+        held = netfilter_sockets(ipqd.process.pid)
+        assert len(held) == 1
+        mark = len(ipqd.lines)
+        os.kill(pid, signal.SIGKILL)
+        ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited (-9); restarting it"),
+                      start=mark)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+                len(worker_pids(ipqd)) == 1 and worker_pids(ipqd) != [pid]
+                and len(queue_counters(lab.server)) == 1):
+            time.sleep(0.05)
+        # The port id may come again (the first socket a process makes gets
+        # its pid), so the socket's inode tells a new socket from the old.
+        assert netfilter_sockets(ipqd.process.pid) != held, "the dead worker's socket stayed"
+        assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+    assert len(os.listdir(supervisor_fds)) == files

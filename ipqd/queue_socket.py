@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 from ipqd import nfnetlink as nl
 from ipqd import nfqueue as nfq
@@ -44,9 +44,6 @@ CAP_NET_ADMIN = 12
 _RECV_BUFSIZE = 1 << 17
 _ACK_TIMEOUT = 5.0
 _IFNAME_TTL = 5.0
-
-# What ends a wait besides the socket: one fd, several, or none.
-WakeFds = Union[None, int, Tuple[int, ...]]
 
 
 @dataclass
@@ -171,7 +168,7 @@ class QueueSocket:
         self._view = memoryview(self._buf)
         self._fd = self._sock.fileno()
         self._poller = None
-        self._wake_fd: WakeFds = None
+        self._wake_fd: Optional[int] = None
         self._sock_poller = select.poll()               # the socket alone: "any more?"
         self._sock_poller.register(self._fd, select.POLLIN)
         # Whether the last receive saw the wake fd readable; True when it did
@@ -295,7 +292,7 @@ class QueueSocket:
     # ------------------------------------------------------------ receiving
 
     def receive_events(self, timeout: Optional[float] = None, max_datagrams: int = 256,
-                       wake_fd: WakeFds = None,
+                       wake_fd: Optional[int] = None,
                        shortcut: Optional[Callable] = None) -> List[Event]:
         """Every event waiting, after waiting up to `timeout` seconds for the
         first (None: forever; 0: do not wait). Returns [] on timeout.
@@ -306,8 +303,8 @@ class QueueSocket:
         packets whose message could not be decoded but whose id could, are
         answered here (foreign_verdict, undecodable_verdict) and counted, so
         every queued packet gets a verdict; only wanted packets come back as
-        Packet events. A readable `wake_fd` (a signal or control pipe, or a
-        tuple of them) ends the wait early; reading it is the caller's business.
+        Packet events. A readable `wake_fd` (a signal or control pipe) ends
+        the wait early; reading it is the caller's business.
 
         `shortcut(buf, n)`, when given, sees each datagram first, in place,
         before any family check; it returns True for a packet it has taken
@@ -342,13 +339,13 @@ class QueueSocket:
         return events
 
     def receive(self, timeout: Optional[float] = None, max_datagrams: int = 256,
-                wake_fd: WakeFds = None) -> List[Packet]:
+                wake_fd: Optional[int] = None) -> List[Packet]:
         """The packets waiting (see receive_events), ready for verdicts."""
         return [e for e in self.receive_events(timeout, max_datagrams, wake_fd)
                 if type(e) is Packet]
 
     def _read(self, timeout: Optional[float], max_datagrams: int,
-              wake_fd: WakeFds = None, shortcut: Optional[Callable] = None) -> List[Event]:
+              wake_fd: Optional[int] = None, shortcut: Optional[Callable] = None) -> List[Event]:
         if timeout == 0:
             self.woken = True
         elif not self._wait_readable(timeout, wake_fd):
@@ -381,16 +378,15 @@ class QueueSocket:
                 events.extend(self.protocol.receive_data(bytes(self._view[:n])))
         return events
 
-    def _wait_readable(self, timeout: Optional[float], wake_fd: WakeFds = None) -> bool:
-        """Wait for the socket (True) or a wake fd or the timeout (False);
-        `woken` then says whether a wake fd was readable."""
-        if self._wake_fd != wake_fd or self._poller is None:
+    def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
+        """Wait for the socket (True) or the wake fd or the timeout (False);
+        `woken` then says whether the wake fd was readable."""
+        if self._poller is None or self._wake_fd != wake_fd:
             # kept across calls: one wait is one syscall
             self._poller = select.poll()
             self._poller.register(self._fd, select.POLLIN)
-            for fd in (wake_fd if isinstance(wake_fd, tuple) else (wake_fd,)):
-                if fd is not None:
-                    self._poller.register(fd, select.POLLIN)
+            if wake_fd is not None:
+                self._poller.register(wake_fd, select.POLLIN)
             self._wake_fd = wake_fd
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
         ready = self._poller.poll(ms)     # retried by Python after a signal (PEP 475)

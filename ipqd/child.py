@@ -134,13 +134,14 @@ def start(job: str, *args, payload: Optional[bytes] = None, fds: Tuple[int, ...]
     return Child(popen, conn)
 
 
-def background(on: bool) -> None:
-    """SCHED_BATCH (on) or back to SCHED_OTHER: a process starting up or
-    compiling beside a running worker lets the worker's wake-ups preempt it.
-    Needs no privilege either way; best effort, since a sandbox's system call
-    filter may refuse it."""
+def schedule(policy: int) -> None:
+    """This process's scheduling policy: SCHED_BATCH while it starts up or
+    compiles beside a running worker (whose wake-ups then preempt it),
+    SCHED_OTHER afterwards, SCHED_IDLE once it has handed over and only
+    exits. None of these needs privilege; best effort, since a sandbox's
+    system call filter may refuse it."""
     try:
-        os.sched_setscheduler(0, os.SCHED_BATCH if on else os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError:
         pass
 
@@ -148,7 +149,7 @@ def background(on: bool) -> None:
 def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, sock_fd,
             successor) -> None:
     if successor:
-        background(True)            # before the imports: they are work too
+        schedule(os.SCHED_BATCH)    # before the imports: they are work too
     from ipqd.worker import WorkerConfig, worker_main
     config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
     # The policy's bytes go straight into the call, held by no name here:
@@ -158,7 +159,7 @@ def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, soc
 
 def _load(conn: Channel, path: str) -> None:
     # Background work: on a busy core the workers' packet loops come first.
-    # For good: the process exits when done. Best effort, as in background().
+    # For good: the process exits when done. Best effort, as in schedule().
     try:
         os.nice(10)
     except OSError:

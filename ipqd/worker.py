@@ -30,7 +30,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from ipqd import nfqueue as nfq
-from ipqd.child import background
+from ipqd.child import schedule
 from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
 from ipqd.errors import IpqdError
@@ -323,7 +323,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         os._exit(1)
     _settle_heap()
     if successor:
-        background(False)                   # compiled (see ipqd.child._worker); idle until "go"
+        schedule(os.SCHED_OTHER)            # compiled (see ipqd.child._worker); idle until "go"
         conn.send(("compiled", config.index, None))
         try:
             message = conn.recv()
@@ -348,19 +348,11 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         # No unbind, no close: the socket goes on with the successor, which
         # may start at once; the counters follow (it adds them up).
         conn.send(("stopped", config.index, worker.queue_settings))
-        _step_aside()
+        # It only counts and exits now, maybe on its successor's CPU: it
+        # gives way to anything else there (and never needs to come back).
+        schedule(os.SCHED_IDLE)
         conn.send(("handed", config.index, worker.carry_over()))
         worker.log.close()
     else:
         worker.close()
     os._exit(0)
-
-
-def _step_aside() -> None:
-    """A worker that has handed over still counts and exits, maybe on its
-    successor's CPU: it gives way to anything else there (SCHED_IDLE; it
-    never needs to come back from it)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        pass                                # a sandbox may forbid it: only a nicety

@@ -27,7 +27,7 @@ import select
 import signal
 import socket
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ipqd import child
 from ipqd import hooks as hooks_mod
@@ -405,7 +405,7 @@ class Daemon:
         """While a reload waits: take the running workers' reports (so that
         they count as answering) and feed the watchdog."""
         for worker in list(self.workers.values()):
-            self.read_stats(worker)
+            self.take_reports(worker)
         self.tend_watchdog()
 
     def tend_watchdog(self) -> None:
@@ -418,22 +418,27 @@ class Daemon:
             self.last_ping = now
 
     def read_worker(self, worker: WorkerHandle, want: str = "") -> Optional[tuple]:
-        """Handle what a worker said; return the first message of kind `want`."""
-        wanted = None
+        """Handle what a worker said, restarting it if it died; return its
+        first message of kind `want`."""
+        alive, wanted = self.take_reports(worker, want)
+        if not alive:
+            self.worker_died(worker)
+        return wanted
+
+    def take_reports(self, worker: WorkerHandle, want: str = "") -> Tuple[bool, Optional[tuple]]:
+        """Read what a worker has said, up to its first message of kind
+        `want`: stats are kept. (Whether it lives, that message or None.)"""
         try:
             while worker.conn.poll():
                 message = worker.conn.recv()
-                kind = message[0]
                 worker.seen = time.monotonic()
-                if kind == "stats":
+                if message[0] == want:
+                    return worker.process.is_alive(), message
+                if message[0] == "stats":
                     worker.stats = message[2]
-                elif kind == want and wanted is None:
-                    wanted = message
         except (EOFError, OSError):
-            self.worker_died(worker)
-        if not worker.process.is_alive() and worker.index in self.workers:
-            self.worker_died(worker)
-        return wanted
+            return False, None
+        return worker.process.is_alive(), None
 
     def worker_died(self, worker: WorkerHandle) -> None:
         """A worker that dies is restarted at once: its queues must not stay unanswered."""
@@ -547,7 +552,7 @@ class Daemon:
             # calls the reload off: its slot restarts afresh (the loop's
             # worker_died), which needs the successor off its socket first.
             for index, worker in sorted(self.workers.items()):
-                if not self.read_stats(worker):
+                if not self.take_reports(worker)[0]:
                     problems.append(f"worker {index}: exited during the reload")
             self.tend_watchdog()
             if time.monotonic() > deadline:
@@ -564,19 +569,6 @@ class Daemon:
         for index, successor in sorted(successors.items()):
             self.hand_over_one(self.workers[index], successor)
         return []
-
-    def read_stats(self, worker: WorkerHandle) -> bool:
-        """Take a running worker's stats reports; False when it has died
-        (read_worker, unlike this, restarts it)."""
-        try:
-            while worker.conn.poll():
-                message = worker.conn.recv()
-                worker.seen = time.monotonic()
-                if message[0] == "stats":
-                    worker.stats = message[2]
-        except (EOFError, OSError):
-            return False
-        return worker.process.is_alive()
 
     def read_successor(self, successor: WorkerHandle, timeout: float) -> Optional[tuple]:
         """A successor's "compiled" or "failed" (also for one that died)."""
@@ -648,21 +640,15 @@ class Daemon:
     def _await(self, worker: WorkerHandle, kind: str) -> Optional[tuple]:
         """The worker's next message of `kind`; None if it dies or stays
         silent first."""
-        try:
-            deadline = time.monotonic() + REPLY_TIMEOUT
-            while time.monotonic() < deadline:
-                if worker.conn.poll(0.05):
-                    message = worker.conn.recv()
-                    worker.seen = time.monotonic()
-                    if message[0] == kind:
-                        return message
-                    if message[0] == "stats":
-                        worker.stats = message[2]
-                elif not worker.process.is_alive():
-                    return None
-                self.tend_watchdog()
-        except (EOFError, OSError):
-            pass
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while time.monotonic() < deadline:
+            if worker.conn.poll(0.05):
+                alive, message = self.take_reports(worker, kind)
+                if message is not None or not alive:
+                    return message
+            elif not worker.process.is_alive():
+                return None
+            self.tend_watchdog()
         return None
 
     def ask_workers(self, message: tuple, reply: str) -> Dict[int, tuple]:

@@ -29,6 +29,7 @@ import dpkt  # noqa: E402
 from bench.run import PORT, policy_yaml  # noqa: E402
 from ipqd import nfqueue as nfq  # noqa: E402
 from ipqd import queue_socket  # noqa: E402
+from ipqd.multi_receive import SLOTS  # noqa: E402
 from ipqd.policy.loader import load  # noqa: E402
 from ipqd.worker import Worker, WorkerConfig  # noqa: E402
 
@@ -52,33 +53,27 @@ def kernel_datagrams(count: int) -> list:
     return out
 
 
-class ReplaySocket:
-    """Stands in for the netlink socket: recv_into hands out the datagrams, then
-    says "would block" once, so each receive drains one batch."""
+class ReplayReceiver:
+    """Stands in for the socket's receiver: hands out the datagrams, as many
+    per call as asked for, until `rewind` starts them over."""
 
-    def __init__(self, datagrams: list, real):
+    def __init__(self, datagrams: list, slots: int):
         self.datagrams = datagrams
         self.next = 0
-        self.real = real            # interface name lookups still use a real socket
+        self.views = [memoryview(bytearray(4096)) for _ in range(slots)]
 
-    def recv_into(self, buf, size=0, flags=0) -> int:
-        if self.next == len(self.datagrams):
-            self.next = 0
-            raise BlockingIOError
-        data = self.datagrams[self.next]
-        self.next += 1
-        buf[:len(data)] = data
-        return len(data)
-
-    def fileno(self) -> int:
-        return self.real.fileno()
-
-    def poll(self, timeout=None) -> list:
-        """Stands in for the socket's own poller: readable until the batch is out."""
-        if self.next < len(self.datagrams):
-            return [(0, 1)]
+    def rewind(self) -> None:
         self.next = 0
-        return []
+
+    def receive(self, count: int) -> list:
+        taken = self.datagrams[self.next:self.next + count]
+        self.next += len(taken)
+        for view, data in zip(self.views, taken):
+            view[:len(data)] = data
+        return [len(data) for data in taken]
+
+    def close(self) -> None:
+        pass
 
 
 class Fixture:
@@ -93,16 +88,18 @@ class Fixture:
         self.sent = []
         self.worker.qs.send_many = self.sent.extend
         self.datagrams = kernel_datagrams(BATCH)
-        replay = ReplaySocket(self.datagrams, self.worker.qs._sock)
-        self.worker.qs._sock = self.worker.qs._sock_poller = replay
+        self.replay = self.worker.qs._receiver = ReplayReceiver(self.datagrams, SLOTS)
 
     def decode(self) -> None:
+        self.replay.rewind()
         self.worker.qs.receive_events(0)
 
     def full(self) -> None:
+        self.replay.rewind()
         self.worker.answer(self.worker.qs.receive_events(0))
 
     def cached(self) -> None:
+        self.replay.rewind()
         self.worker.answer(self.worker.qs.receive_events(0, shortcut=self.worker._shortcut))
 
 

@@ -27,6 +27,7 @@ from ipqd import nfnetlink as nl
 from ipqd import nfqueue as nfq
 from ipqd.errors import NetlinkError
 from ipqd.fast_decode import decode_packet_datagram
+from ipqd.multi_receive import Receiver
 from ipqd.nfqueue import Ack, Event, KernelError, Packet, Undecodable
 
 FAMILIES = {
@@ -40,8 +41,6 @@ SIOCGIFNAME = 0x8910
 SIOCGIFHWADDR = 0x8927
 CAP_NET_ADMIN = 12
 
-# Large enough for one message carrying the largest payload the kernel copies.
-_RECV_BUFSIZE = 1 << 17
 _ACK_TIMEOUT = 5.0
 _IFNAME_TTL = 5.0
 
@@ -163,14 +162,11 @@ class QueueSocket:
         self.queues: Dict[int, frozenset] = {}          # queue -> families wanted
         self.conntrack: Dict[int, bool] = {}            # queue -> CONNTRACK flag on
         self._backlog: List[Event] = []
-        self._buf = bytearray(_RECV_BUFSIZE)
         self._ifnames: Dict[int, tuple] = {}
-        self._view = memoryview(self._buf)
+        self._receiver = Receiver(self._sock)
         self._fd = self._sock.fileno()
         self._poller = None
         self._wake_fd: Optional[int] = None
-        self._sock_poller = select.poll()               # the socket alone: "any more?"
-        self._sock_poller.register(self._fd, select.POLLIN)
         # Whether the last receive saw the wake fd readable; True when it did
         # not look, so a caller that skips its own check on False misses nothing.
         self.woken = True
@@ -190,6 +186,7 @@ class QueueSocket:
                 self.unbind(queue)
             except (NetlinkError, OSError):
                 pass
+        self._receiver.close()
         self._sock.close()
 
     def __enter__(self) -> "QueueSocket":
@@ -351,31 +348,33 @@ class QueueSocket:
         elif not self._wait_readable(timeout, wake_fd):
             return []
         events: List[Event] = []
-        recv_into = self._sock.recv_into
-        buf = self._buf
-        flags = socket.MSG_DONTWAIT
-        for count in range(max_datagrams):
-            if count == 1 and not self._sock_poller.poll(0):
-                break           # one packet in: a poll says "dry" for less than a failed recv
+        receive = self._receiver.receive
+        views = self._receiver.views
+        stats = self.stats
+        left = max_datagrams
+        while left > 0:
+            want = min(left, len(views))
             try:
-                n = recv_into(buf, 0, flags)
-            except BlockingIOError:
-                break
+                lengths = receive(want)
             except InterruptedError:
                 continue
             except OSError as err:
                 if err.errno == errno.ENOBUFS:
-                    self.stats.enobufs += 1
+                    stats.enobufs += 1
                     continue
                 raise NetlinkError("receive", err.errno) from err
-            if shortcut is not None and shortcut(buf, n):
-                self.stats.packets += 1
-                continue
-            packet = decode_packet_datagram(buf, n, self._view)
-            if packet is not None:
-                events.append(packet)
-            else:
-                events.extend(self.protocol.receive_data(bytes(self._view[:n])))
+            for n, buf in zip(lengths, views):
+                if shortcut is not None and shortcut(buf, n):
+                    stats.packets += 1
+                    continue
+                packet = decode_packet_datagram(buf, n, buf)
+                if packet is not None:
+                    events.append(packet)
+                else:
+                    events.extend(self.protocol.receive_data(bytes(buf[:n])))
+            if len(lengths) < want:         # the socket ran dry
+                break
+            left -= want
         return events
 
     def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from ipqd import multi_receive
 from ipqd import nfqueue as nfq
 from ipqd.checksum import fix_checksums
 from ipqd.errors import NetlinkError
@@ -116,14 +117,19 @@ def test_verdict_mark_reaches_later_rules(lab):
         assert recv_or_none(rx) is None          # unmarked: dropped by the filter rule
 
 
-def test_batch_verdict_releases_many(lab):
+def test_batch_verdict_releases_many(lab, monkeypatch):
     iptables(lab.server, "-A INPUT -p udp --dport 9999 -j NFQUEUE --queue-num 0")
+    calls = []
+    real_recvmmsg = multi_receive._recvmmsg
+    monkeypatch.setattr(multi_receive, "_recvmmsg", lambda *a: calls.append(a) or real_recvmmsg(*a))
     with server_queue(lab) as qs:
         rx, tx, dst = udp_pair(lab)
         for i in range(50):
             tx.sendto(b"%d" % i, dst)
-        packets = receive_n(qs, 50)
-        assert len(packets) == 50
+        time.sleep(0.2)                     # all 50 queued: one receive takes them
+        packets = qs.receive(timeout=1)
+        assert sorted(int(p.payload[28:]) for p in packets) == list(range(50))
+        assert len(calls) == 1              # one recv, then one recvmmsg for the other 49
         assert recv_or_none(rx) is None
         qs.verdict_batch(0, max(p.packet_id for p in packets), nfq.NF_ACCEPT)
         got = sorted(int(rx.recv(10)) for _ in range(50))

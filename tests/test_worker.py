@@ -34,31 +34,30 @@ def datagram(packet_id: int, dport: int) -> bytes:
     return nfq.encode_packet(packet)
 
 
-class ReplaySocket:
-    """recv_into hands out the datagrams of one round, then "would block"."""
+class ReplayReceiver:
+    """Stands in for the socket's receiver: hands out the datagrams of one
+    round, up to the count asked for, then "none waiting"."""
 
-    def __init__(self, real):
-        self.rounds, self.real = [], real
+    def __init__(self, rounds, slots: int = 4):
+        self.rounds = rounds
+        self.views = [memoryview(bytearray(4096)) for _ in range(slots)]
 
-    def recv_into(self, buf, size=0, flags=0):
-        if not self.rounds or not self.rounds[0]:
-            if self.rounds:
-                self.rounds.pop(0)
-            raise BlockingIOError
-        data = self.rounds[0].pop(0)
-        buf[:len(data)] = data
-        return len(data)
-
-    def fileno(self):
-        return self.real.fileno()
-
-    def poll(self, timeout=None):
-        """The socket's own poller: readable while the round lasts."""
-        if self.rounds and self.rounds[0]:
-            return [(0, 1)]
-        if self.rounds:
+    def receive(self, count):
+        if not self.rounds:
+            return []
+        current = self.rounds[0]
+        if not current:
             self.rounds.pop(0)
-        return []
+            return []
+        taken, current[:count] = current[:count], []
+        if len(taken) < count:          # a short read says the round is over
+            self.rounds.pop(0)
+        for view, data in zip(self.views, taken):
+            view[:len(data)] = data
+        return [len(data) for data in taken]
+
+    def close(self):
+        pass
 
 
 def verdicts(data: bytes) -> list:
@@ -79,8 +78,7 @@ def worker_with_rounds(rounds):
     worker.qs.queues[1] = frozenset({2, 10})
     sent = []
     worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
-    worker.qs._sock = worker.qs._sock_poller = ReplaySocket(worker.qs._sock)
-    worker.qs._sock.rounds = rounds
+    worker.qs._receiver = ReplayReceiver(rounds)
     for _ in range(len(rounds)):
         events = worker.qs.receive_events(0, shortcut=worker._shortcut)
         worker.answer(events)
@@ -130,7 +128,6 @@ def test_a_worker_told_to_hand_over_stops_at_once_and_its_successor_counts_on(mo
     stats = successor.stats()
     assert (stats["packets"], stats["accepted"], stats["dropped"]) == (3, 2, 1)
     assert stats["socket_packets"] == 3
-    worker.qs._sock = worker.qs._sock.real
     worker.close()
     successor.close()
 

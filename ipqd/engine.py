@@ -97,7 +97,7 @@ class Engine:
     def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
               ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
         """The verdict on a decoded packet. `key`, the packet's cache key
-        (`self.keys.read`, which found no verdict under it), stores the
+        (`self.keys.take`, which found no verdict under it), stores the
         decision when it may be cached."""
         counters = self.counters
         counters.packets += 1

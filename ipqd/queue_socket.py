@@ -303,10 +303,11 @@ class QueueSocket:
         Packet events. A readable `wake_fd` (a signal or control pipe) ends
         the wait early; reading it is the caller's business.
 
-        `shortcut(buf, n)`, when given, sees each datagram first, in place,
-        before any family check; it returns True for a packet it has taken
-        on (judged, and answered or to be answered by the caller), which is
-        counted and not returned, and False for the rest (the verdict
+        `shortcut(views, lengths)`, when given, sees each batch of
+        datagrams first, in place (datagram i is views[i][:lengths[i]]),
+        before any family check; it takes on the packets it can (judged, and
+        answered or to be answered by the caller), which are counted and not
+        returned, and returns the indexes of the rest, in order (the verdict
         cache's hits skip decoding this way).
         """
         if self._backlog:
@@ -352,6 +353,7 @@ class QueueSocket:
         views = self._receiver.views
         stats = self.stats
         left = max_datagrams
+        taken = 0                           # by the shortcut, counted at the end
         while left > 0:
             want = min(left, len(views))
             try:
@@ -363,10 +365,13 @@ class QueueSocket:
                     stats.enobufs += 1
                     continue
                 raise NetlinkError("receive", err.errno) from err
-            for n, buf in zip(lengths, views):
-                if shortcut is not None and shortcut(buf, n):
-                    stats.packets += 1
-                    continue
+            if shortcut is not None:
+                rest = shortcut(views, lengths)
+                taken += len(lengths) - len(rest)
+            else:
+                rest = range(len(lengths))
+            for i in rest:
+                buf, n = views[i], lengths[i]
                 packet = decode_packet_datagram(buf, n, buf)
                 if packet is not None:
                     events.append(packet)
@@ -375,6 +380,7 @@ class QueueSocket:
             if len(lengths) < want:         # the socket ran dry
                 break
             left -= want
+        stats.packets += taken
         return events
 
     def _wait_readable(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from operator import itemgetter
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ipqd.fast_decode import AttributeLayout, layout_of, layout_struct
 from ipqd.nfqueue import NF_ACCEPT
@@ -60,43 +60,93 @@ _NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
 # fast_decode's summary answers (0 is the queue, which stands for ct_state).
 _META_INDEX = {"ct_state": 0, "hook": 3, "mark": 4, "in": 5, "out": 6, "uid": 7, "gid": 8}
 
-# What a reader returns: (queue, packet id, key or None, cached verdict or
-# None), or None for a message of another layout.
-Read = Optional[Tuple[int, int, Optional[tuple], Optional["CachedVerdict"]]]
+# The answer for an interface index: its name, or None.
+IfName = Callable[[Optional[int]], Optional[str]]
+
+
+class CacheRound:
+    """What the cache answered since the worker last sent verdicts (it
+    clears this then): per queue the highest id among the hits a batch
+    verdict may cover (ids grow: the latest), the other hits as (queue, id,
+    CachedVerdict), and the keys of the misses by (queue, id), under which
+    the full path stores its decisions."""
+    __slots__ = ("batch", "single", "misses")
+
+    def __init__(self):
+        self.batch: Dict[int, int] = {}
+        self.single: List[Tuple[int, int, "CachedVerdict"]] = []
+        self.misses: Dict[Tuple[int, int], tuple] = {}
+
+    def clear(self) -> None:        # in place: the readers hold these
+        self.batch.clear()
+        self.single.clear()
+        self.misses.clear()
 
 
 class KeyMaker:
     """Reads cache keys for one compiled policy, only the fields it reads,
-    and looks them up in its cache."""
+    and answers what its cache holds. `batch`: plain accepts may be answered
+    by a batch verdict. `ifname` names an interface index, for policies that
+    test interfaces."""
 
-    def __init__(self, fields: frozenset, cache: Optional["VerdictCache"] = None):
+    def __init__(self, fields: frozenset, cache: Optional["VerdictCache"] = None,
+                 batch: bool = True, ifname: IfName = lambda index: None):
         self.fields = fields
         self.cache = cache if cache is not None else VerdictCache()
+        self.batch = batch
+        self.ifname = ifname
+        self.round = CacheRound()
         self._readers: List[Callable] = []
+        self._fast: Optional[Callable] = None      # the reader of the layout seen last
 
-    def read(self, buf, n: int, ifname: Callable) -> Read:
-        """(queue, packet id, key, cached verdict) of the packet message in
-        buf[:n]. The key is None for a packet that is not plain; the verdict
-        None on a miss, and a hit is counted (see VerdictCache.touched). None
-        for a datagram that is not one ordinary packet message (the full
-        path decodes it)."""
+    def take(self, views: Sequence, lengths: Sequence[int]) -> List[int]:
+        """Answer from the cache what it can of the datagrams views[i][:lengths[i]]:
+        each hit is counted (VerdictCache.touched) and goes in `round`. Returns
+        the indexes of the rest, for the full path: misses (their keys in
+        round.misses), packets that are not plain, and datagrams that are
+        not one ordinary packet message."""
+        if self._fast is None:
+            rest, strangers = [], range(len(lengths))
+        else:
+            rest, strangers = self._fast(views, lengths)
+        if strangers:
+            # Taken after the others, so their ids may be lower: a batch
+            # verdict must keep the highest.
+            batch = self.round.batch
+            highest = dict(batch)
+            rest.extend(i for i in strangers if not self._take_stranger(views[i], lengths[i]))
+            rest.sort()
+            for queue, packet_id in highest.items():
+                if batch[queue] < packet_id:
+                    batch[queue] = packet_id
+        return rest
+
+    def _take_stranger(self, buf, n: int) -> bool:
+        """One datagram of another layout than the last: a known layout's
+        reader takes it, or a reader learned from it. True when answered."""
         for reader in self._readers:
-            found = reader(buf, n, ifname)
-            if found is not None:
-                return found
+            rest, strangers = reader((buf,), (n,))
+            if not strangers:
+                self._fast = reader
+                return not rest
         learned = layout_of(buf, n)
         if learned is None:
-            return None
-        reader = layout_reader(learned[0], self.fields, self.cache)
+            return False
+        reader = self._fast = layout_reader(learned[0], self.fields, self.cache, self.round,
+                                            self.batch, self.ifname)
         self._readers.insert(0, reader)
         del self._readers[8:]
-        return reader(buf, n, ifname)
+        rest, strangers = reader((buf,), (n,))
+        return not rest and not strangers
 
 
-def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCache") -> Callable:
-    """The key reader of one message layout: one struct call reads the
-    metadata and the IP and transport headers, the key takes what `fields`
-    needs, and `cache` answers it. Keys do not depend on the layout:
+def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCache",
+                  answers: CacheRound, batch: bool, ifname: IfName) -> Callable:
+    """The key reader of one message layout: for each datagram, one struct
+    call reads the metadata and the IP and transport headers, the key takes
+    what `fields` needs, and `cache` answers it into `answers`. Returns
+    (rest, strangers): the indexes left for the full path, and those of
+    datagrams of another layout. Keys do not depend on the layout:
     metadata the kernel left out reads as what a decoded Packet would hold
     (mark 0, else None)."""
     start = layout.start
@@ -107,7 +157,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
     names = "in" in fields or "out" in fields
     used = [2, 5, 6] if names else [2]          # read besides the key: id, interfaces
 
-    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], int, bool]:
+    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], bool]:
         named = sorted([(where[0], where[1], f"m{i}") for i, where in layout.offsets.items()]
                        + [(start + offset, code, name) for offset, code, name in header])
         index = {name: i for i, (_, _, name) in enumerate(named)}
@@ -118,7 +168,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
         # Added only when the reader takes from it (the copy costs per packet):
         # most layouts carry all the metadata a policy reads.
         absent = any(index[f"m{i}"] >= len(named) for i in meta + used)
-        return shape, index, named[-1][0] + struct.calcsize(">" + named[-1][1]), absent
+        return shape, index, absent
 
     def picker(index: Dict[str, int], kind: int, length: str) -> Callable:
         wanted = [f"m{i}" for i in meta] + ["proto"]
@@ -130,79 +180,97 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
             wanted.append(length)
         return itemgetter(*[index[name] for name in wanted])
 
-    v4, i4, need4, absent4 = compile_family(_IPV4)
-    v6, i6, need6, absent6 = compile_family(_IPV6)
+    v4, i4, absent4 = compile_family(_IPV4)
+    v6, i6, absent6 = compile_family(_IPV6)
     shared = ("m0", "m2", "m5", "m6", "version", "proto", "udp_len", "tcp_offset")
     assert all(i4[name] == i6[name] for name in shared), "the families must keep step"
     queue, packet_id, indev, outdev, version, proto_at, udp_len, tcp_offset = \
         (i4[name] for name in shared)
     total, frag, plen = i4["total"], i4["frag"], i6["plen"]
-    need = max(need4, need6)
     picks4 = tuple(picker(i4, kind, "total") for kind in range(len(_KEY_SOURCE)))
     picks6 = tuple(picker(i6, kind, "plen") for kind in range(len(_KEY_SOURCE)))
     heads, expected, payload_type = layout.heads, layout.expected, layout.payload_type
     payload_at = layout.payload_at
     entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
+    hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
 
-    def read(buf, n: int, ifname: Callable) -> Read:
-        # The layout's attribute headers, the payload last and the message
-        # exactly n bytes long, as the kernel sends it (stricter than
-        # AttributeLayout.payload_end: anything else takes the full path).
-        # The payload's own length is checked against the IP header below.
-        if n < start:
-            return None
-        found = heads.unpack_from(buf)
-        attr_len = found[-2]
-        if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
-                or not payload_at + attr_len <= n <= payload_at + ((attr_len + 3) & ~3):
-            return None
-        if len(buf) < need:                     # never the receive buffer: a test's bytes
-            buf = bytes(buf[:n]) + bytes(need)
-        size = attr_len - 4
-        family = buf[16]
-        if family == _NFPROTO_IPV4:
-            v = v4.unpack_from(buf)
-            if absent4:
-                v += _ABSENT
-            if size < _V4_HEADER or v[version] != 0x45 or v[total] != size or v[frag] & 0x3FFF:
-                return v[queue], v[packet_id], None, None
-            room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
-        elif family == _NFPROTO_IPV6:
-            v = v6.unpack_from(buf)
-            if absent6:
-                v += _ABSENT
-            if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
-                    or v[proto_at] in IPV6_EXT_HEADERS:
-                return v[queue], v[packet_id], None, None
-            room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
-        else:
-            return None
-        # The transport header as parse would take it, or no key.
-        proto = v[proto_at]
-        if proto == PROTO_TCP:
-            header = (v[tcp_offset] >> 4) * 4
-            kind = _TCP if room >= 20 and 20 <= header <= room else None
-        elif proto == PROTO_UDP:
-            kind = _UDP if room >= 8 and 8 <= v[udp_len] <= room else None
-        elif proto == icmp:
-            kind = _ICMP if room >= icmp_room else None
-        else:
-            kind = None if proto in _UNCACHED_PROTOS else _OTHER
-        if kind is None:
-            return v[queue], v[packet_id], None, None
-        key = picks[kind](v)
-        if names:       # names, not indexes: an interface can be renamed
-            key += (ifname(v[indev]), ifname(v[outdev]))
-        entry = entries.get(key)
-        if entry is None:
-            cache.misses += 1
-        else:
-            if not entry.hits:
-                touched.append(entry)
-            entry.hits += 1
-        return v[queue], v[packet_id], key, entry
+    def take(views, lengths) -> Tuple[List[int], List[int]]:
+        rest: List[int] = []
+        strangers: List[int] = []
+        for i, n in enumerate(lengths):
+            buf = views[i]
+            try:
+                # The layout's attribute headers, the payload last and the
+                # message exactly n bytes long, as the kernel sends it
+                # (stricter than AttributeLayout.payload_end): its padding,
+                # n - payload_at - attr_len, is 0 to 3. The payload's own
+                # length is checked against the IP header below. What lies
+                # past n in the buffer is read but never used; a buffer too
+                # short for the reads raises, and the full path takes it.
+                found = heads.unpack_from(buf)
+                attr_len = found[-2]
+                if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
+                        or (n - payload_at - attr_len) & -4:
+                    strangers.append(i)
+                    continue
+                size = attr_len - 4
+                family = buf[16]
+                if family == _NFPROTO_IPV4:
+                    v = v4.unpack_from(buf)
+                    if absent4:
+                        v += _ABSENT
+                    if size < _V4_HEADER or v[version] != 0x45 or v[total] != size \
+                            or v[frag] & 0x3FFF:
+                        rest.append(i)
+                        continue
+                    room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
+                elif family == _NFPROTO_IPV6:
+                    v = v6.unpack_from(buf)
+                    if absent6:
+                        v += _ABSENT
+                    if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
+                            or v[proto_at] in IPV6_EXT_HEADERS:
+                        rest.append(i)
+                        continue
+                    room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
+                else:
+                    strangers.append(i)
+                    continue
+                # The transport header as parse would take it, or no key.
+                proto = v[proto_at]
+                if proto == PROTO_TCP:
+                    header = (v[tcp_offset] >> 4) * 4
+                    kind = _TCP if 20 <= header <= room else None
+                elif proto == PROTO_UDP:
+                    kind = _UDP if 8 <= v[udp_len] <= room else None
+                elif proto == icmp:
+                    kind = _ICMP if room >= icmp_room else None
+                else:
+                    kind = None if proto in _UNCACHED_PROTOS else _OTHER
+                if kind is None:
+                    rest.append(i)
+                    continue
+                key = picks[kind](v)
+                if names:       # names, not indexes: an interface can be renamed
+                    key += (ifname(v[indev]), ifname(v[outdev]))
+                entry = entries.get(key)
+                if entry is None:
+                    cache.misses += 1
+                    misses[v[queue], v[packet_id]] = key
+                    rest.append(i)
+                    continue
+                if not entry.hits:
+                    touched.append(entry)
+                entry.hits += 1
+                if entry.batchable and batch:
+                    hits_batch[v[queue]] = v[packet_id]
+                else:
+                    hits_single.append((v[queue], v[packet_id], entry))
+            except Exception:       # the full path is the boundary that counts
+                rest.append(i)
+        return rest, strangers
 
-    return read
+    return take
 
 
 class CachedVerdict:

@@ -37,6 +37,7 @@ from ipqd.errors import IpqdError
 from ipqd.policy import transfer
 from ipqd.policy.model import Policy, Rate
 from ipqd.queue_socket import QueueSocket
+from ipqd.verdict_cache import KeyMaker
 
 STATS_EVERY = 1.0
 SETTLE_AT = 256                     # cache entries hit before the totals are brought up to date
@@ -76,21 +77,29 @@ class _IfNames(dict):
         name = self[index] = self.lookup(index)
         return name
 
+    def forget(self) -> None:
+        """Ask again from the next round on (in place: the cache's reader holds us)."""
+        self.clear()
+        self[None] = None
+
 
 class Worker:
     def __init__(self, config: WorkerConfig, policy: Policy, conn, sock=None):
         self.config = config
         self.conn = conn
-        self.engine = Engine(policy, caching=config.cache)
+        self.engine = engine = Engine(policy, caching=config.cache)
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
-                              undecodable_verdict=self.engine.default_verdict)
+                              undecodable_verdict=engine.default_verdict)
         self.queue_settings = _queue_settings(policy)
         self._names = _IfNames(self.qs.ifname)       # interface names, per round
         self._ifname = self._names.__getitem__
-        self._single: List[bytes] = []          # this round's verdicts: one per packet,
-        self._batch: Dict[int, int] = {}        # and queue -> highest id of the plain accepts
-        self._keys: Dict[Tuple[int, int], tuple] = {}    # (queue, id) -> key of a cache miss
+        # The cache answers hits as the receive reads them, into its round;
+        # the full path adds its own verdicts, and `answer` sends them all.
+        engine.keys = KeyMaker(engine.needs, engine.cache, batch=config.batch,
+                               ifname=self._ifname)
+        self._round = engine.keys.round
+        self._single: List[bytes] = []          # the full path's verdicts, one per packet
         self._stop = False
         self.handing_over = False           # told to hand over: the loop ends, nothing unbinds
         self._last_stats = 0.0
@@ -113,15 +122,14 @@ class Worker:
 
     def serve(self) -> None:
         wake = self.conn.fileno()
-        shortcut = self._shortcut if self.config.cache else None
+        shortcut = self.engine.keys.take if self.config.cache else None
         qs = self.qs
         receive = qs.receive_events
         while not (self._stop or self.handing_over):
             if len(self._names) > 1:        # a lookup was made: the next round asks again
-                self._names = _IfNames(qs.ifname)
-                self._ifname = self._names.__getitem__
+                self._names.forget()
             events = receive(IDLE_WAIT, 256, wake, shortcut)
-            if events or self._single or self._batch:
+            if events or self._single or self._round.batch or self._round.single:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.
             if qs.woken and self.conn.poll():
@@ -143,39 +151,19 @@ class Worker:
                 return
             self.answer(events)
 
-    def _shortcut(self, buf, n: int) -> bool:
-        """Answer the datagram in buf[:n] from the verdict cache, in place:
-        its verdict joins those of this round (sent by `answer`). False sends
-        it the full way, with its key kept for `answer` to store the
-        decision under. The worker binds both families, so nothing a
-        shortcut sees is foreign."""
-        try:
-            found = self.engine.keys.read(buf, n, self._ifname)
-        except Exception:                   # the full path is the boundary that counts
-            return False
-        if found is None:
-            return False
-        queue, packet_id, key, entry = found
-        if entry is None:
-            if key is not None:
-                self._keys[queue, packet_id] = key
-            return False
-        if entry.batchable and self.config.batch:
-            self._batch[queue] = packet_id      # ids grow: the latest is the highest
-        else:
-            self._single.append(nfq.encode_verdict(queue, packet_id, entry.verdict,
-                                                   mark=entry.mark))
-        return True
-
     def answer(self, events: List) -> None:
         """Judge `events` and send every verdict of this round, those the
         shortcut already found included, in one datagram."""
         if events:
             self._judge(events)
+        answers = self._round
         single = self._single
-        for queue, max_id in self._batch.items():
+        for queue, packet_id, entry in answers.single:
+            single.append(nfq.encode_verdict(queue, packet_id, entry.verdict, mark=entry.mark))
+        for queue, max_id in answers.batch.items():
             single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
-        self._single, self._batch = [], {}
+        self._single = []
+        answers.clear()
         self.qs.send_many(single)
         # Hits into the totals in bounded steps: never a whole cache's worth
         # of entries at once in the packet loop (stats() settles the rest).
@@ -190,9 +178,9 @@ class Worker:
         log = self.log
         now = time.monotonic()
         single = self._single
-        batch = self._batch
+        batch = self._round.batch
         use_batch = self.config.batch
-        keys = self._keys
+        keys = self._round.misses
         for event in events:
             if type(event) is nfq.Packet:
                 key = keys.pop((event.queue, event.packet_id), None) if keys else None

@@ -90,8 +90,23 @@ def queued_message(family: int, payload: bytes, queue: int = 1, packet_id: int =
 
 
 def read_key(keys: KeyMaker, data: bytearray):
-    found = keys.read(data, len(data), IFNAME)
-    return None if found is None else found[2]
+    """The key read from one datagram by a cache that holds no verdicts
+    (None: no key, the full path decodes the packet)."""
+    keys.round.clear()
+    assert keys.take([room(data)], [len(data)]) == [0]  # nothing to answer from
+    misses = list(keys.round.misses.values())
+    return misses[0] if misses else None
+
+
+def room(data: bytearray) -> bytearray:
+    """A datagram in a buffer with room after it, as the receiver's are:
+    the readers read past short packets (and take too short a buffer to
+    the full path)."""
+    return data + bytes(256)
+
+
+def key_maker(fields, **options) -> KeyMaker:
+    return KeyMaker(frozenset(fields), ifname=IFNAME, **options)
 
 
 def view_of(family: int, payload: bytes):
@@ -103,9 +118,9 @@ def view_of(family: int, payload: bytes):
 def test_a_key_is_read_only_from_packets_parse_takes_whole(packet, padded):
     family, payload = packet
     data = queued_message(family, payload, padded=padded)
-    found = KeyMaker(frozenset(KEY_FIELDS)).read(data, len(data), IFNAME)
-    assert found is not None and found[:2] == (1, 7)        # queue and id, key or not
-    if found[2] is not None:
+    keys = key_maker(KEY_FIELDS)
+    if read_key(keys, data) is not None:
+        assert list(keys.round.misses) == [(1, 7)]          # its queue and id
         view = view_of(family, payload)
         assert not view.malformed, view.reason
         assert view.fragment == "none" and not view.ext_cut
@@ -116,7 +131,7 @@ def test_a_key_is_read_only_from_packets_parse_takes_whole(packet, padded):
 def test_equal_keys_mean_equal_fields(a, b, fields):
     """What the cache rests on: two packets with one key agree on every
     field the policy reads."""
-    keys = KeyMaker(frozenset(fields) | {"proto"})
+    keys = key_maker(set(fields) | {"proto"})
     key_a, key_b = read_key(keys, queued_message(*a)), read_key(keys, queued_message(*b))
     if key_a is None or key_a != key_b:
         return
@@ -127,7 +142,7 @@ def test_equal_keys_mean_equal_fields(a, b, fields):
 
 
 def test_plain_packets_get_a_key_and_odd_ones_do_not():
-    keys = KeyMaker(frozenset(KEY_FIELDS))
+    keys = key_maker(KEY_FIELDS)
     udp = checksum_free_packet(4, 17, V4[0], V4[1], 40000, 53, 0, (0, 0), b"x" * 8)
     assert read_key(keys, queued_message(4, udp)) is not None
     options = bytes([0x46]) + udp[1:2] + struct.pack("!H", len(udp) + 4) + udp[4:20] + \
@@ -142,24 +157,23 @@ def test_plain_packets_get_a_key_and_odd_ones_do_not():
     cut = nfq.Packet(1, 2, 7, 0x0800, 1)
     cut.payload, cut.cap_len = udp, 1500
     data = bytearray(nfq.encode_packet(cut))
-    assert keys.read(data, len(data), IFNAME) is None           # a cut copy: the full path
+    assert read_key(keys, data) is None                          # a cut copy: the full path
 
 
 @pytest.mark.parametrize("name", ["packet-ipv4-udp-output-mark", "packet-ipv6-udp-input"])
 def test_the_kernels_own_messages_get_keys(name):
     with open(os.path.join(os.path.dirname(__file__), "fixtures", "kernel", name + ".hex")) as f:
         data = bytearray(bytes.fromhex(f.read().strip()))
-    found = KeyMaker(frozenset(KEY_FIELDS)).read(data, len(data), IFNAME)
-    assert found is not None and found[2] is not None
+    assert read_key(key_maker(KEY_FIELDS), data) is not None
 
 
 def test_keys_hold_only_what_the_policy_reads():
     def key(keys, sport, indev=1, mark=0):
         payload = checksum_free_packet(4, 17, V4[0], V4[1], sport, 53, 0, (0, 0), b"")
         return read_key(keys, queued_message(4, payload, indev=indev, mark=mark))
-    by_dport = KeyMaker(frozenset({"proto", "dport"}))
-    by_sport = KeyMaker(frozenset({"proto", "sport", "in"}))
-    by_mark = KeyMaker(frozenset({"proto", "mark"}))
+    by_dport = key_maker({"proto", "dport"})
+    by_sport = key_maker({"proto", "sport", "in"})
+    by_mark = key_maker({"proto", "mark"})
     assert key(by_dport, 1000) == key(by_dport, 2000) == key(by_dport, 1000, indev=2)
     assert key(by_sport, 1000) != key(by_sport, 2000)
     assert key(by_sport, 1000) != key(by_sport, 1000, indev=2)
@@ -210,16 +224,24 @@ CT_OF = {0: None, 1: "new", 2: "established"}
 IFNAME = dict(zip(range(1, 5), IFACES)).get
 
 
+def cached_engine(policy: Policy) -> Engine:
+    """An engine whose cache answers every hit with its entry (no batching)."""
+    engine = Engine(policy)
+    engine.keys = KeyMaker(engine.needs, engine.cache, batch=False, ifname=IFNAME)
+    return engine
+
+
 def decide_cached(engine: Engine, packet: nfq.Packet, now: float) -> tuple:
     """What the worker does: the cache first, then the full path, which
     stores the decision under the key read."""
     data = kernel_bytes(packet)
-    found = engine.keys.read(data, len(data), IFNAME)
-    key = entry = None
-    if found is not None:
-        key, entry = found[2:]
-    if entry is not None:
+    answers = engine.keys.round
+    answers.clear()
+    if engine.keys.take([room(data)], [len(data)]) == []:
+        ((queue, packet_id, entry),) = answers.single      # no batching: the entry is there
+        assert (queue, packet_id) == (packet.queue, packet.packet_id)
         return entry.verdict, entry.mark, entry.rule_index
+    key = answers.misses.get((packet.queue, packet.packet_id))
     got = engine.judge(packet, IFNAME, CT_OF[packet.queue], now, key)
     return got.verdict, got.mark, got.decision.rule_index
 
@@ -228,7 +250,7 @@ def decide_cached(engine: Engine, packet: nfq.Packet, now: float) -> tuple:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(policies(), st.lists(queued(), min_size=1, max_size=40), st.data())
 def test_a_cached_engine_decides_and_counts_as_a_full_one(policy, stream, data):
-    full, cached = Engine(policy), Engine(policy)
+    full, cached = Engine(policy), cached_engine(policy)
     now = 0.0
     # Repeat packets so that the cache is hit.
     stream = stream + [data.draw(st.sampled_from(stream)) for _ in range(len(stream))]
@@ -250,7 +272,7 @@ def test_rated_and_logged_decisions_are_not_cached():
     policy = Policy(path="p.yaml", rules=(rule("rated", 53, rate=Rate(1.0, 1, "1/second")),
                                           rule("logged", 54, log=True), rule("plain", 55)),
                     default=Default(action="drop", log=False))
-    engine = Engine(policy)
+    engine = cached_engine(policy)
     for dport in (53, 54, 55, 56):
         packet = nfq.Packet(0, 2, 1, 0x0800, 1)
         packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, dport, 0, (0, 0), b"")
@@ -267,7 +289,7 @@ def test_hits_are_settled_after_a_flush_and_a_reload():
     policy = Policy(path="p.yaml", rules=(Rule(name="dns", match=Match(
         proto=frozenset({17}), dport=RangeMatch(((53, 53),))), action="accept"),),
         default=Default(action="drop", log=False))
-    engine = Engine(policy)
+    engine = cached_engine(policy)
     engine.cache.size = 1                   # every store starts the cache over
 
     def packet(dport):
@@ -276,7 +298,7 @@ def test_hits_are_settled_after_a_flush_and_a_reload():
         return p
     for dport in (53, 53, 53, 80, 80):      # dns: a miss, two hits; 80 flushes it
         decide_cached(engine, packet(dport), 0.0)
-    reloaded = Engine(policy)                       # a reload's new worker
+    reloaded = cached_engine(policy)                # a reload's new worker
     reloaded.take_over(engine.carry_over())
     decide_cached(reloaded, packet(80), 0.0)        # a new cache: a miss
     decide_cached(reloaded, packet(80), 0.0)
@@ -292,7 +314,7 @@ def test_settling_waits_for_enough_entries_when_asked_to():
     policy = Policy(path="p.yaml", rules=(Rule(name="one", match=Match(
         proto=frozenset({17}), dport=RangeMatch(((1, 1),))), action="accept"),),
         default=Default(action="drop", log=False))
-    engine = Engine(policy)
+    engine = cached_engine(policy)
 
     def packet(dport):
         p = nfq.Packet(0, 2, 1, 0x0800, 1)
@@ -357,7 +379,7 @@ def test_many_random_policies_and_streams_with_many_hits():
                                           else None) for r in policy.rules)
         policy = dataclasses.replace(policy, rules=rules, default=Default(
             action=rng.choice(["accept", "drop"]), log=False))
-        full, cached = Engine(policy), Engine(policy)
+        full, cached = Engine(policy), cached_engine(policy)
         now = 0.0
         for n in range(120):
             packet = random_queued(rng)
@@ -372,3 +394,33 @@ def test_many_random_policies_and_streams_with_many_hits():
         assert cached.matcher.counters() == full.matcher.counters()
         hits += cached.cache.hits
     assert hits > 500                     # the cache answered often enough to be tested
+
+
+def test_one_take_answers_a_batch_of_mixed_layouts():
+    """The kernel's layout changes with the metadata (a mark or not, the
+    family): each layout's reader takes its own datagrams, and what the
+    cache cannot answer, an acknowledgement among them, comes back in order."""
+    from ipqd import nfnetlink as nl
+    from ipqd.verdict_cache import CachedVerdict
+    keys = key_maker({"proto", "dport"})
+    udp4 = checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53, 0, (0, 0), b"")
+    udp6 = checksum_free_packet(6, 17, V6[0], V6[1], 1000, 53, 0, (0, 0), b"")
+    ack = nl.encode_nlmsg(nl.NLMSG_ERROR, 0, 1, struct.pack("=i", 0) + bytes(16))
+    batch = [queued_message(4, udp4, packet_id=1), queued_message(4, udp4, packet_id=2, mark=5),
+             queued_message(6, udp6, packet_id=3), bytearray(ack),
+             queued_message(4, udp4, packet_id=5)]
+    lengths = [len(data) for data in batch]
+    batch = [room(data) for data in batch]
+    assert keys.take(batch, lengths) == [0, 1, 2, 3, 4]         # an empty cache
+    assert sorted(keys.round.misses) == [(1, 1), (1, 2), (1, 3), (1, 5)]
+    assert len(set(keys.round.misses.values())) == 2            # the mark is not in the key
+    for key in set(keys.round.misses.values()):
+        keys.cache.store(key, CachedVerdict(nfq.NF_ACCEPT, None, 0))
+    keys.round.clear()
+    assert keys.take(batch, lengths) == [3]
+    assert keys.round.batch == {1: 5} and not keys.round.single and not keys.round.misses
+    assert sum(entry.hits for entry in keys.cache.touched) == 4
+    # A hit in a buffer that ends with the message: the reads past a short
+    # packet do not fit, and the full path takes it.
+    assert keys.take([batch[0][:lengths[0]]], lengths[:1]) == [0]
+    assert sum(entry.hits for entry in keys.cache.touched) == 4

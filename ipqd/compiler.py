@@ -78,13 +78,14 @@ class TokenBucket:
     Starts full. Only `take` changes the state, so looking (`available`)
     at a rule that then loses to an earlier one costs it nothing.
     """
-    __slots__ = ("per_second", "burst", "tokens", "stamp")
+    __slots__ = ("per_second", "burst", "tokens", "stamp", "spent")
 
     def __init__(self, rate: Rate):
         self.per_second = float(rate.per_second)
         self.burst = float(rate.burst)
         self.tokens = self.burst
         self.stamp: Optional[float] = None
+        self.spent = 0                  # tokens taken since it was made
 
     def level(self, now: float) -> float:
         if self.stamp is None or now <= self.stamp:
@@ -96,8 +97,19 @@ class TokenBucket:
 
     def take(self, now: float) -> None:
         self.tokens = self.level(now) - 1.0
+        self.spent += 1
         if self.stamp is None or now > self.stamp:
             self.stamp = now
+
+    def resume(self, tokens: float, stamp: Optional[float]) -> None:
+        """Go on from a predecessor's bucket (its `tokens` at `stamp`), less
+        what this one has taken meanwhile: a reload's successor answers
+        packets before the predecessor's state reaches it."""
+        spent, last = self.spent, self.stamp
+        self.tokens, self.stamp = tokens, stamp
+        if spent and last is not None:
+            self.tokens = self.level(last) - spent
+            self.stamp = last if stamp is None else max(last, stamp)
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -569,7 +581,7 @@ class Matcher:
         for c in self._bucketed:
             carried = state["buckets"].get(c.rule.name)
             if carried is not None and carried[0] == c.rule.rate:
-                c.bucket.tokens, c.bucket.stamp = carried[1], carried[2]
+                c.bucket.resume(carried[1], carried[2])
         self._default_hits += state["default"]
 
 

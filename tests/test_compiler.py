@@ -182,6 +182,22 @@ def test_take_over_keeps_an_unchanged_rate_bucket_only():
     assert changed.decide(icmp(), now=5.0).rule.name == "ping"      # a new rate starts full
 
 
+def test_take_over_subtracts_what_the_successor_took_before_it():
+    """A successor answers packets for a moment before the predecessor's
+    buckets reach it: those tokens count too, or a reload would allow an
+    extra burst."""
+    def build():
+        return compile_policy(Policy(path="t.yaml", rules=(
+            Rule("ping", Match(proto=frozenset({1})), "accept", rate=Rate(1, 2)),)))
+    old = build()
+    assert old.decide(icmp(), now=5.0).rule.name == "ping"          # 1 of 2 left
+    new = build()
+    assert new.decide(icmp(), now=5.01).rule.name == "ping"         # its own full bucket
+    new.take_over(old.carry_over())
+    assert new.decide(icmp(), now=5.02).rule is None                # 2 taken in all
+    assert new.decide(icmp(), now=6.02).rule.name == "ping"         # refilled at 1/s
+
+
 def test_fields_for_parse():
     p = policy(Match(proto=frozenset({6}), dport=RangeMatch(((22, 22),))),
                Match(in_=IfaceMatch(("eth0",))))

@@ -18,8 +18,9 @@ import select
 import socket
 from typing import List
 
-# Datagrams per recvmmsg call, and the room for each: a packet message
-# carries at most 64 KiB of packet and a few hundred bytes of attributes.
+# Datagrams per receive (the first by recv_into, up to 63 more by one
+# recvmmsg), and the room for each: a packet message carries at most 64 KiB
+# of packet and a few hundred bytes of attributes.
 SLOTS = 64
 SLOT_SIZE = 1 << 17
 

@@ -14,9 +14,10 @@ ICMPv6 or a protocol without ports, with headers that `ipqd.packet.parse`
 would accept. For those the fields read here are exactly the ones `parse`
 puts in the view (tests/test_verdict_cache.py checks it against `parse`);
 anything else gets no key and takes the full path, which stays the
-reference. A key is read straight from the receive buffer: one struct
-call per packet, compiled for each message layout the kernel uses
-(ipqd.fast_decode.AttributeLayout). Pure: no I/O.
+reference. A key is read straight from the receive buffers: one struct
+call per packet, in one loop over a burst (KeyMaker.take), compiled for
+each message layout the kernel uses (ipqd.fast_decode.AttributeLayout).
+Pure: no I/O.
 """
 from __future__ import annotations
 

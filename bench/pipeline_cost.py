@@ -100,7 +100,7 @@ class Fixture:
 
     def cached(self) -> None:
         self.replay.rewind()
-        self.worker.answer(self.worker.qs.receive_events(0, shortcut=self.worker.engine.keys.take))
+        self.worker.answer(self.worker.qs.receive_events(0, shortcut=self.worker.keys.take))
 
 
 def ns_per_packet(fn, rounds: int) -> float:

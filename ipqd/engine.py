@@ -21,7 +21,7 @@ from ipqd.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.offload import layout as offload_layout
 from ipqd.packet import PacketMeta, PacketView, parse
 from ipqd.policy.model import Policy
-from ipqd.verdict_cache import CachedVerdict, KeyMaker, VerdictCache
+from ipqd.verdict_cache import CachedVerdict, VerdictCache
 
 _FAMILY = {2: 4, 10: 6}
 
@@ -58,7 +58,6 @@ class Engine:
         self.needs = self.matcher.fields
         self.counters = counters or Counters()
         self.cache = VerdictCache()       # per compiled policy: a reload starts empty
-        self.keys = KeyMaker(self.needs, self.cache)
         default = policy.default
         self._default_verdict = NF_ACCEPT if default.action == "accept" else NF_DROP
         self._error_decision = Decision(None, -1, default.action,
@@ -97,7 +96,7 @@ class Engine:
     def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
               ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
         """The verdict on a decoded packet. `key`, the packet's cache key
-        (`self.keys.take`, which found no verdict under it), stores the
+        (read by a KeyMaker of `cache`, which found no verdict under it), stores the
         decision when it may be cached."""
         counters = self.counters
         counters.packets += 1

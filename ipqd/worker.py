@@ -96,9 +96,9 @@ class Worker:
         self._ifname = self._names.__getitem__
         # The cache answers hits as the receive reads them, into its round;
         # the full path adds its own verdicts, and `answer` sends them all.
-        engine.keys = KeyMaker(engine.needs, engine.cache, batch=config.batch,
-                               ifname=self._ifname)
-        self._round = engine.keys.round
+        self.keys = KeyMaker(engine.needs, engine.cache, batch=config.batch,
+                             ifname=self._ifname)
+        self._round = self.keys.round
         self._single: List[bytes] = []          # the full path's verdicts, one per packet
         self._stop = False
         self.handing_over = False           # told to hand over: the loop ends, nothing unbinds
@@ -122,14 +122,14 @@ class Worker:
 
     def serve(self) -> None:
         wake = self.conn.fileno()
-        shortcut = self.engine.keys.take if self.config.cache else None
+        shortcut = self.keys.take if self.config.cache else None
         qs = self.qs
         receive = qs.receive_events
         while not (self._stop or self.handing_over):
             if len(self._names) > 1:        # a lookup was made: the next round asks again
                 self._names.forget()
             events = receive(IDLE_WAIT, 256, wake, shortcut)
-            if events or self._single or self._round.batch or self._round.single:
+            if events or self._round.batch or self._round.single:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.
             if qs.woken and self.conn.poll():

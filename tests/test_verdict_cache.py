@@ -225,7 +225,8 @@ IFNAME = dict(zip(range(1, 5), IFACES)).get
 
 
 def cached_engine(policy: Policy) -> Engine:
-    """An engine whose cache answers every hit with its entry (no batching)."""
+    """An engine with a reader of its cache beside it, as a worker has one
+    (no batching: every hit comes with its entry)."""
     engine = Engine(policy)
     engine.keys = KeyMaker(engine.needs, engine.cache, batch=False, ifname=IFNAME)
     return engine

@@ -80,7 +80,7 @@ def worker_with_rounds(rounds):
     worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
     worker.qs._receiver = ReplayReceiver(rounds)
     for _ in range(len(rounds)):
-        events = worker.qs.receive_events(0, shortcut=worker.engine.keys.take)
+        events = worker.qs.receive_events(0, shortcut=worker.keys.take)
         worker.answer(events)
     return worker, sent
 

@@ -158,8 +158,8 @@ _SUMMARY_BE32 = {nfq.NFQA_MARK: 4, nfq.NFQA_IFINDEX_INDEV: 5, nfq.NFQA_IFINDEX_O
 class AttributeLayout:
     """One message layout: the attribute headers to expect, where the
     summary's values lie, and where the payload starts."""
-    __slots__ = ("size", "heads", "expected", "payload_type", "payload_at", "start", "values",
-                 "pick", "offsets")
+    __slots__ = ("size", "heads", "head_fields", "expected", "payload_type", "payload_at",
+                 "start", "values", "pick", "offsets")
 
     def __init__(self, buf, attrs: List[Tuple[int, int, int]], payload_at: int):
         # heads: native order (netlink lengths and types), values: network order.
@@ -174,6 +174,7 @@ class AttributeLayout:
                 offsets[_SUMMARY_BE32[attr_type]] = (offset + 4, "I")
         self.offsets = offsets
         self.size = payload_at + 4
+        self.head_fields = heads                        # (offset, code) of each
         self.heads = layout_struct("=", heads)
         fields = sorted(offsets.items(), key=lambda item: item[1][0])
         self.values = layout_struct(">", [where for _, where in fields])

@@ -17,6 +17,17 @@ anything else gets no key and takes the full path, which stays the
 reference. A key is read straight from the receive buffers: one struct
 call per packet, in one loop over a burst (KeyMaker.take), compiled for
 each message layout the kernel uses (ipqd.fast_decode.AttributeLayout).
+
+In front of that careful read sits an exact-match cache, as Open vSwitch
+keeps one in front of its flow classifier: one struct call reads every
+byte the careful read would look at (the message's lengths and attribute
+headers, the metadata and header fields it checks or keys on), all but the
+packet id, and a dict maps that tuple to the verdict the careful read led
+to. Equal tuples mean the careful read would find the same key, so a hit
+skips its checks. Its tuples also hold bytes that only some protocols use
+(TCP's sequence number where UDP has its length), so only TCP and UDP go
+in, and a flow whose read bytes change (an ICMP checksum) is simply read
+carefully each time.
 Pure: no I/O.
 """
 from __future__ import annotations
@@ -32,6 +43,9 @@ from ipqd.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, P
 
 # Entries kept before the cache starts over; a miss costs one full decision.
 CACHE_SIZE = 65536
+# Tuples the exact-match cache keeps, per message layout, before it starts
+# over; a miss there costs one careful read.
+EXACT_SIZE = 16384
 
 # What a key reader takes from the IP packet, by offset from its start. Both
 # families put the protocol and what follows at the same places in the read
@@ -91,11 +105,12 @@ class KeyMaker:
     test interfaces."""
 
     def __init__(self, fields: frozenset, cache: Optional["VerdictCache"] = None,
-                 batch: bool = True, ifname: IfName = lambda index: None):
+                 batch: bool = True, ifname: IfName = lambda index: None, exact: bool = True):
         self.fields = fields
         self.cache = cache if cache is not None else VerdictCache()
         self.batch = batch
         self.ifname = ifname
+        self.exact = exact                  # the exact-match cache in front of the careful read
         self.round = CacheRound()
         self._readers: List[Callable] = []
         self._fast: Optional[Callable] = None      # the reader of the layout seen last
@@ -134,7 +149,7 @@ class KeyMaker:
         if learned is None:
             return False
         reader = self._fast = layout_reader(learned[0], self.fields, self.cache, self.round,
-                                            self.batch, self.ifname)
+                                            self.batch, self.ifname, self.exact)
         self._readers.insert(0, reader)
         del self._readers[8:]
         rest, strangers = reader((buf,), (n,))
@@ -142,7 +157,8 @@ class KeyMaker:
 
 
 def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCache",
-                  answers: CacheRound, batch: bool, ifname: IfName) -> Callable:
+                  answers: CacheRound, batch: bool, ifname: IfName,
+                  exact: bool = True) -> Callable:
     """The key reader of one message layout: for each datagram, one struct
     call reads the metadata and the IP and transport headers, the key takes
     what `fields` needs, and `cache` answers it into `answers`. Returns
@@ -171,6 +187,27 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
         absent = any(index[f"m{i}"] >= len(named) for i in meta + used)
         return shape, index, absent
 
+    def compile_exact(header) -> struct.Struct:
+        """The exact-match read of one family: the bytes the careful read
+        checks or keys on, but not the packet id. Byte order does not
+        matter for equality; native, so that the length compares with n."""
+        # What the checks read, up to the last byte the careful read takes
+        # (a buffer too short for it must fail both alike).
+        wanted = {"version", "total", "plen", "frag", "proto", "udp_len", "tcp_offset",
+                  "tcp_flags"}
+        wanted.update(name for name in ("src", "dst") if name in fields)
+        if want_l4:
+            for sources in _KEY_SOURCE:
+                wanted.update(sources[f] for f in fields if f in sources)
+        read = dict(layout.head_fields)
+        read.update(layout.offsets[i] for i in meta if i in layout.offsets)
+        read.update((start + offset, code) for offset, code, name in header if name in wanted)
+        at = 0
+        for offset, code in sorted(read.items()):
+            assert offset >= at, "the exact read's fields must not overlap"
+            at = offset + struct.calcsize("=" + code)
+        return layout_struct("=", list(read.items()))
+
     def picker(index: Dict[str, int], kind: int, length: str) -> Callable:
         wanted = [f"m{i}" for i in meta] + ["proto"]
         wanted += [name for name in ("src", "dst") if name in fields]
@@ -194,13 +231,36 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
     payload_at = layout.payload_at
     entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
     hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
+    # Interface names can change under their indexes: such keys are read
+    # carefully every time.
+    exact_ok = exact and not names
+    exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}      # read bytes -> (entry, queue)
+    read4, read6 = compile_exact(_IPV4).unpack_from, compile_exact(_IPV6).unpack_from
+    id_at = layout.offsets[2][0]            # every packet message carries its id
+    read_id = struct.Struct(">I").unpack_from
 
     def take(views, lengths) -> Tuple[List[int], List[int]]:
         rest: List[int] = []
         strangers: List[int] = []
+        last: Dict[int, int] = {}       # queue -> index of its latest batchable hit
         for i, n in enumerate(lengths):
             buf = views[i]
             try:
+                if exact_ok:
+                    family = buf[16]
+                    seen = read4(buf) if family == _NFPROTO_IPV4 else \
+                        read6(buf) if family == _NFPROTO_IPV6 else None
+                    hit = exact_hits.get(seen)
+                    if hit is not None and seen[0] == n:
+                        entry, hit_queue = hit
+                        if not entry.hits:
+                            touched.append(entry)
+                        entry.hits += 1
+                        if entry.batchable and batch:
+                            last[hit_queue] = i
+                        else:
+                            hits_single.append((hit_queue, read_id(buf, id_at)[0], entry))
+                        continue
                 # The layout's attribute headers, the payload last and the
                 # message exactly n bytes long, as the kernel sends it
                 # (stricter than AttributeLayout.payload_end): its padding,
@@ -264,11 +324,18 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     touched.append(entry)
                 entry.hits += 1
                 if entry.batchable and batch:
-                    hits_batch[v[queue]] = v[packet_id]
+                    last[v[queue]] = i
                 else:
                     hits_single.append((v[queue], v[packet_id], entry))
+                if exact_ok and kind <= _UDP and seen is not None:
+                    if len(exact_hits) >= EXACT_SIZE:
+                        exact_hits.clear()
+                    exact_hits[seen] = (entry, v[queue])
             except Exception:       # the full path is the boundary that counts
                 rest.append(i)
+        # The batch verdict covers up to the latest hit: its id, read once.
+        for hit_queue, i in last.items():
+            hits_batch[hit_queue] = read_id(views[i], id_at)[0]
         return rest, strangers
 
     return take

@@ -425,3 +425,115 @@ def test_one_take_answers_a_batch_of_mixed_layouts():
     # packet do not fit, and the full path takes it.
     assert keys.take([batch[0][:lengths[0]]], lengths[:1]) == [0]
     assert sum(entry.hits for entry in keys.cache.touched) == 4
+
+
+def answers_of(keys: KeyMaker, data: bytearray, n: int):
+    """What one take of data[:n] answers: the rest, the hits with their
+    verdicts, the misses."""
+    keys.round.clear()
+    rest = keys.take([room(data)], [n])
+    single = [(queue, packet_id, entry.verdict) for queue, packet_id, entry in keys.round.single]
+    return rest, single, dict(keys.round.misses)
+
+
+def exact_and_careful(fields, data: bytearray):
+    """Two readers of one cache, with and without the exact-match layer; the
+    cache holds a verdict for `data`, and the exact layer has seen it taken
+    (None when `data` gets no key)."""
+    from ipqd.verdict_cache import CachedVerdict
+    cache = VerdictCache()
+    exact = KeyMaker(frozenset(fields), cache, batch=False, ifname=IFNAME)
+    careful = KeyMaker(frozenset(fields), cache, batch=False, ifname=IFNAME, exact=False)
+    key = read_key(exact, data)
+    if key is None:
+        return None
+    cache.store(key, CachedVerdict(nfq.NF_DROP, None, 3))
+    assert answers_of(exact, data, len(data))[0] == []          # a careful hit, remembered
+    return exact, careful, key
+
+
+@settings(max_examples=500, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(packets(), st.sets(st.sampled_from(KEY_FIELDS[1:])), st.data())
+def test_the_exact_layer_answers_as_the_careful_read(packet, fields, data):
+    """Whatever byte of a remembered datagram changes, or its length, the
+    exact-match layer answers as the careful read does."""
+    family, payload = packet
+    base = queued_message(family, payload, packet_id=1, mark=data.draw(st.sampled_from([0, 5])),
+                          indev=data.draw(st.sampled_from([None, 1, 2])))
+    readers = exact_and_careful(set(fields) | {"proto"}, base)
+    if readers is None:
+        return
+    exact, careful, _ = readers
+    other = bytearray(base)
+    start = len(base) - len(payload)            # where the IP packet starts
+    at = data.draw(st.one_of(st.integers(0, len(other) - 1),        # mostly in the headers
+                             st.integers(start, min(start + 54, len(other) - 1))))
+    other[at] = data.draw(st.integers(0, 255))
+    n = len(other) + data.draw(st.sampled_from([0, 0, 0, -1, 1, -4, 4]))
+    assert answers_of(exact, other, n) == answers_of(careful, other, n)
+
+
+def test_the_exact_layer_takes_a_flow_by_its_bytes_not_its_id():
+    udp = checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53, 0, (0, 0), b"abcdefgh")
+    exact, careful, key = exact_and_careful({"proto", "dport"}, queued_message(4, udp))
+    later = queued_message(4, udp, packet_id=99)
+    # Without the verdict under its key, only the exact layer can answer.
+    del exact.cache.entries[key]
+    assert answers_of(exact, later, len(later)) == ([], [(1, 99, nfq.NF_DROP)], {})
+    assert answers_of(careful, later, len(later))[0] == [0]
+
+
+def test_a_batch_verdict_covers_the_latest_hit_of_either_layer():
+    from ipqd.verdict_cache import CachedVerdict
+    accept = CachedVerdict(nfq.NF_ACCEPT, None, 0)
+    keys = key_maker({"proto", "dport"})
+    flows = [checksum_free_packet(4, 17, V4[0], V4[1], 1000, port, 0, (0, 0), b"")
+             for port in (53, 80)]
+    for flow in flows:
+        keys.cache.store(read_key(keys, queued_message(4, flow)), accept)
+    keys.round.clear()
+    first = queued_message(4, flows[0])
+    assert keys.take([room(first)], [len(first)]) == []     # careful: remembered exactly
+    # ids 10-12 of the first flow (exact hits), 13 of the second (careful).
+    burst = [queued_message(4, flows[0], packet_id=i) for i in (10, 11, 12)] + \
+        [queued_message(4, flows[1], packet_id=13)]
+    keys.round.clear()
+    assert keys.take([room(d) for d in burst], [len(d) for d in burst]) == []
+    assert keys.round.batch == {1: 13} and not keys.round.single
+    keys.round.clear()
+    assert keys.take([room(d) for d in burst[:3]], [len(d) for d in burst[:3]]) == []
+    assert keys.round.batch == {1: 12}
+
+
+def test_icmp_and_interface_names_are_read_carefully_every_time():
+    """An ICMP echo's checksum changes with its sequence number, and an
+    interface may be renamed under its index: neither goes in the exact layer."""
+    icmp = checksum_free_packet(4, 1, V4[0], V4[1], 0, 0, 0, (8, 0), b"ping")
+    udp = checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53, 0, (0, 0), b"")
+    for fields, payload in (({"proto", "icmp_type"}, icmp), ({"proto", "in"}, udp)):
+        data = queued_message(4, payload, indev=1)
+        exact, _, key = exact_and_careful(fields, data)
+        del exact.cache.entries[key]
+        assert answers_of(exact, data, len(data))[0] == [0], fields
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("proto", [6, 17])
+@pytest.mark.parametrize("fields", [{"proto"}, {"proto", "dport", "tcp_flags"},
+                                    {"proto", "src", "dst", "sport", "length", "mark"}])
+def test_every_byte_the_careful_read_looks_at_is_in_the_exact_read(family, proto, fields):
+    """Each byte of a remembered datagram changed in turn, in several ways:
+    the exact-match layer never answers where the careful read would not."""
+    addresses = V4 if family == 4 else V6
+    payload = checksum_free_packet(family, proto, addresses[0], addresses[1], 1000, 53, 0x10,
+                                   (0, 0), b"0123456789")
+    base = queued_message(family, payload, mark=5, indev=1)
+    exact, careful, _ = exact_and_careful(fields, base)
+    for at in range(len(base)):
+        for value in {0, 0xFF, base[at] ^ 0x01, base[at] ^ 0x10, base[at] ^ 0x80}:
+            other = bytearray(base)
+            other[at] = value
+            assert answers_of(exact, other, len(other)) == answers_of(careful, other, len(other)), at
+    for n in (len(base) - 1, len(base) + 1, len(base) + 4):
+        assert answers_of(exact, base, n) == answers_of(careful, base, n), n

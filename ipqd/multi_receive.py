@@ -23,6 +23,7 @@ from typing import List
 # of packet and a few hundred bytes of attributes.
 SLOTS = 64
 SLOT_SIZE = 1 << 17
+_DONTWAIT = socket.MSG_DONTWAIT
 
 try:
     import ctypes
@@ -97,13 +98,13 @@ class Receiver:
             err, self._error = self._error, 0
             raise OSError(err, os.strerror(err))
         try:
-            first = self._recv_into(self._first, 0, socket.MSG_DONTWAIT)
+            first = self._recv_into(self._first, 0, _DONTWAIT)
         except BlockingIOError:
             return []
         if count == 1 or self._more is None or not self._more.poll(0):
             return [first]
         got = _recvmmsg(self._fd, self._headers_at, min(count, len(self.views)) - 1,
-                        socket.MSG_DONTWAIT, None)
+                        _DONTWAIT, None)
         if got > 0:
             return [first] + self._lengths[:got].tolist()
         if got < 0:

@@ -167,6 +167,9 @@ class QueueSocket:
         self._fd = self._sock.fileno()
         self._poller = None
         self._wake_fd: Optional[int] = None
+        self._ready_alone: list = []
+        self._timeout: Optional[float] = -1.0
+        self._timeout_ms: Optional[int] = None
         # Whether the last receive saw the wake fd readable; True when it did
         # not look, so a caller that skips its own check on False misses nothing.
         self.woken = True
@@ -393,8 +396,14 @@ class QueueSocket:
             if wake_fd is not None:
                 self._poller.register(wake_fd, select.POLLIN)
             self._wake_fd = wake_fd
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        ready = self._poller.poll(ms)     # retried by Python after a signal (PEP 475)
+            self._ready_alone = [(self._fd, select.POLLIN)]
+        if timeout != self._timeout:
+            self._timeout = timeout
+            self._timeout_ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = self._poller.poll(self._timeout_ms)     # retried after a signal (PEP 475)
+        if ready == self._ready_alone:                  # the usual wake-up: packets, no more
+            self.woken = False
+            return True
         readable = self.woken = False
         for ready_fd, _ in ready:
             if ready_fd == self._fd:

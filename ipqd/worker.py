@@ -99,6 +99,7 @@ class Worker:
         self.keys = KeyMaker(engine.needs, engine.cache, batch=config.batch,
                              ifname=self._ifname)
         self._round = self.keys.round
+        self._touched = engine.cache.touched         # cache entries hit since the last settle
         self._single: List[bytes] = []          # the full path's verdicts, one per packet
         self._stop = False
         self.handing_over = False           # told to hand over: the loop ends, nothing unbinds
@@ -158,16 +159,22 @@ class Worker:
             self._judge(events)
         answers = self._round
         single = self._single
-        for queue, packet_id, entry in answers.single:
-            single.append(nfq.encode_verdict(queue, packet_id, entry.verdict, mark=entry.mark))
-        for queue, max_id in answers.batch.items():
-            single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
+        if answers.single:
+            for queue, packet_id, entry in answers.single:
+                single.append(nfq.encode_verdict(queue, packet_id, entry.verdict, mark=entry.mark))
+            answers.single.clear()
+        if answers.batch:
+            for queue, max_id in answers.batch.items():
+                single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
+            answers.batch.clear()
+        if answers.misses:              # a key whose datagram decoded to no packet
+            answers.misses.clear()
         self._single = []
-        answers.clear()
         self.qs.send_many(single)
         # Hits into the totals in bounded steps: never a whole cache's worth
         # of entries at once in the packet loop (stats() settles the rest).
-        self.engine.settle(at_least=SETTLE_AT)
+        if len(self._touched) >= SETTLE_AT:
+            self.engine.settle()
 
     def _judge(self, events: List) -> None:
         """The full path: decide each Packet of `events`, adding its verdict

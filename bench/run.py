@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -245,10 +246,17 @@ class Lab:
             command += ["taskset", "-c", "0"]
         command += [os.path.join(BUILD, "udpblast"), mode, "--port", str(PORT),
                     "--size", str(PACKET_SIZE)] + list(args)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise SystemExit(f"bench: udpblast {mode} failed: {result.stderr.strip()}")
-        return json.loads(result.stdout)
+        out = json.loads(result.stdout)
+        # The sender's own CPU (`ip netns exec` becomes udpblast): near one
+        # whole CPU, the sender, not the consumer, sets the pace.
+        out["sender_cpu_s"] = round((after.ru_utime + after.ru_stime)
+                                    - (before.ru_utime + before.ru_stime), 3)
+        return out
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
@@ -363,6 +371,7 @@ def measure(lab: Lab, name: str, args) -> dict:
     cpu = cpu_seconds(pids) - cpu0
     closed["cpu_us_per_packet"] = (cpu * 1e6 / closed["received"]
                                    if pids and closed["received"] else None)
+    closed["sender_busy"] = closed["sender_cpu_s"] / args.closed
     out["closed"] = closed
 
     before = lab.queue_table()
@@ -473,6 +482,7 @@ def measure_multiqueue(lab: Lab, reps: int, duration: float) -> dict:
                                str(2 * WINDOW), "--sources", "8")
             closed["cpu_us_per_packet"] = ((cpu_seconds(pids) - cpu0) * 1e6 / closed["received"]
                                            if closed["received"] else None)
+            closed["sender_busy"] = closed["sender_cpu_s"] / duration
             after = lab.queue_table()
             closed["per_queue"] = {q: after[q][7] - before[q][7]
                                    for q in _queue_numbers(lab.queues[name]) if q in after}
@@ -482,7 +492,9 @@ def measure_multiqueue(lab: Lab, reps: int, duration: float) -> dict:
     return {"runs": runs,
             "pps_1queue_median": _median([r["mq-1queue"]["pps"] for r in runs]),
             "pps_2queues_median": _median([r["mq-2queues"]["pps"] for r in runs]),
-            "ratio_median": _median([r["ratio"] for r in runs])}
+            "ratio_median": _median([r["ratio"] for r in runs]),
+            "sender_busy_median": _median([r[name]["sender_busy"] for r in runs
+                                           for name in ("mq-1queue", "mq-2queues")])}
 
 
 # ---------------------------------------------------------------- reporting
@@ -495,6 +507,7 @@ def _median(values):
 METRICS = {      # key in the table -> (path in a measurement, better when higher)
     "pps": (("closed", "pps"), True),
     "cpu_us": (("closed", "cpu_us_per_packet"), False),
+    "sender_busy": (("closed", "sender_busy"), False),
     "flood_rx_pps": (("flood", "received_pps"), True),
     "flood_sent_pps": (("flood", "sent_pps"), True),
     "queue_dropped": (("flood", "queue_dropped"), False),
@@ -530,24 +543,32 @@ def _fmt(value, digits=0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _percent(share) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
 def table(summary: Dict[str, dict], reps: int) -> str:
     head = ("| consumer | packets/s closed loop: median [min-max] | x C | CPU us/packet | x C "
-            "| flood: received/s (sent/s) | queue / user dropped | latency median [min-max] us "
-            "| x C | p99 us |")
-    lines = [head, "|" + " --- |" * 10]
+            "| sender busy | flood: received/s (sent/s) | queue / user dropped "
+            "| latency median [min-max] us | x C | p99 us |")
+    lines = [head, "|" + " --- |" * 11]
     for name, s in summary.items():
         pps, cpu, lat = s["pps"], s["cpu_us"], s["lat_median_us"]
         lines.append(
             f"| {name} | {_fmt(pps['median'])} [{_fmt(pps['min'])}-{_fmt(pps['max'])}] "
             f"| {_fmt(pps['ratio_median'], 2)} "
             f"| {_fmt(cpu['median'], 2)} | {_fmt(cpu['ratio_median'], 2)} "
+            f"| {_percent(s['sender_busy']['median'])} "
             f"| {_fmt(s['flood_rx_pps']['median'])} ({_fmt(s['flood_sent_pps']['median'])}) "
             f"| {_fmt(s['queue_dropped']['median'])} / {_fmt(s['user_dropped']['median'])} "
             f"| {_fmt(lat['median'], 1)} [{_fmt(lat['min'], 1)}-{_fmt(lat['max'], 1)}] "
             f"| {_fmt(lat['ratio_median'], 2)} | {_fmt(s['lat_p99_us']['median'], 1)} |")
     lines.append("")
     lines.append(f"Medians of {reps} repetitions; every ratio (x C) is to {REFERENCE} in the "
-                 "same repetition, then the median of those.")
+                 "same repetition, then the median of those. Sender busy: the closed loop's "
+                 "sender and receiver (one thread) as a share of one CPU; near 100% it, not "
+                 "the consumer, sets the packets/s, and the consumer's CPU per packet is "
+                 "what tells consumers apart.")
     return "\n".join(lines)
 
 
@@ -695,7 +716,9 @@ def report(result: dict) -> None:
     if "multiqueue" in result:
         mq = result["multiqueue"]
         print(f"two queues vs one (ipqd, 10 rules, 8 sources): {mq['pps_2queues_median']:,.0f} vs "
-              f"{mq['pps_1queue_median']:,.0f} packets/s = {mq['ratio_median']:.2f}x")
+              f"{mq['pps_1queue_median']:,.0f} packets/s = {mq['ratio_median']:.2f}x "
+              f"(sender busy {_percent(mq.get('sender_busy_median'))} of a CPU; "
+              f"{NCPU} CPUs)")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from ipqd.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, P
 CACHE_SIZE = 65536
 # Tuples the exact-match cache keeps, per message layout, before it starts
 # over; a miss there costs one careful read.
-EXACT_SIZE = 16384
+EXACT_SIZE = 4096
 
 # What a key reader takes from the IP packet, by offset from its start. Both
 # families put the protocol and what follows at the same places in the read

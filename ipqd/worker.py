@@ -171,6 +171,8 @@ class Worker:
             answers.misses.clear()
         self._single = []
         self.qs.send_many(single)
+        if events:
+            self.log.flush()        # the round's log entries: after its verdicts
         # Hits into the totals in bounded steps: never a whole cache's worth
         # of entries at once in the packet loop (stats() settles the rest).
         if len(self._touched) >= SETTLE_AT:

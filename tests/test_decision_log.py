@@ -104,3 +104,44 @@ def test_a_failing_sink_is_counted():
     log.event("hello")
     log.close()
     assert log.failed >= 1 and log.logged == 0
+
+
+class CountingStream:
+    """A stderr that counts its writes."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_round_of_decisions_is_written_at_flush_in_one_write(monkeypatch):
+    """The packet path queues; the worker's flush after a round's verdicts
+    wakes the writer once, and stderr gets the round in one write."""
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stderr", stream)
+    log = DecisionLog("stderr")
+    view = view_of(tcp_to(23))
+    for _ in range(40):
+        log.decision("drop", "no-telnet", view, 0, None)
+    log.flush()
+    deadline = time.monotonic() + 5
+    while log.logged < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert log.logged == 40
+    assert len(stream.writes) == 1 and stream.writes[0].count("\n") == 40
+    assert stream.writes[0].startswith("DROP tcp 10.0.0.2:51514 -> 10.0.0.1:23")
+    log.close()
+
+
+def test_remembered_address_texts_are_the_same():
+    from ipqd.decision_log import _address
+    from ipqd.packet import address_text
+    for family, value in ((4, 0x0A000001), (6, 1 << 120 | 5), (6, 0xFFFF0A000001), (None, 3),
+                          (4, None)):
+        assert _address(family, value) == address_text(family, value)
+        assert _address(family, value) == address_text(family, value)       # the second time

@@ -129,10 +129,14 @@ class _Bucket:
         self.rate, self.burst = rate.per_second, max(1, rate.burst)
         self.tokens, self.stamp = float(self.burst), now
 
-    def take(self, now: float) -> bool:
+    def ready(self, now: float) -> bool:
+        """Whether a token is there (refilled to `now`), without taking it."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
+        return self.tokens >= 1.0
+
+    def take(self, now: float) -> bool:
+        if self.ready(now):
             self.tokens -= 1.0
             return True
         return False
@@ -178,6 +182,17 @@ class DecisionLog:
             self.overflowed += 1
             return
         self._queue.append(("decision", action, rule_name, view, queue, mark))
+
+    def wants_entry(self) -> bool:
+        """Whether a logged decision made now would be written. When the
+        rate would suppress it, counts it as suppressed and says False: the
+        packet path may then answer it from the verdict cache, with no
+        packet view to build (a flood of logged drops stays cheap)."""
+        bucket = self._bucket
+        if bucket is None or bucket.ready(self.clock()):
+            return True
+        self.suppressed += 1
+        return False
 
     def flush(self) -> None:
         """Wake the writer for the entries queued so far: once per round of packets."""

@@ -112,10 +112,10 @@ class Engine:
             counters.malformed += 1
             return self._finish(decision, view)
         verdict = self._finish(decision, view)
-        if key is not None and self.caching and not decision.log and not self.matcher.rated \
+        if key is not None and self.caching and not self.matcher.rated \
                 and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
             self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
-                                                decision.rule_index))
+                                                decision.rule_index, decision.log))
         return verdict
 
     def settle(self, at_least: int = 0) -> None:

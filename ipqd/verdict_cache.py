@@ -3,10 +3,12 @@
 The compiler knows which packet fields the policy reads (`Matcher.fields`).
 Two packets that agree on all of them, and on the metadata a rule can test,
 get the same decision, unless a rate-limited rule took part in it (a token
-bucket changes with time) or the decision is logged (a log line needs the
-whole packet view). So the worker keeps, per compiled policy, a dict from
-exactly those fields to the verdict, and a packet whose key is in it skips
-the packet view and the matcher. A new policy starts with an empty cache.
+bucket changes with time). So the worker keeps, per compiled policy, a dict
+from exactly those fields to the verdict, and a packet whose key is in it
+skips the packet view and the matcher. A logged decision is kept too, but
+answered from the cache only when the log's rate would suppress its entry
+(`log_gate`): an entry that is written needs the whole packet view, so that
+packet takes the full path. A new policy starts with an empty cache.
 
 Only "plain" packets get a key: IPv4 without options or IPv6 without
 extension headers, not fragmented, copied whole, carrying TCP, UDP, ICMP,
@@ -105,12 +107,17 @@ class KeyMaker:
     test interfaces."""
 
     def __init__(self, fields: frozenset, cache: Optional["VerdictCache"] = None,
-                 batch: bool = True, ifname: IfName = lambda index: None, exact: bool = True):
+                 batch: bool = True, ifname: IfName = lambda index: None, exact: bool = True,
+                 log_gate: Optional[Callable[[], bool]] = None):
         self.fields = fields
         self.cache = cache if cache is not None else VerdictCache()
         self.batch = batch
         self.ifname = ifname
         self.exact = exact                  # the exact-match cache in front of the careful read
+        # Asked on a hit of a logged decision: True (or no gate) sends the
+        # packet to the full path to be logged, False answers it here
+        # (DecisionLog.wants_entry, which counts it as suppressed).
+        self.log_gate = log_gate
         self.round = CacheRound()
         self._readers: List[Callable] = []
         self._fast: Optional[Callable] = None      # the reader of the layout seen last
@@ -149,7 +156,7 @@ class KeyMaker:
         if learned is None:
             return False
         reader = self._fast = layout_reader(learned[0], self.fields, self.cache, self.round,
-                                            self.batch, self.ifname, self.exact)
+                                            self.batch, self.ifname, self.exact, self.log_gate)
         self._readers.insert(0, reader)
         del self._readers[8:]
         rest, strangers = reader((buf,), (n,))
@@ -158,7 +165,7 @@ class KeyMaker:
 
 def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCache",
                   answers: CacheRound, batch: bool, ifname: IfName,
-                  exact: bool = True) -> Callable:
+                  exact: bool = True, log_gate: Optional[Callable[[], bool]] = None) -> Callable:
     """The key reader of one message layout: for each datagram, one struct
     call reads the metadata and the IP and transport headers, the key takes
     what `fields` needs, and `cache` answers it into `answers`. Returns
@@ -320,6 +327,10 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     misses[v[queue], v[packet_id]] = key
                     rest.append(i)
                     continue
+                if entry.log and (log_gate is None or log_gate()):
+                    misses[v[queue], v[packet_id]] = key    # its entry is written: in full
+                    rest.append(i)
+                    continue
                 if not entry.hits:
                     touched.append(entry)
                 entry.hits += 1
@@ -327,7 +338,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     last[v[queue]] = i
                 else:
                     hits_single.append((v[queue], v[packet_id], entry))
-                if exact_ok and kind <= _UDP and seen is not None:
+                if exact_ok and kind <= _UDP and seen is not None and not entry.log:
                     if len(exact_hits) >= EXACT_SIZE:
                         exact_hits.clear()
                     exact_hits[seen] = (entry, v[queue])
@@ -343,12 +354,13 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
 
 class CachedVerdict:
     """What a cache hit needs: the verdict, its mark, and whom to count."""
-    __slots__ = ("verdict", "mark", "rule_index", "accept", "batchable", "hits")
+    __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits")
 
-    def __init__(self, verdict: int, mark: Optional[int], rule_index: int):
+    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
+        self.log = log                        # the decision is logged: see KeyMaker.log_gate
         self.hits = 0                         # since Engine.settle last counted them
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict

@@ -97,7 +97,7 @@ class Worker:
         # The cache answers hits as the receive reads them, into its round;
         # the full path adds its own verdicts, and `answer` sends them all.
         self.keys = KeyMaker(engine.needs, engine.cache, batch=config.batch,
-                             ifname=self._ifname)
+                             ifname=self._ifname, log_gate=self.log.wants_entry)
         self._round = self.keys.round
         self._touched = engine.cache.touched         # cache entries hit since the last settle
         self._single: List[bytes] = []          # the full path's verdicts, one per packet

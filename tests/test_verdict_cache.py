@@ -266,7 +266,7 @@ def test_a_cached_engine_decides_and_counts_as_a_full_one(policy, stream, data):
     assert cached.matcher.counters() == full.matcher.counters()
 
 
-def test_rated_and_logged_decisions_are_not_cached():
+def test_rated_decisions_are_not_cached_and_logged_ones_are_answered_in_full():
     def rule(name, dport, **extra):
         return Rule(name=name, match=Match(proto=frozenset({17}), dport=RangeMatch(((dport, dport),))),
                     action="accept", **extra)
@@ -280,8 +280,10 @@ def test_rated_and_logged_decisions_are_not_cached():
         for _ in range(3):
             decide_cached(engine, packet, 0.0)
     # 55 (plain) and 56 (the default) were cached: a miss then two hits each.
+    # 54 (logged) is kept, but with no log rate to suppress its entries,
+    # every packet of it is decided in full.
     engine.settle()
-    assert engine.cache.hits == 4 and len(engine.cache.entries) == 2
+    assert engine.cache.hits == 4 and len(engine.cache.entries) == 3
     assert engine.matcher.counters()["rules"]["rated"]["hits"] == 1     # one token
     assert engine.matcher.counters()["default"]["hits"] == 3 + 2        # 56, and 53 without tokens
 
@@ -537,3 +539,42 @@ def test_every_byte_the_careful_read_looks_at_is_in_the_exact_read(family, proto
             assert answers_of(exact, other, len(other)) == answers_of(careful, other, len(other)), at
     for n in (len(base) - 1, len(base) + 1, len(base) + 4):
         assert answers_of(exact, base, n) == answers_of(careful, base, n), n
+
+
+def test_a_logged_decision_the_log_rate_suppresses_is_answered_from_the_cache():
+    """A flood of logged drops: the entries the rate allows are decided in
+    full and written, the rest answered from the cache and counted as
+    suppressed, and every counter agrees with a full engine's."""
+    from ipqd.decision_log import DecisionLog
+    from test_decision_log import Clock
+    policy = Policy(path="p.yaml", rules=(Rule(name="no-dns", match=Match(
+        proto=frozenset({17}), dport=RangeMatch(((53, 53),))), action="drop", log=True),),
+        default=Default(action="accept", log=False))
+    written = []
+    clock = Clock()
+    log = DecisionLog(rate=Rate(2, 2), send=lambda m, p, f: written.append(m), clock=clock)
+    full, cached = Engine(policy), Engine(policy)
+    cached.keys = KeyMaker(cached.needs, cached.cache, batch=False, ifname=IFNAME,
+                           log_gate=log.wants_entry)
+    in_full = 0
+    for n in range(50):
+        packet = nfq.Packet(0, 2, n + 1, 0x0800, 1)
+        packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000 + n % 3, 53, 0,
+                                              (0, 0), b"")
+        full.judge(packet, IFNAME, None, 0.0)
+        data = kernel_bytes(packet)
+        cached.keys.round.clear()
+        if cached.keys.take([room(data)], [len(data)]):         # the full path, as the worker
+            in_full += 1
+            key = cached.keys.round.misses.get((packet.queue, packet.packet_id))
+            verdict = cached.judge(packet, IFNAME, None, 0.0, key)
+            log.decision(verdict.decision.action, "no-dns", verdict.view, 0, None)
+        else:
+            assert [entry.verdict for _, _, entry in cached.keys.round.single] == [nfq.NF_DROP]
+    log.close()
+    # The first (a miss) and the second (a hit the rate still allows a line for).
+    assert in_full == 2 and len([m for m in written if m.startswith("DROP")]) == 2
+    assert log.suppressed == 48
+    cached.settle()
+    assert cached.counters.as_dict() == full.counters.as_dict()
+    assert cached.matcher.counters() == full.matcher.counters()

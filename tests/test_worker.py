@@ -73,8 +73,8 @@ def verdicts(data: bytes) -> list:
     return out
 
 
-def worker_with_rounds(rounds):
-    worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), loads(POLICY, "p.yaml"), conn=None)
+def worker_with_rounds(rounds, policy: str = POLICY):
+    worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), loads(policy, "p.yaml"), conn=None)
     worker.qs.queues[1] = frozenset({2, 10})
     sent = []
     worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
@@ -100,6 +100,26 @@ def test_a_round_of_hits_and_misses_is_covered_by_its_verdicts():
     counters = worker.engine.matcher.counters()
     assert counters["rules"]["dns"]["hits"] == 2 and counters["default"]["hits"] == 2
     assert worker.engine.counters.packets == 6 == worker.qs.stats.packets
+
+
+def test_logged_drops_past_the_log_rate_are_answered_from_the_cache(monkeypatch):
+    """A flood of logged drops with a log rate: the worker writes what the
+    rate allows and answers the rest from its cache, every one dropped."""
+    written = []
+    monkeypatch.setattr("ipqd.decision_log.DecisionLog._stderr_send_all",
+                        lambda self, entries: written.extend(m for m, _, _ in entries))
+    policy = POLICY.replace("default: {action: drop, log: false}",
+                            "default: {action: drop, log: true}\nlogging: {rate: 2/minute burst 2}")
+    rounds = [[datagram(i, 80)] for i in range(1, 4)] + [[datagram(i, 80) for i in range(4, 24)]]
+    worker, sent = worker_with_rounds(rounds, policy)
+    worker.log.close()
+    dropped = [v for data in sent for v in verdicts(data)]
+    assert [v[2] for v in dropped] == list(range(1, 24))
+    assert {v[3] for v in dropped} == {nfq.NF_DROP}
+    assert len([m for m in written if m.startswith("DROP")]) == 2 and worker.log.suppressed == 21
+    worker.engine.settle()
+    assert worker.engine.cache.hits == 21
+    assert worker.engine.counters.dropped == 23 == worker.engine.matcher.counters()["default"]["hits"]
 
 
 def udp_view(dport: int):

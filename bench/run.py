@@ -74,6 +74,7 @@ CONSUMERS = {
     "ipqd-1000": "ipqd run, 1,000 rules, logging off",
     "ipqd-1000-nocache": "ipqd run, 1,000 rules, logging off, verdict cache off (--no-cache)",
     "ipqd-1000-log": "ipqd run, 1,000 rules, every decision logged",
+    "ipqd-1000-lograte": "ipqd run, 1,000 rules, every decision logged, logging.rate 100/second",
     "ipqd-10000": "ipqd run, 10,000 rules, logging off",
     "ipqd-10000-log": "ipqd run, 10,000 rules, every decision logged",
 }
@@ -292,11 +293,12 @@ def _queue_numbers(queue: str) -> List[int]:
 
 # ---------------------------------------------------------------- policies
 
-def policy_yaml(rules: int, queue: str, log: bool) -> str:
+def policy_yaml(rules: int, queue: str, log: bool, log_rate: Optional[str] = None) -> str:
     """`rules` rules; the benchmark traffic (udp 127.0.0.0/8 -> 9000) matches only
     the last. Every other rule is udp from a 10.x.y.0/24 of its own, half of them
     on port 9000 too, so neither the port nor the protocol alone rules them out.
-    The default drops: a miss would show as lost packets."""
+    The default drops: a miss would show as lost packets. `log_rate`: the
+    policy's logging.rate (the lines past it are counted, not written)."""
     flag = "true" if log else "false"
     num = f'"{queue.replace(":", "-")}"' if ":" in queue else queue
     # offload off: the benchmark measures the per-packet path (and --no-hooks
@@ -304,7 +306,10 @@ def policy_yaml(rules: int, queue: str, log: bool) -> str:
     lines = ["version: 1", "queue:", f"  num: {num}", "  copy_range: 256",
              "  fail_open: false", "  bypass: false", "  offload: off",
              "hooks:", "  - {chain: input, family: ipv4, proto: udp}",
-             f"default: {{action: drop, log: {flag}}}", "rules:"]
+             f"default: {{action: drop, log: {flag}}}"]
+    if log_rate:
+        lines.append(f"logging: {{rate: {log_rate}}}")
+    lines.append("rules:")
     for i in range(rules - 1):
         dport = PORT if i % 2 else 20000 + i % 40000
         lines.append(f"  - {{name: r{i}, proto: udp, src: 10.{(i >> 8) & 255}.{i & 255}.0/24, "
@@ -314,10 +319,11 @@ def policy_yaml(rules: int, queue: str, log: bool) -> str:
 
 
 def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool,
-               source: Optional[str] = None, cache: bool = True) -> None:
+               source: Optional[str] = None, cache: bool = True,
+               log_rate: Optional[str] = None) -> None:
     path = os.path.join(lab.tmp, f"{name}.yaml")
     with open(path, "w") as out:
-        out.write(policy_yaml(rules, queue, log))
+        out.write(policy_yaml(rules, queue, log, log_rate))
     os.chmod(path, 0o644)
     state = os.path.join(lab.tmp, f"{name}.state")
     os.makedirs(state, exist_ok=True)
@@ -344,8 +350,9 @@ def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple],
                                 "queuesocket", q], source=source)
         elif kind.startswith("ipqd-"):
             rules = int(kind.split("-")[1])
-            start_ipqd(lab, name, rules, q, kind.endswith("-log"), source,
-                       cache=not kind.endswith("-nocache"))
+            start_ipqd(lab, name, rules, q, kind.endswith(("-log", "-lograte")), source,
+                       cache=not kind.endswith("-nocache"),
+                       log_rate="100/second" if kind.endswith("-lograte") else None)
         elif name == "c-1verdict":
             lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q])
         elif name == "c-batch":

@@ -260,6 +260,9 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     hit = exact_hits.get(seen)
                     if hit is not None and seen[0] == n:
                         entry, hit_queue = hit
+                        if entry.log and (log_gate is None or log_gate()):
+                            rest.append(i)          # its line is written: in full
+                            continue
                         if not entry.hits:
                             touched.append(entry)
                         entry.hits += 1
@@ -338,7 +341,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     last[v[queue]] = i
                 else:
                     hits_single.append((v[queue], v[packet_id], entry))
-                if exact_ok and kind <= _UDP and seen is not None and not entry.log:
+                if exact_ok and kind <= _UDP and seen is not None:
                     if len(exact_hits) >= EXACT_SIZE:
                         exact_hits.clear()
                     exact_hits[seen] = (entry, v[queue])

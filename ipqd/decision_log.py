@@ -178,10 +178,7 @@ class DecisionLog:
         if self._bucket is not None and not self._bucket.take(self.clock()):
             self.suppressed += 1
             return
-        if len(self._queue) >= self._capacity:
-            self.overflowed += 1
-            return
-        self._queue.append(("decision", action, rule_name, view, queue, mark))
+        self._put(("decision", action, rule_name, view, queue, mark))
 
     def wants_entry(self) -> bool:
         """Whether a logged decision made now would be written. When the
@@ -201,11 +198,16 @@ class DecisionLog:
 
     def event(self, message: str, priority: int = LOG_INFO, **fields: str) -> None:
         """A life-cycle entry (start, reload, errors): never rate-capped, written at once."""
+        if self._put(("event", message, priority, fields)):
+            self._wake.set()
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless the queue is full (counted); the caller wakes the writer."""
         if len(self._queue) >= self._capacity:
             self.overflowed += 1
-            return
-        self._queue.append(("event", message, priority, fields))
-        self._wake.set()
+            return False
+        self._queue.append(item)
+        return True
 
     # -- the writer thread
 

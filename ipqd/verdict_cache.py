@@ -253,6 +253,7 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
         for i, n in enumerate(lengths):
             buf = views[i]
             try:
+                entry = None
                 if exact_ok:
                     family = buf[16]
                     seen = read4(buf) if family == _NFPROTO_IPV4 else \
@@ -260,91 +261,84 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     hit = exact_hits.get(seen)
                     if hit is not None and seen[0] == n:
                         entry, hit_queue = hit
-                        if entry.log and (log_gate is None or log_gate()):
-                            rest.append(i)          # its line is written: in full
-                            continue
-                        if not entry.hits:
-                            touched.append(entry)
-                        entry.hits += 1
-                        if entry.batchable and batch:
-                            last[hit_queue] = i
-                        else:
-                            hits_single.append((hit_queue, read_id(buf, id_at)[0], entry))
-                        continue
-                # The layout's attribute headers, the payload last and the
-                # message exactly n bytes long, as the kernel sends it
-                # (stricter than AttributeLayout.payload_end): its padding,
-                # n - payload_at - attr_len, is 0 to 3. The payload's own
-                # length is checked against the IP header below. What lies
-                # past n in the buffer is read but never used; a buffer too
-                # short for the reads raises, and the full path takes it.
-                found = heads.unpack_from(buf)
-                attr_len = found[-2]
-                if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
-                        or (n - payload_at - attr_len) & -4:
-                    strangers.append(i)
-                    continue
-                size = attr_len - 4
-                family = buf[16]
-                if family == _NFPROTO_IPV4:
-                    v = v4.unpack_from(buf)
-                    if absent4:
-                        v += _ABSENT
-                    if size < _V4_HEADER or v[version] != 0x45 or v[total] != size \
-                            or v[frag] & 0x3FFF:
-                        rest.append(i)
-                        continue
-                    room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
-                elif family == _NFPROTO_IPV6:
-                    v = v6.unpack_from(buf)
-                    if absent6:
-                        v += _ABSENT
-                    if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
-                            or v[proto_at] in IPV6_EXT_HEADERS:
-                        rest.append(i)
-                        continue
-                    room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
-                else:
-                    strangers.append(i)
-                    continue
-                # The transport header as parse would take it, or no key.
-                proto = v[proto_at]
-                if proto == PROTO_TCP:
-                    header = (v[tcp_offset] >> 4) * 4
-                    kind = _TCP if 20 <= header <= room else None
-                elif proto == PROTO_UDP:
-                    kind = _UDP if 8 <= v[udp_len] <= room else None
-                elif proto == icmp:
-                    kind = _ICMP if room >= icmp_room else None
-                else:
-                    kind = None if proto in _UNCACHED_PROTOS else _OTHER
-                if kind is None:
-                    rest.append(i)
-                    continue
-                key = picks[kind](v)
-                if names:       # names, not indexes: an interface can be renamed
-                    key += (ifname(v[indev]), ifname(v[outdev]))
-                entry = entries.get(key)
                 if entry is None:
-                    cache.misses += 1
-                    misses[v[queue], v[packet_id]] = key
-                    rest.append(i)
-                    continue
+                    # The careful read. The layout's attribute headers, the
+                    # payload last and the message exactly n bytes long, as
+                    # the kernel sends it (stricter than
+                    # AttributeLayout.payload_end): its padding, n -
+                    # payload_at - attr_len, is 0 to 3. The payload's own
+                    # length is checked against the IP header below. What
+                    # lies past n in the buffer is read but never used; a
+                    # buffer too short for the reads raises, and the full
+                    # path takes it.
+                    found = heads.unpack_from(buf)
+                    attr_len = found[-2]
+                    if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
+                            or (n - payload_at - attr_len) & -4:
+                        strangers.append(i)
+                        continue
+                    size = attr_len - 4
+                    family = buf[16]
+                    if family == _NFPROTO_IPV4:
+                        v = v4.unpack_from(buf)
+                        if absent4:
+                            v += _ABSENT
+                        if size < _V4_HEADER or v[version] != 0x45 or v[total] != size \
+                                or v[frag] & 0x3FFF:
+                            rest.append(i)
+                            continue
+                        room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
+                    elif family == _NFPROTO_IPV6:
+                        v = v6.unpack_from(buf)
+                        if absent6:
+                            v += _ABSENT
+                        if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
+                                or v[proto_at] in IPV6_EXT_HEADERS:
+                            rest.append(i)
+                            continue
+                        room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
+                    else:
+                        strangers.append(i)
+                        continue
+                    # The transport header as parse would take it, or no key.
+                    proto = v[proto_at]
+                    if proto == PROTO_TCP:
+                        header = (v[tcp_offset] >> 4) * 4
+                        kind = _TCP if 20 <= header <= room else None
+                    elif proto == PROTO_UDP:
+                        kind = _UDP if 8 <= v[udp_len] <= room else None
+                    elif proto == icmp:
+                        kind = _ICMP if room >= icmp_room else None
+                    else:
+                        kind = None if proto in _UNCACHED_PROTOS else _OTHER
+                    if kind is None:
+                        rest.append(i)
+                        continue
+                    key = picks[kind](v)
+                    if names:       # names, not indexes: an interface can be renamed
+                        key += (ifname(v[indev]), ifname(v[outdev]))
+                    hit_queue = v[queue]
+                    entry = entries.get(key)
+                    if entry is None:
+                        cache.misses += 1
+                        misses[hit_queue, v[packet_id]] = key
+                        rest.append(i)
+                        continue
+                    if exact_ok and kind <= _UDP and seen is not None:
+                        if len(exact_hits) >= EXACT_SIZE:
+                            exact_hits.clear()
+                        exact_hits[seen] = (entry, hit_queue)
+                # A hit, of either layer.
                 if entry.log and (log_gate is None or log_gate()):
-                    misses[v[queue], v[packet_id]] = key    # its entry is written: in full
-                    rest.append(i)
+                    rest.append(i)          # its line is written: the full path, which logs
                     continue
                 if not entry.hits:
                     touched.append(entry)
                 entry.hits += 1
                 if entry.batchable and batch:
-                    last[v[queue]] = i
+                    last[hit_queue] = i
                 else:
-                    hits_single.append((v[queue], v[packet_id], entry))
-                if exact_ok and kind <= _UDP and seen is not None:
-                    if len(exact_hits) >= EXACT_SIZE:
-                        exact_hits.clear()
-                    exact_hits[seen] = (entry, v[queue])
+                    hits_single.append((hit_queue, read_id(buf, id_at)[0], entry))
             except Exception:       # the full path is the boundary that counts
                 rest.append(i)
         # The batch verdict covers up to the latest hit: its id, read once.

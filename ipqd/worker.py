@@ -99,7 +99,6 @@ class Worker:
         self.keys = KeyMaker(engine.needs, engine.cache, batch=config.batch,
                              ifname=self._ifname, log_gate=self.log.wants_entry)
         self._round = self.keys.round
-        self._touched = engine.cache.touched         # cache entries hit since the last settle
         self._single: List[bytes] = []          # the full path's verdicts, one per packet
         self._stop = False
         self.handing_over = False           # told to hand over: the loop ends, nothing unbinds
@@ -167,7 +166,7 @@ class Worker:
             for queue, max_id in answers.batch.items():
                 single.append(nfq.encode_verdict_batch(queue, max_id, nfq.NF_ACCEPT))
             answers.batch.clear()
-        if answers.misses:              # a key whose datagram decoded to no packet
+        if answers.misses:              # keys whose datagram came back as no Packet
             answers.misses.clear()
         self._single = []
         self.qs.send_many(single)
@@ -175,8 +174,7 @@ class Worker:
             self.log.flush()        # the round's log entries: after its verdicts
         # Hits into the totals in bounded steps: never a whole cache's worth
         # of entries at once in the packet loop (stats() settles the rest).
-        if len(self._touched) >= SETTLE_AT:
-            self.engine.settle()
+        self.engine.settle(at_least=SETTLE_AT)
 
     def _judge(self, events: List) -> None:
         """The full path: decide each Packet of `events`, adding its verdict
@@ -212,7 +210,6 @@ class Worker:
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
             # Undecodable packets with an id were answered by the socket (default verdict).
-        keys.clear()                # a key whose packet did not come back as a Packet
 
     # -------------------------------------------------------- control
 

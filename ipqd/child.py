@@ -1,8 +1,11 @@
 """The supervisor's child processes: each one a fresh interpreter.
 
 A worker, or the short-lived process that loads a policy, runs as
-`python -m ipqd.child JOB FD`, FD being its end of a socketpair to the
-supervisor, over which the first message brings the job's arguments. A
+`python -I -c BOOT DIR ipqd.child JOB FD`, FD being its end of a socketpair
+to the supervisor, over which the first message brings the job's arguments.
+Isolated (-I): a child runs as root, so neither the working directory nor
+PYTHONPATH nor the user's site directory may bring it code; DIR, where the
+supervisor's own ipqd package lives, is the one path added. A
 fresh interpreter rather than a fork: the supervisor runs a log thread, and
 a fork would copy whatever lock that thread holds at the instant. Started
 this way, each child imports only what its job needs, and no other process
@@ -21,6 +24,9 @@ import sys
 from typing import Any, Optional, Tuple
 
 _LENGTH = struct.Struct("!I")
+# The child's first line: import ipqd from where the supervisor's came from.
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ipqd.child import main; main()"
+_PACKAGE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Channel:
@@ -36,6 +42,35 @@ class Channel:
         self._fd = fd
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
+        self._unsent = b""          # the rest of a message send_nowait could not finish
+        self.dropped = 0            # messages send_nowait let go
+        self._nowait: Optional[socket.socket] = None
+
+    def send_nowait(self, message: Any) -> bool:
+        """Send `message` if the pipe takes it now; never wait. A message
+        the pipe takes only in part is finished by the next send; while a
+        part waits, new messages are dropped (counted in `dropped`).
+        Returns whether `message` was sent or queued. For reports that a
+        newer one replaces: a stopped reader never stalls the sender."""
+        if self._unsent and not self._write_nowait(self._unsent):
+            self.dropped += 1
+            return False
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        self._write_nowait(_LENGTH.pack(len(data)) + data)
+        return True
+
+    def _write_nowait(self, data: bytes) -> bool:
+        """Write what fits of `data`, keeping the rest; whether all went."""
+        if self._nowait is None:
+            # A second handle on the same socket, for MSG_DONTWAIT: the
+            # waiting sends keep the socket itself blocking.
+            self._nowait = socket.fromfd(self._fd, socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sent = self._nowait.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        self._unsent = data[sent:]
+        return not self._unsent
 
     def fileno(self) -> int:
         return self._fd
@@ -44,6 +79,9 @@ class Channel:
         self.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
 
     def send_bytes(self, data: bytes) -> None:
+        if self._unsent:                # a message begun by send_nowait comes first
+            unsent, self._unsent = self._unsent, b""
+            self._write(unsent)
         self._write(_LENGTH.pack(len(data)))
         self._write(data)
 
@@ -58,6 +96,9 @@ class Channel:
         return bool(self._poller.poll(int(timeout * 1000)))
 
     def close(self) -> None:
+        if self._nowait is not None:
+            self._nowait.close()
+            self._nowait = None
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
@@ -119,7 +160,8 @@ def start(job: str, *args, payload: Optional[bytes] = None, fds: Tuple[int, ...]
     """
     mine, theirs = socket.socketpair()
     try:
-        popen = subprocess.Popen([sys.executable, "-m", "ipqd.child", job, str(theirs.fileno())],
+        popen = subprocess.Popen([sys.executable, "-I", "-c", _BOOT, _PACKAGE_HOME, "ipqd.child",
+                                  job, str(theirs.fileno())],
                                  pass_fds=(theirs.fileno(),) + tuple(fds),
                                  stdin=subprocess.DEVNULL)
     finally:
@@ -147,14 +189,14 @@ def schedule(policy: int) -> None:
 
 
 def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, sock_fd,
-            successor) -> None:
-    if successor:
+            mode) -> None:
+    if mode == "successor":
         schedule(os.SCHED_BATCH)    # before the imports: they are work too
     from ipqd.worker import WorkerConfig, worker_main
     config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
     # The policy's bytes go straight into the call, held by no name here:
     # worker_main lets them go once unpacked.
-    worker_main(config, conn.recv_bytes(), conn, sock_fd, successor)
+    worker_main(config, conn.recv_bytes(), conn, sock_fd, mode)
 
 
 def _load(conn: Channel, path: str) -> None:
@@ -175,7 +217,7 @@ def main() -> None:
     # The supervisor handles Ctrl-C (the terminal sends it to the whole group);
     # a child stops when told to, or when the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    job, fd = sys.argv[1], int(sys.argv[2])
+    job, fd = sys.argv[-2], int(sys.argv[-1])
     conn = Channel(fd)
     _JOBS[job](conn, *conn.recv())
 

@@ -32,12 +32,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ipqd import child
 from ipqd import hooks as hooks_mod
 from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
-from ipqd.errors import PolicyErrors
 from ipqd.nfnetlink import NETLINK_NETFILTER
+from ipqd.policy.checked import PolicyRefused, load_checked
 from ipqd.policy.model import Policy
 
 READY_TIMEOUT = 15.0
 REPLY_TIMEOUT = 60.0
+LOAD_TIMEOUT = 60.0        # reading and checking a policy; past it the load is refused
+STABLE_AFTER = 5.0         # a worker that lived this long counts as started well
+BACKOFF_FIRST = 0.25       # a worker failing again soon waits this long before its restart,
+BACKOFF_MAX = 5.0          # doubling up to this
+FRESH_SOCKET_AFTER = 5     # quick failures in a row, after which the slot gets a new socket
 STATUS_EVERY = 2.0
 STALE_AFTER = 5.0          # a worker silent this long is wedged: no watchdog ping
 RETIRE_WITHIN = 10.0       # a handed-over worker has this long to write its log and exit
@@ -58,47 +63,8 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-class PolicyRefused(Exception):
-    def __init__(self, lines: List[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
-
-
-def load_checked(path: str) -> Policy:
-    """Load a policy after checking that only root can change it.
-
-    Fragments in policy.d must pass the same checks, and a symbolic link
-    there must point inside policy.d. The files are looked at before and
-    after reading: a fragment that appears, vanishes or changes meanwhile
-    refuses the load (the caller keeps what it had). Raises PolicyRefused
-    with every line to report, OSError when unreadable.
-
-    Runs in the loading process (load_in_child): the loader and YAML are
-    imported there, never into the supervisor.
-    """
-    from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, load
-    files = _policy_files(path)
-    before = _identities(files)
-    problems = check_file_safety(path)
-    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
-    if os.path.isdir(fragments):
-        problems += check_file_safety(fragments)
-        inside = os.path.realpath(fragments) + os.sep
-        for fragment in files[1:]:
-            if os.path.islink(fragment) and not os.path.realpath(fragment).startswith(inside):
-                problems.append(f"{fragment} is a symbolic link to {os.path.realpath(fragment)}, "
-                                f"outside {fragments}")
-            problems += check_file_safety(fragment)
-    if problems:
-        raise PolicyRefused([f"refusing policy {path}: {p}" for p in dict.fromkeys(problems)])
-    try:
-        policy = load(path)
-    except PolicyErrors as errors:
-        raise PolicyRefused([str(e) for e in errors.errors]) from None
-    if before != _identities(_policy_files(path)):
-        raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
-                             f"reload again"])
-    return policy
+class ReloadCalledOff(Exception):
+    """A stop was asked for while a reload waited: the reload ends unfinished."""
 
 
 class LoadedPolicy:
@@ -111,28 +77,40 @@ class LoadedPolicy:
         self.rules = rules
 
 
-def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None) -> LoadedPolicy:
+def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None,
+                  timeout: float = LOAD_TIMEOUT) -> LoadedPolicy:
     """load_checked in a short-lived process (ipqd.child); `waiting` is
-    called about twice a second until it answers.
+    called about twice a second until it answers, and may raise to call
+    the load off (the process is killed).
 
     A large policy's YAML nodes and model take a hundred megabytes of heap
     while they are read; the supervisor gets only their pickle, so its own
-    heap never grows with the policy. Raises as load_checked does (and
-    PolicyRefused when the loading process dies).
+    heap never grows with the policy. A load that takes longer than
+    `timeout` seconds (a FIFO in place of the file, a hung name lookup, a
+    stalled mount) is killed and refused. Raises as load_checked does (and
+    PolicyRefused when the loading process dies or runs out of time).
     """
     try:
         loading = child.start("load", path)
     except OSError as error:
-        raise PolicyRefused([f"refusing policy {path}: cannot start the process loading it: "
-                             f"{error}"]) from None
+        raise PolicyRefused([f"refusing policy {path}: cannot start the process loading it "
+                             f"({error}); is the ipqd installation complete?"]) from None
+    deadline = time.monotonic() + timeout
     try:
-        while waiting is not None and not loading.conn.poll(0.5):
-            waiting()
+        while not loading.conn.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise PolicyRefused([f"refusing policy {path}: reading it took longer than "
+                                     f"{timeout:.0f} s (is it a FIFO, on a stalled mount, or "
+                                     f"naming a user or group whose lookup hangs?)"])
+            if waiting is not None:
+                waiting()
         answer = loading.conn.recv()
     except (EOFError, OSError):
         answer = ("refused", [f"refusing policy {path}: the process loading it exited"])
     finally:
         loading.conn.close()
+        if loading.is_alive():
+            loading.kill()
         loading.join()
     kind = answer[0]
     if kind == "loaded":
@@ -160,27 +138,6 @@ def load_policy_job(path: str, conn) -> None:
     conn.close()
 
 
-def _policy_files(path: str) -> List[str]:
-    """The main file and the fragments the loader reads, in its order."""
-    from ipqd.policy.loader import fragment_paths
-    return [path] + fragment_paths(path)
-
-
-def _identities(files: List[str]) -> List[tuple]:
-    """Each file's name and a digest of its bytes (None when unreadable):
-    sizes and times miss a same-size edit within one clock tick."""
-    import hashlib
-    from ipqd.policy._yamlsafe import MAX_BYTES
-    identities = []
-    for name in files:
-        try:
-            with open(name, "rb") as f:
-                identities.append((name, hashlib.sha256(f.read(MAX_BYTES + 1)).digest()))
-        except OSError:
-            identities.append((name, None))
-    return identities
-
-
 class WorkerHandle:
     def __init__(self, index: int, process, conn, queues: Dict[int, Optional[str]]):
         self.index = index
@@ -188,7 +145,9 @@ class WorkerHandle:
         self.conn = conn
         self.queues = queues
         self.stats: Dict[str, int] = {}
-        self.seen = time.monotonic()
+        self.carried: Optional[dict] = None     # its latest counters, for a restart (carry_over)
+        self.failure = ""                       # why it said it cannot go on
+        self.started = self.seen = time.monotonic()
 
 
 class Daemon:
@@ -213,6 +172,9 @@ class Daemon:
         self.retiring: List[tuple] = []               # (since, handle) of handed-over workers
         self.last_ping = 0.0
         self.last_reload_error = ""
+        self.hooks_lock: Optional[socket.socket] = None
+        self.failures: Dict[int, int] = {}            # worker index -> quick failures in a row
+        self.restarts: Dict[int, tuple] = {}          # worker index -> (due, queues, carried)
 
     # -------------------------------------------------------- life cycle
 
@@ -241,9 +203,17 @@ class Daemon:
         self.keep(loaded)
         for warning in self.policy.warnings:
             self.log.event(str(warning), LOG_WARNING, IPQD_EVENT="policy-warning")
+        # The queues are bound before any hook points at them, and hooks are
+        # touched only by the one instance that holds the lock: an instance
+        # that cannot start leaves another's rules alone.
+        if self.manage_hooks:
+            try:
+                self.hooks_lock = hooks_mod.hold_lock()
+            except hooks_mod.HookError as error:
+                raise StartupError(f"ipqd: {error}")
+        self.start_workers()
         if self.manage_hooks:
             self.install_hooks(self.policy)
-        self.start_workers()
         self.setup_signals()
         queues = sorted(q for w in self.workers.values() for q in w.queues)
         self.log.event(f"ipqd started: policy {self.path} ({self.rules} rules), "
@@ -291,22 +261,24 @@ class Daemon:
                 raise StartupError(f"ipqd: workers {sorted(waiting)} did not start in {READY_TIMEOUT:.0f} s")
 
     def spawn(self, index: int, count: int, queues: Dict[int, Optional[str]],
-              successor: bool = False) -> WorkerHandle:
-        """Start worker `index`: on a new socket, or as the `successor` of the
-        running one, on its socket (the caller hands over; see reload)."""
+              mode: str = "bind") -> WorkerHandle:
+        """Start worker `index` (modes as ipqd.worker.worker_main's): "bind"
+        on a new socket; "successor" of the running one, on its socket (the
+        caller hands over; see reload); "recover" on the socket of one that
+        died, whose queues stay bound meanwhile."""
         try:
-            if not successor:
+            if mode == "bind":
                 self.close_socket(index)
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
                 sock.bind((0, 0))
                 self.sockets[index] = sock
             fd = self.sockets[index].fileno()
             process = child.start("worker", index, count, queues, self.target, self.batch,
-                                  self.cache, fd, successor, payload=self.pickled, fds=(fd,))
+                                  self.cache, fd, mode, payload=self.pickled, fds=(fd,))
         except OSError as error:
             raise StartupError(f"ipqd: cannot start worker {index}: {error}")
         handle = WorkerHandle(index, process, process.conn, queues)
-        if not successor:
+        if mode != "successor":
             self.workers[index] = handle
         return handle
 
@@ -318,6 +290,7 @@ class Daemon:
             sock.close()
 
     def stop_workers(self) -> None:
+        self.restarts.clear()
         for worker in self.workers.values():
             try:
                 worker.conn.send(("stop",))
@@ -340,6 +313,9 @@ class Daemon:
             except Exception as error:
                 self.log.event(f"ipqd: could not remove hooks: {error}", LOG_ERR, IPQD_EVENT="stop")
             self.installed_backend = None
+        if self.hooks_lock is not None:
+            self.hooks_lock.close()
+            self.hooks_lock = None
         if self.policy is not None:
             self.log.event("ipqd stopped", LOG_INFO, IPQD_EVENT="stop")
         self.log.close()
@@ -385,6 +361,7 @@ class Daemon:
                     poller.unregister(fd)
                     registered.discard(fd)
             now = time.monotonic()
+            self.restart_due(now)
             self.tend_watchdog()
             self.reap_retired(now)
             if now - last_status >= STATUS_EVERY:
@@ -403,10 +380,18 @@ class Daemon:
 
     def keep_alive(self) -> None:
         """While a reload waits: take the running workers' reports (so that
-        they count as answering) and feed the watchdog."""
+        they count as answering), restart those that died, and feed the
+        watchdog. Raises ReloadCalledOff when a stop is asked for."""
+        if self.stop_asked():
+            raise ReloadCalledOff()
         for worker in list(self.workers.values()):
-            self.take_reports(worker)
+            self.read_worker(worker)
+        self.restart_due(time.monotonic())
         self.tend_watchdog()
+
+    def stop_asked(self) -> bool:
+        """Whether SIGTERM or SIGINT came (the loop acts on it when it is back)."""
+        return signal.SIGTERM in self.signals or signal.SIGINT in self.signals
 
     def tend_watchdog(self) -> None:
         """Ping systemd's watchdog when it is due and the workers are answering:
@@ -435,24 +420,63 @@ class Daemon:
                 if message[0] == want:
                     return worker.process.is_alive(), message
                 if message[0] == "stats":
-                    worker.stats = message[2]
+                    worker.stats, worker.carried = message[2], message[3]
+                elif message[0] == "failed":
+                    worker.failure = message[2]
         except (EOFError, OSError):
             return False, None
         return worker.process.is_alive(), None
 
     def worker_died(self, worker: WorkerHandle) -> None:
-        """A worker that dies is restarted at once: its queues must not stay unanswered."""
+        """A worker that dies is restarted on the same socket, so its queues
+        stay bound and the kernel holds their packets (up to the queue's
+        length) for the new one: none bypasses the policy meanwhile. It
+        starts from the counters of the dead one's last report. One that
+        keeps failing waits longer each time before its restart."""
         if self.workers.get(worker.index) is not worker:
             return
         worker.process.join(1)
         worker.conn.close()
-        self.log.event(f"ipqd: worker {worker.index} exited ({worker.process.exitcode}); restarting it",
-                       LOG_ERR, IPQD_EVENT="worker-died")
-        del self.workers[worker.index]
-        self.spawn(worker.index, len(self.workers) + 1, worker.queues)     # on a new socket
+        now = time.monotonic()
+        index = worker.index
+        quick = now - worker.started < STABLE_AFTER
+        failures = self.failures[index] = self.failures.get(index, 0) + 1 if quick else 1
+        delay = 0.0 if failures == 1 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 2))
+        reason = worker.failure or _exit_reason(worker.process.exitcode)
+        when = f"in {delay:.2g} s ({failures} failures in a row)" if delay else "at once"
+        self.log.event(f"ipqd: worker {index} exited: {reason}; restarting it {when}",
+                       LOG_ERR, IPQD_EVENT="worker-died", IPQD_WORKER=str(index))
+        del self.workers[index]
+        self.restarts[index] = (now + delay, worker.queues, worker.carried)
+        self.restart_due(now)
+
+    def restart_due(self, now: float) -> None:
+        """Start the workers whose restart is due (worker_died)."""
+        for index, (due, queues, carried) in sorted(self.restarts.items()):
+            if due > now:
+                continue
+            del self.restarts[index]
+            # A socket that keeps failing its workers is made anew (the
+            # queues are unbound a moment, and what they held is lost).
+            mode = "bind" if self.failures.get(index, 0) >= FRESH_SOCKET_AFTER \
+                or index not in self.sockets else "recover"
+            try:
+                handle = self.spawn(index, len(self.workers) + len(self.restarts) + 1, queues, mode)
+            except StartupError as error:
+                self.log.event(str(error), LOG_ERR, IPQD_EVENT="worker-died")
+                self.restarts[index] = (now + BACKOFF_MAX, queues, carried)
+                continue
+            handle.carried = carried
+            if carried is not None:
+                try:
+                    handle.conn.send(("take_over", carried))
+                except OSError:
+                    pass                # it died: the loop sees it
 
     def healthy(self, now: float) -> bool:
-        return all(now - w.seen < STALE_AFTER and w.process.is_alive() for w in self.workers.values())
+        """Every queue has a live worker that reported lately."""
+        return not self.restarts and all(now - w.seen < STALE_AFTER and w.process.is_alive()
+                                         for w in self.workers.values())
 
     # -------------------------------------------------------- reload
 
@@ -461,6 +485,9 @@ class Daemon:
         started = time.monotonic()
         try:
             loaded = load_in_child(self.path, waiting=self.keep_alive)
+        except ReloadCalledOff:
+            self.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
+            return
         except (PolicyRefused, OSError) as error:
             lines = error.lines if isinstance(error, PolicyRefused) else [
                 f"cannot read policy {error.filename or self.path}: {error.strerror}"]
@@ -534,7 +561,7 @@ class Daemon:
         problems: List[str] = []
         try:
             for index, worker in sorted(self.workers.items()):
-                successors[index] = self.spawn(index, count, worker.queues, successor=True)
+                successors[index] = self.spawn(index, count, worker.queues, "successor")
         except StartupError as error:
             problems.append(str(error))
         waiting = set(successors) if not problems else set()
@@ -554,6 +581,8 @@ class Daemon:
             for index, worker in sorted(self.workers.items()):
                 if not self.take_reports(worker)[0]:
                     problems.append(f"worker {index}: exited during the reload")
+            if self.stop_asked():
+                problems.append("a stop was asked for")
             self.tend_watchdog()
             if time.monotonic() > deadline:
                 problems.append(f"workers {sorted(waiting)}: no compiled policy in "
@@ -606,17 +635,16 @@ class Daemon:
             pass                    # gone: seen as no "stopped" below
         stopped = self._await(worker, "stopped")
         if stopped is None:
-            # It died first: what it had received may be unanswered in the
-            # kernel, where the successor's batch verdicts would cover it.
-            # So the socket goes, with them, and the slot starts afresh.
+            # It died first: a worker recovering the socket judges again
+            # what it had received and left unanswered.
             _call_off(successor)
             _stop_child(worker)
             self.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
                            LOG_ERR, IPQD_EVENT="worker-died")
             del self.workers[worker.index]
-            self.spawn(worker.index, len(self.workers) + 1, worker.queues)
+            self.spawn(worker.index, len(self.workers) + 1, worker.queues, "recover")
             return
-        successor.stats = worker.stats
+        successor.stats, successor.carried = worker.stats, worker.carried
         successor.seen = time.monotonic()
         self.workers[worker.index] = successor
         try:
@@ -630,6 +658,7 @@ class Daemon:
             self.log.event(f"ipqd: worker {worker.index} exited before it handed its counters "
                            "over; they start again from zero", LOG_ERR, IPQD_EVENT="worker-died")
         else:
+            successor.carried = handed[2]
             try:
                 successor.conn.send(("take_over", handed[2]))
             except OSError:
@@ -729,6 +758,18 @@ def _end(handle: WorkerHandle, wait: float) -> None:
         handle.process.kill()
         handle.process.join(2)
     handle.conn.close()
+
+
+def _exit_reason(code: Optional[int]) -> str:
+    """A child's exit status in words."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _ranges(numbers: List[int]) -> str:

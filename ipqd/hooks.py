@@ -22,8 +22,11 @@ kernel decided instead of ipqd.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
+import struct
 import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -425,16 +428,59 @@ def forget(state_dir: str = STATE_DIR) -> None:
         pass
 
 
+# ---------------------------------------------------------------- who may touch them
+
+# An abstract unix socket: one per network namespace (where the hooks are),
+# gone with its holder however it ends, and no file to leave behind.
+LOCK_ADDRESS = b"\0ipqd/hooks"
+
+
+def hold_lock() -> socket.socket:
+    """Take the right to change ipqd's hooks in this network namespace, held
+    while the returned socket is open (an `ipqd run` holds it for its whole
+    life). Raises HookError naming the holder when another process has it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(LOCK_ADDRESS)
+        sock.listen(1)          # a peer's connect then tells who holds it (lock_holder)
+    except OSError as error:
+        sock.close()
+        if error.errno != errno.EADDRINUSE:
+            raise HookError(f"cannot take the hooks lock: {error.strerror}") from None
+        holder = lock_holder()
+        who = f"process {holder}" if holder else "another process"
+        raise HookError(f"another ipqd ({who}) owns ipqd's queue rules in this network "
+                        f"namespace; stop it first (`ipqd run --no-hooks` leaves the rules "
+                        f"alone)") from None
+    return sock
+
+
+def lock_holder() -> Optional[int]:
+    """The pid holding the hooks lock, or None (free, or not known)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(LOCK_ADDRESS)
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[0] or None
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
 # ---------------------------------------------------------------- `ipqd hooks`
 
 def run_hooks_command(args) -> int:
     """`ipqd hooks install|remove|show|detect`: exit 0 on success, 1 on failure."""
     import sys
-    from ipqd.errors import PolicyErrors
-    from ipqd.policy.loader import load
+    from ipqd.policy.checked import PolicyRefused, load_checked
 
     backend = args.backend
+    lock = None
     try:
+        if args.action in ("install", "remove"):
+            lock = hold_lock()
         if args.action == "detect":
             chosen, notes = detect_backend()
             for note in notes:
@@ -449,7 +495,9 @@ def run_hooks_command(args) -> int:
                     print(f"removed {what}")
             forget(args.state_dir)
             return 0
-        policy = load(args.policy)
+        # The same checks, in the same order, as `ipqd run` makes: hooks are
+        # never moved for a policy the daemon would refuse.
+        policy = load_checked(args.policy)
         if backend == "auto" and args.action == "install":
             backend = remembered(args.state_dir) or "auto"    # stay where the rules are
         if backend == "auto":
@@ -468,8 +516,11 @@ def run_hooks_command(args) -> int:
         remember(backend, args.state_dir)
         print(f"installed {len(policy.hooks)} hook(s) with {backend}")
         return 0
-    except PolicyErrors as err:
-        print(err, file=sys.stderr)
+    except PolicyRefused as refused:
+        for line in refused.lines:
+            print(line, file=sys.stderr)
+        print(f"ipqd: hooks left as they are: fix the policy, then check it with "
+              f"`ipqd check {args.policy}`", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"ipqd: cannot read {err.filename or args.policy}: {err.strerror}", file=sys.stderr)
@@ -477,3 +528,6 @@ def run_hooks_command(args) -> int:
     except HookError as err:
         print(f"ipqd: {err}", file=sys.stderr)
         return 1
+    finally:
+        if lock is not None:
+            lock.close()

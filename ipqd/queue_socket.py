@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Sequence
 
 from ipqd import nfnetlink as nl
 from ipqd import nfqueue as nfq
@@ -72,17 +72,38 @@ def has_cap_net_admin() -> bool:
     return os.geteuid() == 0
 
 
-def queue_holder(queue: int) -> Optional[int]:
-    """The netlink port id bound to `queue`, from /proc/net/netfilter/nfnetlink_queue."""
+class QueueState(NamedTuple):
+    """One line of the kernel's queue table (nfnetlink_queue's seq_show)."""
+    queue: int
+    portid: int
+    total: int              # packets in the queue: unread, or read and unanswered
+    id_sequence: int        # the id given to the queue's latest packet
+
+
+# /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the latter.
+_QUEUE_TABLE = "/proc/self/net/netfilter/nfnetlink_queue"
+
+
+def queue_states() -> Dict[int, QueueState]:
+    """The kernel's bound queues of this network namespace, by number
+    (empty when the table cannot be read)."""
+    states: Dict[int, QueueState] = {}
     try:
-        with open("/proc/net/netfilter/nfnetlink_queue") as table:
+        with open(_QUEUE_TABLE) as table:
             for line in table:
                 parts = line.split()
-                if len(parts) >= 2 and parts[0] == str(queue):
-                    return int(parts[1])
+                if len(parts) >= 8:
+                    states[int(parts[0])] = QueueState(int(parts[0]), int(parts[1]),
+                                                       int(parts[2]), int(parts[7]))
     except (OSError, ValueError):
         pass
-    return None
+    return states
+
+
+def queue_holder(queue: int) -> Optional[int]:
+    """The netlink port id bound to `queue`, or None."""
+    state = queue_states().get(queue)
+    return state.portid if state else None
 
 
 _FLAG_NAMES = {

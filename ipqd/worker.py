@@ -22,21 +22,22 @@ company.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import signal
 import socket
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from ipqd import nfqueue as nfq
 from ipqd.child import schedule
 from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
-from ipqd.errors import IpqdError
+from ipqd.errors import IpqdError, NetlinkError
 from ipqd.policy import transfer
 from ipqd.policy.model import Policy, Rate
-from ipqd.queue_socket import QueueSocket
+from ipqd.queue_socket import QueueSocket, QueueState, queue_states
 from ipqd.verdict_cache import KeyMaker
 
 STATS_EVERY = 1.0
@@ -118,6 +119,53 @@ class Worker:
             else:
                 self.qs.configure(number, family="both", **self.queue_settings)
 
+    def rebind(self) -> None:
+        """Take over the socket of a worker that died: its queues stay bound
+        (the supervisor holds the socket), so each is configured again; one
+        the dead worker had not bound yet is bound."""
+        for number in self.config.queues:
+            try:
+                self.qs.configure(number, family="both", **self.queue_settings)
+            except NetlinkError as error:
+                if error.errno != errno.ENODEV:     # ENODEV: no such queue bound
+                    raise
+                self.qs.bind(number, family="both", **self.queue_settings)
+
+    def requeue_unanswered(self, states: Optional[Dict[int, QueueState]] = None) -> int:
+        """Send the packets a dead worker had read but not answered through
+        the hook again (NF_REPEAT), so that this worker reads and judges
+        them: without it they would wait in the kernel, and a later batch
+        verdict would accept them unjudged. Returns the number of queues
+        asked.
+
+        They are the queue's packets with an id below the first one still
+        unread on the socket; with nothing unread, every packet up to the
+        table's id_sequence. `states`: the kernel's queue table (default:
+        read now, from this process's network namespace)."""
+        states = queue_states() if states is None else states
+        pending = {q: states[q] for q in self.config.queues
+                   if q in states and states[q].portid == self.qs.portid and states[q].total}
+        if not pending:
+            return 0
+        events = self.qs.receive_events(timeout=0)
+        first: Dict[int, int] = {}
+        unread: Dict[int, int] = {}
+        for event in events:
+            if type(event) is nfq.Packet and event.queue in pending \
+                    and _not_after(event.packet_id, pending[event.queue].id_sequence):
+                first.setdefault(event.queue, event.packet_id)
+                unread[event.queue] = unread.get(event.queue, 0) + 1
+        requests = []
+        for number, state in pending.items():
+            if unread.get(number, 0) >= state.total:
+                continue                # all still unread: nothing was left halfway
+            up_to = first[number] - 1 if number in first else state.id_sequence
+            if up_to > 0:
+                requests.append(nfq.encode_verdict_batch(number, up_to, nfq.NF_REPEAT))
+        self.qs.send_many(requests)
+        self.answer(events)
+        return len(requests)
+
     # -------------------------------------------------------- the loop
 
     def serve(self) -> None:
@@ -137,7 +185,10 @@ class Worker:
             now = time.monotonic()
             if now - self._last_stats >= STATS_EVERY:
                 self._last_stats = now
-                self.conn.send(("stats", self.config.index, self.stats()))
+                # Never a wait here: a stopped supervisor must not stall the
+                # packets (a report it misses is replaced by the next one).
+                self.conn.send_nowait(("stats", self.config.index, self.stats(),
+                                       self.carry_over()))
         # Every packet received so far is answered (the round's answer comes
         # before control). On a hand-over the rest stays queued for the successor.
         if self._stop:
@@ -217,8 +268,8 @@ class Worker:
         kind = message[0]
         if kind == "counters":
             self.engine.settle()
-            self.conn.send(("counters", self.config.index, self.engine.matcher.counters(),
-                            self.stats()))
+            self.conn.send_nowait(("counters", self.config.index,
+                                   self.engine.matcher.counters(), self.stats()))
         elif kind == "handover":
             self.handing_over = True
         elif kind == "take_over":           # a reload's predecessor counted these
@@ -251,6 +302,7 @@ class Worker:
         stats = self.engine.counters.as_dict()
         stats.update({f"socket_{k}": v for k, v in self.qs.stats.as_dict().items()})
         stats["kernel_errors"] = self.kernel_errors
+        stats["reports_dropped"] = getattr(self.conn, "dropped", 0)
         stats.update(self.engine.cache.stats())
         stats.update(log_logged=self.log.logged, log_suppressed=self.log.suppressed,
                      log_overflowed=self.log.overflowed, log_failed=self.log.failed)
@@ -275,6 +327,12 @@ def _queue_settings(policy: Policy) -> dict:
             "flags_mask": mask}
 
 
+def _not_after(packet_id: int, other: int) -> bool:
+    """Whether packet id `packet_id` came no later than `other`, as the
+    kernel compares them (ids wrap at 2**32)."""
+    return ((packet_id - other) & 0xFFFFFFFF) == 0 or ((other - packet_id) & 0xFFFFFFFF) < 1 << 31
+
+
 def _settle_heap() -> None:
     """Set aside what exists now from the cyclic collector, which then only
     walks what the packet path makes.
@@ -287,14 +345,22 @@ def _settle_heap() -> None:
     gc.enable()
 
 
+# How a worker comes to its socket (worker_main's `mode`).
+BIND = "bind"               # a new socket: bind the queues
+SUCCESSOR = "successor"     # a reload's new worker: the running worker hands the socket over
+RECOVER = "recover"         # the socket of a worker that died: its queues are still bound
+
+
 def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
-                successor: bool = False) -> None:
+                mode: str = BIND) -> None:
     """Entry point of a worker process. The policy comes pickled (as the
     supervisor keeps it), the netlink socket as an fd the supervisor holds
-    too. A `successor` (a reload's new worker) finds the socket bound: it
+    too. A SUCCESSOR (a reload's new worker) finds the socket bound: it
     compiles, says "compiled", then waits for "go" before it touches the
     socket (its predecessor's counters come later, as "take_over"), or for
-    "stop" (the reload was called off: the socket is left as it is)."""
+    "stop" (the reload was called off: the socket is left as it is). A
+    RECOVER worker takes a dead worker's socket at once, and the packets
+    the dead one left unanswered are judged again (requeue_unanswered)."""
     # The supervisor handles signals; a worker stops when told (or when the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -308,15 +374,14 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         del pickled_policy
         worker = Worker(config, policy, conn, sock=socket.socket(fileno=sock_fd))
         del policy
-        if not successor:
+        if mode == BIND:
             worker.bind()
+        elif mode == RECOVER:
+            worker.rebind()
     except Exception as error:          # the supervisor says it; the running policy stays
-        detail = str(error) if isinstance(error, (IpqdError, OSError)) \
-            else f"{type(error).__name__}: {error}"
-        conn.send(("failed", config.index, detail))
-        os._exit(1)
+        _fail(conn, config, error)
     _settle_heap()
-    if successor:
+    if mode == SUCCESSOR:
         schedule(os.SCHED_OTHER)            # compiled (see ipqd.child._worker); idle until "go"
         conn.send(("compiled", config.index, None))
         try:
@@ -328,13 +393,14 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         try:
             worker.bind(taken_over=True, predecessor=message[1])
         except (IpqdError, OSError) as error:
-            conn.send(("failed", config.index, str(error)))
-            os._exit(1)
+            _fail(conn, config, error)
         # Its first stats report waits a period, so that it already holds
         # the predecessor's counters ("take_over" comes milliseconds later).
         worker._last_stats = time.monotonic()
     conn.send(("ready", config.index, sorted(config.queues)))
     try:
+        if mode == RECOVER:
+            worker.requeue_unanswered()
         worker.serve()
     except (EOFError, BrokenPipeError):
         pass                                   # the supervisor is gone: stop cleanly
@@ -350,3 +416,14 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     else:
         worker.close()
     os._exit(0)
+
+
+def _fail(conn, config: WorkerConfig, error: Exception) -> None:
+    """Say why this worker cannot go on, and exit."""
+    detail = str(error) if isinstance(error, (IpqdError, OSError)) \
+        else f"{type(error).__name__}: {error}"
+    try:
+        conn.send(("failed", config.index, detail))
+    except OSError:
+        pass
+    os._exit(1)

@@ -16,13 +16,15 @@ IPQD = os.path.join(os.path.dirname(sys.executable), "ipqd")
 class RunningIpqd:
     """`ipqd run` in a network namespace, logging to stderr, its lines collected."""
 
-    def __init__(self, host, policy: str, state_dir: str, *extra: str, wait: bool = True):
+    def __init__(self, host, policy: str, state_dir: str, *extra: str, wait: bool = True,
+                 **popen_args):
         self.host = host
         self.lines: List[str] = []
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", host.name, IPQD, "run", "--policy", policy,
              "--log-target", "stderr", "--state-dir", state_dir, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            **popen_args)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait:

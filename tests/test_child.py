@@ -40,3 +40,25 @@ def test_the_peers_end_is_eof():
     with pytest.raises(OSError):
         theirs.send("to nobody")
     theirs.close()
+
+
+def test_send_nowait_never_blocks_and_keeps_the_stream_whole():
+    """A reader that stopped (a SIGSTOPped supervisor): reports beyond what
+    the socket holds are dropped and counted at once; once the reader reads
+    again every message it gets is whole, and a waiting send comes after
+    the part left over."""
+    import time
+    ours, theirs = pair()
+    report = ("stats", 0, {"packets": 1}, b"x" * 5000)
+    start = time.monotonic()
+    sent = sum(ours.send_nowait(report) for _ in range(2000))
+    assert time.monotonic() - start < 5                    # nothing waited
+    assert ours.dropped > 0 and sent + ours.dropped == 2000
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(theirs.recv() for _ in range(sent + 1)))
+    reader.start()
+    ours.send("last")                                       # finishes the partial one first
+    reader.join(10)
+    assert got[:-1] == [report] * sent and got[-1] == "last"
+    ours.close()
+    theirs.close()

@@ -128,6 +128,23 @@ def test_counters_on_sigusr1_carry_over_reloads(lab, daemon, tmp_path):
     ipqd.wait_for(lambda l: l.startswith("rule default:"), start=mark)
 
 
+def test_counters_survive_a_worker_crash(lab, daemon):
+    """The supervisor keeps each worker's last report: a worker killed after
+    it reported hands its counters to the one that recovers its socket."""
+    ipqd = daemon()
+    for _ in range(3):
+        assert udp_probe(lab, 5000)
+    time.sleep(1.5)                     # one report period (worker.STATS_EVERY) and more
+    (pid,) = worker_pids(ipqd)
+    mark = len(ipqd.lines)
+    os.kill(pid, signal.SIGKILL)
+    ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited"), start=mark)
+    assert udp_probe(lab, 5000)
+    ipqd.signal(signal.SIGUSR1)
+    line = ipqd.wait_for(lambda l: l.startswith("rule allow-udp:"), start=mark)
+    assert line == "rule allow-udp: 4 hits (4 accepted, 0 dropped)"
+
+
 def worker_pids(ipqd) -> list:
     with open(f"/proc/{ipqd.process.pid}/task/{ipqd.process.pid}/children") as f:
         children = [int(pid) for pid in f.read().split()]
@@ -135,7 +152,7 @@ def worker_pids(ipqd) -> list:
     for pid in children:
         try:
             with open(f"/proc/{pid}/cmdline") as f:
-                if f.read().split("\0")[1:4] == ["-m", "ipqd.child", "worker"]:
+                if f.read().rstrip("\0").split("\0")[-3:-1] == ["ipqd.child", "worker"]:
                     pids.append(pid)
         except OSError:
             pass
@@ -375,30 +392,263 @@ def netfilter_sockets(pid: int) -> set:
     return {inode for inode in netfilter if f"socket:[{inode}]" in held}
 
 
-def test_a_killed_worker_is_restarted_on_a_new_socket_and_leaks_nothing(lab, daemon, tmp_path):
-    """kill -9 of the worker, three times: each time a new worker answers on a
-    new socket (the dead one's is let go, so the kernel unbinds it), and the
-    supervisor holds as many open files as before."""
+def test_a_killed_worker_is_restarted_on_its_socket_and_leaks_nothing(lab, daemon, tmp_path):
+    """kill -9 of the worker, three times: each time a new worker answers on
+    the same socket (the supervisor holds it, so the queue stays bound to
+    the same port id), with the reason logged, and the supervisor holds as
+    many open files as before."""
     ipqd = daemon()
     assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
     supervisor_fds = f"/proc/{ipqd.process.pid}/fd"
     files = len(os.listdir(supervisor_fds))
+    (row,) = queue_counters(lab.server)
+    held = netfilter_sockets(ipqd.process.pid)
+    assert len(held) == 1
     for round_ in range(3):
         (pid,) = worker_pids(ipqd)
-        (row,) = queue_counters(lab.server)
-        held = netfilter_sockets(ipqd.process.pid)
-        assert len(held) == 1
         mark = len(ipqd.lines)
         os.kill(pid, signal.SIGKILL)
-        ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited (-9); restarting it"),
-                      start=mark)
+        ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited: killed by SIGKILL; "
+                                             "restarting it"), start=mark)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
-                len(worker_pids(ipqd)) == 1 and worker_pids(ipqd) != [pid]
-                and len(queue_counters(lab.server)) == 1):
+                len(worker_pids(ipqd)) == 1 and worker_pids(ipqd) != [pid]):
             time.sleep(0.05)
-        # The port id may come again (the first socket a process makes gets
-        # its pid), so the socket's inode tells a new socket from the old.
-        assert netfilter_sockets(ipqd.process.pid) != held, "the dead worker's socket stayed"
+        assert netfilter_sockets(ipqd.process.pid) == held, "the worker's socket was let go"
+        assert [r[:2] for r in queue_counters(lab.server)] == [row[:2]], "the queue was unbound"
         assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
     assert len(os.listdir(supervisor_fds)) == files
+
+
+FLOOD_POLICY = """\
+version: 1
+queue: {num: 0, bypass: true, fail_open: false, maxlen: 65536}
+hooks:
+  - {chain: input, family: ipv4, proto: udp}
+default: {action: drop}
+rules:
+  - name: allowed
+    proto: udp
+    dport: 5000
+    action: accept
+"""
+
+
+def flood_while(lab, action, pps: int = 8000, seconds: float = 2.0) -> dict:
+    """Datagrams client -> server, alternately to 5000 (allowed) and 5001
+    (denied), `pps` a second for `seconds`, with `action()` run halfway.
+    Returns how many were sent and how many of each the server got."""
+    receivers = {}
+    for port in (5000, 5001):
+        rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        rx.bind(("0.0.0.0", port))
+        rx.settimeout(0.2)
+        receivers[port] = rx
+    got = {5000: 0, 5001: 0}
+
+    def count(port):
+        while True:
+            try:
+                receivers[port].recv(64)
+            except socket.timeout:
+                if done.is_set():
+                    return
+                continue
+            got[port] += 1
+    done = threading.Event()
+    counters = [threading.Thread(target=count, args=(p,), daemon=True) for p in got]
+    for t in counters:
+        t.start()
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = 0
+    total = int(pps * seconds)
+    start = time.monotonic()
+    acted = False
+    while sent < total:
+        due = start + sent / pps
+        if not acted and sent >= total // 2:
+            action()
+            acted = True
+        if time.monotonic() < due:
+            time.sleep(max(0.0, due - time.monotonic()))
+        tx.sendto(b"x", (lab.SERVER4, 5000 + sent % 2))
+        sent += 1
+    tx.close()
+    time.sleep(3)                   # what waited in the queue is answered by now
+    done.set()
+    for t in counters:
+        t.join(5)
+    for rx in receivers.values():
+        rx.close()
+    return {"sent": sent, "allowed": got[5000], "denied": got[5001]}
+
+
+def test_a_worker_crash_under_load_lets_nothing_through_and_loses_nothing(lab, daemon, tmp_path):
+    """kill -9 of the worker at 8k packets a second, with the hooks' queue
+    bypass on (ipqd's default): the queue stays bound while the new worker
+    starts, so no datagram to the denied port passes and every allowed one
+    arrives (the kernel holds them, up to the queue's length)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(FLOOD_POLICY)
+    os.chmod(path, 0o644)
+    ipqd = daemon(str(path))
+    assert "--queue-bypass" in lab.server.sh("iptables-nft-save; iptables-legacy-save").stdout
+    killed = []
+
+    def kill_worker():
+        (pid,) = worker_pids(ipqd)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    result = flood_while(lab, kill_worker)
+    ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited: killed by SIGKILL"))
+    assert killed and worker_pids(ipqd) not in ([], killed)
+    assert result["denied"] == 0, result
+    assert result["allowed"] == result["sent"] // 2, result
+
+
+def test_a_recovering_worker_judges_what_the_dead_one_left_unanswered(lab):
+    """A worker read three packets and died before answering: they wait in
+    the kernel. The worker that recovers its socket sends them through the
+    hook again (NF_REPEAT), reads them anew and judges them: the allowed
+    one arrives, the denied ones do not, and the queue ends empty."""
+    from ipqd.policy.loader import loads
+    from ipqd.queue_socket import QueueSocket, QueueState
+    from ipqd.worker import Worker, WorkerConfig
+    lab.server.sh("iptables-nft -A INPUT -p udp -j NFQUEUE --queue-num 0")
+    sock = lab.server.netlink_socket()
+    dead = QueueSocket(sock=sock)
+    dead.bind(0)
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5000))
+    rx.settimeout(1.0)
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for port in (5001, 5000, 5001):
+        tx.sendto(b"x", (lab.SERVER4, port))
+    read = []
+    deadline = time.monotonic() + 5
+    while len(read) < 3 and time.monotonic() < deadline:
+        read += [e for e in dead.receive_events(0.5) if type(e).__name__ == "Packet"]
+    assert len(read) == 3                                   # read, never answered
+    policy = loads("version: 1\ndefault: {action: drop}\nrules:\n"
+                   "  - {name: allowed, proto: udp, dport: 5000, action: accept}\n", "p.yaml")
+    worker = Worker(WorkerConfig(0, 1, {0: None}, "stderr"), policy, conn=None, sock=sock)
+    worker.rebind()
+    # The table as the worker would read it inside the server's namespace.
+    states = {r[0]: QueueState(r[0], r[1], r[2], r[7]) for r in queue_counters(lab.server)}
+    assert states[0].total == 3
+    assert worker.requeue_unanswered(states) == 1
+    for _ in range(10):
+        worker.answer(worker.qs.receive_events(0.2))
+    assert rx.recv(64) == b"x"
+    with pytest.raises(socket.timeout):
+        rx.recv(64)                                         # one allowed datagram, once
+    rows = queue_counters(lab.server)
+    assert [r[2] for r in rows if r[0] == 0] == [0], rows   # nothing left waiting
+    assert worker.engine.counters.dropped == 2 and worker.engine.counters.accepted == 1
+    worker.close()
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.parametrize("num", [0, 5])
+def test_a_second_instance_leaves_the_first_ones_hooks_alone(lab, daemon, tmp_path, num):
+    """A second `ipqd run` (another state dir; the same queue, or another)
+    cannot start while the first owns the hooks, and on its way out it
+    touches none of them: the first's rules and verdicts stay."""
+    first = daemon()
+    before = lab.server.sh("iptables-nft-save; ip6tables-nft-save").stdout
+    assert "IPQD_INPUT" in before
+    other = write_policy(tmp_path / "other.yaml", num=num, udp=5001)
+    second = RunningIpqd(lab.server, other, str(tmp_path / "other-state"), wait=False)
+    assert second.process.wait(20) == 1
+    second._reader.join(2)
+    assert any("owns ipqd's queue rules" in l for l in second.lines), second.lines
+    after = lab.server.sh("iptables-nft-save; ip6tables-nft-save").stdout
+    assert _rules(after) == _rules(before)
+    assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+    assert first.process.poll() is None
+
+
+def _rules(saved: str) -> list:
+    """iptables-save output without its comments and counters."""
+    return [re.sub(r"\[\d+:\d+\]", "", l) for l in saved.splitlines() if not l.startswith("#")]
+
+
+def test_a_refused_reload_moves_no_hook(lab, daemon, tmp_path):
+    """The unit's reload: `ipqd hooks install` (as root), then SIGHUP. With
+    the queue moved to 3 and a group-writable policy.d fragment, the daemon
+    would refuse the policy, so the hooks command refuses it too and moves
+    nothing; even a SIGHUP sent anyway leaves queue 0 answered and every
+    datagram to the denied port dropped."""
+    from daemon_harness import IPQD
+    state = tmp_path / "state"
+    policy = write_policy(tmp_path / "policy.yaml", bypass="true")
+    hooks = f"{IPQD} hooks install --policy {policy} --state-dir {state}"
+    assert lab.server.sh(hooks).returncode == 0
+    ipqd = daemon(policy, "--no-hooks")
+    before = lab.server.sh("iptables-nft-save").stdout
+    write_policy(tmp_path / "policy.yaml", num=3, bypass="true", udp=5001)
+    (tmp_path / "policy.d").mkdir(mode=0o755)
+    fragment = tmp_path / "policy.d" / "10-open.yaml"
+    fragment.write_text("rules:\n  - {name: open, proto: udp, dport: 5002, action: accept}\n")
+    os.chmod(fragment, 0o664)
+    refused = lab.server.sh(hooks, check=False)
+    assert refused.returncode == 1
+    assert "10-open.yaml" in refused.stderr and "hooks left as they are" in refused.stderr
+    assert _rules(lab.server.sh("iptables-nft-save").stdout) == _rules(before)
+    assert ipqd.reload().startswith("reload refused")
+    result = flood_while(lab, lambda: None, pps=2000, seconds=1.0)
+    assert result["denied"] == 0 and result["allowed"] == result["sent"] // 2, result
+
+
+def test_no_code_comes_from_the_working_directory_or_pythonpath(lab, tmp_path):
+    """Root starts ipqd from a directory holding a yaml.py, with that
+    directory in PYTHONPATH too: the processes ipqd starts (the loader, at
+    start and at each reload, and the workers) never import it."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("yaml", "dpkt"):
+        (planted / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}\\n')\n")
+    policy = write_policy(tmp_path / "policy.yaml")
+    ipqd = RunningIpqd(lab.server, policy, str(tmp_path / "state"), cwd=str(planted),
+                       env={**os.environ, "PYTHONPATH": str(planted)})
+    try:
+        assert ipqd.reload().startswith("reloaded policy")
+        assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+    finally:
+        ipqd.stop()
+    assert not marker.exists(), marker.read_text()
+
+
+def test_a_reload_that_never_finishes_wedges_nothing(lab, daemon, tmp_path):
+    """The policy replaced by a FIFO: the loading process blocks. Meanwhile
+    a killed worker is restarted at once, its queue keeps dropping what the
+    policy drops, and SIGTERM is obeyed within seconds."""
+    ipqd = daemon()
+    path = tmp_path / "policy.yaml"
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    mark = len(ipqd.lines)
+    ipqd.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    (pid,) = worker_pids(ipqd)
+    os.kill(pid, signal.SIGKILL)
+    ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited"), start=mark, timeout=5)
+    assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+    started = time.monotonic()
+    assert ipqd.stop(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert not any(l.startswith("reloaded") for l in ipqd.lines[mark:])
+
+
+def test_a_load_past_its_time_limit_is_refused(tmp_path):
+    from ipqd.daemon import PolicyRefused, load_in_child
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo, 0o600)
+    started = time.monotonic()
+    with pytest.raises(PolicyRefused) as refused:
+        load_in_child(str(fifo), timeout=1.0)
+    assert time.monotonic() - started < 5
+    assert "took longer than 1 s" in refused.value.lines[0]

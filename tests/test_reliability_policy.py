@@ -12,7 +12,7 @@ import pytest
 
 import ipqd.policy.loader
 from daemon_harness import IPQD, RunningIpqd, udp_probe
-from ipqd.daemon import PolicyRefused, load_checked
+from ipqd.policy.checked import PolicyRefused, load_checked
 from test_daemon import write_policy
 
 FRAGMENT = "rules:\n  - {name: frag-udp, proto: udp, dport: 7000, action: accept}\n"
@@ -268,11 +268,12 @@ def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_pa
 
 
 
-def test_a_worker_that_dies_before_it_stops_reading_gets_a_fresh_socket(tmp_path):
+def test_a_worker_that_dies_before_it_stops_reading_is_recovered_on_its_socket(tmp_path):
     """The running worker died instead of answering "handover": whatever it
     had received may be unanswered in the kernel, so its successor (which
     would cover those ids with its batch verdicts) is stopped and the slot
-    starts afresh, on a new socket, with the new policy."""
+    restarts with the new policy as a recovering worker, which sends those
+    packets through the hook again."""
     from ipqd.daemon import WorkerHandle
     daemon, path = supervisor(tmp_path)
     process = FakeProcess()
@@ -285,17 +286,17 @@ def test_a_worker_that_dies_before_it_stops_reading_gets_a_fresh_socket(tmp_path
     daemon.workers = {0: WorkerHandle(0, process, DyingConn(), {0: None})}
     started = []
 
-    def spawn(index, count, queues, successor=False):
+    def spawn(index, count, queues, mode="bind"):
         handle = WorkerHandle(index, FakeProcess(), FakeConn([("compiled", index, None)]), queues)
-        started.append((successor, handle))
-        if not successor:
+        started.append((mode, handle))
+        if mode != "successor":
             daemon.workers[index] = handle
         return handle
     daemon.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
-    (was_successor, successor), (fresh, restarted) = started
-    assert was_successor and not fresh
+    (first, successor), (then, restarted) = started
+    assert (first, then) == ("successor", "recover")
     assert successor.conn.sent == [] and successor.process.killed      # never told to go
     assert daemon.workers == {0: restarted} and daemon.reloads == 1
     daemon.log.close()

@@ -3,11 +3,12 @@ decisions of one round go out together, and every packet is covered."""
 from __future__ import annotations
 
 import pickle
+import socket
 import struct
 import threading
-from multiprocessing import Pipe
 
 from ipqd import worker as worker_module
+from ipqd.child import Channel
 from ipqd.packet import PacketMeta, parse
 
 from ipqd import nfqueue as nfq
@@ -131,7 +132,7 @@ def test_a_worker_told_to_hand_over_stops_at_once_and_its_successor_counts_on(mo
     (worker_main then exits without closing the socket); a successor with a
     changed policy takes every counter over (rules by name)."""
     monkeypatch.setattr(worker_module, "IDLE_WAIT", 60.0)
-    ours, theirs = Pipe()
+    ours, theirs = (Channel(end.detach()) for end in socket.socketpair())
     worker, _ = worker_with_rounds([[datagram(1, 53), datagram(2, 53), datagram(3, 80)]])
     worker.conn = theirs
     loop = threading.Thread(target=worker.serve, daemon=True)

@@ -24,6 +24,16 @@ How a decision is found without looking at every rule:
 A token is taken only from the rule that finally matches, so `decide` gives
 the same answer as evaluating the rules one by one.
 
+Packets whose copy hides fields (`PacketView.hidden`: a transport header
+past copy_range, behind IPv6 extension headers or IPv4 options) are decided
+by a plain walk over the rules with three answers: a rule whose checks on
+the fields the view has fail is skipped; one that reads a hidden field, or
+has a rate, might match, and its verdict is possible; one that matches on
+the fields the view has ends the walk (else the default does). When every
+possible decision has the same verdict and mark, that is the decision;
+otherwise the policy's `queue.undecidable` action decides (`UNDECIDABLE`).
+Such packets are rare: the walk is kept plain, off the lookup path.
+
 Flow offload (`offload_states`): each Decision also says from which conntrack
 states of the deciding packet its verdict can be handed to the kernel for
 the rest of the flow, because ipqd would give every later packet of the flow
@@ -42,6 +52,10 @@ from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, Position, Ra
 
 Check = Callable[[object], bool]
 
+# The decision on a packet whose hidden fields leave its verdict open: its
+# rule_index and the name its RuleRef carries (the policy key that sets it).
+UNDECIDABLE = -2
+UNDECIDABLE_NAME = "queue.undecidable"
 # A dport list with at most this many ports is expanded into exact buckets.
 EXACT_PORTS_MAX = 64
 # Lists longer than this get an address table.
@@ -255,50 +269,56 @@ def _families(match: Match) -> frozenset:
     return families
 
 
-def _checks(match: Match, skip: frozenset, made: Dict[tuple, Check]) -> Tuple[Check, ...]:
-    """The checks for every tested field not in `skip`, cheapest first.
+def _checks(match: Match, skip: frozenset,
+            made: Dict[tuple, object]) -> Tuple[Tuple[Check, ...], Tuple[str, ...]]:
+    """The checks for every tested field not in `skip`, cheapest first, and
+    the field (policy word) each one reads.
 
     `made` holds the checks made so far for this policy, by maker and value:
-    a check already made for an equal value is used again.
+    a check already made for an equal value is used again, and so is an
+    equal tuple of fields (a policy has few).
     """
     out: List[Check] = []
+    names: List[str] = []
 
-    def add(make: Callable[..., Check], *args) -> None:
+    def add(field: str, make: Callable[..., Check], *args) -> None:
         key = (make, args)
         check = made.get(key)
         if check is None:
             check = made[key] = make(*args)
         out.append(check)
+        names.append(field)
 
     m = match
     if m.family is not None and "family" not in skip:
-        add(_member, "family", frozenset({m.family}))  # src/dst check their own
+        add("family", _member, "family", frozenset({m.family}))  # src/dst check their own
     if m.proto is not None and "proto" not in skip:
-        add(_member, "proto", m.proto)
+        add("proto", _member, "proto", m.proto)
     if m.dport is not None and "dport" not in skip:
-        add(_in_ranges, "dport", m.dport)
+        add("dport", _in_ranges, "dport", m.dport)
     for attr in ("hook", "ct_state", "fragment", "icmp_type", "icmp_code"):
         values = getattr(m, attr)
         if values is not None:
-            add(_member, attr, values)
+            add(attr, _member, attr, values)
     if m.sport is not None:
-        add(_in_ranges, "sport", m.sport)
+        add("sport", _in_ranges, "sport", m.sport)
     if m.tcp_flags is not None:
-        add(_tcp_flags, m.tcp_flags.mask, m.tcp_flags.value)
+        add("tcp_flags", _tcp_flags, m.tcp_flags.mask, m.tcp_flags.value)
     if m.mark is not None:
-        add(_mark, m.mark.mask, m.mark.value)
+        add("mark", _mark, m.mark.mask, m.mark.value)
     if m.length is not None:
-        add(_length, *m.length)
+        add("length", _length, *m.length)
     for attr in ("uid", "gid"):
         if getattr(m, attr) is not None:
-            add(_in_ranges, attr, getattr(m, attr))
-    for attr, field in (("indev", m.in_), ("outdev", m.out)):
-        if field is not None:
-            add(_iface, attr, field)
+            add(attr, _in_ranges, attr, getattr(m, attr))
+    for field, attr, value in (("in", "indev", m.in_), ("out", "outdev", m.out)):
+        if value is not None:
+            add(field, _iface, attr, value)
     for attr in ("src", "dst"):
         if getattr(m, attr) is not None:
-            add(_in_networks, attr, getattr(m, attr))
-    return tuple(out)
+            add(attr, _in_networks, attr, getattr(m, attr))
+    fields = tuple(names)
+    return tuple(out), made.setdefault(("fields", fields), fields)
 
 
 def _exact_dports(match: Match) -> Optional[frozenset]:
@@ -313,14 +333,15 @@ def _exact_dports(match: Match) -> Optional[frozenset]:
 
 class _Compiled:
     """One rule, ready to verify: the checks left after the lookup, every check
-    (for views the lookup cannot place), its bucket and its decision."""
-    __slots__ = ("checks", "full_checks", "bucket", "decision")
+    (for views the lookup cannot place) with the field each reads, its bucket
+    and its decision."""
+    __slots__ = ("checks", "full_checks", "fields", "bucket", "decision")
 
     def __init__(self, index: int, rule: Rule, default_log: bool, exact: bool,
-                 made: Dict[tuple, Check]):
+                 made: Dict[tuple, object]):
         m = rule.match
-        self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made)
-        self.full_checks = _checks(m, frozenset(), made)
+        self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made)[0]
+        self.full_checks, self.fields = _checks(m, frozenset(), made)
         self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
@@ -421,7 +442,7 @@ class Matcher:
         default = self.default = policy.default
         rules = policy.rules
         exact = [_exact_dports(rule.match) for rule in rules]
-        made: Dict[tuple, Check] = {}
+        made: Dict[tuple, object] = {}
         self._compiled = [_Compiled(i, rule, default.log, exact[i] is not None, made)
                           for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
@@ -433,6 +454,10 @@ class Matcher:
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
                                  default.log)
+        action = self.undecidable = policy.queue.undecidable
+        self._undecidable = Decision(RuleRef(UNDECIDABLE_NAME, action, None, None),
+                                     UNDECIDABLE, action, None, default.log)
+        self._undecidable_hits = 0
         plain = [i for i, rule in enumerate(rules) if not rule.match.malformed]
         self._plain = tuple(plain)
         self._malformed = tuple(i for i, rule in enumerate(rules) if rule.match.malformed)
@@ -456,6 +481,8 @@ class Matcher:
 
     def decide(self, view, now: float = 0.0) -> Decision:
         """The decision for one packet view; counts it and takes a rate token.
+        A view whose copy hid fields some rule reads is walked instead
+        (`_decide_hidden`).
 
         Afterwards `rated` says whether a rate-limited rule matched the view's
         fields (taking part in the decision whether it had tokens or not): such
@@ -463,6 +490,8 @@ class Matcher:
         self.rated = False
         if view.malformed:
             i = self._scan_full(self._malformed, view, now)
+        elif view.hidden and not view.hidden.isdisjoint(self.fields):
+            return self._decide_hidden(view)
         else:
             by_proto = self._by_family.get(view.family)
             if by_proto is None or view.proto is None:
@@ -533,6 +562,41 @@ class Matcher:
                     return i
         return self._none
 
+    def _decide_hidden(self, view) -> Decision:
+        """The decision for a view missing fields some rule reads (see the
+        module's docstring). Takes no rate token: a rule that only might
+        match does not spend its rate."""
+        hidden = view.hidden
+        compiled = self._compiled
+        possible: List[int] = []            # rule indexes, self._none for the default
+        for i in self._plain:
+            c = compiled[i]
+            certain = c.bucket is None
+            for check, field in zip(c.full_checks, c.fields):
+                if field in hidden:
+                    certain = False
+                elif not check(view):
+                    break                   # cannot match, whatever it hides
+            else:
+                possible.append(i)
+                if certain:
+                    break
+        else:
+            possible.append(self._none)
+        decisions = [self._default if i == self._none else compiled[i].decision
+                     for i in possible]
+        last = decisions[-1]
+        if any(d.action != last.action or d.mark != last.mark for d in decisions):
+            self._undecidable_hits += 1
+            return self._undecidable
+        # Counted for the rule that matches on the fields the view has (or the default).
+        self.tally(possible[-1] if possible[-1] != self._none else -1)
+        if len(decisions) == 1:
+            return last                     # no rule before it could match: exact
+        # Which rule decided is not known: nothing that rests on it (offload),
+        # and logged if any of them logs.
+        return last._replace(offload=frozenset(), log=any(d.log for d in decisions))
+
     # -- counters --
 
     def tally(self, rule_index: int, count: int = 1) -> None:
@@ -543,14 +607,17 @@ class Matcher:
             self._hits[rule_index] += count
 
     def counters(self) -> dict:
-        """{"rules": {name: {hits, accepted, dropped}}, "default": {...}}, in rule order."""
+        """{"rules": {name: {hits, accepted, dropped}}, "default": {...},
+        "undecidable": {...}} (the queue.undecidable action's), in rule order."""
         rules: Dict[str, dict] = {}
         for c, hits in zip(self._compiled, self._hits):
             entry = rules.setdefault(c.rule.name, {"hits": 0, "accepted": 0, "dropped": 0})
             _add_hits(entry, c.rule.action, hits)
         default = {"hits": 0, "accepted": 0, "dropped": 0}
         _add_hits(default, self._default.action, self._default_hits)
-        return {"rules": rules, "default": default}
+        undecidable = {"hits": 0, "accepted": 0, "dropped": 0}
+        _add_hits(undecidable, self._undecidable.action, self._undecidable_hits)
+        return {"rules": rules, "default": default, "undecidable": undecidable}
 
     def carry_over(self) -> dict:
         """What a successor in another process takes over (`take_over`): hit
@@ -564,7 +631,8 @@ class Matcher:
         for c in self._bucketed:
             if c.rule.name not in buckets:
                 buckets[c.rule.name] = (c.rule.rate, c.bucket.tokens, c.bucket.stamp)
-        return {"hits": hits, "default": self._default_hits, "buckets": buckets}
+        return {"hits": hits, "default": self._default_hits, "buckets": buckets,
+                "undecidable": self._undecidable_hits}
 
     def take_over(self, state: dict) -> None:
         """Start from a predecessor's `carry_over`: each name's hits go to the
@@ -583,6 +651,7 @@ class Matcher:
             if carried is not None and carried[0] == c.rule.rate:
                 c.bucket.resume(carried[1], carried[2])
         self._default_hits += state["default"]
+        self._undecidable_hits += state.get("undecidable", 0)    # none from an older ipqd
 
 
 def _add_hits(entry: dict, action: str, hits: int) -> None:

@@ -4,8 +4,10 @@
 into the view rules match (ipqd.packet.parse), asks the compiled policy
 (ipqd.compiler.Matcher) and returns the verdict to send. Every path ends in
 exactly one verdict: a packet that cannot be parsed is matched as malformed
-(and usually falls to the default); an exception inside the decision code
-gives the default verdict and is counted.
+(and usually falls to the default); one whose copy hides a field its
+verdict depends on gets the policy's `queue.undecidable` action, counted;
+an exception inside the decision code gives the default verdict and is
+counted.
 
 Flow offload: a decision whose verdict holds for the rest of the flow
 (`Decision.offload`) is answered NF_REPEAT with a request bit in the packet
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Optional
 
-from ipqd.compiler import Decision, Matcher, compile_policy
+from ipqd.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
 from ipqd.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.offload import layout as offload_layout
 from ipqd.packet import PacketMeta, PacketView, parse
@@ -36,10 +38,11 @@ class Verdict(NamedTuple):
 class Counters:
     """What the engine decided, in total."""
     __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
-                 "offload_returned")
+                 "offload_returned", "undecidable")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+        self.undecidable = 0     # given queue.undecidable: the copy hid what the rules needed
         self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
         self.offload_returned = 0    # requests that came back: no hook rules took them
 
@@ -110,6 +113,10 @@ class Engine:
             return self.fallback()
         if view.malformed:
             counters.malformed += 1
+            return self._finish(decision, view)
+        if view.hidden:         # decided on part of the packet: never cached
+            if decision.rule_index == UNDECIDABLE:
+                counters.undecidable += 1
             return self._finish(decision, view)
         verdict = self._finish(decision, view)
         if key is not None and self.caching and not self.matcher.rated \

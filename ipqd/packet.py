@@ -24,6 +24,15 @@ cut), `fragment`, and, when the policy reads them, the L4 fields `sport`,
 `dport`, `icmp_type`, `icmp_code`, `tcp_flags`. A field the packet does not
 have is None. A malformed view keeps the IP fields read before the fault and
 never carries L4 fields.
+
+A copy cut at copy_range can end before a header the policy reads: IPv6
+extension headers may take any number of bytes, so the transport header can
+lie anywhere in the packet. Such a packet is not malformed (the kernel
+delivers it): the view names the fields the policy reads that the copy left
+out in `hidden` (policy words, e.g. {"sport", "dport", "tcp_flags"}), with a
+`reason` such as "transport header past copy_range", and the matcher decides
+it with the fields it has (ipqd.compiler). A packet is malformed only by what
+the copy shows.
 """
 from __future__ import annotations
 
@@ -51,12 +60,15 @@ EXT_DSTOPTS = 60
 EXT_MOBILITY = 135
 IPV6_EXT_HEADERS = frozenset({EXT_HOPOPTS, EXT_ROUTING, EXT_FRAGMENT, EXT_AH,
                               EXT_DSTOPTS, EXT_MOBILITY})
-MAX_EXT_HEADERS = 8
 MAX_HOP_OPTIONS = 32       # options read looking for a Jumbo Payload one
 IPV6_OPT_JUMBO = 0xC2
 
 # The view fields each L4 header feeds, in the policy's words.
 L4_FIELDS = frozenset({"sport", "dport", "icmp_type", "icmp_code", "tcp_flags"})
+# What a copy cut at copy_range can hide besides the transport header's own
+# fields, by where it ends (see PacketView.hidden).
+HIDDEN_CHAIN = L4_FIELDS | {"proto", "fragment"}                # in the IPv6 extension headers
+HIDDEN_IP = HIDDEN_CHAIN | {"src", "dst", "length"}             # in the IP header itself
 # Compiler marker in `needs`: some rule matches malformed packets. The packet
 # checks below do not depend on it; it is kept so `needs` says what is read.
 MALFORMED = "malformed"
@@ -76,6 +88,10 @@ _UDP_LEN = 8
 _SCTP_MIN = 12
 _ICMP_MIN = 8          # RFC 792: every ICMP message starts with 8 bytes
 _ICMPV6_MIN = 4        # RFC 4443 2.1: type, code, checksum
+_TCP_FIELDS = frozenset({"sport", "dport", "tcp_flags"})
+_PORT_FIELDS = frozenset({"sport", "dport"})
+_ICMP_FIELDS = frozenset({"icmp_type", "icmp_code"})
+_NOTHING: frozenset = frozenset()
 
 
 class PacketMeta(NamedTuple):
@@ -99,18 +115,23 @@ class PacketMeta(NamedTuple):
 
 
 class PacketView:
-    """The fields a rule can test; None where the packet does not have one."""
+    """The fields a rule can test; None where the packet does not have one.
+
+    `hidden`: the fields the policy reads that the copy left out (empty when
+    it shows them all); their values here are None, but the packet has them.
+    """
 
     __slots__ = ("family", "proto", "src", "dst", "sport", "dport",
                  "icmp_type", "icmp_code", "tcp_flags", "length", "fragment",
-                 "malformed", "reason", "ext_cut",
+                 "malformed", "reason", "hidden",
                  "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state")
 
     def __init__(self, meta: PacketMeta = PacketMeta()):
         self.family = self.proto = self.src = self.dst = None
         self.sport = self.dport = self.icmp_type = self.icmp_code = None
         self.tcp_flags = self.length = self.fragment = None
-        self.malformed = self.ext_cut = False
+        self.malformed = False
+        self.hidden = _NOTHING
         self.reason = ""
         (self.hook, self.indev, self.outdev, self.mark, self.uid, self.gid,
          self.ct_state) = meta[:7]
@@ -136,7 +157,7 @@ class PacketView:
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()
-                          if v is not None and v is not False and v != "")
+                          if v is not None and v is not False and v != "" and v != _NOTHING)
         return f"PacketView({shown})"
 
 
@@ -153,6 +174,14 @@ class _Malformed(Exception):
     """A fault found while parsing; its text becomes `PacketView.reason`."""
 
 
+class _Cut(Exception):
+    """The copy ends before `fields` could be read (the packet goes on)."""
+
+    def __init__(self, fields: frozenset, reason: str):
+        super().__init__(reason)
+        self.fields = fields
+
+
 def parse(payload: bytes, meta: PacketMeta = PacketMeta(),
           needs: Optional[frozenset] = None) -> PacketView:
     """Read `payload` (an IP packet) into a PacketView. Never raises.
@@ -161,8 +190,8 @@ def parse(payload: bytes, meta: PacketMeta = PacketMeta(),
     headers are only unpacked when one of L4_FIELDS is in it. None reads
     everything. The structural checks (header lengths, total length,
     extension chain, whether the L4 header fits) are made either way, so
-    whether a packet is malformed does not depend on the policy, except for
-    a copy cut by copy_range that hides an L4 field the policy reads.
+    whether a packet is malformed does not depend on the policy. A copy cut
+    by copy_range before a field in `needs` gives a view with `hidden` set.
     """
     view = PacketView(meta)
     try:
@@ -184,6 +213,11 @@ def parse(payload: bytes, meta: PacketMeta = PacketMeta(),
                       needs is None or not needs.isdisjoint(L4_FIELDS))
     except _Malformed as fault:
         _mark_malformed(view, str(fault))
+    except _Cut as cut:
+        hidden = cut.fields if needs is None else cut.fields & needs
+        if hidden:              # else nothing the policy reads is missing
+            view.hidden = hidden
+            view.reason = str(cut)
     except Exception as error:  # the boundary: a packet never stops the caller
         _mark_malformed(view, type(error).__name__)
     return view
@@ -195,22 +229,21 @@ def _mark_malformed(view: PacketView, reason: str) -> None:
     view.sport = view.dport = view.icmp_type = view.icmp_code = view.tcp_flags = None
 
 
-def _short(what: str, cut: bool) -> _Malformed:
-    return _Malformed("truncated copy" if cut else what)
-
-
 def _parse_ipv4(view: PacketView, data: bytes, cut: bool) -> tuple:
     """Fill the IPv4 fields; return where L4 starts and where the data ends."""
     view.family = 4
     if len(data) < 20:
-        raise _short("truncated IPv4 header", cut)
+        if cut:
+            raise _Cut(HIDDEN_IP, "IP header past copy_range")
+        raise _Malformed("truncated IPv4 header")
     ver_ihl, _tos, total, _id, off, _ttl, proto, _sum, src, dst = _IPV4.unpack_from(data)
     header = (ver_ihl & 0x0F) * 4
     view.proto, view.src, view.dst, view.length = proto, src, dst, total
     if header < 20:
         raise _Malformed(f"IPv4 header length {header} < 20")
-    if header > len(data):
-        raise _short(f"IPv4 header length {header} beyond the data", cut)
+    # Options cut off by the copy leave the transport header to _check_l4.
+    if header > len(data) and not cut:
+        raise _Malformed(f"IPv4 header length {header} beyond the data")
     if total < header:
         raise _Malformed(f"IPv4 total length {total} < header length {header}")
     if total > len(data) and not cut:
@@ -225,10 +258,16 @@ def _parse_ipv4(view: PacketView, data: bytes, cut: bool) -> tuple:
 
 
 def _parse_ipv6(view: PacketView, data: bytes, cut: bool) -> tuple:
-    """Fill the IPv6 fields, walking the extension headers to the upper layer."""
+    """Fill the IPv6 fields, walking the extension headers to the upper layer.
+
+    Any number of extension headers: each takes at least 8 bytes, so the
+    walk is bounded by the copy, as the kernel's is by the packet.
+    """
     view.family = 6
     if len(data) < 40:
-        raise _short("truncated IPv6 header", cut)
+        if cut:
+            raise _Cut(HIDDEN_IP, "IP header past copy_range")
+        raise _Malformed("truncated IPv6 header")
     _vtf, plen, nxt, _hlim = _IPV6.unpack_from(data)
     view.src = int.from_bytes(data[8:24], "big")
     view.dst = int.from_bytes(data[24:40], "big")
@@ -240,15 +279,19 @@ def _parse_ipv6(view: PacketView, data: bytes, cut: bool) -> tuple:
         raise _Malformed(f"IPv6 payload length {total - 40} beyond the {len(data) - 40} bytes")
     end = min(total, len(data))
     view.fragment = "none"
-    offset, count = 40, 0
+    offset = 40
+    fragment_seen = False
     while nxt in IPV6_EXT_HEADERS:
-        if count == MAX_EXT_HEADERS:
-            view.ext_cut = True
-            raise _Malformed(f"more than {MAX_EXT_HEADERS} IPv6 extension headers")
-        count += 1
         if offset + 8 > end:
-            raise _short("IPv6 extension header runs off the end", cut and offset + 8 <= total)
+            if cut and offset + 8 <= total:
+                # A later header could still be a fragment header.
+                hidden = HIDDEN_CHAIN if not fragment_seen else HIDDEN_CHAIN - {"fragment"}
+                if not fragment_seen:
+                    view.fragment = None
+                raise _Cut(hidden, "IPv6 extension headers past copy_range")
+            raise _Malformed("IPv6 extension header runs off the end")
         if nxt == EXT_FRAGMENT:
+            fragment_seen = True
             nxt, length = _fragment_header(view, data, offset)
             if view.fragment == "not-first":
                 view.proto = nxt  # the rest of the chain is in the first fragment
@@ -260,8 +303,9 @@ def _parse_ipv6(view: PacketView, data: bytes, cut: bool) -> tuple:
             length = (data[offset + 1] + 1) * 8
             nxt = data[offset]
         offset += length
-    if offset > end:
-        raise _short("IPv6 extension header runs off the end", cut and offset <= total)
+    # Past a copy cut inside the last header: _check_l4 says what that hides.
+    if offset > end and not (cut and offset <= total):
+        raise _Malformed("IPv6 extension header runs off the end")
     view.proto = nxt
     return offset, end
 
@@ -300,30 +344,29 @@ def _check_l4(view: PacketView, data: bytes, start: int, end: int,
               cut: bool, want_l4: bool) -> None:
     """Check the L4 header fits; when the policy reads L4 fields, fill them.
 
-    When the copy was cut before the end of the L4 header, the header is only
-    a fault if the policy needed it ("truncated copy").
+    A header the copy cut short is read in full or not at all: its fields
+    are then hidden (not malformed: the packet holds them).
     """
     proto = view.proto
     family = view.family
     if proto == PROTO_TCP:
-        size = _TCP_MIN
+        size, fields = _TCP_MIN, _TCP_FIELDS
     elif proto == PROTO_UDP or proto == PROTO_UDPLITE:
-        size = _UDP_LEN
+        size, fields = _UDP_LEN, _PORT_FIELDS
     elif proto == PROTO_SCTP:
-        size = _SCTP_MIN
+        size, fields = _SCTP_MIN, _PORT_FIELDS
     elif proto == PROTO_ICMP and family == 4:
-        size = _ICMP_MIN
+        size, fields = _ICMP_MIN, _ICMP_FIELDS
     elif proto == PROTO_ICMPV6 and family == 6:
-        size = _ICMPV6_MIN
+        size, fields = _ICMPV6_MIN, _ICMP_FIELDS
     else:
         return
     have = end - start
     if have < size:
         if cut and (view.length - start) >= size:
-            if want_l4:
-                raise _Malformed("truncated copy")
-            return
-        raise _Malformed(f"truncated {_PROTO_NAMES[proto]} header ({have} of {size} bytes)")
+            raise _Cut(fields, "transport header past copy_range")
+        raise _Malformed(f"truncated {_PROTO_NAMES[proto]} header "
+                         f"({max(have, 0)} of {size} bytes)")
     if proto == PROTO_TCP:
         header = (data[start + 12] >> 4) * 4
         if header < _TCP_MIN:

@@ -131,7 +131,10 @@ def worst_cases() -> dict:
     nxt, chain = ext_chain(8, 6)
     cases["ipv6-8-ext-2k-tcp"] = ipv6(chain + tcp(), nxt=nxt)
     nxt, chain = ext_chain(9, 6, hdr_len=0)
-    cases["ipv6-9-ext-over-cap"] = ipv6(chain + tcp(), nxt=nxt)
+    cases["ipv6-9-ext"] = ipv6(chain + tcp(), nxt=nxt)
+    # The most headers a 1,500-byte packet holds: one loop turn each.
+    nxt, chain = ext_chain((1500 - 40 - 20) // 8, 6, hdr_len=0, pad1=False)
+    cases["ipv6-180-ext-in-1500-bytes"] = ipv6(chain + tcp(), nxt=nxt)
     nxt, chain = ext_chain(7, 44, hdr_len=0)
     cases["ipv6-ext-then-fragment"] = ipv6(chain + bytes([6, 0, 0, 1, 0, 0, 0, 1]) + tcp(), nxt=nxt)
     cases["ipv6-lying-plen"] = ipv6(udp(), plen=65535)

@@ -93,7 +93,8 @@ def mixed_frames():
         (short_total_length(), None, "drop", "bad", "malformed: IPv4 total length 16"),
         (big[:14 + 40 + 20], len(big), "accept", "ssh",
          "tcp 10.0.0.5:40000 -> 10.0.0.1:22 [S] len=1040"),
-        (hidden[:14 + 24], len(hidden), "drop", "bad", "malformed: truncated copy"),
+        (hidden[:14 + 24], len(hidden), "drop", "queue.undecidable",
+         "tcp 10.0.0.5 -> 10.0.0.1 len=40 (transport header past copy_range)"),
         (ether(ipv4("10.0.0.5", "10.0.0.1", tcp(40000, 23), 6)), None, "drop", "no-telnet",
          "tcp 10.0.0.5:40000 -> 10.0.0.1:23 [S] len=40"),
     ]

@@ -155,7 +155,8 @@ def test_counters_and_take_over():
     assert old.counters() == {
         "rules": {"ssh": {"hits": 2, "accepted": 2, "dropped": 0},
                   "telnet": {"hits": 1, "accepted": 0, "dropped": 1}},
-        "default": {"hits": 1, "accepted": 0, "dropped": 1}}
+        "default": {"hits": 1, "accepted": 0, "dropped": 1},
+        "undecidable": {"hits": 0, "accepted": 0, "dropped": 0}}
     new = compile_policy(Policy(path="t.yaml", rules=(
         Rule("web", Match(dport=RangeMatch(((80, 80),))), "accept"),
         Rule("ssh", Match(dport=RangeMatch(((2222, 2222),))), "accept"))))

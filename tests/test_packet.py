@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from ipqd.packet import PacketMeta, PacketView, parse
 from ipqd.pcap import NotIP, ip_payload, read_capture
+from ipv6_chains import syn_behind_headers, syn_behind_one_big_header
 
 A4 = ipaddress.IPv4Address("10.0.0.5").packed
 B4 = ipaddress.IPv4Address("10.0.0.1").packed
@@ -135,7 +136,10 @@ MALFORMED = [
     ("ext runs off", ipv6(ext(6)[:4], 0), "IPv6 extension header runs off the end"),
     ("ext length lies", ipv6(bytes([6, 9]) + b"\x00" * 6, 0),
      "IPv6 extension header runs off the end"),
-    ("ext chain too long", ipv6(ext(60) * 9 + TCP_SYN, 60), "more than 8 IPv6 extension headers"),
+    ("ext chain into the TCP header", ipv6(ext(60) * 9 + TCP_SYN, 60),
+     "IPv6 extension header runs off the end"),
+    ("ext past the real length", ipv6(ext(6, 2)[:16], 0)[:56],
+     "IPv6 extension header runs off the end"),
 ]
 
 
@@ -147,8 +151,58 @@ def test_malformed(name, packet, reason):
     assert view.hook == 1 and view.mark == 0x10     # the meta survives
 
 
-def test_ext_cut_is_flagged():
-    assert parse(ipv6(ext(60) * 9 + TCP_SYN, 60), META).ext_cut
+def test_any_number_of_extension_headers_is_walked():
+    """As the kernel does: nine (or ninety) headers in front of TCP are a
+    valid packet, bounded only by its length."""
+    for count in (9, 90):
+        chain = ext(60) * (count - 1) + ext(6)
+        view = parse(ipv6(chain + TCP_SYN, 60), META)
+        assert (view.proto, view.dport, view.malformed, view.hidden) == (6, 22, False, set())
+
+
+def test_the_evasion_packets_show_their_ports():
+    """The nine-header SYN is read in full; the 408-byte header hides the
+    TCP header from a 256-byte copy, which the view says."""
+    nine = syn_behind_headers("fd00::1", "fd00::2", 40000, 23)
+    view = parse(nine[:256], META._replace(wire_len=len(nine)))
+    assert (view.proto, view.dport, view.tcp_flags, view.malformed) == (6, 23, 0x02, False)
+    big = syn_behind_one_big_header("fd00::1", "fd00::2", 40000, 23)
+    assert len(big) == 40 + 408 + 20
+    whole = parse(big, META)
+    assert (whole.proto, whole.dport, whole.malformed, whole.hidden) == (6, 23, False, set())
+    cut = parse(big[:256], META._replace(wire_len=len(big)))
+    assert not cut.malformed and cut.proto == 6 and cut.dport is None
+    assert cut.hidden == {"sport", "dport", "tcp_flags"}
+    assert cut.reason == "transport header past copy_range"
+    assert (cut.src_text, cut.length, cut.fragment) == ("fd00::1", 468, "none")
+
+
+def test_a_copy_cut_inside_the_extension_chain_hides_the_protocol():
+    chain = ext(60, 40) + ext(60, 40) + ext(6)           # two 328-byte headers, then TCP
+    packet = ipv6(chain + TCP_SYN, 60)
+    view = parse(packet[:256], META._replace(wire_len=len(packet)))
+    assert not view.malformed and view.reason == "IPv6 extension headers past copy_range"
+    assert view.hidden == {"proto", "fragment", "sport", "dport", "icmp_type", "icmp_code",
+                           "tcp_flags"}
+    assert view.proto is None and view.fragment is None
+    fragment_first = ipv6(struct.pack("!BBHI", 60, 0, 1, 7) + chain + TCP_SYN, 44)
+    view = parse(fragment_first[:256], META._replace(wire_len=len(fragment_first)))
+    assert view.fragment == "first" and "fragment" not in view.hidden
+
+
+def test_hidden_names_only_what_the_policy_reads():
+    big = syn_behind_one_big_header("fd00::1", "fd00::2", 40000, 23)
+    meta = META._replace(wire_len=len(big))
+    assert parse(big[:256], meta, frozenset({"dport", "src"})).hidden == {"dport"}
+    quiet = parse(big[:256], meta, frozenset({"src", "proto"}))
+    assert not quiet.hidden and not quiet.malformed and quiet.reason == ""
+
+
+def test_a_copy_cut_inside_the_ip_header_hides_it():
+    packet = ipv6(UDP_DNS, 17)
+    view = parse(packet[:32], META._replace(wire_len=len(packet)))
+    assert not view.malformed and view.family == 6 and "src" in view.hidden
+    assert view.reason == "IP header past copy_range"
 
 
 def test_family_must_match_the_link_layer():
@@ -156,15 +210,17 @@ def test_family_must_match_the_link_layer():
     assert view.malformed and view.reason == "IPv6 header in an IPv4 packet"
 
 
-def test_cut_copy_hiding_a_needed_header_is_malformed():
+def test_cut_copy_hiding_a_needed_header_hides_its_fields():
     packet = ipv4(b"\x00" * 40 + TCP_SYN, p=6)      # pretend 40 bytes of IP options
     packet = b"\x4f" + packet[1:]                    # IHL 15: 60 bytes of header
-    cut = packet[:64]
     meta = META._replace(wire_len=len(packet))
-    needing = parse(cut, meta)
-    not_needing = parse(cut, meta, frozenset({"src"}))
-    assert needing.malformed and needing.reason == "truncated copy"
-    assert not not_needing.malformed and not_needing.length == len(packet)
+    for cut in (packet[:64], packet[:48]):           # in the TCP header, in the options
+        needing = parse(cut, meta)
+        not_needing = parse(cut, meta, frozenset({"src"}))
+        assert not needing.malformed and needing.reason == "transport header past copy_range"
+        assert needing.hidden == {"sport", "dport", "tcp_flags"} and needing.dport is None
+        assert not not_needing.malformed and not not_needing.hidden
+        assert not_needing.length == len(packet)
 
 
 def test_cut_copy_after_the_l4_header_is_fine():
@@ -222,7 +278,9 @@ def test_shared_captures_parse(path):
             for needs in (None, frozenset({"src"})):
                 view = parse(ip.payload, META._replace(wire_len=ip.wire_len, family=ip.family),
                              needs)
-                assert view.malformed or view.proto is not None
+                # A copy cut in the extension headers leaves the protocol unknown.
+                assert view.malformed or view.proto is not None or needs is not None \
+                    or "proto" in view.hidden
 
 
 def test_protocol_numbers_are_dpkts():
@@ -239,6 +297,6 @@ def test_protocol_numbers_are_dpkts():
 def test_a_worker_imports_no_dpkt():
     import subprocess
     import sys
-    code = "import sys, ipqd.worker; print('dpkt' in sys.modules)"
+    code = "import sys, ipqd.daemon.worker; print('dpkt' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, check=True).stdout.strip() == "False"

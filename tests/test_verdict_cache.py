@@ -123,7 +123,7 @@ def test_a_key_is_read_only_from_packets_parse_takes_whole(packet, padded):
         assert list(keys.round.misses) == [(1, 7)]          # its queue and id
         view = view_of(family, payload)
         assert not view.malformed, view.reason
-        assert view.fragment == "none" and not view.ext_cut
+        assert view.fragment == "none" and not view.hidden
 
 
 @SETTINGS

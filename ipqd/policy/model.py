@@ -202,6 +202,9 @@ class QueueConfig:
     maxlen: int = 1024
     conntrack: bool = False                         # loader: queue.conntrack, else on when a rule reads ct_state
     offload: Offload = field(default_factory=Offload)
+    # The verdict for a packet whose copy hides a field the rules need to
+    # tell its verdict (a transport header past copy_range): accept or drop.
+    undecidable: str = "drop"
 
 
 @dataclass(frozen=True, **_SLOTS)

@@ -8,6 +8,7 @@ The pure core (bytes and values in, values out; no I/O):
   ipqd.compiler      rules compiled into a first-match matcher
   ipqd.engine        packet in, verdict out
   ipqd.checksum      checksums of rewritten packets
+  ipqd.printable     text escaped for one line of a log or a terminal
 
 The I/O around it:
   ipqd.queue_socket  the netlink socket that moves nfnetlink_queue bytes

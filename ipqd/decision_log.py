@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional
 
 from ipqd.policy.model import HOOK_NAMES, Rate
+from ipqd.printable import clean
 
 if TYPE_CHECKING:       # the supervisor logs no packets: it need not import them (dpkt)
     from ipqd.packet import PacketView
@@ -31,16 +32,8 @@ LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 _SUMMARY_EVERY = 10.0
 _WRITE_BATCH = 64           # entries the log thread writes before it lets the packet loop run
-# C0, DEL and C1 controls, and the two Unicode line breaks some readers split on.
-_CONTROL = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7F, 0xA0))}
-_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 JOURNAL_TIMEOUT = 1.0
-
-
-def clean(text: object) -> str:
-    """Printable text: control characters (newline included) escaped as \\xNN."""
-    return str(text).translate(_CONTROL)
 
 
 def choose_target(requested: str) -> str:
@@ -95,6 +88,8 @@ def decision_fields(action: str, rule_name: str, view: Optional[PacketView], que
         fields["IPQD_CT_STATE"] = view.ct_state
     if view.malformed:
         fields["IPQD_MALFORMED"] = clean(view.reason or "malformed")
+    elif view.hidden:       # the copy hid fields the rules read (see ipqd.packet)
+        fields["IPQD_CUT"] = clean(view.reason)
     return fields
 
 
@@ -103,6 +98,8 @@ def decision_message(fields: Dict[str, str]) -> str:
     parts = [fields["IPQD_VERDICT"].upper()]
     if "IPQD_MALFORMED" in fields:
         parts.append(f"malformed ({fields['IPQD_MALFORMED']})")
+    elif "IPQD_CUT" in fields:
+        parts.append(f"cut ({fields['IPQD_CUT']})")
     parts.append(fields.get("IPQD_PROTO", "ip"))
     src, dst = fields.get("IPQD_SRC"), fields.get("IPQD_DST")
     if src and dst:

@@ -6,7 +6,8 @@ fields the compiled policy needs, then `Matcher.decide`. A described packet
 with dpkt (headers, lengths, checksums); a capture is read with `ipqd.pcap`.
 
 Exit codes: 0 done; 1 the policy or the capture could not be read; 2 the
-command line (packet description, hook) is wrong.
+command line (packet description, hook) is wrong. Text output escapes rule
+names, paths and error texts (ipqd.printable); JSON escapes them itself.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ipqd.packet import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_
 from ipqd.pcap import CaptureError, NotIP, ip_payload, read_capture
 from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES, PROTOCOL_NAMES, PROTOCOLS, TCP_FLAGS
 from ipqd.policy.model import CT_STATES, HOOKS
+from ipqd.printable import clean
 
 EXPECTED_FORM = (
     'expected: PROTO SRC[:PORT] -> DST[:PORT] [FLAGS|ICMP-TYPE] [key=value ...], e.g.\n'
@@ -52,15 +54,16 @@ def run_explain(args) -> int:
         from ipqd.policy.loader import load
         policy = load(args.policy)
     except PolicyErrors as errors:
-        print(str(errors), file=sys.stderr)
+        for problem in errors.errors:
+            print(clean(problem), file=sys.stderr)
         return 1
     except OSError as error:
-        print(f"ipqd explain: cannot read policy {args.policy}: {error.strerror or error}",
-              file=sys.stderr)
+        print(clean(f"ipqd explain: cannot read policy {args.policy}: "
+                    f"{error.strerror or error}"), file=sys.stderr)
         return 1
     hook = HOOKS.get(args.hook)
     if hook is None:
-        print(f"ipqd explain: unknown hook '{args.hook}' (expected one of "
+        print(clean(f"ipqd explain: unknown hook '{args.hook}'") + " (expected one of "
               f"{', '.join(HOOKS)})", file=sys.stderr)
         return 2
     matcher = compile_policy(policy)
@@ -74,8 +77,8 @@ def run_explain(args) -> int:
     try:
         payload, meta = build_packet(args.packet, base)
     except DescriptionError as error:
-        print(f"ipqd explain: cannot read packet description: {error}\n{EXPECTED_FORM}",
-              file=sys.stderr)
+        print(clean(f"ipqd explain: cannot read packet description: {error}") +
+              f"\n{EXPECTED_FORM}", file=sys.stderr)
         return 2
     record = judge(matcher, 1, payload, meta, now=0.0)
     _output([record], matcher, args.json, sys.stdout, capture=None)
@@ -107,14 +110,14 @@ def _explain_capture(matcher: Matcher, path: str, base: PacketMeta, as_json: boo
                 meta = base._replace(wire_len=ip.wire_len, family=ip.family)
                 records.append(judge(matcher, frame.number, ip.payload, meta, frame.timestamp))
     except OSError as error:
-        print(f"ipqd explain: cannot read capture {path}: {error.strerror or error}",
+        print(clean(f"ipqd explain: cannot read capture {path}: {error.strerror or error}"),
               file=sys.stderr)
         return 1
     except CaptureError as error:
         problem = f"ipqd explain: {path}: capture damaged, stopped: {error}"
     _output(records, matcher, as_json, out, capture=path, problem=problem)
     if problem:
-        print(problem, file=sys.stderr)
+        print(clean(problem), file=sys.stderr)
         return 1
     return 0
 
@@ -132,6 +135,7 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
         "set_mark": decision.mark,
         "log": decision.log,
         "malformed": view.malformed,
+        "hidden": sorted(view.hidden),          # fields the rules read that the copy cut off
         "reason": view.reason or None,
         "summary": summary(shown),
         "packet": _fields(shown),
@@ -151,8 +155,10 @@ def summary(view: PacketView) -> str:
     """One line in tcpdump's spirit: `tcp 10.0.0.5:40000 -> 10.0.0.1:22 [S]`."""
     if view.malformed:
         return f"malformed: {view.reason}"
+    if view.src is None:            # the copy ended inside the IP header
+        return f"ipv{view.family} ({view.reason})"
     proto = view.proto
-    name = PROTOCOL_NAMES.get(proto, f"proto {proto}")
+    name = "ip" if proto is None else PROTOCOL_NAMES.get(proto, f"proto {proto}")
     src = _endpoint(view.family, view.src_text, view.sport)
     dst = _endpoint(view.family, view.dst_text, view.dport)
     text = f"{name} {src} -> {dst}"
@@ -163,9 +169,12 @@ def summary(view: PacketView) -> str:
         text += " " + _ICMP_NAMES[view.family].get(view.icmp_type, f"type {view.icmp_type}")
         if view.icmp_code:
             text += f" code {view.icmp_code}"
-    if view.fragment != "none":
+    if view.fragment not in ("none", None):
         text += f" frag={view.fragment}"
-    return text + f" len={view.length}"
+    text += f" len={view.length}"
+    if view.hidden:
+        text += f" ({view.reason})"
+    return text
 
 
 def _endpoint(family: int, address: str, port: Optional[int]) -> str:
@@ -187,17 +196,19 @@ def _output(records: List[dict], matcher: Matcher, as_json: bool, out: TextIO,
         return
     for r in records:
         if r["verdict"] is None:
-            out.write(f"{r['number']:>5}  {'-':<6}  {'':<20}  skipped: {r['skipped']}\n")
+            out.write(f"{r['number']:>5}  {'-':<6}  {'':<20}  skipped: {clean(r['skipped'])}\n")
         else:
-            rule = r["rule"] if r["rule"] is not None else "default"
+            rule = clean(r["rule"]) if r["rule"] is not None else "default"
             extra = f"  (set mark {r['set_mark']:#x})" if r["set_mark"] is not None else ""
             out.write(f"{r['number']:>5}  {r['verdict'].upper():<6}  {rule:<20}  "
-                      f"{r['summary']}{extra}\n")
+                      f"{clean(r['summary'])}{extra}\n")
     if capture is None:
         return
     out.write("\n")
-    rows = [(name, c) for name, c in counters["rules"].items()]
+    rows = [(clean(name), c) for name, c in counters["rules"].items()]
     rows.append(("(default: " + matcher.default.action + ")", counters["default"]))
+    if counters["undecidable"]["hits"]:
+        rows.append(("(undecidable: " + matcher.undecidable + ")", counters["undecidable"]))
     width = max([len(name) for name, _ in rows] + [4])
     out.write(f"{'rule':<{width}}  {'hits':>7}  {'accepted':>8}  {'dropped':>7}\n")
     for name, c in rows:

@@ -47,11 +47,13 @@ def test_capture_text_output(capsys):
     assert lines[0].split() == ["1", "ACCEPT", "ssh", "tcp", "10.0.0.5:40000", "->",
                                 "10.0.0.1:22", "[S]", "len=40"]
     assert "skipped: not IP" in lines[2]
-    assert "DROP    bad                   malformed: truncated copy" in out
+    assert "DROP    queue.undecidable     tcp 10.0.0.5 -> 10.0.0.1 len=40 " \
+           "(transport header past copy_range)" in out
     table = {line.split()[0]: line.split()[1:] for line in lines[lines.index("") + 2:]
              if line and not line.startswith(("(", "1 frame"))}
-    assert table["ssh"] == ["2", "2", "0"] and table["bad"] == ["2", "0", "2"]
-    assert "(default: drop)        1         0        1" in out
+    assert table["ssh"] == ["2", "2", "0"] and table["bad"] == ["1", "0", "1"]
+    assert "(default: drop)            1         0        1" in out
+    assert "(undecidable: drop)        1         0        1" in out
 
 
 CAPTURE_MALFORMED = {
@@ -63,7 +65,7 @@ CAPTURE_MALFORMED = {
     "ipv4_invalid_total_length.pcap": ["IPv4 total length 85 beyond the 84 bytes"],
     "ipv6-routing-header.pcap": [None] * 4,
     "ipv6_frag6_negative_len.pcap": ["IPv6 extension header runs off the end"],
-    "tcp_header_heapoverflow.pcap": ["truncated copy"],
+    "tcp_header_heapoverflow.pcap": ["transport header past copy_range"],    # snaplen 46
     "tcp_rst_data-trunc.pcap": [None],
 }
 
@@ -235,3 +237,21 @@ def test_the_bigtcp_capture_if_present(capsys):
         pytest.skip("shared captures not present")
     (record,) = explain_json(capsys, "--pcap", path)["packets"]
     assert not record["malformed"] and record["packet"]["length"] == 80080
+
+
+def test_text_output_escapes_names_and_errors(capsys, tmp_path):
+    hostile, fake = "a\x1b[2J\x07\rb", "1  ACCEPT  ok"
+    controls = [chr(c) for c in range(0x20) if c != 0x0A] + [chr(c) for c in range(0x7F, 0xA0)]
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ndefault: {action: drop}\nrules:\n"
+                      f"  - {{name: {json.dumps(hostile + chr(13) + fake)}, action: accept}}\n")
+    code, out, err = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
+    assert code == 0 and not any(c in out + err for c in controls)
+    assert "ACCEPT  a\\x1b[2J\\x07\\x0db\\x0d1  ACCEPT  ok" in out
+    # A newline is refused in a name, and the error quotes the name.
+    policy.write_text("version: 1\ndefault: {action: drop}\nrules:\n"
+                      f"  - {{name: {json.dumps(hostile + chr(10) + fake)}, action: accept}}\n")
+    code, out, err = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
+    assert code == 1 and not any(c in out + err for c in controls)
+    assert not any(line.startswith(fake) for line in err.splitlines())
+    assert "\\x0a1  ACCEPT  ok" in err

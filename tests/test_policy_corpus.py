@@ -8,6 +8,7 @@ carefully, and save it as the .expected file.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,33 @@ def test_cli_entry_point(monkeypatch, capsys):
     monkeypatch.chdir(HERE / "bad")
     assert main(["check", "39-unknown-action.yaml"]) == 1
     assert capsys.readouterr().out == (HERE / "bad" / "39-unknown-action.expected").read_text()
+
+
+# --- what reaches the terminal ------------------------------------------------------------
+
+HOSTILE = "a\x1b[2J\x07\rb"                     # ESC (clear screen), BEL, CR
+FAKE = "evil.yaml: OK (9 rules, 0 sets)"
+HEAD = "version: 1\nhooks: [{chain: input}]\ndefault: {action: accept}\nrules:\n"
+
+
+def raw_controls(text: str) -> list:
+    return [c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0)]
+
+
+def test_check_escapes_names_errors_and_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # A newline is refused in a name, and the error quotes the name.
+    Path("bad.yaml").write_text(HEAD + f"  - {{name: {json.dumps(HOSTILE + chr(10) + FAKE)}, "
+                                       "action: drop}\n")
+    code, out, _ = check("bad.yaml")
+    assert code == 1 and not raw_controls(out)
+    assert not any(line.startswith(FAKE) for line in out.splitlines())
+    assert "\\x1b[2J\\x07\\x0db\\x0aevil.yaml" in out
+    # ESC, BEL and CR are allowed in a name; the warnings and the path print it.
+    name = f"policy\n{FAKE}.yaml"
+    Path(name).write_text(HEAD + f"  - {{name: {json.dumps(HOSTILE + chr(13) + FAKE)}, "
+                                 "action: accept}\n  - {name: late, action: drop}\n")
+    code, out, _ = check(name)
+    assert code == 0 and not raw_controls(out)
+    assert not any(line.startswith(FAKE) for line in out.splitlines())
+    assert out.splitlines()[-1] == f"policy\\x0a{FAKE}.yaml: OK (2 rules, 0 sets, 1 warning)"

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import ipaddress
+import random
+import time
 
 import pytest
 
-from ipqd.policy._lint import covers
-from ipqd.policy.model import AddrMatch, IfaceMatch, MarkMatch, Match, RangeMatch, TcpFlagsMatch
+from ipqd.policy._limits import MAX_SHADOW_STEPS
+from ipqd.policy._lint import covers, shadowed
+from ipqd.policy.model import AddrMatch, IfaceMatch, MarkMatch, Match, Position, RangeMatch, \
+    Rate, Rule, TcpFlagsMatch
 
 net = ipaddress.ip_network
 TCP, UDP = 6, 17
@@ -58,3 +62,77 @@ def test_covers(a, b):
 ])
 def test_does_not_cover(a, b):
     assert not covers(a, b)
+
+
+# --- the search for shadowed rules --------------------------------------------------------
+
+def rule(index: int, match: Match, rate=None) -> Rule:
+    return Rule(f"r{index}", match, "accept", rate=rate, position=Position("p.yaml", index + 1, 5))
+
+
+def every_pair(rules):
+    """What shadowed() finds, by comparing every rule with every earlier one."""
+    for later, b in enumerate(rules):
+        for a in rules[:later]:
+            if a.rate is None and covers(a.match, b.match):
+                yield f'rule "{b.name}" can never match: rule "{a.name}"'
+                break
+
+
+NETWORKS = [net(n) for n in ("10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32",
+                             "10.2.0.0/16", "0.0.0.0/0", "fd00::/8", "fd00:1::/32", "::/0")]
+RANGES = [(22, 22), (23, 23), (22, 23), (80, 80), (1, 1024), (0, 65535), (8050, 8050)]
+
+
+def random_rule(r: random.Random, index: int) -> Rule:
+    def some(choices, kind):
+        picked = tuple(dict.fromkeys(r.choice(choices) for _ in range(r.randint(1, 3))))
+        return kind(picked, negate=r.random() < 0.15)
+    fields = {}
+    if r.random() < 0.5:
+        fields["src"] = some(NETWORKS, AddrMatch)
+    if r.random() < 0.3:
+        fields["dst"] = some(NETWORKS, AddrMatch)
+    if r.random() < 0.6:
+        fields["proto"] = frozenset(r.sample([TCP, UDP], r.randint(1, 2)))
+        if r.random() < 0.7:
+            fields["dport"] = some(RANGES, RangeMatch)
+        if r.random() < 0.3:
+            fields["sport"] = some(RANGES, RangeMatch)
+    return rule(index, Match(malformed=r.random() < 0.05, **fields),
+                rate=Rate(1.0, 1) if r.random() < 0.1 else None)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_index_finds_what_comparing_every_pair_finds(seed):
+    r = random.Random(seed)
+    rules = tuple(random_rule(r, i) for i in range(r.randint(1, 40)))
+    found = [w.message.split(" (line")[0] for w in shadowed(rules)]
+    assert found == list(every_pair(rules))
+
+
+def test_the_search_stays_fast_on_large_policies():
+    # One catch-all, then 70,000 rules it shadows: 71 s when every earlier
+    # rule was gathered as a candidate for every later one.
+    catch_all = (rule(0, Match()),)
+    tcp = frozenset({TCP})
+    later = tuple(rule(i, Match(proto=tcp, dport=ports((i % 65536, i % 65536))))
+                  for i in range(1, 70_001))
+    started = time.monotonic()
+    assert len(list(shadowed(catch_all + later))) == 70_000
+    # The same rules without the catch-all: each port once, then 4,464 again.
+    assert len(list(shadowed(later))) == 70_000 - 65_536
+    assert time.monotonic() - started < 10
+
+
+def test_the_search_stops_with_a_warning_past_its_steps():
+    # Negated ports cannot be indexed: every rule is compared with every earlier one.
+    tcp = frozenset({TCP})
+    rules = tuple(rule(i, Match(proto=tcp, dport=ports((i, i), negate=True)))
+                  for i in range(1_000))
+    # Rule k costs one list and k comparisons: the steps run out at rule 200.
+    (stopped,) = shadowed(rules, max_steps=20_000)
+    assert str(stopped).startswith('p.yaml:200:5: warning: rule "r199" (rule 200 of 1000) '
+                                   "and the rules after it were not checked for rules that "
+                                   "shadow them: the check stops after 20000 steps")
+    assert MAX_SHADOW_STEPS == 1_000_000

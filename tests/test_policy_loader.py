@@ -4,12 +4,14 @@ from __future__ import annotations
 import ast
 import ipaddress
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from ipqd.errors import PolicyErrors
-from ipqd.policy import loader
+from ipqd.policy import loader, transfer
+from ipqd.policy._limits import MAX_LISTED_PROBLEMS, MAX_RULES, MAX_TOTAL_BYTES
 from ipqd.policy.loader import load, load_with_sets, loads
 from ipqd.policy.model import (
     NF_INET_FORWARD, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, AddrMatch, Default, Hook,
@@ -444,3 +446,91 @@ def test_check_file_safety(tmp_path):
     path.chmod(0o666)
     assert loader.check_file_safety(str(path)) == [
         f"{path} is writable by group or others (mode 666): chmod go-w {path}"]
+    path.chmod(0o1666)          # the sticky bit excuses a directory, never a file
+    assert loader.check_file_safety(str(path)) == [
+        f"{path} is writable by group or others (mode 1666): chmod go-w {path}"]
+    path.chmod(0o644)
+    tmp_path.chmod(0o1777)      # others may add files here, not replace root's
+    assert loader.check_file_safety(str(path)) == []
+    tmp_path.chmod(0o777)
+    assert loader.check_file_safety(str(path)) == [
+        f"{tmp_path} is writable by group or others (mode 777): chmod go-w {tmp_path}"]
+    tmp_path.chmod(0o755)
+
+
+# --- limits ------------------------------------------------------------------------------
+
+def test_total_size_over_all_files_is_limited(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    padding = "# padding\n" * (3 * 1024 * 1024 // 10)        # 3 MiB: each file is allowed
+    path = _fragmented(tmp_path, HEAD, a=padding, b=padding, c=padding,
+                       d="this fragment is never read: [\n")
+    started = time.monotonic()
+    with pytest.raises(PolicyErrors) as caught:
+        load(path)
+    assert time.monotonic() - started < 5
+    size = len(HEAD) + 3 * len(padding)
+    assert [str(e) for e in caught.value.errors] == [
+        f"policy.d/c.yaml:1:1: the policy is too large: its files hold {size} bytes with this "
+        f"fragment, more than the {MAX_TOTAL_BYTES} allowed in all (main file and policy.d): "
+        "use sets to write fewer rules, or remove fragments"]
+    assert MAX_TOTAL_BYTES == 8 * 1024 * 1024
+
+
+def test_rule_count_over_all_files_is_limited(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    in_main = 30_000
+    path = _fragmented(tmp_path, HEAD + "rules: [" + "{action: drop}, " * in_main + "]\n",
+                       a="rules:\n" + "- {action: drop}\n" * (MAX_RULES - in_main + 5))
+    started = time.monotonic()
+    with pytest.raises(PolicyErrors) as caught:
+        load(path)
+    assert time.monotonic() - started < 5
+    line = MAX_RULES - in_main + 2                           # the first rule too many
+    assert [str(e) for e in caught.value.errors] == [
+        f"policy.d/a.yaml:{line}:3: the policy has {MAX_RULES + 5} rules, more than the "
+        f"{MAX_RULES} allowed (this is rule {MAX_RULES + 1}): use sets so that one rule "
+        "matches many addresses or ports, or remove rules"]
+    assert MAX_RULES == 50_000
+
+
+def _shadowed_rules(count: int) -> str:
+    return HEAD + "rules:\n  - {name: all, action: accept}\n" + "".join(
+        f"  - {{name: r{i}, proto: tcp, dport: {i}, action: drop}}\n" for i in range(count))
+
+
+def test_listed_warnings_are_capped(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(_shadowed_rules(MAX_LISTED_PROBLEMS + 50))
+    warnings = [str(w) for w in load(str(path)).warnings]
+    assert len(warnings) == MAX_LISTED_PROBLEMS + 1
+    assert warnings[-2].startswith(f"{path}:{MAX_LISTED_PROBLEMS + 5}:5: warning: rule ")
+    assert warnings[-1] == (f"{path}:{MAX_LISTED_PROBLEMS + 6}:5: warning: 50 more warnings "
+                            f"not listed (the first of them here): run `ipqd check {path}` "
+                            "to list them all")
+    # What the daemon keeps and logs is the capped list; `ipqd check` asks for all.
+    assert [str(w) for w in transfer.outline(load(str(path))).warnings] == warnings
+    assert len(load(str(path), every_problem=True).warnings) == MAX_LISTED_PROBLEMS + 50
+
+
+def test_listed_errors_come_before_warnings_when_capped():
+    host_bits = "".join(f"  - {{name: w{i}, src: 10.0.0.{i}/8, action: drop}}\n"
+                        for i in range(1, MAX_LISTED_PROBLEMS + 1))      # warnings, lines 5-104
+
+    def listed(errors: int):
+        bad = "".join(f"  - {{name: e{i}, action: rejct}}\n" for i in range(errors))
+        with pytest.raises(PolicyErrors) as caught:
+            loads(HEAD + "rules:\n" + host_bits + bad, "p.yaml")
+        return caught.value.errors
+
+    problems = listed(3)
+    assert len(problems) == MAX_LISTED_PROBLEMS + 1
+    assert sum(p.severity == "error" for p in problems) == 3
+    assert str(problems[-1]) == (
+        "p.yaml:102:22: warning: 3 more warnings not listed (the first of them here): "
+        "run `ipqd check p.yaml` to list them all")
+    problems = listed(MAX_LISTED_PROBLEMS + 1)
+    assert all(p.severity == "error" for p in problems)
+    assert str(problems[-1]) == (
+        "p.yaml:5:21: 1 more error and 100 more warnings not listed (the first of them "
+        "here): run `ipqd check p.yaml` to list them all")

@@ -7,7 +7,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ipqd")
 PURE = ["nfnetlink.py", "nfqueue.py", "packet.py", "compiler.py", "engine.py", "checksum.py",
         "policy/transfer.py",
-        "verdict_cache.py", "fast_decode.py", "policy/model.py"]
+        "verdict_cache.py", "fast_decode.py", "policy/model.py", "printable.py"]
 FORBIDDEN = {"socket", "select", "selectors", "signal", "os", "subprocess", "threading",
              "multiprocessing", "fcntl", "ctypes", "systemd"}
 

@@ -1,100 +1,152 @@
-"""Warnings about a valid policy: rules that can never match, and lock-outs.
+"""Warnings about a valid policy: rules that can never match, lock-outs, and
+packets let through undecided (ipqd.policy._undecidable).
 
-Both checks are conservative: a warning is only given when it is certain,
+The first two are conservative: a warning is only given when it is certain,
 so a silent lint proves nothing, but a warning is never wrong.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 from fnmatch import fnmatchcase
 from typing import Dict, Iterator, List, Tuple
 
 import yaml
 
 from ipqd.errors import PolicyError
+from ipqd.policy._limits import MAX_SHADOW_STEPS
+from ipqd.policy._undecidable import undecidable_accepted
 from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
-
-# Past this many rule-to-rule comparisons the search stops (a policy that large
-# is generated, not written). The candidates are narrowed first (see _Group),
-# so a generated policy of distinct addresses needs almost none.
-MAX_COMPARISONS = 200_000
 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
-    return list(shadowed(policy.rules)) + cut_off(policy, default_node)
+    return list(shadowed(policy.rules)) + cut_off(policy, default_node) + \
+        undecidable_accepted(policy)
 
 
 # --- shadowed rules ------------------------------------------------------------------
 
-def shadowed(rules: Tuple[Rule, ...]) -> Iterator[PolicyError]:
+def shadowed(rules: Tuple[Rule, ...], max_steps: int = MAX_SHADOW_STEPS) -> Iterator[PolicyError]:
     """A warning for each rule that an earlier rule without a rate always beats.
 
     The warning names the first such earlier rule. Comparing every rule with
     every earlier one is quadratic, so each rule is compared only with the
-    earlier rules that could cover it (_Group.candidates), lowest first.
+    earlier rules that could cover it (_Group.candidates), lowest first. A
+    shadowed rule is never a candidate: whatever it covers, the earlier rule
+    that covers it covers too. Past `max_steps` of work the search stops with
+    a warning naming the first rule it did not check.
     """
+    # Earlier rules grouped by shape (malformed, the fields they test), and
+    # for each shape seen, the groups whose rules could cover a rule of it.
     groups: Dict[Tuple[bool, frozenset], _Group] = {}
+    applying: Dict[Tuple[bool, frozenset], List[_Group]] = {}
     items: Dict[int, List[Tuple[str, object]]] = {}    # earlier rule -> _tested
-    budget = MAX_COMPARISONS
+    steps = 0
     for later, b in enumerate(rules):
-        tested = b.match.fields()
-        candidates = set()
-        for (malformed, fields), group in groups.items():
-            if malformed == b.match.malformed and fields <= tested:
-                candidates.update(group.candidates(b.match))
-        for earlier in sorted(candidates):
-            budget -= 1
-            if budget < 0:
-                return
-            if _covers(items[earlier], b.match):
-                yield _shadow_warning(rules[earlier], b)
+        shape = (b.match.malformed, b.match.fields())
+        found = applying.get(shape)
+        if found is None:
+            steps += len(groups)
+            found = applying[shape] = [group for (malformed, fields), group in groups.items()
+                                       if malformed == shape[0] and fields <= shape[1]]
+        lists: List[List[int]] = []                    # each ascending
+        for group in found:
+            steps += group.candidates(b.match, lists)
+        shadow = previous = None
+        for earlier in heapq.merge(*lists):
+            if earlier == previous:                    # filed under several of its networks
+                continue
+            previous = earlier
+            steps += 1
+            if steps > max_steps:
                 break
-        if b.rate is None:
+            if _covers(items[earlier], b.match):
+                shadow = earlier
+                break
+        if steps > max_steps:
+            yield _stopped_warning(b, later, len(rules), max_steps)
+            return
+        if shadow is not None:
+            yield _shadow_warning(rules[shadow], b)
+        elif b.rate is None:
             items[later] = _tested(b.match)
-            key = (b.match.malformed, tested)
-            if key not in groups:
-                groups[key] = _Group(tested)
-            groups[key].add(later, b.match)
+            group = groups.get(shape)
+            if group is None:
+                group = groups[shape] = _Group(shape[1])
+                steps += len(applying)
+                for (malformed, fields), covering in applying.items():
+                    if malformed == shape[0] and shape[1] <= fields:
+                        covering.append(group)
+            group.add(later, b.match)
 
 
 class _Group:
-    """Earlier rules that test the same fields, indexed by one address field.
+    """Earlier rules that test the same fields, indexed by one of them.
 
-    A rule whose `src` (or `dst`) lists networks can only cover a rule whose
-    networks all lie inside them; so its candidates are found by looking up
-    the first network of the later rule, shortened to each prefix length in
-    use. Rules without a positive address test are always candidates.
+    A rule can only cover a rule whose values all lie inside its own, so in
+    particular the later rule's first network, or first port range. With
+    `src` or `dst`, an earlier rule is filed under each of its networks and
+    found by looking up the later rule's first network shortened to each
+    prefix length in use. With `dport` or `sport` (and no address), a rule of
+    single ports is filed under each port and found when the later rule's
+    first range is that one port; a later range of several ports may be
+    covered by single ports together, so it takes every rule. Rules the index
+    cannot file (negated, port ranges) are always candidates. Every list
+    holds rule numbers in ascending order.
     """
-    __slots__ = ("attr", "networks", "lengths", "rest")
+    __slots__ = ("attr", "ports", "filed", "lengths", "rest", "everything")
 
     def __init__(self, fields: frozenset):
-        self.attr = "src" if "src" in fields else "dst" if "dst" in fields else None
-        self.networks: Dict[Tuple[int, int, int], List[int]] = {}   # (version, length, address)
+        self.attr = next((name for name in ("src", "dst", "dport", "sport") if name in fields),
+                         None)
+        self.ports = self.attr in ("dport", "sport")
+        self.filed: Dict[object, List[int]] = {}    # (version, length, address), or a port
         self.lengths: Dict[int, set] = {4: set(), 6: set()}
         self.rest: List[int] = []
+        self.everything: List[int] = []
 
     def add(self, index: int, match: Match) -> None:
-        addr = getattr(match, self.attr) if self.attr else None
-        if addr is None or addr.negate:
+        self.everything.append(index)
+        test = getattr(match, self.attr) if self.attr else None
+        if test is None or test.negate:
             self.rest.append(index)
-            return
-        for net in addr.networks:
-            key = (net.version, net.prefixlen, int(net.network_address))
-            self.networks.setdefault(key, []).append(index)
-            self.lengths[net.version].add(net.prefixlen)
+        elif self.ports:
+            if any(low != high for low, high in test.ranges):
+                self.rest.append(index)
+                return
+            for port, _ in test.ranges:
+                self.filed.setdefault(port, []).append(index)
+        else:
+            for net in test.networks:
+                key = (net.version, net.prefixlen, int(net.network_address))
+                self.filed.setdefault(key, []).append(index)
+                self.lengths[net.version].add(net.prefixlen)
 
-    def candidates(self, match: Match) -> List[int]:
-        found = list(self.rest)
-        addr = getattr(match, self.attr) if self.attr else None
-        if addr is not None and not addr.negate:
-            first = addr.networks[0]
-            address = int(first.network_address)
-            for length in self.lengths[first.version]:
-                if length <= first.prefixlen:
-                    shift = first.max_prefixlen - length
-                    found += self.networks.get((first.version, length, address >> shift << shift), ())
-        return found
+    def candidates(self, match: Match, lists: List[List[int]]) -> int:
+        """Adds the lists of rules that could cover `match`; returns the lookups made."""
+        test = getattr(match, self.attr) if self.attr else None
+        if test is None or test.negate:
+            lists.append(self.rest)
+            return 1
+        if self.ports:
+            low, high = test.ranges[0]
+            if low != high:
+                lists.append(self.everything)
+                return 1
+            lists += (self.rest, self.filed.get(low, []))
+            return 2
+        lists.append(self.rest)
+        first = test.networks[0]
+        address = int(first.network_address)
+        lookups = 1
+        for length in self.lengths[first.version]:
+            if length <= first.prefixlen:
+                shift = first.max_prefixlen - length
+                key = (first.version, length, address >> shift << shift)
+                lists.append(self.filed.get(key, []))
+                lookups += 1
+        return lookups
 
 
 def _shadow_warning(a: Rule, b: Rule) -> PolicyError:
@@ -105,6 +157,13 @@ def _shadow_warning(a: Rule, b: Rule) -> PolicyError:
     return PolicyError(b.position.path, b.position.line, b.position.column,
                        f'rule "{b.name}" can never match: rule "{a.name}" ({where}) '
                        "matches every packet it would", severity="warning")
+
+
+def _stopped_warning(b: Rule, index: int, total: int, steps: int) -> PolicyError:
+    return PolicyError(b.position.path, b.position.line, b.position.column,
+                       f'rule "{b.name}" (rule {index + 1} of {total}) and the rules after it '
+                       f"were not checked for rules that shadow them: the check stops after "
+                       f"{steps} steps (write fewer rules, e.g. with sets)", severity="warning")
 
 
 def covers(a: Match, b: Match) -> bool:

@@ -21,6 +21,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from ipqd.errors import PolicyError
+from ipqd.policy._limits import MAX_BYTES, MAX_DEPTH
 
 try:                                # libyaml's parser is ~5x faster when present
     from yaml.cyaml import CParser as _Parser
@@ -30,11 +31,6 @@ except ImportError:                 # pragma: no cover - depends on the build
     from yaml.scanner import Scanner as _Scanner
 else:
     _Reader = _Scanner = None
-
-MAX_BYTES = 4 * 1024 * 1024
-# A policy is at most about six levels deep (rules -> rule -> src -> list);
-# the limit stops the composer's recursion long before Python's own limit.
-MAX_DEPTH = 16
 
 _YAML_TAG_PREFIX = "tag:yaml.org,2002:"
 

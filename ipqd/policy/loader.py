@@ -3,7 +3,9 @@
 `load(path)` reads the main file and the fragments in `policy.d/` beside it;
 `loads(text)` reads one text (no fragments). Both raise `PolicyErrors` holding
 every error found (and the warnings), each with file, line and column, or
-return a `Policy` whose `warnings` hold the warnings.
+return a `Policy` whose `warnings` hold the warnings. Past
+MAX_LISTED_PROBLEMS, one line counts the rest, unless `every_problem` is
+asked for (`ipqd check`). The limits are in ipqd.policy._limits.
 
 Pure except for reading the policy files (and the user and group databases
 when a rule names a user or group).
@@ -21,7 +23,9 @@ import yaml
 from ipqd.errors import PolicyError, PolicyErrors
 from ipqd.policy import _lint
 from ipqd.policy import _values as values
+from ipqd.policy._limits import MAX_LISTED_PROBLEMS, MAX_RULES, MAX_TOTAL_BYTES
 from ipqd.policy._offload import parse_offload
+from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
@@ -36,7 +40,8 @@ __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_pat
 FRAGMENT_DIR = "policy.d"
 TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules")
 FRAGMENT_FIELDS = ("sets", "rules")
-QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload")
+QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload",
+                "undecidable")
 HOOK_FIELDS = ("chain", "family", "proto")
 HOOK_FAMILIES = ("ipv4", "ipv6", "both")
 DEFAULT_FIELDS = ("action", "log", "set_mark")
@@ -61,27 +66,29 @@ class _File(NamedTuple):
     items: Dict[str, Tuple[yaml.Node, yaml.Node]]   # section -> (key node, value node)
 
 
-def load(path: str) -> Policy:
+def load(path: str, every_problem: bool = False) -> Policy:
     """The policy in `path` plus `policy.d/*.yaml` beside it.
 
     Raises OSError when the main file (or the fragment directory) cannot be
-    read, PolicyErrors when the policy is not valid.
+    read, PolicyErrors when the policy is not valid. Its problems (in the
+    Policy's warnings, or in PolicyErrors) stop at MAX_LISTED_PROBLEMS and a
+    line that counts the rest, unless `every_problem`.
     """
-    return load_with_sets(path).policy
+    return load_with_sets(path, every_problem).policy
 
 
-def load_with_sets(path: str) -> Loaded:
+def load_with_sets(path: str, every_problem: bool = False) -> Loaded:
     """As `load`, with the sets the policy defined (expanded into the rules)."""
     try:
         text = read_text(path)
     except PolicyError as e:
         raise PolicyErrors([e]) from None
-    return _Loader().run(path, text, fragment_paths(path))
+    return _Loader(every_problem).run(path, text, fragment_paths(path))
 
 
-def loads(text: str, path: str = "<string>") -> Policy:
+def loads(text: str, path: str = "<string>", every_problem: bool = False) -> Policy:
     """The policy in `text`; `path` only names it in messages. No fragments."""
-    return _Loader().run(path, text, []).policy
+    return _Loader(every_problem).run(path, text, []).policy
 
 
 def fragment_paths(path: str) -> List[str]:
@@ -94,7 +101,9 @@ def fragment_paths(path: str) -> List[str]:
 
 
 class _Loader:
-    def __init__(self):
+    def __init__(self, every_problem: bool = False):
+        self.every_problem = every_problem
+        self.size = 0                               # bytes read, over all files
         self.problems: List[PolicyError] = []
         self.sets: Dict[str, SetDef] = {}
         self.used_sets: Set[str] = set()
@@ -105,9 +114,15 @@ class _Loader:
 
     def run(self, path: str, text: str, fragment_paths: List[str]) -> Loaded:
         main = self._compose(path, text, TOP_FIELDS, "a policy", main=True)
-        fragments = [self._compose(p, None, FRAGMENT_FIELDS, "a policy.d fragment")
-                     for p in fragment_paths]
+        fragments = []
+        for fragment in fragment_paths:
+            if self.size > MAX_TOTAL_BYTES:         # said once, at the fragment that went past
+                break
+            fragments.append(self._compose(fragment, None, FRAGMENT_FIELDS,
+                                           "a policy.d fragment"))
         files = [f for f in [main] + fragments if f is not None]
+        if not self._few_enough_rules(files):
+            raise PolicyErrors(self._listed(path, sorted(self.problems, key=self._order)))
         for f in files:
             if "sets" in f.items:
                 self._sets(f.where, *f.items["sets"])
@@ -120,11 +135,50 @@ class _Loader:
         errors = [p for p in self.problems if p.severity == "error"]
         if policy is not None and not errors:
             self.problems += _lint.lint(policy, main.items.get("default", (main.root,))[0])
-        problems = sorted(self.problems, key=self._order)
+        problems = self._listed(path, sorted(self.problems, key=self._order))
         if errors or policy is None:
             raise PolicyErrors(problems)
         return Loaded(_with_warnings(policy, self.sources, problems),
                       {name: s.values for name, s in self.sets.items()})
+
+    def _few_enough_rules(self, files: List[_File]) -> bool:
+        """False, with an error at the first rule too many, past MAX_RULES.
+
+        Counted before any rule is read, so a policy far too large costs
+        only its reading.
+        """
+        lists = [(f, f.items["rules"][1]) for f in files if "rules" in f.items]
+        lists = [(f, node) for f, node in lists if isinstance(node, yaml.SequenceNode)]
+        total = sum(len(node.value) for _, node in lists)
+        if total <= MAX_RULES:
+            return True
+        before = 0
+        for f, node in lists:
+            if before + len(node.value) > MAX_RULES:
+                break
+            before += len(node.value)
+        f.where.error(node.value[MAX_RULES - before],
+                      f"the policy has {total} rules, more than the {MAX_RULES} allowed "
+                      f"(this is rule {MAX_RULES + 1}): use sets so that one rule matches "
+                      "many addresses or ports, or remove rules")
+        return False
+
+    def _listed(self, path: str, problems: List[PolicyError]) -> List[PolicyError]:
+        """`problems`, or past MAX_LISTED_PROBLEMS the first of them (errors
+        before warnings) and one more line that counts the rest."""
+        if self.every_problem or len(problems) <= MAX_LISTED_PROBLEMS:
+            return problems
+        first = sorted(problems, key=lambda p: p.severity != "error")[:MAX_LISTED_PROBLEMS]
+        kept = {id(p) for p in first}
+        left = [p for p in problems if id(p) not in kept]
+        errors = sum(1 for p in left if p.severity == "error")
+        counts = [_more(number, word) for number, word in
+                  ((errors, "error"), (len(left) - errors, "warning")) if number]
+        return [p for p in problems if id(p) in kept] + [
+            PolicyError(left[0].path, left[0].line, left[0].column,
+                        f"{' and '.join(counts)} not listed (the first of them here): "
+                        f"run `ipqd check {path}` to list them all",
+                        "error" if errors else "warning")]
 
     def _order(self, problem: PolicyError):
         rank = self.sources.index(problem.path) if problem.path in self.sources else 0
@@ -137,6 +191,9 @@ class _Loader:
         try:
             if text is None:
                 text = read_text(path)
+            self.size += len(text.encode("utf-8"))
+            if not main and self.size > MAX_TOTAL_BYTES:
+                raise PolicyError(path, 1, 1, _too_large(self.size))
             root, duplicates = compose(text, path)
         except PolicyError as e:
             self.problems.append(e)
@@ -421,6 +478,7 @@ QUEUE_PARSERS = {
     "maxlen": _maxlen,
     "conntrack": lambda where, node: boolean(where, node, "conntrack"),
     "offload": parse_offload,
+    "undecidable": parse_undecidable,
 }
 
 
@@ -484,6 +542,16 @@ def _place(path: str, node: yaml.Node, here: str) -> str:
     return f"on line {line}" if path == here else f"in {path} line {line}"
 
 
+def _too_large(size: int) -> str:
+    return (f"the policy is too large: its files hold {size} bytes with this fragment, "
+            f"more than the {MAX_TOTAL_BYTES} allowed in all (main file and policy.d): "
+            "use sets to write fewer rules, or remove fragments")
+
+
+def _more(number: int, word: str) -> str:
+    return f"{number} more {word}" + ("" if number == 1 else "s")
+
+
 def _with_warnings(policy: Policy, sources, problems) -> Policy:
     return replace(policy, sources=tuple(sources), warnings=tuple(problems))
 
@@ -499,7 +567,10 @@ def check_file_safety(path: str) -> List[str]:
         info = os.stat(target)
         if info.st_uid not in (0, os.getuid()):
             problems.append(f"{target} is owned by uid {info.st_uid}, not root")
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
+        # In a sticky directory (1777) others may add files but not replace
+        # root's; on a file the sticky bit means nothing.
+        sticky_directory = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_directory:
             problems.append(f"{target} is writable by group or others "
                             f"(mode {stat.S_IMODE(info.st_mode):o}): chmod go-w {target}")
     return problems

@@ -31,7 +31,8 @@ from ipqd import nfqueue as nfq  # noqa: E402
 from ipqd import queue_socket  # noqa: E402
 from ipqd.multi_receive import SLOTS  # noqa: E402
 from ipqd.policy.loader import load  # noqa: E402
-from ipqd.worker import Worker, WorkerConfig  # noqa: E402
+from ipqd.daemon.messages import WorkerConfig  # noqa: E402
+from ipqd.daemon.worker import Worker  # noqa: E402
 
 BATCH = 256
 

@@ -401,7 +401,8 @@ PROBE_WARMUP_S = 0.5        # its first round trips (a process just started) are
 
 
 def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:
-    """An ipqd's processes by role: the workers run `python -m ipqd.child worker`."""
+    """An ipqd's processes by role: a worker's command line ends in
+    `ipqd.daemon.child worker FD` (`ipqd.child worker FD` in older trees)."""
     commands = {}
     for pid in pids:
         try:
@@ -409,7 +410,8 @@ def daemon_roles(pids: List[int]) -> Dict[str, List[int]]:
                 commands[pid] = f.read().rstrip("\0").split("\0")
         except OSError:
             continue
-    workers = [pid for pid, command in commands.items() if command[-3:-1] == ["ipqd.child", "worker"]]
+    workers = [pid for pid, command in commands.items()
+               if command[-3:-1] in (["ipqd.daemon.child", "worker"], ["ipqd.child", "worker"])]
     return {"workers": workers, "others": [pid for pid in commands if pid not in workers]}
 
 

@@ -77,3 +77,8 @@ class PolicyErrors(IpqdError):
 
     def __reduce__(self):
         return (type(self), (self.errors,))
+
+
+class ProtocolError(IpqdError):
+    """A child process sent a message that does not exist, or out of its
+    order (ipqd.daemon.messages): a bug, never a packet's fault."""

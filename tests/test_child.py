@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from ipqd.child import Channel
+from ipqd.daemon.child import Channel
 
 
 def pair():

@@ -152,7 +152,7 @@ def worker_pids(ipqd) -> list:
     for pid in children:
         try:
             with open(f"/proc/{pid}/cmdline") as f:
-                if f.read().rstrip("\0").split("\0")[-3:-1] == ["ipqd.child", "worker"]:
+                if f.read().rstrip("\0").split("\0")[-3:-1] == ["ipqd.daemon.child", "worker"]:
                     pids.append(pid)
         except OSError:
             pass
@@ -514,7 +514,8 @@ def test_a_recovering_worker_judges_what_the_dead_one_left_unanswered(lab):
     one arrives, the denied ones do not, and the queue ends empty."""
     from ipqd.policy.loader import loads
     from ipqd.queue_socket import QueueSocket, QueueState
-    from ipqd.worker import Worker, WorkerConfig
+    from ipqd.daemon.messages import WorkerConfig
+    from ipqd.daemon.worker import Worker
     lab.server.sh("iptables-nft -A INPUT -p udp -j NFQUEUE --queue-num 0")
     sock = lab.server.netlink_socket()
     dead = QueueSocket(sock=sock)
@@ -644,7 +645,8 @@ def test_a_reload_that_never_finishes_wedges_nothing(lab, daemon, tmp_path):
 
 
 def test_a_load_past_its_time_limit_is_refused(tmp_path):
-    from ipqd.daemon import PolicyRefused, load_in_child
+    from ipqd.daemon import load_in_child
+    from ipqd.policy.checked import PolicyRefused
     fifo = tmp_path / "policy.yaml"
     os.mkfifo(fifo, 0o600)
     started = time.monotonic()

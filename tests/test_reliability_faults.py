@@ -13,7 +13,8 @@ import pytest
 
 from daemon_harness import IPQD, RunningIpqd, queue_counters
 from ipqd.policy.loader import loads
-from ipqd.worker import Worker, WorkerConfig
+from ipqd.daemon.messages import WorkerConfig
+from ipqd.daemon.worker import Worker
 from netns import iptables
 from sandbox import Journald, require_journald
 

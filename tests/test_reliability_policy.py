@@ -12,6 +12,7 @@ import pytest
 
 import ipqd.policy.loader
 from daemon_harness import IPQD, RunningIpqd, udp_probe
+from ipqd.daemon.messages import Compiled, Failed, HandOver
 from ipqd.policy.checked import PolicyRefused, load_checked
 from test_daemon import write_policy
 
@@ -249,15 +250,15 @@ def test_a_reload_whose_new_worker_fails_leaves_the_running_workers_alone(tmp_pa
     from ipqd.daemon import WorkerHandle
     daemon, path = supervisor(tmp_path)
     running = daemon.pickled
-    daemon.workers = {i: WorkerHandle(i, FakeProcess(), FakeConn(), {i: None}) for i in (0, 1)}
+    daemon.pool.workers = {i: WorkerHandle(i, FakeProcess(), FakeConn(), {i: None}) for i in (0, 1)}
     successors = []
 
-    def spawn(index, count, queues, successor=False):
-        assert successor and daemon.pickled != running          # the new policy
-        reply = ("compiled", 0, None) if index == 0 else ("failed", 1, "MemoryError: ")
-        successors.append(WorkerHandle(index, FakeProcess(), FakeConn([reply]), queues))
+    def spawn(index, count, queues, mode="bind"):
+        assert mode == "successor" and daemon.pickled != running      # the new policy
+        reply = Compiled(0) if index == 0 else Failed(1, "MemoryError: ")
+        successors.append(WorkerHandle(index, FakeProcess(), FakeConn([reply]), queues, mode))
         return successors[-1]
-    daemon.spawn = spawn
+    daemon.pool.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     assert [w.conn.sent for w in daemon.workers.values()] == [[], []]
@@ -281,18 +282,18 @@ def test_a_worker_that_dies_before_it_stops_reading_is_recovered_on_its_socket(t
     class DyingConn(FakeConn):
         def send(self, message):
             super().send(message)
-            if message == ("handover",):
+            if isinstance(message, HandOver):
                 process.alive = False
-    daemon.workers = {0: WorkerHandle(0, process, DyingConn(), {0: None})}
+    daemon.pool.workers = {0: WorkerHandle(0, process, DyingConn(), {0: None})}
     started = []
 
     def spawn(index, count, queues, mode="bind"):
-        handle = WorkerHandle(index, FakeProcess(), FakeConn([("compiled", index, None)]), queues)
+        handle = WorkerHandle(index, FakeProcess(), FakeConn([Compiled(index)]), queues, mode)
         started.append((mode, handle))
         if mode != "successor":
             daemon.workers[index] = handle
         return handle
-    daemon.spawn = spawn
+    daemon.pool.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     (first, successor), (then, restarted) = started
@@ -310,14 +311,14 @@ def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tm
     daemon, path = supervisor(tmp_path)
     running = daemon.pickled
     dead = WorkerHandle(0, FakeProcess(alive=False), FakeConn(), {0: None})
-    daemon.workers = {0: dead}
+    daemon.pool.workers = {0: dead}
     successors = []
 
-    def spawn(index, count, queues, successor=False):
-        assert successor
-        successors.append(WorkerHandle(index, FakeProcess(), FakeConn(), queues))  # still compiling
+    def spawn(index, count, queues, mode="bind"):
+        assert mode == "successor"
+        successors.append(WorkerHandle(index, FakeProcess(), FakeConn(), queues, mode))  # compiling
         return successors[-1]
-    daemon.spawn = spawn
+    daemon.pool.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     assert successors[0].conn.sent == [] and successors[0].process.killed
@@ -331,13 +332,14 @@ def test_a_worker_that_dies_while_its_successor_compiles_calls_the_reload_off(tm
 def test_a_long_reload_keeps_the_watchdog_fed(tmp_path, monkeypatch):
     """A large policy on a slow machine compiles for longer than systemd's
     watchdog period: the supervisor pings while it waits, as its loop would."""
-    import ipqd.daemon
+    import ipqd.daemon.supervisor
     from ipqd.daemon import WorkerHandle
     daemon, path = supervisor(tmp_path)
     daemon.watchdog = 0.01
     notified = []
-    monkeypatch.setattr(ipqd.daemon, "notify", notified.append)
-    daemon.workers = {0: WorkerHandle(0, FakeProcess(), FakeConn(), {0: None})}
+    monkeypatch.setattr(ipqd.daemon.supervisor, "notify",
+                        lambda state: notified.append(state) or True)
+    daemon.pool.workers = {0: WorkerHandle(0, FakeProcess(), FakeConn(), {0: None})}
 
     class SlowConn(FakeConn):
         polls = 0
@@ -347,11 +349,11 @@ def test_a_long_reload_keeps_the_watchdog_fed(tmp_path, monkeypatch):
             if self.polls < 20:         # 20 waits of 50 ms: about a second
                 time.sleep(timeout)
                 return False
-            return True
+            return bool(self.replies)
 
-    def spawn(index, count, queues, successor=False):
-        return WorkerHandle(index, FakeProcess(), SlowConn([("failed", index, "no")]), queues)
-    daemon.spawn = spawn
+    def spawn(index, count, queues, mode="bind"):
+        return WorkerHandle(index, FakeProcess(), SlowConn([Failed(index, "no")]), queues, mode)
+    daemon.pool.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     assert notified.count("WATCHDOG=1") >= 10
@@ -364,14 +366,14 @@ def test_a_new_worker_that_dies_after_compiling_calls_the_reload_off(tmp_path):
     from ipqd.daemon import WorkerHandle
     daemon, path = supervisor(tmp_path)
     running = daemon.pickled
-    daemon.workers = {0: WorkerHandle(0, FakeProcess(), FakeConn(), {0: None})}
+    daemon.pool.workers = {0: WorkerHandle(0, FakeProcess(), FakeConn(), {0: None})}
     successors = []
 
-    def spawn(index, count, queues, successor=False):
+    def spawn(index, count, queues, mode="bind"):
         successors.append(WorkerHandle(index, FakeProcess(alive=False),
-                                       FakeConn([("compiled", index, None)]), queues))
+                                       FakeConn([Compiled(index)]), queues, mode))
         return successors[-1]
-    daemon.spawn = spawn
+    daemon.pool.spawn = spawn
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     daemon.reload()
     assert daemon.workers[0].conn.sent == [] and successors[0].conn.sent == []

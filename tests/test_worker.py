@@ -7,14 +7,16 @@ import socket
 import struct
 import threading
 
-from ipqd import worker as worker_module
-from ipqd.child import Channel
+from ipqd.daemon import worker as worker_module
+from ipqd.daemon.child import Channel
+from ipqd.daemon.messages import HandOver
 from ipqd.packet import PacketMeta, parse
 
 from ipqd import nfqueue as nfq
 from ipqd.nfnetlink import NLMSG_HDRLEN
 from ipqd.policy.loader import loads
-from ipqd.worker import Worker, WorkerConfig
+from ipqd.daemon.messages import WorkerConfig
+from ipqd.daemon.worker import Worker
 
 POLICY = """version: 1
 queue: {num: 1}
@@ -137,7 +139,7 @@ def test_a_worker_told_to_hand_over_stops_at_once_and_its_successor_counts_on(mo
     worker.conn = theirs
     loop = threading.Thread(target=worker.serve, daemon=True)
     loop.start()
-    ours.send(("handover",))
+    ours.send(HandOver())
     loop.join(20)
     assert not loop.is_alive(), "the hand-over waited for the receive's timeout"
     assert worker.handing_over and not worker._stop       # not a stop: nothing drained

@@ -1,7 +1,7 @@
 """The supervisor's child processes: each one a fresh interpreter.
 
 A worker, or the short-lived process that loads a policy, runs as
-`python -I -c BOOT DIR ipqd.child JOB FD`, FD being its end of a socketpair
+`python -I -c BOOT DIR ipqd.daemon.child JOB FD`, FD being its end of a socketpair
 to the supervisor, over which the first message brings the job's arguments.
 Isolated (-I): a child runs as root, so neither the working directory nor
 PYTHONPATH nor the user's site directory may bring it code; DIR, where the
@@ -25,8 +25,8 @@ from typing import Any, Optional, Tuple
 
 _LENGTH = struct.Struct("!I")
 # The child's first line: import ipqd from where the supervisor's came from.
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ipqd.child import main; main()"
-_PACKAGE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from ipqd.daemon.child import main; main()"
+_PACKAGE_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Channel:
@@ -160,7 +160,7 @@ def start(job: str, *args, payload: Optional[bytes] = None, fds: Tuple[int, ...]
     """
     mine, theirs = socket.socketpair()
     try:
-        popen = subprocess.Popen([sys.executable, "-I", "-c", _BOOT, _PACKAGE_HOME, "ipqd.child",
+        popen = subprocess.Popen([sys.executable, "-I", "-c", _BOOT, _PACKAGE_HOME, __name__,
                                   job, str(theirs.fileno())],
                                  pass_fds=(theirs.fileno(),) + tuple(fds),
                                  stdin=subprocess.DEVNULL)
@@ -188,12 +188,10 @@ def schedule(policy: int) -> None:
         pass
 
 
-def _worker(conn: Channel, index, workers, queues, log_target, batch, cache, sock_fd,
-            mode) -> None:
+def _worker(conn: Channel, config, sock_fd: int, mode: str) -> None:
     if mode == "successor":
         schedule(os.SCHED_BATCH)    # before the imports: they are work too
-    from ipqd.worker import WorkerConfig, worker_main
-    config = WorkerConfig(index, workers, queues, log_target, batch=batch, cache=cache)
+    from ipqd.daemon.worker import worker_main
     # The policy's bytes go straight into the call, held by no name here:
     # worker_main lets them go once unpacked.
     worker_main(config, conn.recv_bytes(), conn, sock_fd, mode)
@@ -206,7 +204,7 @@ def _load(conn: Channel, path: str) -> None:
         os.nice(10)
     except OSError:
         pass
-    from ipqd.daemon import load_policy_job
+    from ipqd.daemon.loading import load_policy_job
     load_policy_job(path, conn)
 
 

@@ -31,7 +31,10 @@ import time
 from typing import Dict, List, Optional
 
 from ipqd import nfqueue as nfq
-from ipqd.child import schedule
+from ipqd.daemon.child import schedule
+from ipqd.daemon.messages import (BIND, RECOVER, SUCCESSOR, TO_WORKER, AskCounters, Compiled,
+                                  Counters, Failed, Go, HandOver, Handed, Ready, Stats, Stop,
+                                  Stopped, TakeOver, WorkerConfig, expect)
 from ipqd.decision_log import DecisionLog
 from ipqd.engine import Engine
 from ipqd.errors import IpqdError, NetlinkError
@@ -43,21 +46,6 @@ from ipqd.verdict_cache import KeyMaker
 STATS_EVERY = 1.0
 SETTLE_AT = 256                     # cache entries hit before the totals are brought up to date
 IDLE_WAIT = 0.5                     # seconds a receive waits for packets before looking at stats
-
-
-class WorkerConfig:
-    """What a worker needs besides the policy; picklable."""
-
-    def __init__(self, index: int, workers: int, queues: Dict[int, Optional[str]],
-                 log_target: str, rcvbuf: int = 8 << 20, batch: bool = True,
-                 cache: bool = True):
-        self.index = index
-        self.workers = workers
-        self.queues = queues                  # queue number -> conntrack state (or None)
-        self.log_target = log_target
-        self.rcvbuf = rcvbuf
-        self.batch = batch
-        self.cache = cache                    # the verdict cache (ipqd.verdict_cache)
 
 
 def share_rate(rate: Optional[Rate], workers: int) -> Optional[Rate]:
@@ -187,8 +175,7 @@ class Worker:
                 self._last_stats = now
                 # Never a wait here: a stopped supervisor must not stall the
                 # packets (a report it misses is replaced by the next one).
-                self.conn.send_nowait(("stats", self.config.index, self.stats(),
-                                       self.carry_over()))
+                self.conn.send_nowait(Stats(self.config.index, self.stats(), self.carry_over()))
         # Every packet received so far is answered (the round's answer comes
         # before control). On a hand-over the rest stays queued for the successor.
         if self._stop:
@@ -265,16 +252,16 @@ class Worker:
     # -------------------------------------------------------- control
 
     def _control(self, message) -> None:
-        kind = message[0]
-        if kind == "counters":
+        kind = type(expect(message, TO_WORKER, "the supervisor"))
+        if kind is AskCounters:
             self.engine.settle()
-            self.conn.send_nowait(("counters", self.config.index,
-                                   self.engine.matcher.counters(), self.stats()))
-        elif kind == "handover":
+            self.conn.send_nowait(Counters(self.config.index, self.engine.matcher.counters(),
+                                           self.stats()))
+        elif kind is HandOver:
             self.handing_over = True
-        elif kind == "take_over":           # a reload's predecessor counted these
-            self.take_over(message[1])
-        elif kind == "stop":
+        elif kind is TakeOver:              # a predecessor, or a dead worker, counted these
+            self.take_over(message.carried)
+        elif kind is Stop:
             self._stop = True
 
     def carry_over(self) -> dict:
@@ -345,10 +332,6 @@ def _settle_heap() -> None:
     gc.enable()
 
 
-# How a worker comes to its socket (worker_main's `mode`).
-BIND = "bind"               # a new socket: bind the queues
-SUCCESSOR = "successor"     # a reload's new worker: the running worker hands the socket over
-RECOVER = "recover"         # the socket of a worker that died: its queues are still bound
 
 
 def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
@@ -383,21 +366,21 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     _settle_heap()
     if mode == SUCCESSOR:
         schedule(os.SCHED_OTHER)            # compiled (see ipqd.child._worker); idle until "go"
-        conn.send(("compiled", config.index, None))
+        conn.send(Compiled(config.index))
         try:
             message = conn.recv()
         except EOFError:
-            message = ("stop",)
-        if message[0] != "go":
+            message = Stop()
+        if not isinstance(message, Go):
             os._exit(0)                 # not worker.close(): the socket is the running worker's
         try:
-            worker.bind(taken_over=True, predecessor=message[1])
+            worker.bind(taken_over=True, predecessor=message.settings)
         except (IpqdError, OSError) as error:
             _fail(conn, config, error)
         # Its first stats report waits a period, so that it already holds
         # the predecessor's counters ("take_over" comes milliseconds later).
         worker._last_stats = time.monotonic()
-    conn.send(("ready", config.index, sorted(config.queues)))
+    conn.send(Ready(config.index, sorted(config.queues)))
     try:
         if mode == RECOVER:
             worker.requeue_unanswered()
@@ -407,11 +390,11 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     if worker.handing_over:
         # No unbind, no close: the socket goes on with the successor, which
         # may start at once; the counters follow (it adds them up).
-        conn.send(("stopped", config.index, worker.queue_settings))
+        conn.send(Stopped(config.index, worker.queue_settings))
         # It only counts and exits now, maybe on its successor's CPU: it
         # gives way to anything else there (and never needs to come back).
         schedule(os.SCHED_IDLE)
-        conn.send(("handed", config.index, worker.carry_over()))
+        conn.send(Handed(config.index, worker.carry_over()))
         worker.log.close()
     else:
         worker.close()
@@ -423,7 +406,7 @@ def _fail(conn, config: WorkerConfig, error: Exception) -> None:
     detail = str(error) if isinstance(error, (IpqdError, OSError)) \
         else f"{type(error).__name__}: {error}"
     try:
-        conn.send(("failed", config.index, detail))
+        conn.send(Failed(config.index, detail))
     except OSError:
         pass
     os._exit(1)

@@ -1,0 +1,498 @@
+"""`ipqd run`: the supervisor. Loads the policy, binds the queues, installs
+hooks, and handles signals and systemd.
+
+The supervisor never touches packets: its workers do (ipqd.daemon.pool,
+each in a process of its own). It turns their reports into sd_notify
+status, watchdog pings and journal entries. Signals only set a flag and
+wake the loop (signal.set_wakeup_fd); the loop does the work, so nothing
+runs inside a signal handler.
+
+    SIGHUP   reload: load and check the policy; if valid, a new worker per
+             slot compiles it beside the running one, then takes over its
+             socket and counters (ipqd.daemon.handover); if not, or if a
+             new worker fails, the errors go to the journal and the running
+             policy stays.
+    SIGTERM, SIGINT   stop: workers answer what is pending and unbind,
+             installed hooks are removed, exit 0.
+    SIGUSR1  one journal entry per rule with its counters.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from typing import Dict, List, Optional
+
+from ipqd import hooks as hooks_mod
+from ipqd.compiler import UNDECIDABLE_NAME
+from ipqd.daemon.handover import (RUNNING, SUCCESSOR, CallOff, Died, Done, HandOverMachine,
+                                  KeptPrevious, Message, Promote, Recover, Retire, SendTo,
+                                  StopAsked, TimedOut)
+from ipqd.daemon.loading import LoadedPolicy, load_in_child
+from ipqd.daemon.messages import RECOVER
+from ipqd.daemon.notify import notify, watchdog_interval
+from ipqd.daemon.pool import StartupError, WorkerHandle, WorkerPool
+from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
+from ipqd.errors import ProtocolError
+from ipqd.policy.checked import PolicyRefused
+from ipqd.policy.model import Policy
+
+REPLY_TIMEOUT = 60.0       # a child's answer during a reload
+STATUS_EVERY = 2.0
+
+
+class ReloadCalledOff(Exception):
+    """A stop was asked for while a reload waited: the reload ends unfinished."""
+
+
+class Daemon:
+    def __init__(self, args):
+        self.path = args.policy
+        self.manage_hooks = not args.no_hooks
+        self.backend = args.backend
+        self.state_dir = args.state_dir
+        self.target = choose_target(args.log_target)
+        self.log = DecisionLog(self.target)
+        self.pool = WorkerPool(self.log, self.target, batch=not getattr(args, "no_batch", False),
+                               cache=not getattr(args, "no_cache", False))
+        self.policy: Optional[Policy] = None          # without its rules: see LoadedPolicy
+        self.rules = 0
+        self.installed_backend: Optional[str] = None
+        self.hooks_lock = None
+        self.signals: List[int] = []
+        self.reloads = self.failed_reloads = 0
+        self.watchdog = watchdog_interval()           # seconds between pings, or None
+        self.last_ping = 0.0
+        self.last_reload_error = ""
+
+    @property
+    def workers(self) -> Dict[int, WorkerHandle]:
+        return self.pool.workers
+
+    @property
+    def pickled(self) -> bytes:
+        return self.pool.pickled
+
+    # -------------------------------------------------------- life cycle
+
+    def run(self) -> int:
+        try:
+            self.start()
+        except StartupError as error:
+            for line in str(error).splitlines():
+                self.log.event(line, LOG_ERR, IPQD_EVENT="start-failed")
+            self.shutdown()
+            return 1
+        try:
+            self.loop()
+        except StartupError as error:       # the running policy's workers could not come back
+            self.log.event(str(error), LOG_ERR, IPQD_EVENT="stop")
+            return 1
+        finally:
+            self.shutdown()
+        return 0
+
+    def start(self) -> None:
+        self.setup_signals()
+        try:
+            loaded = load_in_child(self.path, waiting=self.startup_waiting)
+        except PolicyRefused as refused:
+            raise StartupError("\n".join(refused.lines + [
+                f"ipqd: not started: fix the policy, then check it with `ipqd check {self.path}`"]))
+        except OSError as error:
+            raise StartupError(f"ipqd: cannot read policy {error.filename or self.path}: "
+                               f"{error.strerror}")
+        self.keep(loaded)
+        self.log_warnings(self.policy)
+        # The queues are bound before any hook points at them, and hooks are
+        # touched only by the one instance that holds the lock: an instance
+        # that cannot start leaves another's rules alone.
+        if self.manage_hooks:
+            try:
+                self.hooks_lock = hooks_mod.hold_lock()
+            except hooks_mod.HookError as error:
+                raise StartupError(f"ipqd: {error}")
+        self.pool.start_all(hooks_mod.queue_layout(self.policy.queue), self.startup_waiting)
+        if self.manage_hooks:
+            self.install_hooks(self.policy)
+        queues = sorted(q for w in self.workers.values() for q in w.queues)
+        hooks = f"by {self.installed_backend}" if self.installed_backend else \
+            "managed outside this process (--no-hooks)"
+        self.log.event(f"ipqd started: policy {self.path} ({self.rules} rules), "
+                       f"queues {_ranges(queues)}, hooks {hooks}",
+                       LOG_INFO, IPQD_EVENT="start", IPQD_POLICY=self.path,
+                       IPQD_RULES=str(self.rules))
+        self.tell_systemd("READY=1\n" + self.status_line())
+
+    def startup_waiting(self) -> None:
+        if self.stop_asked():
+            raise StartupError("ipqd: stopped while starting")
+
+    def keep(self, loaded: LoadedPolicy) -> None:
+        self.policy, self.pool.pickled, self.rules = loaded.outline, loaded.pickled, loaded.rules
+
+    def current(self) -> LoadedPolicy:
+        return LoadedPolicy(self.pool.pickled, self.policy, self.rules)
+
+    def log_warnings(self, policy: Policy) -> None:
+        for warning in policy.warnings:
+            self.log.event(str(warning), LOG_WARNING, IPQD_EVENT="policy-warning")
+
+    def install_hooks(self, policy: Policy) -> None:
+        backend = self.backend
+        try:
+            if backend == "auto":
+                backend = hooks_mod.remembered(self.state_dir) or hooks_mod.detect_backend()[0]
+            hooks_mod.install(policy.hooks, policy.queue, backend)
+            hooks_mod.remember(backend, self.state_dir)
+        except hooks_mod.HookError as error:
+            raise StartupError(f"ipqd: cannot install hooks: {error}")
+        except OSError as error:
+            raise StartupError(f"ipqd: cannot record the hooks backend in {self.state_dir}: "
+                               f"{error.strerror}")
+        self.installed_backend = backend
+
+    def shutdown(self) -> None:
+        self.tell_systemd("STOPPING=1")
+        self.pool.stop_all()
+        if self.installed_backend:
+            try:
+                hooks_mod.remove(self.installed_backend)
+                hooks_mod.forget(self.state_dir)
+            except Exception as error:
+                self.log.event(f"ipqd: could not remove hooks: {error}", LOG_ERR,
+                               IPQD_EVENT="stop")
+            self.installed_backend = None
+        if self.hooks_lock is not None:
+            self.hooks_lock.close()
+            self.hooks_lock = None
+        if self.policy is not None:
+            self.log.event("ipqd stopped", LOG_INFO, IPQD_EVENT="stop")
+        self.log.close()
+
+    def tell_systemd(self, state: str) -> None:
+        """sd_notify; a failed send is said once (a Type=notify start would
+        otherwise time out with no reason)."""
+        if not notify(state) and not getattr(self, "_notify_failed", False):
+            self._notify_failed = True
+            self.log.event(f"ipqd: cannot notify systemd ({state.splitlines()[0]})", LOG_ERR,
+                           IPQD_EVENT="notify-failed")
+
+    # -------------------------------------------------------- the loop
+
+    def setup_signals(self) -> None:
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, lambda n, _frame: self.signals.append(n))
+
+    def loop(self) -> None:
+        last_status = 0.0
+        while True:
+            poller = select.poll()
+            poller.register(self.wake_r, select.POLLIN)
+            for worker in self.workers.values():
+                poller.register(worker.conn.fileno(), select.POLLIN)
+            poller.poll(500)
+            _drain(self.wake_r)
+            # What came since the last round, each once: a stop first, and one
+            # reload for many SIGHUPs (it reads the files as they are now).
+            pending, self.signals = self.signals, []
+            stop = next((s for s in (signal.SIGTERM, signal.SIGINT) if s in pending), None)
+            if stop is not None:
+                self.log.event(f"ipqd stopping on {signal.Signals(stop).name}", LOG_INFO,
+                               IPQD_EVENT="stop")
+                return
+            if signal.SIGHUP in pending:
+                self.reload()
+            if signal.SIGUSR1 in pending:
+                self.report_counters()
+            self.pool.read_all()
+            now = time.monotonic()
+            self.pool.restart_due(now)
+            self.tend_watchdog()
+            self.pool.reap_retired(now)
+            if now - last_status >= STATUS_EVERY:
+                self.tell_systemd(self.status_line())
+                last_status = now
+
+    def stop_asked(self) -> bool:
+        """Whether SIGTERM or SIGINT came (the loop acts on it when it is back)."""
+        return signal.SIGTERM in self.signals or signal.SIGINT in self.signals
+
+    def keep_alive(self) -> None:
+        """While a reload waits: take the running workers' reports (so that
+        they count as answering), restart those that died, and feed the
+        watchdog. Raises ReloadCalledOff when a stop is asked for."""
+        if self.stop_asked():
+            raise ReloadCalledOff()
+        self.pool.read_all()
+        self.pool.restart_due(time.monotonic())
+        self.tend_watchdog()
+
+    def tend_watchdog(self) -> None:
+        """Ping systemd's watchdog when it is due and every slot has a live,
+        reporting worker: from the loop, and while a reload waits."""
+        now = time.monotonic()
+        if self.watchdog and now - self.last_ping >= self.watchdog and self.pool.healthy(now):
+            self.tell_systemd("WATCHDOG=1")
+            self.last_ping = now
+
+    # -------------------------------------------------------- reload
+
+    def reload(self) -> None:
+        self.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        started = time.monotonic()
+        try:
+            loaded = load_in_child(self.path, waiting=self.keep_alive)
+        except ReloadCalledOff:
+            self.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
+            return
+        except (PolicyRefused, OSError) as error:
+            self.refuse(error.lines if isinstance(error, PolicyRefused) else [
+                f"cannot read policy {error.filename or self.path}: {error.strerror}"])
+            return
+        self.log_warnings(loaded.outline)
+        problem = self.apply(loaded)
+        if problem:
+            self.failed_reloads += 1
+            self.last_reload_error = problem
+            self.log.event(f"{problem}; the running policy ({self.rules} rules) stays",
+                           LOG_ERR, IPQD_EVENT="reload-failed")
+        else:
+            self.reloads += 1
+            self.log.event(f"reloaded policy {self.path} ({self.rules} rules) in "
+                           f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
+                           IPQD_EVENT="reloaded", IPQD_RULES=str(self.rules))
+        self.tell_systemd("READY=1\n" + self.status_line())
+
+    def refuse(self, lines: List[str]) -> None:
+        """A policy that did not load: every line at err, the running one stays."""
+        self.failed_reloads += 1
+        self.last_reload_error = lines[0]
+        for line in lines:
+            self.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
+        self.log.event(f"reload refused: {len(lines)} problem(s) in {self.path}; "
+                       f"the running policy ({self.rules} rules) stays",
+                       LOG_ERR, IPQD_EVENT="reload-failed")
+        self.tell_systemd("READY=1\n" + self.status_line())
+
+    def apply(self, loaded: LoadedPolicy) -> str:
+        """Put a loaded policy live; "" when it is, else what went wrong
+        (then the running policy, and its hooks, stay)."""
+        policy, running = loaded.outline, self.current()
+        layout_changed = (hooks_mod.queue_layout(policy.queue)
+                          != hooks_mod.queue_layout(running.outline.queue)
+                          or policy.queue != running.outline.queue)
+        hooks_changed = policy.hooks != running.outline.hooks or layout_changed
+        if self.manage_hooks and hooks_changed:
+            try:
+                hooks_mod.install(policy.hooks, policy.queue, self.installed_backend)
+            except hooks_mod.HookError as error:
+                return f"reload refused: cannot update hooks: {error}"
+        self.keep(loaded)
+        problem = self.rebind() if layout_changed else self.hand_over()
+        if problem:
+            self.keep(running)
+            if layout_changed:
+                self.pool.start_all(hooks_mod.queue_layout(running.outline.queue), lambda: None)
+            if self.manage_hooks and hooks_changed:
+                self.restore_hooks(running.outline)
+        return problem
+
+    def rebind(self) -> str:
+        """New queue numbers or settings: the workers bind anew (a short gap,
+        covered by the hooks' bypass when the policy asks for it)."""
+        self.pool.stop_all()
+        try:
+            self.pool.start_all(hooks_mod.queue_layout(self.policy.queue), lambda: None)
+        except StartupError as error:
+            self.pool.stop_all()
+            return f"reload failed: {error}"
+        return ""
+
+    def restore_hooks(self, running: Policy) -> None:
+        try:
+            hooks_mod.install(running.hooks, running.queue, self.installed_backend)
+        except hooks_mod.HookError as error:
+            self.log.event(f"cannot put the running policy's hooks back: {error}",
+                           LOG_ERR, IPQD_EVENT="reload-failed")
+
+    # -------------------------------------------------------- the hand-over's I/O
+
+    def hand_over(self) -> str:
+        """Drive a HandOverMachine over the running workers: "" when every
+        slot handed over (or kept its policy, said on its own), else the
+        first problem (then nothing was handed)."""
+        running = dict(self.workers)
+        machine = HandOverMachine(list(running), REPLY_TIMEOUT)
+        successors: Dict[int, WorkerHandle] = {}
+        try:
+            for index, worker in sorted(running.items()):
+                successors[index] = self.pool.spawn(index, len(running), worker.queues,
+                                                    SUCCESSOR)
+        except StartupError as error:
+            for successor in successors.values():
+                successor.end(0)
+            return f"reload failed: {error}"
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while not machine.done:
+            events = self.hand_over_events(machine, running, successors, deadline)
+            for event in events:
+                try:
+                    actions = machine.receive(event)
+                except ProtocolError as error:      # a bug: end the hand-over as if timed out
+                    self.log.event(f"ipqd: {error}", LOG_ERR, IPQD_EVENT="reload-failed")
+                    actions = machine.receive(TimedOut())
+                if actions:
+                    deadline = time.monotonic() + REPLY_TIMEOUT
+                outcome = self.carry_out(actions, running, successors)
+                if outcome is not None:
+                    return f"reload failed in {outcome[0]}" if outcome else ""
+            self.tend_watchdog()
+        return ""
+
+    def hand_over_events(self, machine: HandOverMachine, running: Dict[int, WorkerHandle],
+                         successors: Dict[int, WorkerHandle], deadline: float) -> List[object]:
+        """What happened since the last look, as the machine's events."""
+        events: List[object] = []
+        _wait_readable([h.conn for h in list(successors.values()) + list(running.values())
+                        if not getattr(h, "reported_dead", False)], 0.05)
+        for role, handles in ((SUCCESSOR, successors), (RUNNING, running)):
+            for index, handle in sorted(handles.items()):
+                if handle.conn.poll():
+                    alive, said = handle.take()
+                else:
+                    alive, said = handle.process.is_alive(), []
+                messages = [Message(role, index, m) for m in said]
+                died = []
+                if not alive and not getattr(handle, "reported_dead", False):
+                    handle.reported_dead = True
+                    died = [Died(role, index)]
+                # A successor that is gone is known to be before any hand-over
+                # begins; a running worker's last words come before its end.
+                events += died + messages if role == SUCCESSOR else messages + died
+        if self.stop_asked():
+            events.append(StopAsked())
+        if time.monotonic() > deadline:
+            events.append(TimedOut())
+        return events
+
+    def carry_out(self, actions: List[object], running: Dict[int, WorkerHandle],
+                  successors: Dict[int, WorkerHandle]) -> Optional[List[str]]:
+        """Do what the machine asked; its Done's problems once it is done."""
+        for action in actions:
+            if isinstance(action, SendTo):
+                handle = (running if action.role == RUNNING else successors)[action.index]
+                try:
+                    handle.conn.send(action.message)
+                except OSError:
+                    pass                # it died: seen as Died
+            elif isinstance(action, Promote):
+                old, new = running[action.index], successors[action.index]
+                new.stats, new.carried, new.seen = old.stats, old.carried, time.monotonic()
+                self.workers[action.index] = new
+                _share_cpus(old, new)
+            elif isinstance(action, Retire):
+                self.pool.retire(running[action.index])
+            elif isinstance(action, CallOff):
+                successors[action.index].end(0)
+            elif isinstance(action, Recover):
+                self.recover_slot(running[action.index])
+            elif isinstance(action, KeptPrevious):
+                self.failed_reloads += 1
+                self.last_reload_error = f"worker {action.index} kept the previous policy"
+                self.log.event(f"ipqd: the new worker {action.index} exited before the "
+                               "hand-over; that worker keeps the previous policy until the "
+                               "next reload", LOG_ERR, IPQD_EVENT="reload-failed")
+            elif isinstance(action, Done):
+                return action.problems
+        return None
+
+    def recover_slot(self, worker: WorkerHandle) -> None:
+        """The running worker died before it stopped reading: a worker that
+        recovers its socket judges again what it left unanswered."""
+        worker.stop()
+        self.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
+                       LOG_ERR, IPQD_EVENT="worker-died")
+        del self.workers[worker.index]
+        handle = self.pool.spawn(worker.index, len(self.workers) + 1, worker.queues, RECOVER)
+        self.pool.hand_counters(handle, worker.carried)
+
+    # -------------------------------------------------------- reports
+
+    def report_counters(self) -> None:
+        answers = self.pool.ask_counters(REPLY_TIMEOUT)
+        zero = {"hits": 0, "accepted": 0, "dropped": 0}
+        rules: Dict[str, Dict[str, int]] = {}
+        totals: Dict[str, int] = {}
+        for answer in answers.values():
+            named = list(answer.counters["rules"].items()) + [
+                ("default", answer.counters["default"]),
+                (UNDECIDABLE_NAME, answer.counters.get("undecidable", zero))]
+            for name, entry in named:
+                total = rules.setdefault(name, dict(zero))
+                for key in total:
+                    total[key] += entry[key]
+            for key, value in answer.stats.items():
+                totals[key] = totals.get(key, 0) + value
+        self.log.event("stats: " + " ".join(f"{k}={v}" for k, v in sorted(totals.items())),
+                       LOG_INFO, IPQD_EVENT="stats",
+                       **{f"IPQD_{k.upper()}": str(v) for k, v in totals.items()})
+        if not rules.get(UNDECIDABLE_NAME, zero)["hits"]:
+            rules.pop(UNDECIDABLE_NAME, None)      # said only when it decided something
+        for name, entry in rules.items():
+            self.log.event(f"rule {name}: {entry['hits']} hits ({entry['accepted']} accepted, "
+                           f"{entry['dropped']} dropped)", LOG_INFO, IPQD_EVENT="counters",
+                           IPQD_RULE=name, IPQD_HITS=str(entry["hits"]),
+                           IPQD_ACCEPTED=str(entry["accepted"]),
+                           IPQD_DROPPED=str(entry["dropped"]))
+
+    def status_line(self) -> str:
+        t = self.pool.totals()
+        text = (f"STATUS={t.get('packets', 0)} packets, {t.get('accepted', 0)} accepted, "
+                f"{t.get('dropped', 0)} dropped; policy {self.path} ({self.rules} rules)")
+        if self.last_reload_error:
+            text += f"; last failed reload: {self.last_reload_error}"
+        return text
+
+
+def _share_cpus(old: WorkerHandle, new: WorkerHandle) -> None:
+    """The successor starts on its predecessor's CPUs: its packets' caches
+    are warm there. Best effort: a sandbox may forbid it."""
+    try:
+        os.sched_setaffinity(new.process.pid, os.sched_getaffinity(old.process.pid))
+    except OSError:
+        pass
+
+
+def _ranges(numbers: List[int]) -> str:
+    if not numbers:
+        return "none"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)) and len(numbers) > 1:
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ",".join(map(str, numbers))
+
+
+def _wait_readable(conns: List, timeout: float) -> None:
+    """Until one of `conns` can be read (or has ended), at most `timeout` s."""
+    poller = select.poll()
+    for conn in conns:
+        if conn.fileno() >= 0:
+            poller.register(conn.fileno(), select.POLLIN)
+    poller.poll(int(timeout * 1000))
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def run_daemon(args) -> int:
+    return Daemon(args).run()

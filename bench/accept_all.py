@@ -20,8 +20,8 @@ def run_netfilterqueue(queue: int) -> None:
 
 
 def run_queuesocket(queue: int) -> None:
-    from ipqd.nfqueue import NF_ACCEPT
-    from ipqd.queue_socket import QueueSocket
+    from ipqd.wire.nfqueue import NF_ACCEPT
+    from ipqd.kernel.queue_socket import QueueSocket
 
     with QueueSocket(rcvbuf=8 << 20) as qs:
         qs.bind(queue, copy_range=0xFFFF)

@@ -17,8 +17,8 @@ import time
 
 import dpkt
 
-from ipqd.compiler import compile_policy
-from ipqd.packet import PacketMeta, parse
+from ipqd.decision.compiler import compile_policy
+from ipqd.decision.packet import PacketMeta, parse
 from ipqd.policy.model import AddrMatch, Match, Policy, RangeMatch, Rule
 
 SIZES = (10, 1_000, 10_000)

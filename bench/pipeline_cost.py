@@ -27,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dpkt  # noqa: E402
 
 from bench.run import PORT, policy_yaml  # noqa: E402
-from ipqd import nfqueue as nfq  # noqa: E402
-from ipqd import queue_socket  # noqa: E402
-from ipqd.multi_receive import SLOTS  # noqa: E402
+from ipqd.wire import nfqueue as nfq  # noqa: E402
+from ipqd.kernel import queue_socket  # noqa: E402
+from ipqd.kernel.multi_receive import SLOTS  # noqa: E402
 from ipqd.policy.loader import load  # noqa: E402
 from ipqd.daemon.messages import WorkerConfig  # noqa: E402
 from ipqd.daemon.worker import Worker  # noqa: E402

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""passer: the libipq manual's example, ported line by line to ipqd.ipq.
+"""passer: the libipq manual's example, ported line by line to ipqd.tools.ipq.
 
 Receives packets queued with `-j QUEUE` (NFQUEUE 0) and accepts each one.
     iptables -A OUTPUT -p icmp -j QUEUE

@@ -6,7 +6,7 @@ import common  # noqa: F401  (sets the path, imports atheris)
 import atheris
 
 with atheris.instrument_imports():
-    from ipqd import nfqueue as nfq
+    from ipqd.wire import nfqueue as nfq
     import fuzz_corpus
 
 EVENTS = (nfq.Packet, nfq.Ack, nfq.KernelError, nfq.Undecodable)

@@ -7,9 +7,9 @@ import common  # noqa: F401
 import atheris
 
 with atheris.instrument_imports():
-    from ipqd import nfqueue as nfq
-    from ipqd.engine import Engine
-    from ipqd.packet import CT_STATES
+    from ipqd.wire import nfqueue as nfq
+    from ipqd.decision.engine import Engine
+    from ipqd.decision.packet import CT_STATES
     from ipqd.policy.loader import loads
     import fuzz_corpus
 

@@ -1,4 +1,4 @@
-"""atheris: bytes into the packet view (ipqd.packet.parse); the first byte
+"""atheris: bytes into the packet view (ipqd.decision.packet.parse); the first byte
 picks the metadata (cut copy, announced family, which fields are read).
 
     python fuzz/fuzz_packet.py -max_total_time=60
@@ -7,7 +7,7 @@ import common  # noqa: F401
 import atheris
 
 with atheris.instrument_imports():
-    from ipqd.packet import L4_FIELDS, PacketMeta, parse
+    from ipqd.decision.packet import L4_FIELDS, PacketMeta, parse
     import fuzz_corpus
 
 NEEDS = (None, frozenset(), frozenset(L4_FIELDS), frozenset({"src"}))

@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from ipqd.policy.check import run_check
         return run_check(args)
     if args.command == "explain":
-        from ipqd.explain import run_explain
+        from ipqd.tools.explain import run_explain
         return run_explain(args)
     if args.command == "hooks":
-        from ipqd.hooks import run_hooks_command
+        from ipqd.kernel.hooks import run_hooks_command
         return run_hooks_command(args)
     raise AssertionError(args.command)
 

@@ -12,8 +12,8 @@ import os
 import struct
 from typing import List
 
-from ipqd import nfqueue as nfq
-from ipqd.pcap import read_capture, ip_payload
+from ipqd.wire import nfqueue as nfq
+from ipqd.tools.pcap import read_capture, ip_payload
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -1,4 +1,4 @@
-"""Write the small captures tests/test_explain.py replays, with dpkt.
+"""Write the small captures tests/pure/test_explain.py replays, with dpkt.
 
     .venv/bin/python tests/make_captures.py
 

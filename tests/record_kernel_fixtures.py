@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from netns import Lab, iptables  # noqa: E402
-from ipqd import nfqueue as nfq  # noqa: E402
+from ipqd.wire import nfqueue as nfq  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "kernel")
 

@@ -19,7 +19,7 @@ addressed by the host pid of its PID 1, `sb.pid`):
     ip link add veth-o netns ipqd-peer-<pid> type veth peer name veth-i netns <sb.pid>
 
 `SystemdSandbox.add_veth` does exactly that and addresses both ends. An
-end-to-end test of ipqd (tests/test_unit.py has the full one):
+end-to-end test of ipqd (tests/systemd/test_unit.py has the full one):
 
     wheels = str(tmp_path / "wheels")
     build_wheelhouse(wheels)                     # the sandbox has no network

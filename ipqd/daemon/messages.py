@@ -37,7 +37,7 @@ class WorkerConfig:
     log_target: str
     rcvbuf: int = 8 << 20
     batch: bool = True
-    cache: bool = True                            # the verdict cache (ipqd.verdict_cache)
+    cache: bool = True                            # the verdict cache (ipqd.decision.verdict_cache)
 
 
 # ---------------------------------------------------------------- to a worker

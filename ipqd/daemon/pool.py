@@ -18,9 +18,9 @@ from ipqd.daemon import child
 from ipqd.daemon.messages import (BIND, COMPILING, RECOVER, STARTING, SUCCESSOR, AskCounters,
                                   Counters, Failed, Ready, Stats, Stop, TakeOver, WorkerConfig,
                                   WorkerPhase)
-from ipqd.decision_log import LOG_ERR
+from ipqd.daemon.decision_log import LOG_ERR
 from ipqd.errors import ProtocolError
-from ipqd.nfnetlink import NETLINK_NETFILTER
+from ipqd.wire.nfnetlink import NETLINK_NETFILTER
 
 READY_TIMEOUT = 15.0
 STALE_AFTER = 5.0          # a worker silent this long is wedged: no watchdog ping

@@ -24,8 +24,8 @@ import signal
 import time
 from typing import Dict, List, Optional
 
-from ipqd import hooks as hooks_mod
-from ipqd.compiler import UNDECIDABLE_NAME
+from ipqd.kernel import hooks as hooks_mod
+from ipqd.decision.compiler import UNDECIDABLE_NAME
 from ipqd.daemon.handover import (RUNNING, SUCCESSOR, CallOff, Died, Done, HandOverMachine,
                                   KeptPrevious, Message, Promote, Recover, Retire, SendTo,
                                   StopAsked, TimedOut)
@@ -33,7 +33,7 @@ from ipqd.daemon.loading import LoadedPolicy, load_in_child
 from ipqd.daemon.messages import RECOVER
 from ipqd.daemon.notify import notify, watchdog_interval
 from ipqd.daemon.pool import StartupError, WorkerHandle, WorkerPool
-from ipqd.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
+from ipqd.daemon.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
 from ipqd.errors import ProtocolError
 from ipqd.policy.checked import PolicyRefused
 from ipqd.policy.model import Policy

@@ -30,18 +30,18 @@ import socket
 import time
 from typing import Dict, List, Optional
 
-from ipqd import nfqueue as nfq
+from ipqd.wire import nfqueue as nfq
 from ipqd.daemon.child import schedule
 from ipqd.daemon.messages import (BIND, RECOVER, SUCCESSOR, TO_WORKER, AskCounters, Compiled,
                                   Counters, Failed, Go, HandOver, Handed, Ready, Stats, Stop,
                                   Stopped, TakeOver, WorkerConfig, expect)
-from ipqd.decision_log import DecisionLog
-from ipqd.engine import Engine
+from ipqd.daemon.decision_log import DecisionLog
+from ipqd.decision.engine import Engine
 from ipqd.errors import IpqdError, NetlinkError
 from ipqd.policy import transfer
 from ipqd.policy.model import Policy, Rate
-from ipqd.queue_socket import QueueSocket, QueueState, queue_states
-from ipqd.verdict_cache import KeyMaker
+from ipqd.kernel.queue_socket import QueueSocket, QueueState, queue_states
+from ipqd.decision.verdict_cache import KeyMaker
 
 STATS_EVERY = 1.0
 SETTLE_AT = 256                     # cache entries hit before the totals are brought up to date

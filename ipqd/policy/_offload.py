@@ -9,7 +9,7 @@ from typing import Optional
 
 import yaml
 
-from ipqd.offload import MIN_BITS, bits_of
+from ipqd.policy.offload import MIN_BITS, bits_of
 from ipqd.policy import _values as values
 from ipqd.policy._nodes import Where, choice, fields, is_scalar, text
 from ipqd.policy._values import Invalid

@@ -3,7 +3,7 @@
 A packet whose copy (queue.copy_range) ends before a field the rules need to
 tell its verdict gets this action: IPv6 extension headers can put the
 transport header anywhere in a packet, so no copy_range but 0 shows it for
-sure (see ipqd.compiler). Parsed here so that the loader only has to name
+sure (see ipqd.decision.compiler). Parsed here so that the loader only has to name
 the field: QUEUE_FIELDS gets "undecidable" and QUEUE_PARSERS gets
 `"undecidable": parse_undecidable`.
 """
@@ -14,7 +14,7 @@ from typing import List, Optional
 import yaml
 
 from ipqd.errors import PolicyError
-from ipqd.packet import HIDDEN_CHAIN, HIDDEN_IP
+from ipqd.policy.model import HIDDEN_CHAIN, HIDDEN_IP
 from ipqd.policy._nodes import Where, choice
 from ipqd.policy.model import ACTIONS, Policy
 

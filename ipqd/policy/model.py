@@ -238,3 +238,11 @@ class Policy:
         for rule in self.rules:
             out |= rule.match.fields()
         return frozenset(out)
+
+
+# The match fields each L4 header feeds (ipqd.decision.packet fills them).
+L4_FIELDS = frozenset({"sport", "dport", "icmp_type", "icmp_code", "tcp_flags"})
+# What a copy cut at copy_range can hide besides the transport header's own
+# fields, by where it ends (see PacketView.hidden).
+HIDDEN_CHAIN = L4_FIELDS | {"proto", "fragment"}                # in the IPv6 extension headers
+HIDDEN_IP = HIDDEN_CHAIN | {"src", "dst", "length"}             # in the IP header itself

@@ -1,0 +1,185 @@
+"""The decision engine: a queued packet in, a verdict out. Pure.
+
+`Engine.judge` turns the kernel's description of a packet (ipqd.wire.nfqueue.Packet)
+into the view rules match (ipqd.decision.packet.parse), asks the compiled policy
+(ipqd.decision.compiler.Matcher) and returns the verdict to send. Every path ends in
+exactly one verdict: a packet that cannot be parsed is matched as malformed
+(and usually falls to the default); one whose copy hides a field its
+verdict depends on gets the policy's `queue.undecidable` action, counted;
+an exception inside the decision code gives the default verdict and is
+counted.
+
+Flow offload: a decision whose verdict holds for the rest of the flow
+(`Decision.offload`) is answered NF_REPEAT with a request bit in the packet
+mark; ipqd's hook rules then write it into the flow's conntrack mark and
+accept or drop the packet (see ipqd.policy.offload).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional
+
+from ipqd.decision.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
+from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
+from ipqd.policy.offload import layout as offload_layout
+from ipqd.decision.packet import PacketMeta, PacketView, parse
+from ipqd.policy.model import Policy
+from ipqd.decision.verdict_cache import CachedVerdict, VerdictCache
+
+_FAMILY = {2: 4, 10: 6}
+
+
+class Verdict(NamedTuple):
+    verdict: int                 # NF_ACCEPT, NF_DROP, or NF_REPEAT to offload the flow
+    mark: Optional[int]          # a new packet mark, or None to leave it
+    decision: Decision
+    view: Optional[PacketView]   # None only when the decision code failed
+
+
+class Counters:
+    """What the engine decided, in total."""
+    __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
+                 "offload_returned", "undecidable")
+
+    def __init__(self) -> None:
+        self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+        self.undecidable = 0     # given queue.undecidable: the copy hid what the rules needed
+        self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
+        self.offload_returned = 0    # requests that came back: no hook rules took them
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Engine:
+    """A compiled policy plus the counters that outlive reloads. It keeps
+    none of the policy's rules: the matcher has what it needs."""
+
+    def __init__(self, policy: Policy, matcher: Optional[Matcher] = None,
+                 counters: Optional[Counters] = None, caching: bool = True):
+        self.caching = caching            # False: judge stores nothing (ipqd run --no-cache)
+        self.matcher = matcher or compile_policy(policy)
+        self.needs = self.matcher.fields
+        self.counters = counters or Counters()
+        self.cache = VerdictCache()       # per compiled policy: a reload starts empty
+        default = policy.default
+        self._default_verdict = NF_ACCEPT if default.action == "accept" else NF_DROP
+        self._error_decision = Decision(None, -1, default.action,
+                                        default.set_mark if default.action == "accept" else None,
+                                        default.log)
+        offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+        self._offload_hooks = offload.hooks if offload else frozenset()
+        self._request = offload.request if offload else 0
+        self._request_accept = offload.request_accept if offload else 0
+        self._request_drop = offload.request_drop if offload else 0
+        # Cleared when a request comes back: nothing takes requests (--no-hooks
+        # without ipqd's rules), and asking would send each packet through twice.
+        self.offloading = bool(self._offload_hooks)
+
+    @property
+    def default_verdict(self) -> int:
+        return self._default_verdict
+
+    def carry_over(self) -> dict:
+        """What a successor worker takes over (`take_over`): the totals, the
+        cache's counts and the matcher's (plain data, for a pipe)."""
+        self.settle()
+        return {"counters": self.counters.as_dict(), "matcher": self.matcher.carry_over(),
+                "cache": (self.cache.hits, self.cache.misses, self.cache.flushes)}
+
+    def take_over(self, state: dict) -> None:
+        """Count on from a predecessor's `carry_over` (a reload's new worker)."""
+        for name, value in state["counters"].items():
+            setattr(self.counters, name, getattr(self.counters, name) + value)
+        self.matcher.take_over(state["matcher"])
+        hits, misses, flushes = state["cache"]
+        self.cache.hits += hits
+        self.cache.misses += misses
+        self.cache.flushes += flushes
+
+    def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
+              ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
+        """The verdict on a decoded packet. `key`, the packet's cache key
+        (read by a KeyMaker of `cache`, which found no verdict under it), stores the
+        decision when it may be cached."""
+        counters = self.counters
+        counters.packets += 1
+        try:
+            meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), packet.mark,
+                              packet.uid, packet.gid, ct_state, packet.cap_len,
+                              _FAMILY.get(packet.family))
+            view = parse(packet.payload or b"", meta, self.needs)
+            decision = self.matcher.decide(view, now)
+        except Exception:       # the per-packet boundary: the default, counted
+            return self.fallback()
+        if view.malformed:
+            counters.malformed += 1
+            return self._finish(decision, view)
+        if view.hidden:         # decided on part of the packet: never cached
+            if decision.rule_index == UNDECIDABLE:
+                counters.undecidable += 1
+            return self._finish(decision, view)
+        verdict = self._finish(decision, view)
+        if key is not None and self.caching and not self.matcher.rated \
+                and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
+            self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
+                                                decision.rule_index, decision.log))
+        return verdict
+
+    def settle(self, at_least: int = 0) -> None:
+        """Add the cache's hits since the last call to the totals, as `judge`
+        would have counted each: before anyone reads them. With `at_least`,
+        only once that many entries have been hit (bounded work per call)."""
+        cache = self.cache
+        if len(cache.touched) < at_least:
+            return
+        counters = self.counters
+        tally = self.matcher.tally
+        for entry in cache.touched:
+            hits, entry.hits = entry.hits, 0
+            cache.hits += hits
+            counters.packets += hits
+            if entry.accept:
+                counters.accepted += hits
+            else:
+                counters.dropped += hits
+            tally(entry.rule_index, hits)
+        cache.touched.clear()
+
+    def fallback(self) -> Verdict:
+        """The default verdict for a packet the decision code failed on, counted."""
+        self.counters.errors += 1
+        return self._finish(self._error_decision, None)
+
+    def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        if decision.offload and self.offloading and view is not None \
+                and view.hook in self._offload_hooks:
+            offloaded = self._offloaded(decision, view)
+            if offloaded is not None:
+                return offloaded
+        if decision.action == "accept":
+            self.counters.accepted += 1
+            return Verdict(NF_ACCEPT, decision.mark, decision, view)
+        self.counters.dropped += 1
+        return Verdict(NF_DROP, None, decision, view)
+
+    def _offloaded(self, decision: Decision, view: PacketView) -> Optional[Verdict]:
+        """NF_REPEAT asking the hook rules to remember the verdict for the flow,
+        or None to answer this packet alone."""
+        mark = view.mark or 0
+        state = view.ct_state
+        # A packet that already carries a request came back without meeting
+        # ipqd's hook rules (--no-hooks, rules of the administrator's own):
+        # asking again would loop it, and asking for other flows would only
+        # send their packets through twice, so this engine stops asking.
+        if mark & self._request:
+            self.counters.offload_returned += 1
+            self.offloading = False
+            return None
+        if view.malformed or (state is not None and state not in decision.offload):
+            return None
+        self.counters.offloaded += 1
+        if decision.action == "accept":
+            self.counters.accepted += 1
+            return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
+        self.counters.dropped += 1
+        return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)

@@ -1,0 +1,389 @@
+"""The verdict cache: packets that differ only in fields no rule reads get one verdict.
+
+The compiler knows which packet fields the policy reads (`Matcher.fields`).
+Two packets that agree on all of them, and on the metadata a rule can test,
+get the same decision, unless a rate-limited rule took part in it (a token
+bucket changes with time). So the worker keeps, per compiled policy, a dict
+from exactly those fields to the verdict, and a packet whose key is in it
+skips the packet view and the matcher. A logged decision is kept too, but
+answered from the cache only when the log's rate would suppress its entry
+(`log_gate`): an entry that is written needs the whole packet view, so that
+packet takes the full path. A new policy starts with an empty cache.
+
+Only "plain" packets get a key: IPv4 without options or IPv6 without
+extension headers, not fragmented, copied whole, carrying TCP, UDP, ICMP,
+ICMPv6 or a protocol without ports, with headers that `ipqd.decision.packet.parse`
+would accept. For those the fields read here are exactly the ones `parse`
+puts in the view (tests/pure/test_verdict_cache.py checks it against `parse`);
+anything else gets no key and takes the full path, which stays the
+reference. A key is read straight from the receive buffers: one struct
+call per packet, in one loop over a burst (KeyMaker.take), compiled for
+each message layout the kernel uses (ipqd.wire.fast_decode.AttributeLayout).
+
+In front of that careful read sits an exact-match cache, as Open vSwitch
+keeps one in front of its flow classifier: one struct call reads every
+byte the careful read would look at (the message's lengths and attribute
+headers, the metadata and header fields it checks or keys on), all but the
+packet id, and a dict maps that tuple to the verdict the careful read led
+to. Equal tuples mean the careful read would find the same key, so a hit
+skips its checks. Its tuples also hold bytes that only some protocols use
+(TCP's sequence number where UDP has its length), so only TCP and UDP go
+in, and a flow whose read bytes change (an ICMP checksum) is simply read
+carefully each time.
+Pure: no I/O.
+"""
+from __future__ import annotations
+
+import struct
+from operator import itemgetter
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ipqd.wire.fast_decode import AttributeLayout, layout_of, layout_struct
+from ipqd.wire.nfqueue import NF_ACCEPT
+from ipqd.decision.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, \
+    PROTO_TCP, PROTO_UDP, PROTO_UDPLITE
+
+# Entries kept before the cache starts over; a miss costs one full decision.
+CACHE_SIZE = 65536
+# Tuples the exact-match cache keeps, per message layout, before it starts
+# over; a miss there costs one careful read.
+EXACT_SIZE = 4096
+
+# What a key reader takes from the IP packet, by offset from its start. Both
+# families put the protocol and what follows at the same places in the read
+# tuple (IPv6 reads its traffic class byte to keep step), so one code path
+# checks the transport header. One 16-bit word holds the ports' first half
+# or ICMP's type and code.
+_IPV4 = ((0, "B", "version"), (2, "H", "total"), (6, "H", "frag"), (9, "B", "proto"),
+         (12, "I", "src"), (16, "I", "dst"), (20, "H", "word0"), (22, "H", "dport"),
+         (24, "H", "udp_len"), (32, "B", "tcp_offset"), (33, "B", "tcp_flags"))
+_IPV6 = ((0, "B", "version"), (1, "B", "traffic_class"), (4, "H", "plen"), (6, "B", "proto"),
+         (8, "16s", "src"), (24, "16s", "dst"), (40, "H", "word0"), (42, "H", "dport"),
+         (44, "H", "udp_len"), (52, "B", "tcp_offset"), (53, "B", "tcp_flags"))
+_V4_HEADER, _V6_HEADER = 20, 40
+# Which read value answers each field, by kind of transport header.
+_TCP, _UDP, _ICMP, _OTHER = range(4)
+_KEY_SOURCE = (
+    {"sport": "word0", "dport": "dport", "tcp_flags": "tcp_flags"},     # _TCP
+    {"sport": "word0", "dport": "dport"},                               # _UDP
+    {"icmp_type": "word0", "icmp_code": "word0"},                       # _ICMP
+    {},                                                                 # _OTHER
+)
+_ABSENT = (0, None)             # the values of metadata a layout does not carry
+_UNCACHED_PROTOS = frozenset({PROTO_SCTP, PROTO_UDPLITE})     # rare: the full path
+# nfgenmsg families
+_NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
+# Packet metadata a key can hold: the policy field each index of
+# fast_decode's summary answers (0 is the queue, which stands for ct_state).
+_META_INDEX = {"ct_state": 0, "hook": 3, "mark": 4, "in": 5, "out": 6, "uid": 7, "gid": 8}
+
+# The answer for an interface index: its name, or None.
+IfName = Callable[[Optional[int]], Optional[str]]
+
+
+class CacheRound:
+    """What the cache answered since the worker last sent verdicts (it
+    clears this then): per queue the highest id among the hits a batch
+    verdict may cover (ids grow: the latest), the other hits as (queue, id,
+    CachedVerdict), and the keys of the misses by (queue, id), under which
+    the full path stores its decisions."""
+    __slots__ = ("batch", "single", "misses")
+
+    def __init__(self):
+        self.batch: Dict[int, int] = {}
+        self.single: List[Tuple[int, int, "CachedVerdict"]] = []
+        self.misses: Dict[Tuple[int, int], tuple] = {}
+
+    def clear(self) -> None:        # in place: the readers hold these
+        self.batch.clear()
+        self.single.clear()
+        self.misses.clear()
+
+
+class KeyMaker:
+    """Reads cache keys for one compiled policy, only the fields it reads,
+    and answers what its cache holds. `batch`: plain accepts may be answered
+    by a batch verdict. `ifname` names an interface index, for policies that
+    test interfaces."""
+
+    def __init__(self, fields: frozenset, cache: Optional["VerdictCache"] = None,
+                 batch: bool = True, ifname: IfName = lambda index: None, exact: bool = True,
+                 log_gate: Optional[Callable[[], bool]] = None):
+        self.fields = fields
+        self.cache = cache if cache is not None else VerdictCache()
+        self.batch = batch
+        self.ifname = ifname
+        self.exact = exact                  # the exact-match cache in front of the careful read
+        # Asked on a hit of a logged decision: True (or no gate) sends the
+        # packet to the full path to be logged, False answers it here
+        # (DecisionLog.wants_entry, which counts it as suppressed).
+        self.log_gate = log_gate
+        self.round = CacheRound()
+        self._readers: List[Callable] = []
+        self._fast: Optional[Callable] = None      # the reader of the layout seen last
+
+    def take(self, views: Sequence, lengths: Sequence[int]) -> List[int]:
+        """Answer from the cache what it can of the datagrams views[i][:lengths[i]]:
+        each hit is counted (VerdictCache.touched) and goes in `round`. Returns
+        the indexes of the rest, for the full path: misses (their keys in
+        round.misses), packets that are not plain, and datagrams that are
+        not one ordinary packet message."""
+        if self._fast is None:
+            rest, strangers = [], range(len(lengths))
+        else:
+            rest, strangers = self._fast(views, lengths)
+        if strangers:
+            # Taken after the others, so their ids may be lower: a batch
+            # verdict must keep the highest.
+            batch = self.round.batch
+            highest = dict(batch)
+            rest.extend(i for i in strangers if not self._take_stranger(views[i], lengths[i]))
+            rest.sort()
+            for queue, packet_id in highest.items():
+                if batch[queue] < packet_id:
+                    batch[queue] = packet_id
+        return rest
+
+    def _take_stranger(self, buf, n: int) -> bool:
+        """One datagram of another layout than the last: a known layout's
+        reader takes it, or a reader learned from it. True when answered."""
+        for reader in self._readers:
+            rest, strangers = reader((buf,), (n,))
+            if not strangers:
+                self._fast = reader
+                return not rest
+        learned = layout_of(buf, n)
+        if learned is None:
+            return False
+        reader = self._fast = layout_reader(learned[0], self.fields, self.cache, self.round,
+                                            self.batch, self.ifname, self.exact, self.log_gate)
+        self._readers.insert(0, reader)
+        del self._readers[8:]
+        rest, strangers = reader((buf,), (n,))
+        return not rest and not strangers
+
+
+def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCache",
+                  answers: CacheRound, batch: bool, ifname: IfName,
+                  exact: bool = True, log_gate: Optional[Callable[[], bool]] = None) -> Callable:
+    """The key reader of one message layout: for each datagram, one struct
+    call reads the metadata and the IP and transport headers, the key takes
+    what `fields` needs, and `cache` answers it into `answers`. Returns
+    (rest, strangers): the indexes left for the full path, and those of
+    datagrams of another layout. Keys do not depend on the layout:
+    metadata the kernel left out reads as what a decoded Packet would hold
+    (mark 0, else None)."""
+    start = layout.start
+    want_l4 = not fields.isdisjoint(L4_FIELDS)
+    # The family and the queue always; ct_state asks for the queue again.
+    meta = list(dict.fromkeys([1, 0] + sorted(_META_INDEX[f] for f in fields
+                                               if f in _META_INDEX)))
+    names = "in" in fields or "out" in fields
+    used = [2, 5, 6] if names else [2]          # read besides the key: id, interfaces
+
+    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], bool]:
+        named = sorted([(where[0], where[1], f"m{i}") for i, where in layout.offsets.items()]
+                       + [(start + offset, code, name) for offset, code, name in header])
+        index = {name: i for i, (_, _, name) in enumerate(named)}
+        # What is read is followed by _ABSENT: a missing mark is 0, the rest None.
+        for i in range(9):
+            index.setdefault(f"m{i}", len(named) + (0 if i == 4 else 1))
+        shape = layout_struct(">", [(offset, code) for offset, code, _ in named])
+        # Added only when the reader takes from it (the copy costs per packet):
+        # most layouts carry all the metadata a policy reads.
+        absent = any(index[f"m{i}"] >= len(named) for i in meta + used)
+        return shape, index, absent
+
+    def compile_exact(header) -> struct.Struct:
+        """The exact-match read of one family: the bytes the careful read
+        checks or keys on, but not the packet id. Byte order does not
+        matter for equality; native, so that the length compares with n."""
+        # What the checks read, up to the last byte the careful read takes
+        # (a buffer too short for it must fail both alike).
+        wanted = {"version", "total", "plen", "frag", "proto", "udp_len", "tcp_offset",
+                  "tcp_flags"}
+        wanted.update(name for name in ("src", "dst") if name in fields)
+        if want_l4:
+            for sources in _KEY_SOURCE:
+                wanted.update(sources[f] for f in fields if f in sources)
+        read = dict(layout.head_fields)
+        read.update(layout.offsets[i] for i in meta if i in layout.offsets)
+        read.update((start + offset, code) for offset, code, name in header if name in wanted)
+        at = 0
+        for offset, code in sorted(read.items()):
+            assert offset >= at, "the exact read's fields must not overlap"
+            at = offset + struct.calcsize("=" + code)
+        return layout_struct("=", list(read.items()))
+
+    def picker(index: Dict[str, int], kind: int, length: str) -> Callable:
+        wanted = [f"m{i}" for i in meta] + ["proto"]
+        wanted += [name for name in ("src", "dst") if name in fields]
+        if want_l4:
+            sources = _KEY_SOURCE[kind]
+            wanted += list(dict.fromkeys(sources[f] for f in sorted(fields) if f in sources))
+        if "length" in fields:
+            wanted.append(length)
+        return itemgetter(*[index[name] for name in wanted])
+
+    v4, i4, absent4 = compile_family(_IPV4)
+    v6, i6, absent6 = compile_family(_IPV6)
+    shared = ("m0", "m2", "m5", "m6", "version", "proto", "udp_len", "tcp_offset")
+    assert all(i4[name] == i6[name] for name in shared), "the families must keep step"
+    queue, packet_id, indev, outdev, version, proto_at, udp_len, tcp_offset = \
+        (i4[name] for name in shared)
+    total, frag, plen = i4["total"], i4["frag"], i6["plen"]
+    picks4 = tuple(picker(i4, kind, "total") for kind in range(len(_KEY_SOURCE)))
+    picks6 = tuple(picker(i6, kind, "plen") for kind in range(len(_KEY_SOURCE)))
+    heads, expected, payload_type = layout.heads, layout.expected, layout.payload_type
+    payload_at = layout.payload_at
+    entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
+    hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
+    # Interface names can change under their indexes: such keys are read
+    # carefully every time.
+    exact_ok = exact and not names
+    exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}      # read bytes -> (entry, queue)
+    read4, read6 = compile_exact(_IPV4).unpack_from, compile_exact(_IPV6).unpack_from
+    id_at = layout.offsets[2][0]            # every packet message carries its id
+    read_id = struct.Struct(">I").unpack_from
+
+    def take(views, lengths) -> Tuple[List[int], List[int]]:
+        rest: List[int] = []
+        strangers: List[int] = []
+        last: Dict[int, int] = {}       # queue -> index of its latest batchable hit
+        for i, n in enumerate(lengths):
+            buf = views[i]
+            try:
+                entry = None
+                if exact_ok:
+                    family = buf[16]
+                    seen = read4(buf) if family == _NFPROTO_IPV4 else \
+                        read6(buf) if family == _NFPROTO_IPV6 else None
+                    hit = exact_hits.get(seen)
+                    if hit is not None and seen[0] == n:
+                        entry, hit_queue = hit
+                if entry is None:
+                    # The careful read. The layout's attribute headers, the
+                    # payload last and the message exactly n bytes long, as
+                    # the kernel sends it (stricter than
+                    # AttributeLayout.payload_end): its padding, n -
+                    # payload_at - attr_len, is 0 to 3. The payload's own
+                    # length is checked against the IP header below. What
+                    # lies past n in the buffer is read but never used; a
+                    # buffer too short for the reads raises, and the full
+                    # path takes it.
+                    found = heads.unpack_from(buf)
+                    attr_len = found[-2]
+                    if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
+                            or (n - payload_at - attr_len) & -4:
+                        strangers.append(i)
+                        continue
+                    size = attr_len - 4
+                    family = buf[16]
+                    if family == _NFPROTO_IPV4:
+                        v = v4.unpack_from(buf)
+                        if absent4:
+                            v += _ABSENT
+                        if size < _V4_HEADER or v[version] != 0x45 or v[total] != size \
+                                or v[frag] & 0x3FFF:
+                            rest.append(i)
+                            continue
+                        room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
+                    elif family == _NFPROTO_IPV6:
+                        v = v6.unpack_from(buf)
+                        if absent6:
+                            v += _ABSENT
+                        if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
+                                or v[proto_at] in IPV6_EXT_HEADERS:
+                            rest.append(i)
+                            continue
+                        room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
+                    else:
+                        strangers.append(i)
+                        continue
+                    # The transport header as parse would take it, or no key.
+                    proto = v[proto_at]
+                    if proto == PROTO_TCP:
+                        header = (v[tcp_offset] >> 4) * 4
+                        kind = _TCP if 20 <= header <= room else None
+                    elif proto == PROTO_UDP:
+                        kind = _UDP if 8 <= v[udp_len] <= room else None
+                    elif proto == icmp:
+                        kind = _ICMP if room >= icmp_room else None
+                    else:
+                        kind = None if proto in _UNCACHED_PROTOS else _OTHER
+                    if kind is None:
+                        rest.append(i)
+                        continue
+                    key = picks[kind](v)
+                    if names:       # names, not indexes: an interface can be renamed
+                        key += (ifname(v[indev]), ifname(v[outdev]))
+                    hit_queue = v[queue]
+                    entry = entries.get(key)
+                    if entry is None:
+                        cache.misses += 1
+                        misses[hit_queue, v[packet_id]] = key
+                        rest.append(i)
+                        continue
+                    if exact_ok and kind <= _UDP and seen is not None:
+                        if len(exact_hits) >= EXACT_SIZE:
+                            exact_hits.clear()
+                        exact_hits[seen] = (entry, hit_queue)
+                # A hit, of either layer.
+                if entry.log and (log_gate is None or log_gate()):
+                    rest.append(i)          # its line is written: the full path, which logs
+                    continue
+                if not entry.hits:
+                    touched.append(entry)
+                entry.hits += 1
+                if entry.batchable and batch:
+                    last[hit_queue] = i
+                else:
+                    hits_single.append((hit_queue, read_id(buf, id_at)[0], entry))
+            except Exception:       # the full path is the boundary that counts
+                rest.append(i)
+        # The batch verdict covers up to the latest hit: its id, read once.
+        for hit_queue, i in last.items():
+            hits_batch[hit_queue] = read_id(views[i], id_at)[0]
+        return rest, strangers
+
+    return take
+
+
+class CachedVerdict:
+    """What a cache hit needs: the verdict, its mark, and whom to count."""
+    __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits")
+
+    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False):
+        self.verdict = verdict
+        self.mark = mark
+        self.rule_index = rule_index          # -1: the default
+        self.log = log                        # the decision is logged: see KeyMaker.log_gate
+        self.hits = 0                         # since Engine.settle last counted them
+        accept = self.accept = verdict == NF_ACCEPT
+        self.batchable = accept and mark is None      # may go in a batch verdict
+
+
+class VerdictCache:
+    """A bounded dict of keys to CachedVerdict, with its own counters."""
+
+    def __init__(self, size: int = CACHE_SIZE):
+        self.size = size
+        self.entries: Dict[tuple, CachedVerdict] = {}
+        # Entries hit since the totals were last settled (Engine.settle); kept
+        # here, not found from `entries`, which a flush may have emptied.
+        self.touched: List[CachedVerdict] = []
+        self.hits = 0
+        self.misses = 0
+        self.flushes = 0
+
+    def store(self, key: tuple, entry: CachedVerdict) -> None:
+        entries = self.entries
+        if len(entries) >= self.size:
+            # Starting over is O(1) per packet on average, unlike keeping an LRU order.
+            entries.clear()
+            self.flushes += 1
+        entries[key] = entry
+
+    def stats(self) -> Dict[str, int]:
+        return {"cache_hits": self.hits, "cache_misses": self.misses,
+                "cache_entries": len(self.entries), "cache_flushes": self.flushes}

@@ -1,0 +1,6 @@
+"""Tools on top of the layers below.
+
+  ipq      the libipq API (`from ipqd import ipq`)
+  explain  `ipqd explain`: the verdict a policy gives to captured or described packets
+  pcap     pcap and pcapng captures, for explain
+"""

@@ -1,0 +1,257 @@
+"""`ipqd explain`: captures and described packets through the real parse + decide path."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from ipqd.cli import main
+from make_captures import EXPECTED
+
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "captures")
+POLICY = os.path.join(HERE, "policy.yaml")
+SHARED = "/work/shared/captures/tcpdump-tests"
+
+
+def explain(capsys, *argv) -> tuple:
+    code = main(["explain", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def explain_json(capsys, *argv) -> dict:
+    code, out, err = explain(capsys, POLICY, *argv, "--json")  # a description must come first
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_own_captures_get_the_expected_verdicts(capsys, name):
+    document = explain_json(capsys, "--pcap", os.path.join(HERE, name))
+    packets = document["packets"]
+    assert len(packets) == len(EXPECTED[name])
+    for record, (verdict, rule, summary) in zip(packets, EXPECTED[name]):
+        if summary == "skipped":
+            assert record["verdict"] is None and record["skipped"].startswith("not IP")
+            continue
+        assert (record["verdict"], record["rule"]) == (verdict, rule), record
+        assert record["summary"].startswith(summary), record
+
+
+def test_capture_text_output(capsys):
+    code, out, _ = explain(capsys, POLICY, "--pcap", os.path.join(HERE, "ipqd-mixed.pcap"))
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].split() == ["1", "ACCEPT", "ssh", "tcp", "10.0.0.5:40000", "->",
+                                "10.0.0.1:22", "[S]", "len=40"]
+    assert "skipped: not IP" in lines[2]
+    assert "DROP    queue.undecidable     tcp 10.0.0.5 -> 10.0.0.1 len=40 " \
+           "(transport header past copy_range)" in out
+    table = {line.split()[0]: line.split()[1:] for line in lines[lines.index("") + 2:]
+             if line and not line.startswith(("(", "1 frame"))}
+    assert table["ssh"] == ["2", "2", "0"] and table["bad"] == ["1", "0", "1"]
+    assert "(default: drop)            1         0        1" in out
+    assert "(undecidable: drop)        1         0        1" in out
+
+
+CAPTURE_MALFORMED = {
+    "LINKTYPE_IPV4_invalid.pcap": ["IPv6 header in an IPv4 packet"],
+    "LINKTYPE_RAW_ipv6.pcap": [None],
+    "dns_udp.pcap": [None, None],
+    "icmp-length-zero.pcapng": ["IPv4 total length 0 < header length 20"],
+    "icmpv6.pcap": [None] * 5,
+    "ipv4_invalid_total_length.pcap": ["IPv4 total length 85 beyond the 84 bytes"],
+    "ipv6-routing-header.pcap": [None] * 4,
+    "ipv6_frag6_negative_len.pcap": ["IPv6 extension header runs off the end"],
+    "tcp_header_heapoverflow.pcap": ["transport header past copy_range"],    # snaplen 46
+    "tcp_rst_data-trunc.pcap": [None],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CAPTURE_MALFORMED))
+def test_tcpdump_captures_malformed_or_not(capsys, name):
+    packets = explain_json(capsys, "--pcap", os.path.join(HERE, name))["packets"]
+    assert [p["reason"] for p in packets] == CAPTURE_MALFORMED[name]
+    for p in packets:
+        assert p["verdict"] in ("accept", "drop")
+        assert (p["rule"] == "bad") == p["malformed"]
+
+
+def every_capture():
+    own = glob.glob(os.path.join(HERE, "*.pcap*"))
+    shared = glob.glob(os.path.join(SHARED, "*.pcap*"))
+    return sorted(own + shared)
+
+
+@pytest.mark.parametrize("path", every_capture(), ids=os.path.basename)
+def test_every_capture_reads_without_traceback(capsys, path):
+    from ipqd.tools.pcap import NotIP, ip_payload, read_capture
+    with open(path, "rb") as f:
+        frames = list(read_capture(f))
+    ip_frames = 0
+    for frame in frames:
+        try:
+            ip_payload(frame)
+            ip_frames += 1
+        except NotIP:
+            pass
+    for as_json in (True, False):
+        code, out, err = explain(capsys, POLICY, "--pcap", path, *(["--json"] if as_json else []))
+        assert code == 0 and "Traceback" not in err
+    packets = json.loads(explain(capsys, POLICY, "--pcap", path, "--json")[1])["packets"]
+    judged = [p for p in packets if p["verdict"] is not None]
+    assert len(packets) == len(frames) and len(judged) == ip_frames
+    for p in judged:
+        assert p["summary"].startswith("malformed: ") == p["malformed"]
+
+
+def test_damaged_capture_reports_what_it_read(capsys, tmp_path):
+    data = open(os.path.join(HERE, "ipqd-mixed.pcap"), "rb").read()
+    damaged = tmp_path / "damaged.pcap"
+    damaged.write_bytes(data[:300])
+    code, out, err = explain(capsys, POLICY, "--pcap", str(damaged))
+    assert code == 1 and "capture damaged" in err
+    assert out.startswith("    1  ACCEPT  ssh")
+
+
+def test_not_a_capture(capsys, tmp_path):
+    junk = tmp_path / "junk.pcap"
+    junk.write_bytes(b"hello, world, this is not a capture")
+    code, out, err = explain(capsys, POLICY, "--pcap", str(junk))
+    assert code == 1 and "not a pcap or pcapng file" in err
+
+
+def test_missing_capture(capsys, tmp_path):
+    code, _, err = explain(capsys, POLICY, "--pcap", str(tmp_path / "none.pcap"))
+    assert code == 1 and "cannot read capture" in err
+
+
+DESCRIBED = [
+    ("tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn", [], "accept", "ssh",
+     "tcp 10.0.0.5:40000 -> 10.0.0.1:22 [S] len=40"),
+    ("tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn,ack", [], "accept", "ssh",
+     "tcp 10.0.0.5:40000 -> 10.0.0.1:22 [S.] len=40"),
+    ("tcp 192.168.0.5:40000 -> 10.0.0.1:22", [], "drop", None, "tcp 192.168.0.5:40000"),
+    ("udp [fd00::1]:53 -> [fd00::2]:5353", [], "drop", None,
+     "udp [fd00::1]:53 -> [fd00::2]:5353 len=48"),
+    ("udp [fd00::1]:5353 -> [fd00::2]:53 len=1200", [], "accept", "dns",
+     "udp [fd00::1]:5353 -> [fd00::2]:53 len=1200"),
+    ("icmp 10.0.0.1 -> 10.0.0.2 echo-request", [], "accept", "ping",
+     "icmp 10.0.0.1 -> 10.0.0.2 echo-request len=28"),
+    ("icmp 10.0.0.1 -> 10.0.0.2 echo-reply", [], "drop", None, "icmp 10.0.0.1 -> 10.0.0.2 echo-reply"),
+    ("icmpv6 fd00::1 -> fd00::2 echo-request", [], "accept", "ping6",
+     "icmpv6 fd00::1 -> fd00::2 echo-request len=48"),
+    ("icmpv6 fd00::1 -> fd00::2 type=135", [], "accept", "ping6",
+     "icmpv6 fd00::1 -> fd00::2 neighbour-solicitation"),
+    ("tcp 192.168.0.5:1 -> 10.0.0.1:80 ct=established", [], "accept", "established", "tcp"),
+    ("udp 10.0.0.5:1 -> 10.0.0.1:53 frag=first", [], "accept", "dns",
+     "udp 10.0.0.5:1 -> 10.0.0.1:53 frag=first"),
+    ("udp 10.0.0.5 -> 10.0.0.1 frag=not-first", [], "accept", "fragments",
+     "udp 10.0.0.5 -> 10.0.0.1 frag=not-first"),
+    ("tcp [fd00::5]:1 -> [fd00::1]:23 frag=first", [], "drop", "no-telnet",
+     "tcp [fd00::5]:1 -> [fd00::1]:23 [S] frag=first"),
+    ("gre 10.0.0.5 -> 10.0.0.1", [], "drop", None, "gre 10.0.0.5 -> 10.0.0.1 len=20"),
+]
+
+
+@pytest.mark.parametrize("text,argv,verdict,rule,summary", DESCRIBED, ids=[d[0] for d in DESCRIBED])
+def test_described_packet(capsys, text, argv, verdict, rule, summary):
+    document = explain_json(capsys, text, *argv)
+    (record,) = document["packets"]
+    assert (record["verdict"], record["rule"]) == (verdict, rule), record
+    assert record["summary"].startswith(summary), record
+
+
+def test_described_packet_meta_options(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\ndefault: {action: drop}\nrules:\n"
+        "  - {name: out-eth1, out: eth1, hook: output, mark: 0x10, uid: 1000, action: accept}\n"
+        "  - {name: in-eth, in: 'eth*', gid: 0, length: 1000-2000, action: accept, set_mark: 5}\n")
+    code, out, _ = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2 out=eth1 "
+                           "mark=0x10 uid=1000 hook=output")
+    assert code == 0 and "ACCEPT  out-eth1" in out
+    code, out, _ = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2 out=eth1 "
+                           "mark=0x10 uid=1000", "--hook", "output")
+    assert "ACCEPT  out-eth1" in out
+    code, out, _ = explain(capsys, str(policy), "udp 10.0.0.1:1 -> 10.0.0.2:2 gid=0 len=1200",
+                           "--in", "eth3")
+    assert "ACCEPT  in-eth" in out and "(set mark 0x5)" in out
+    code, out, _ = explain(capsys, str(policy), "udp 10.0.0.1:1 -> 10.0.0.2:2 gid=0 len=1200")
+    assert "DROP    default" in out
+
+
+BAD_DESCRIPTIONS = [
+    ("tcp 10.0.0.1 -> 10.0.0.2", "tcp needs ports"),
+    ("tcp 10.0.0.1:1 => 10.0.0.2:2", "is not PROTO SRC -> DST"),
+    ("foo 10.0.0.1 -> 10.0.0.2", "unknown protocol 'foo'"),
+    ("tcp 10.0.0.300:1 -> 10.0.0.2:2", "'10.0.0.300' is not an IP address"),
+    ("tcp 10.0.0.1:70000 -> 10.0.0.2:2", "'70000' is not a port"),
+    ("udp 10.0.0.1:1 -> [fd00::1]:2", "not of the same family"),
+    ("tcp 10.0.0.1:1 -> 10.0.0.2:2 syn,bogus", "unknown TCP flag 'bogus'"),
+    ("icmp fd00::1 -> fd00::2 echo-request", "use icmpv6"),
+    ("icmp 10.0.0.1 -> 10.0.0.2 bogus", "unknown icmp type 'bogus'"),
+    ("udp 10.0.0.1:1 -> 10.0.0.2:2 len=10", "len=10 is shorter than the headers (28 bytes)"),
+    ("udp 10.0.0.1:1 -> 10.0.0.2:2 ct=maybe", "ct=maybe: expected one of new"),
+    ("udp 10.0.0.1:1 -> 10.0.0.2:2 colour=red", "unknown option 'colour=red'"),
+    ("udp 10.0.0.1:1 -> 10.0.0.2:2 syn", "unexpected 'syn'"),
+    ("icmp 10.0.0.1:1 -> 10.0.0.2", "icmp has no ports"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_DESCRIPTIONS, ids=[b[0] for b in BAD_DESCRIPTIONS])
+def test_bad_description(capsys, text, message):
+    code, out, err = explain(capsys, POLICY, text)
+    assert code == 2 and out == ""
+    assert message in err and "expected: PROTO SRC[:PORT] -> DST[:PORT]" in err
+
+
+def test_no_packet_and_no_capture(capsys):
+    code, _, err = explain(capsys, POLICY)
+    assert code == 2 and "give a packet description or --pcap FILE" in err
+
+
+def test_bad_hook(capsys):
+    code, _, err = explain(capsys, POLICY, "tcp 10.0.0.1:1 -> 10.0.0.2:2", "--hook", "inbound")
+    assert code == 2 and "unknown hook 'inbound'" in err
+
+
+def test_policy_errors_are_listed(capsys, tmp_path):
+    policy = tmp_path / "bad.yaml"
+    policy.write_text("version: 1\nrules:\n  - {name: x, action: rejct}\n")
+    code, out, err = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
+    assert code == 1 and out == ""
+    assert f"{policy}:3:" in err
+
+
+def test_missing_policy(capsys, tmp_path):
+    code, _, err = explain(capsys, str(tmp_path / "none.yaml"), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
+    assert code == 1 and err
+
+
+def test_the_bigtcp_capture_if_present(capsys):
+    path = os.path.join(SHARED, "bigtcp-ipv6-hbh.pcap")
+    if not os.path.exists(path):
+        pytest.skip("shared captures not present")
+    (record,) = explain_json(capsys, "--pcap", path)["packets"]
+    assert not record["malformed"] and record["packet"]["length"] == 80080
+
+
+def test_text_output_escapes_names_and_errors(capsys, tmp_path):
+    hostile, fake = "a\x1b[2J\x07\rb", "1  ACCEPT  ok"
+    controls = [chr(c) for c in range(0x20) if c != 0x0A] + [chr(c) for c in range(0x7F, 0xA0)]
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ndefault: {action: drop}\nrules:\n"
+                      f"  - {{name: {json.dumps(hostile + chr(13) + fake)}, action: accept}}\n")
+    code, out, err = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
+    assert code == 0 and not any(c in out + err for c in controls)
+    assert "ACCEPT  a\\x1b[2J\\x07\\x0db\\x0d1  ACCEPT  ok" in out
+    # A newline is refused in a name, and the error quotes the name.
+    policy.write_text("version: 1\ndefault: {action: drop}\nrules:\n"
+                      f"  - {{name: {json.dumps(hostile + chr(10) + fake)}, action: accept}}\n")
+    code, out, err = explain(capsys, str(policy), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
+    assert code == 1 and not any(c in out + err for c in controls)
+    assert not any(line.startswith(fake) for line in err.splitlines())
+    assert "\\x0a1  ACCEPT  ok" in err

@@ -1,0 +1,217 @@
+"""What an administrator does, under a real systemd (PID 1 in its own namespaces):
+make install, systemctl start, traffic, journalctl, reload, a broken reload,
+kill -9, a wedged daemon and the watchdog, systemctl stop.
+
+One sandbox is booted for the module and the tests run in file order, each a
+step of the same story. Traffic comes from a network namespace joined to the
+sandbox by veth: the probes need no listener, since an accepted UDP datagram
+or TCP SYN to a closed port is answered (port unreachable, RST) and a dropped
+one is not.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sandbox import SystemdSandbox, build_wheelhouse, require_sandbox
+
+pytestmark = pytest.mark.kernel
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+POLICY = "/etc/ipqd/policy.yaml"
+INSIDE, OUTSIDE = "10.79.0.1", "10.79.0.2"
+
+POLICY_TEXT = """\
+version: 1
+queue: {num: 0, bypass: false, fail_open: false}
+hooks:
+  - {chain: input, family: both}
+default: {action: drop, log: true}
+logging: {rate: 1000/second}
+rules:
+  - name: neighbours
+    proto: icmpv6
+    action: accept
+    log: false
+  - name: allowed-udp
+    proto: udp
+    dport: %(udp)d
+    action: accept
+  - name: ping
+    proto: icmp
+    icmp_type: echo-request
+    action: accept
+  - name: no-telnet
+    proto: tcp
+    dport: 23
+    action: drop
+    log: true
+"""
+
+PROBE = r"""
+import socket, sys
+kind, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+s.settimeout(1.0)
+try:
+    if kind == "udp":
+        s.connect((sys.argv[3], port)); s.send(b"probe"); s.recv(10)
+    else:
+        s.connect((sys.argv[3], port))
+    print("answered")
+except ConnectionRefusedError:
+    print("answered")          # accepted: the closed port said so
+except (socket.timeout, TimeoutError):
+    print("silent")            # dropped
+"""
+
+
+class Admin:
+    def __init__(self, sb, peer):
+        self.sb = sb
+        self.peer = peer
+
+    def probe(self, kind, port):
+        """True when the packet got through ipqd (the sandbox answered)."""
+        out = subprocess.run(["ip", "netns", "exec", self.peer, sys.executable, "-c", PROBE,
+                              kind, str(port), INSIDE], capture_output=True, text=True, timeout=20)
+        assert out.stdout.strip() in ("answered", "silent"), out.stderr
+        return out.stdout.strip() == "answered"
+
+    def ping(self):
+        return subprocess.run(["ip", "netns", "exec", self.peer, "ping", "-c", "1", "-W", "1", INSIDE],
+                              capture_output=True).returncode == 0
+
+    def write_policy(self, text):
+        self.sb.write_file(POLICY, text, mode=0o644)
+
+    def main_pid(self):
+        return int(self.sb.systemctl("show", "-P", "MainPID", "ipqd").stdout.strip())
+
+    def wait_active(self, old_pid=None, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.sb.systemctl("is-active", "ipqd", check=False).stdout.strip()
+            if state == "active" and self.main_pid() not in (0, old_pid):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"ipqd not active again: {state}\n"
+                             + self.sb.run(["journalctl", "-u", "ipqd", "--no-pager", "-n", "40"],
+                                           check=False).stdout)
+
+    def hooks_in_kernel(self):
+        return self.sb.sh("iptables-nft-save; ip6tables-nft-save; iptables-legacy-save; "
+                          "ip6tables-legacy-save", check=False).stdout
+
+
+@pytest.fixture(scope="module")
+def admin(tmp_path_factory):
+    require_sandbox()
+    wheels = str(tmp_path_factory.mktemp("wheels"))
+    build_wheelhouse(wheels)
+    peer = f"ipqd-e2e-{os.getpid()}-0"
+    with SystemdSandbox(binds=[wheels], cow_binds=[ROOT]) as sb:
+        sb.run(["make", "-s", "-C", ROOT, "install",
+                f"PIP_INSTALL_FLAGS=--no-index --find-links={wheels}"], timeout=300)
+        subprocess.run(["ip", "netns", "add", peer], check=True)
+        try:
+            sb.add_veth(peer, inside_addr=f"{INSIDE}/24", outside_addr=f"{OUTSIDE}/24")
+            yield Admin(sb, peer)
+        finally:
+            subprocess.run(["ip", "netns", "del", peer], check=False)
+
+
+def test_start_and_decide(admin):
+    admin.write_policy(POLICY_TEXT % {"udp": 5000})
+    admin.sb.systemctl("start", "ipqd")            # returns after READY=1
+    assert admin.sb.systemctl("is-active", "ipqd").stdout.strip() == "active"
+    assert "IPQD_INPUT" in admin.hooks_in_kernel()
+    assert admin.probe("udp", 5000)
+    assert not admin.probe("udp", 5001)
+    assert not admin.probe("tcp", 23)
+    assert admin.ping()
+
+
+def test_decisions_in_the_journal_with_fields(admin):
+    # What an administrator types: journalctl -u ipqd IPQD_VERDICT=drop IPQD_DPORT=23
+    drop = admin.sb.wait_journal(unit="ipqd", fields={"IPQD_VERDICT": "drop", "IPQD_DPORT": "23"})
+    assert drop["MESSAGE"].startswith(f"DROP tcp {OUTSIDE}:")
+    assert drop["MESSAGE"].endswith(f" -> {INSIDE}:23 in=veth-sb rule=no-telnet")
+    expected = {"IPQD_RULE": "no-telnet", "IPQD_FAMILY": "ipv4", "IPQD_PROTO": "tcp",
+                "IPQD_SRC": OUTSIDE, "IPQD_DST": INSIDE, "IPQD_IN": "veth-sb", "IPQD_HOOK": "input",
+                "IPQD_QUEUE": "0", "IPQD_MARK": "0x0", "PRIORITY": "5",
+                "_SYSTEMD_UNIT": "ipqd.service", "SYSLOG_IDENTIFIER": "ipqd"}
+    assert {k: drop.get(k) for k in expected} == expected
+    assert int(drop["IPQD_SPORT"]) > 0 and int(drop["IPQD_LENGTH"]) >= 40
+    accept = admin.sb.wait_journal(unit="ipqd", fields={"IPQD_RULE": "allowed-udp"})
+    assert accept["IPQD_VERDICT"] == "accept" and accept["PRIORITY"] == "6"
+    default = admin.sb.wait_journal(unit="ipqd", fields={"IPQD_RULE": "default", "IPQD_DPORT": "5001"})
+    assert default["IPQD_VERDICT"] == "drop"
+    assert not admin.sb.journal(unit="ipqd", fields={"IPQD_RULE": "neighbours"})    # log: false
+
+
+def test_status_shows_counts_and_policy(admin):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = admin.sb.systemctl("show", "-P", "StatusText", "ipqd").stdout.strip()
+        if status[:1].isdigit() and int(status.split()[0]) >= 4:
+            break
+        time.sleep(0.5)
+    assert status.endswith(f"policy {POLICY} (4 rules)"), status
+    packets = int(status.split()[0])
+    assert packets >= 4
+    assert "ipqd packet firewall" in admin.sb.systemctl("status", "--no-pager", "ipqd").stdout
+
+
+def test_reload_changes_behaviour(admin):
+    admin.write_policy(POLICY_TEXT % {"udp": 5001})
+    admin.sb.systemctl("reload", "ipqd")
+    admin.sb.wait_journal(unit="ipqd", fields={"IPQD_EVENT": "reloaded"})
+    assert admin.probe("udp", 5001)
+    assert not admin.probe("udp", 5000)
+
+
+def test_broken_reload_keeps_the_old_policy_and_says_where(admin):
+    cursor = admin.sb.cursor()
+    admin.write_policy(POLICY_TEXT % {"udp": 5001} + "  - name: typo\n    proto: tcp\n"
+                       "    dprot: 80\n    action: accept\n")
+    result = admin.sb.systemctl("reload", "ipqd", check=False)
+    assert result.returncode != 0                  # systemctl tells the administrator at once
+    error = admin.sb.wait_journal(
+        lambda e: "unknown field 'dprot'" in e.get("MESSAGE", ""), unit="ipqd", since_cursor=cursor)
+    line = (POLICY_TEXT % {"udp": 5001}).count("\n") + 3          # the `dprot:` line
+    assert error["MESSAGE"] == (f"{POLICY}:{line}:5: rule \"typo\": unknown field 'dprot' "
+                                "(did you mean 'dport'?)")
+    assert admin.sb.systemctl("is-active", "ipqd").stdout.strip() == "active"
+    assert admin.probe("udp", 5001) and not admin.probe("udp", 5000)   # the old policy
+    admin.write_policy(POLICY_TEXT % {"udp": 5001})
+
+
+def test_kill_9_restarts_and_enforces_again(admin):
+    old = admin.main_pid()
+    admin.sb.systemctl("kill", "--kill-who=main", "-s", "SIGKILL", "ipqd")
+    admin.wait_active(old_pid=old)
+    assert admin.probe("udp", 5001) and not admin.probe("udp", 5000)
+
+
+def test_wedged_daemon_is_restarted_by_the_watchdog(admin):
+    admin.sb.write_file("/etc/systemd/system/ipqd.service.d/watchdog.conf",
+                        "[Service]\nWatchdogSec=2s\n")
+    admin.sb.systemctl("daemon-reload")
+    admin.sb.systemctl("restart", "ipqd")
+    old = admin.main_pid()
+    cursor = admin.sb.cursor()
+    admin.sb.run(["kill", "-STOP", str(old)])
+    admin.wait_active(old_pid=old, timeout=30)
+    watchdog = admin.sb.wait_journal(
+        lambda e: "watchdog" in e.get("MESSAGE", "").lower(), unit="ipqd", since_cursor=cursor)
+    assert "timeout" in watchdog["MESSAGE"].lower()
+    assert admin.probe("udp", 5001) and not admin.probe("udp", 5000)
+
+
+def test_stop_removes_every_hook(admin):
+    admin.sb.systemctl("stop", "ipqd")
+    assert "IPQD" not in admin.hooks_in_kernel()
+    admin.sb.wait_journal(unit="ipqd", fields={"IPQD_EVENT": "stop"})
+    assert admin.probe("udp", 5000)        # nothing queued any more: the port answers

@@ -365,21 +365,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
         _fail(conn, config, error)
     _settle_heap()
     if mode == SUCCESSOR:
-        schedule(os.SCHED_OTHER)            # compiled (see ipqd.child._worker); idle until "go"
-        conn.send(Compiled(config.index))
-        try:
-            message = conn.recv()
-        except EOFError:
-            message = Stop()
-        if not isinstance(message, Go):
-            os._exit(0)                 # not worker.close(): the socket is the running worker's
-        try:
-            worker.bind(taken_over=True, predecessor=message.settings)
-        except (IpqdError, OSError) as error:
-            _fail(conn, config, error)
-        # Its first stats report waits a period, so that it already holds
-        # the predecessor's counters ("take_over" comes milliseconds later).
-        worker._last_stats = time.monotonic()
+        _await_go(worker, conn, config)
     conn.send(Ready(config.index, sorted(config.queues)))
     try:
         if mode == RECOVER:
@@ -399,6 +385,27 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     else:
         worker.close()
     os._exit(0)
+
+
+def _await_go(worker: Worker, conn, config: WorkerConfig) -> None:
+    """A successor has compiled: say so, then wait for Go (take the socket
+    over, as the predecessor had it set up) or anything else (exit,
+    leaving the socket to the running worker)."""
+    schedule(os.SCHED_OTHER)            # compiled (see ipqd.daemon.child._worker); idle until Go
+    conn.send(Compiled(config.index))
+    try:
+        message = conn.recv()
+    except EOFError:
+        message = Stop()
+    if not isinstance(message, Go):
+        os._exit(0)                     # not worker.close(): the socket is the running worker's
+    try:
+        worker.bind(taken_over=True, predecessor=message.settings)
+    except (IpqdError, OSError) as error:
+        _fail(conn, config, error)
+    # Its first stats report waits a period, so that it already holds
+    # the predecessor's counters (TakeOver comes milliseconds later).
+    worker._last_stats = time.monotonic()
 
 
 def _fail(conn, config: WorkerConfig, error: Exception) -> None:

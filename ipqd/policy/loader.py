@@ -307,122 +307,128 @@ class _Loader:
             else:
                 first[rule.name] = rule
 
-    # --- the main file's sections -----------------------------------------------
-
     def _policy(self, main: _File, parsed: List[ParsedRule]) -> Optional[Policy]:
         self._check_names(parsed)
         where, items = main.where, main.items
-        self._version(where, main.root, items.get("version"))
-        queue = self._queue(where, items.get("queue"))
-        hooks = self._hooks(where, main.root, items.get("hooks"))
-        default = self._default(where, main.root, items.get("default"))
-        logging = self._logging(where, items.get("logging"))
-        queue = self._conntrack(where, queue, items.get("queue"), parsed)
+        _version(where, main.root, items.get("version"))
+        queue = _queue(where, items.get("queue"))
+        hooks = _hooks(where, main.root, items.get("hooks"))
+        default = _default(where, main.root, items.get("default"))
+        logging = _logging(where, items.get("logging"))
+        queue = _conntrack(where, queue, items.get("queue"), parsed)
         if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
             return None
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
                       logging=logging, rules=tuple(p.rule for p in parsed))
 
-    def _version(self, where: Where, root, item) -> None:
-        if item is None:
-            where.error(root, "missing 'version: 1' (the first line of every policy)")
-            return
-        written = text(where, item[1], "version", "1")
-        if written is not None and values.parse_number(written) != 1:
-            where.error(item[1], f"version must be 1, not '{written}' "
-                                 "(this ipqd reads version 1 policies)")
 
-    def _queue(self, where: Where, item) -> Optional[dict]:
-        if item is None or _is_null(item[1]):
-            return {}
-        where = where.within("queue: ")
-        found = fields(where, item[1], QUEUE_FIELDS, "queue")
-        if found is None:
-            return None
-        out, ok = {}, True
-        for key, name, node in found:
-            value = QUEUE_PARSERS[name](where, node)
-            ok = ok and value is not None
-            out[name] = value
-        return out if ok else None
+# --- the main file's sections --------------------------------------------------
 
-    def _conntrack(self, where: Where, queue: Optional[dict], item,
-                   parsed: List[ParsedRule]) -> Optional[QueueConfig]:
-        reads_ct = [p for p in parsed if "ct_state" in p.keys]
-        if queue is not None and queue.get("conntrack") is False:
-            for p in reads_ct:
-                p.where.error(p.keys["ct_state"], "ct_state needs conntrack, but "
-                                                  "queue.conntrack is false (remove 'conntrack: false')")
-            if reads_ct:
-                return None
-        if queue is None:
-            return None
-        queue.setdefault("conntrack", bool(reads_ct))
-        if "num" in queue:
-            queue["nums"] = queue.pop("num")
-        nums = queue.get("nums", QueueConfig().nums)
-        last = nums[0] + CT_QUEUE_BLOCKS * len(nums) - 1
-        if queue["conntrack"] and last > 65535:
-            # ipqd learns the conntrack state from the queue a packet comes on
-            # (one block of queues per state): they must all exist.
-            where.error(item[1] if item else None,
-                        f"queue.num: with conntrack, ipqd uses queues {nums[0]}-{last} "
-                        f"(one per conntrack state and worker), past 65535: choose a lower num")
-            return None
-        return QueueConfig(**queue)
+def _version(where: Where, root, item) -> None:
+    if item is None:
+        where.error(root, "missing 'version: 1' (the first line of every policy)")
+        return
+    written = text(where, item[1], "version", "1")
+    if written is not None and values.parse_number(written) != 1:
+        where.error(item[1], f"version must be 1, not '{written}' "
+                             "(this ipqd reads version 1 policies)")
 
-    def _hooks(self, where: Where, root, item) -> Optional[Tuple]:
-        if item is None or _is_null(item[1]):
-            where.warn(item[0] if item else root,
-                       "no hooks: ipqd asks the kernel to queue nothing, so it sees only the "
-                       "packets your own iptables or nft rules send to its queue")
-            return ()
-        node = item[1]
-        if not isinstance(node, yaml.SequenceNode):
-            where.error(node, "hooks must be a list of mappings such as "
-                              f"{{chain: input}}, not {describe(node)}")
-            return None
-        where = where.within("hooks: ")
-        hooks = [_hook(where, entry) for entry in node.value]
-        return None if None in hooks else tuple(hooks)
 
-    def _default(self, where: Where, root, item) -> Optional[Default]:
-        if item is None:
-            where.error(root, "missing 'default': say what happens to unmatched packets: "
-                              "add 'default: {action: accept}' or 'default: {action: drop}'")
-            return None
-        where = where.within("default: ")
-        found = fields(where, item[1], DEFAULT_FIELDS, "default")
-        if found is None:
-            return None
-        parsers = {"action": parse_action, "set_mark": parse_set_mark,
-                   "log": lambda w, n: boolean(w, n, "log")}
-        out = {name: parsers[name](where, node) for _, name, node in found}
-        keys = {name: key for key, name, _ in found}
-        if "action" not in out:
-            where.error(item[1], "missing 'action' (add action: accept or action: drop)")
-            return None
-        if out["action"] == "drop" and out.get("set_mark") is not None:
-            where.error(keys["set_mark"], "set_mark only works with action accept "
-                                          "(a dropped packet keeps no mark)")
-            return None
-        if None in out.values():
-            return None
-        return Default(**out)
+def _queue(where: Where, item) -> Optional[dict]:
+    if item is None or _is_null(item[1]):
+        return {}
+    where = where.within("queue: ")
+    found = fields(where, item[1], QUEUE_FIELDS, "queue")
+    if found is None:
+        return None
+    out, ok = {}, True
+    for key, name, node in found:
+        value = QUEUE_PARSERS[name](where, node)
+        ok = ok and value is not None
+        out[name] = value
+    return out if ok else None
 
-    def _logging(self, where: Where, item) -> Optional[LoggingConfig]:
-        if item is None or _is_null(item[1]):
-            return LoggingConfig()
-        where = where.within("logging: ")
-        found = fields(where, item[1], LOGGING_FIELDS, "logging")
-        if found is None:
+
+def _conntrack(where: Where, queue: Optional[dict], item,
+               parsed: List[ParsedRule]) -> Optional[QueueConfig]:
+    reads_ct = [p for p in parsed if "ct_state" in p.keys]
+    if queue is not None and queue.get("conntrack") is False:
+        for p in reads_ct:
+            p.where.error(p.keys["ct_state"], "ct_state needs conntrack, but "
+                                              "queue.conntrack is false (remove 'conntrack: false')")
+        if reads_ct:
             return None
-        rate = None
-        for _, name, node in found:
-            rate = parse_rate(where, node)
-            if rate is None:
-                return None
-        return LoggingConfig(rate=rate)
+    if queue is None:
+        return None
+    queue.setdefault("conntrack", bool(reads_ct))
+    if "num" in queue:
+        queue["nums"] = queue.pop("num")
+    nums = queue.get("nums", QueueConfig().nums)
+    last = nums[0] + CT_QUEUE_BLOCKS * len(nums) - 1
+    if queue["conntrack"] and last > 65535:
+        # ipqd learns the conntrack state from the queue a packet comes on
+        # (one block of queues per state): they must all exist.
+        where.error(item[1] if item else None,
+                    f"queue.num: with conntrack, ipqd uses queues {nums[0]}-{last} "
+                    f"(one per conntrack state and worker), past 65535: choose a lower num")
+        return None
+    return QueueConfig(**queue)
+
+
+def _hooks(where: Where, root, item) -> Optional[Tuple]:
+    if item is None or _is_null(item[1]):
+        where.warn(item[0] if item else root,
+                   "no hooks: ipqd asks the kernel to queue nothing, so it sees only the "
+                   "packets your own iptables or nft rules send to its queue")
+        return ()
+    node = item[1]
+    if not isinstance(node, yaml.SequenceNode):
+        where.error(node, "hooks must be a list of mappings such as "
+                          f"{{chain: input}}, not {describe(node)}")
+        return None
+    where = where.within("hooks: ")
+    hooks = [_hook(where, entry) for entry in node.value]
+    return None if None in hooks else tuple(hooks)
+
+
+def _default(where: Where, root, item) -> Optional[Default]:
+    if item is None:
+        where.error(root, "missing 'default': say what happens to unmatched packets: "
+                          "add 'default: {action: accept}' or 'default: {action: drop}'")
+        return None
+    where = where.within("default: ")
+    found = fields(where, item[1], DEFAULT_FIELDS, "default")
+    if found is None:
+        return None
+    parsers = {"action": parse_action, "set_mark": parse_set_mark,
+               "log": lambda w, n: boolean(w, n, "log")}
+    out = {name: parsers[name](where, node) for _, name, node in found}
+    keys = {name: key for key, name, _ in found}
+    if "action" not in out:
+        where.error(item[1], "missing 'action' (add action: accept or action: drop)")
+        return None
+    if out["action"] == "drop" and out.get("set_mark") is not None:
+        where.error(keys["set_mark"], "set_mark only works with action accept "
+                                      "(a dropped packet keeps no mark)")
+        return None
+    if None in out.values():
+        return None
+    return Default(**out)
+
+
+def _logging(where: Where, item) -> Optional[LoggingConfig]:
+    if item is None or _is_null(item[1]):
+        return LoggingConfig()
+    where = where.within("logging: ")
+    found = fields(where, item[1], LOGGING_FIELDS, "logging")
+    if found is None:
+        return None
+    rate = None
+    for _, name, node in found:
+        rate = parse_rate(where, node)
+        if rate is None:
+            return None
+    return LoggingConfig(rate=rate)
 
 
 # --- queue values -------------------------------------------------------------------

@@ -89,7 +89,7 @@ class Fixture:
         self.sent = []
         self.worker.qs.send_many = self.sent.extend
         self.datagrams = kernel_datagrams(BATCH)
-        self.replay = self.worker.qs._receiver = ReplayReceiver(self.datagrams, SLOTS)
+        self.replay = self.worker.qs.transport.receiver = ReplayReceiver(self.datagrams, SLOTS)
 
     def decode(self) -> None:
         self.replay.rewind()

@@ -38,10 +38,14 @@ import struct
 from operator import itemgetter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ipqd.wire.fast_decode import AttributeLayout, layout_of, layout_struct
+from ipqd.wire.attributes import PACKET_ATTRS, READ
+from ipqd.wire.fast_decode import ABSENT_VALUES, SUMMARY_FIELDS, AttributeLayout, \
+    absent_position, layout_of, layout_struct
+from ipqd.wire.nfnetlink import NFPROTO_IPV4 as _NFPROTO_IPV4, NFPROTO_IPV6 as _NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT
-from ipqd.decision.packet import IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, \
-    PROTO_TCP, PROTO_UDP, PROTO_UDPLITE
+from ipqd.decision.packet import IPV6_EXT_HEADERS
+from ipqd.policy.model import (L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+                               PROTO_UDP, PROTO_UDPLITE)
 
 # Entries kept before the cache starts over; a miss costs one full decision.
 CACHE_SIZE = 65536
@@ -69,13 +73,16 @@ _KEY_SOURCE = (
     {"icmp_type": "word0", "icmp_code": "word0"},                       # _ICMP
     {},                                                                 # _OTHER
 )
-_ABSENT = (0, None)             # the values of metadata a layout does not carry
 _UNCACHED_PROTOS = frozenset({PROTO_SCTP, PROTO_UDPLITE})     # rare: the full path
-# nfgenmsg families
-_NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
-# Packet metadata a key can hold: the policy field each index of
-# fast_decode's summary answers (0 is the queue, which stands for ct_state).
-_META_INDEX = {"ct_state": 0, "hook": 3, "mark": 4, "in": 5, "out": 6, "uid": 7, "gid": 8}
+# Packet metadata a key can hold: the summary field (fast_decode.SUMMARY_FIELDS)
+# that answers each policy field. The queue stands for ct_state: a packet
+# with NFQA_CT_INFO takes the full path, and without it the queue's
+# conntrack setting decides its state.
+_META_FIELD = {"ct_state": "queue", "hook": "hook",
+               **{row.rule: row.field for row in PACKET_ATTRS if row.summary == READ}}
+assert not set(SUMMARY_FIELDS) & {name for _, _, name in _IPV4 + _IPV6}, \
+    "a key reader names the metadata and the header fields it reads alike"
+_read_id = struct.Struct(">I").unpack_from      # nfqnl_msg_packet_hdr.packet_id
 
 # The answer for an interface index: its name, or None.
 IfName = Callable[[Optional[int]], Optional[str]]
@@ -173,161 +180,199 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
     datagrams of another layout. Keys do not depend on the layout:
     metadata the kernel left out reads as what a decoded Packet would hold
     (mark 0, else None)."""
-    start = layout.start
-    want_l4 = not fields.isdisjoint(L4_FIELDS)
-    # The family and the queue always; ct_state asks for the queue again.
-    meta = list(dict.fromkeys([1, 0] + sorted(_META_INDEX[f] for f in fields
-                                               if f in _META_INDEX)))
-    names = "in" in fields or "out" in fields
-    used = [2, 5, 6] if names else [2]          # read besides the key: id, interfaces
-
-    def compile_family(header) -> Tuple[struct.Struct, Dict[str, int], bool]:
-        named = sorted([(where[0], where[1], f"m{i}") for i, where in layout.offsets.items()]
-                       + [(start + offset, code, name) for offset, code, name in header])
-        index = {name: i for i, (_, _, name) in enumerate(named)}
-        # What is read is followed by _ABSENT: a missing mark is 0, the rest None.
-        for i in range(9):
-            index.setdefault(f"m{i}", len(named) + (0 if i == 4 else 1))
-        shape = layout_struct(">", [(offset, code) for offset, code, _ in named])
-        # Added only when the reader takes from it (the copy costs per packet):
-        # most layouts carry all the metadata a policy reads.
-        absent = any(index[f"m{i}"] >= len(named) for i in meta + used)
-        return shape, index, absent
-
-    def compile_exact(header) -> struct.Struct:
-        """The exact-match read of one family: the bytes the careful read
-        checks or keys on, but not the packet id. Byte order does not
-        matter for equality; native, so that the length compares with n."""
-        # What the checks read, up to the last byte the careful read takes
-        # (a buffer too short for it must fail both alike).
-        wanted = {"version", "total", "plen", "frag", "proto", "udp_len", "tcp_offset",
-                  "tcp_flags"}
-        wanted.update(name for name in ("src", "dst") if name in fields)
-        if want_l4:
-            for sources in _KEY_SOURCE:
-                wanted.update(sources[f] for f in fields if f in sources)
-        read = dict(layout.head_fields)
-        read.update(layout.offsets[i] for i in meta if i in layout.offsets)
-        read.update((start + offset, code) for offset, code, name in header if name in wanted)
-        at = 0
-        for offset, code in sorted(read.items()):
-            assert offset >= at, "the exact read's fields must not overlap"
-            at = offset + struct.calcsize("=" + code)
-        return layout_struct("=", list(read.items()))
-
-    def picker(index: Dict[str, int], kind: int, length: str) -> Callable:
-        wanted = [f"m{i}" for i in meta] + ["proto"]
-        wanted += [name for name in ("src", "dst") if name in fields]
-        if want_l4:
-            sources = _KEY_SOURCE[kind]
-            wanted += list(dict.fromkeys(sources[f] for f in sorted(fields) if f in sources))
-        if "length" in fields:
-            wanted.append(length)
-        return itemgetter(*[index[name] for name in wanted])
-
-    v4, i4, absent4 = compile_family(_IPV4)
-    v6, i6, absent6 = compile_family(_IPV6)
-    shared = ("m0", "m2", "m5", "m6", "version", "proto", "udp_len", "tcp_offset")
-    assert all(i4[name] == i6[name] for name in shared), "the families must keep step"
-    queue, packet_id, indev, outdev, version, proto_at, udp_len, tcp_offset = \
-        (i4[name] for name in shared)
-    total, frag, plen = i4["total"], i4["frag"], i6["plen"]
-    picks4 = tuple(picker(i4, kind, "total") for kind in range(len(_KEY_SOURCE)))
-    picks6 = tuple(picker(i6, kind, "plen") for kind in range(len(_KEY_SOURCE)))
-    heads, expected, payload_type = layout.heads, layout.expected, layout.payload_type
-    payload_at = layout.payload_at
-    entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
-    hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
+    plan = KeyPlan(layout, fields)
     # Interface names can change under their indexes: such keys are read
     # carefully every time.
-    exact_ok = exact and not names
-    exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}      # read bytes -> (entry, queue)
-    read4, read6 = compile_exact(_IPV4).unpack_from, compile_exact(_IPV6).unpack_from
-    id_at = layout.offsets[2][0]            # every packet message carries its id
-    read_id = struct.Struct(">I").unpack_from
+    exact_ok = exact and not plan.names
+    return _taker(plan, careful_reader(plan, ifname), exact_ok, cache, answers, batch, log_gate)
+
+
+class _FamilyRead:
+    """The careful read of one family in one layout: the struct that reads
+    the metadata and the IP and transport header fields in one call, where
+    each value lands (`index`, by name), whether ABSENT_VALUES must follow
+    it (`absent`), and a key picker per kind of transport header."""
+    __slots__ = ("shape", "index", "absent", "picks")
+
+    def __init__(self, layout: AttributeLayout, header: tuple, fields: frozenset,
+                 meta: List[str], used: List[str], length: str):
+        named = sorted([(offset, code, field) for field, (offset, code) in layout.offsets.items()]
+                       + [(layout.start + offset, code, name) for offset, code, name in header])
+        index = {name: i for i, (_, _, name) in enumerate(named)}
+        for field in SUMMARY_FIELDS:
+            index.setdefault(field, absent_position(field, len(named)))
+        self.shape = layout_struct(">", [(offset, code) for offset, code, _ in named])
+        self.index = index
+        # Added only when the reader takes from it (the copy costs per packet):
+        # most layouts carry all the metadata a policy reads.
+        self.absent = any(index[field] >= len(named) for field in meta + used)
+        self.picks = tuple(_picker(index, fields, meta, sources, length)
+                           for sources in _KEY_SOURCE)
+
+
+def _picker(index: Dict[str, int], fields: frozenset, meta: List[str], sources: Dict[str, str],
+            length: str) -> Callable:
+    """What makes the key of one kind of transport header from a family's read."""
+    wanted = meta + ["proto"] + [name for name in ("src", "dst") if name in fields]
+    if not fields.isdisjoint(L4_FIELDS):
+        wanted += list(dict.fromkeys(sources[f] for f in sorted(fields) if f in sources))
+    if "length" in fields:
+        wanted.append(length)
+    return itemgetter(*[index[name] for name in wanted])
+
+
+def _exact_read(layout: AttributeLayout, header: tuple, fields: frozenset,
+                meta: List[str]) -> struct.Struct:
+    """The exact-match read of one family: the bytes the careful read
+    checks or keys on, but not the packet id. Byte order does not matter
+    for equality; native, so that the length compares with n."""
+    # What the checks read, up to the last byte the careful read takes (a
+    # buffer too short for it must fail both alike).
+    wanted = {"version", "total", "plen", "frag", "proto", "udp_len", "tcp_offset", "tcp_flags"}
+    wanted.update(name for name in ("src", "dst") if name in fields)
+    if not fields.isdisjoint(L4_FIELDS):
+        for sources in _KEY_SOURCE:
+            wanted.update(sources[f] for f in fields if f in sources)
+    read = dict(layout.head_fields)
+    read.update(layout.offsets[field] for field in meta if field in layout.offsets)
+    read.update((layout.start + offset, code) for offset, code, name in header if name in wanted)
+    at = 0
+    for offset, code in sorted(read.items()):
+        assert offset >= at, "the exact read's fields must not overlap"
+        at = offset + struct.calcsize("=" + code)
+    return layout_struct("=", list(read.items()))
+
+
+# Where both families' reads keep the same index.
+_SHARED = ("queue", "packet_id", "indev", "outdev", "version", "proto", "udp_len", "tcp_offset")
+
+
+class KeyPlan:
+    """What the key reader of one message layout reads for one policy's
+    fields: the metadata its keys hold, a careful read per family, and per
+    family the exact-match layer's read."""
+
+    def __init__(self, layout: AttributeLayout, fields: frozenset):
+        self.layout = layout
+        self.names = "in" in fields or "out" in fields
+        # The family and the queue always; ct_state asks for the queue again.
+        self.meta = list(dict.fromkeys(["family", "queue"] + sorted(
+            (_META_FIELD[f] for f in fields if f in _META_FIELD), key=SUMMARY_FIELDS.index)))
+        # read besides the key: the id, and the interfaces to name them
+        used = ["packet_id", "indev", "outdev"] if self.names else ["packet_id"]
+        self.ipv4 = _FamilyRead(layout, _IPV4, fields, self.meta, used, "total")
+        self.ipv6 = _FamilyRead(layout, _IPV6, fields, self.meta, used, "plen")
+        assert all(self.ipv4.index[name] == self.ipv6.index[name] for name in _SHARED), \
+            "the families must keep step"
+        self.exact4 = _exact_read(layout, _IPV4, fields, self.meta)
+        self.exact6 = _exact_read(layout, _IPV6, fields, self.meta)
+
+
+_STRANGER = "stranger"          # careful_reader's answer for a datagram of another layout
+
+
+def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
+    """The careful read of one layout, the exact-match layer's reference:
+    (buf, n) -> (key, queue, packet id, whether the exact layer may keep
+    it) for a plain packet; None for a packet that gets no key (the full
+    path takes it); _STRANGER for a datagram of another layout."""
+    layout, names = plan.layout, plan.names
+    heads, expected, payload_type = layout.heads.unpack_from, layout.expected, layout.payload_type
+    payload_at = layout.payload_at
+    read4, absent4, picks4 = plan.ipv4.shape.unpack_from, plan.ipv4.absent, plan.ipv4.picks
+    read6, absent6, picks6 = plan.ipv6.shape.unpack_from, plan.ipv6.absent, plan.ipv6.picks
+    queue, packet_id, indev, outdev, version, proto_at, udp_len, tcp_offset = \
+        (plan.ipv4.index[name] for name in _SHARED)
+    total, frag, plen = plan.ipv4.index["total"], plan.ipv4.index["frag"], plan.ipv6.index["plen"]
+
+    def careful(buf, n):
+        # The layout's attribute headers, the payload last and the message
+        # exactly n bytes long, as the kernel sends it (stricter than
+        # AttributeLayout.payload_end): its padding, n - payload_at -
+        # attr_len, is 0 to 3. The payload's own length is checked against
+        # the IP header below. What lies past n in the buffer is read but
+        # never used; a buffer too short for the reads raises.
+        found = heads(buf)
+        attr_len = found[-2]
+        if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
+                or (n - payload_at - attr_len) & -4:
+            return _STRANGER
+        size = attr_len - 4
+        family = buf[16]
+        if family == _NFPROTO_IPV4:
+            v = read4(buf) + ABSENT_VALUES if absent4 else read4(buf)
+            if size < _V4_HEADER or v[version] != 0x45 or v[total] != size or v[frag] & 0x3FFF:
+                return None
+            room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
+        elif family == _NFPROTO_IPV6:
+            v = read6(buf) + ABSENT_VALUES if absent6 else read6(buf)
+            if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
+                    or v[proto_at] in IPV6_EXT_HEADERS:
+                return None
+            room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
+        else:
+            return _STRANGER
+        # The transport header as parse would take it, or no key.
+        proto = v[proto_at]
+        if proto == PROTO_TCP:
+            kind = _TCP if 20 <= (v[tcp_offset] >> 4) * 4 <= room else None
+        elif proto == PROTO_UDP:
+            kind = _UDP if 8 <= v[udp_len] <= room else None
+        elif proto == icmp:
+            kind = _ICMP if room >= icmp_room else None
+        else:
+            kind = None if proto in _UNCACHED_PROTOS else _OTHER
+        if kind is None:
+            return None
+        key = picks[kind](v)
+        if names:       # names, not indexes: an interface can be renamed
+            key += (ifname(v[indev]), ifname(v[outdev]))
+        return key, v[queue], v[packet_id], kind <= _UDP
+
+    return careful
+
+
+def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCache",
+           answers: CacheRound, batch: bool, log_gate: Optional[Callable[[], bool]]) -> Callable:
+    """The reader of a burst of datagrams of one layout: the exact-match
+    layer first, then the careful read, and the cache's answer."""
+    entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
+    hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
+    read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
+    exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
+    id_at = plan.layout.offsets["packet_id"][0]       # every packet message carries its id
 
     def take(views, lengths) -> Tuple[List[int], List[int]]:
-        rest: List[int] = []
-        strangers: List[int] = []
-        last: Dict[int, int] = {}       # queue -> index of its latest batchable hit
+        rest, strangers = [], []
+        last = {}               # queue -> index of its latest batchable hit
+        seen = None
         for i, n in enumerate(lengths):
             buf = views[i]
             try:
                 entry = None
-                if exact_ok:
+                if exact_ok:            # the exact-match layer, checked against the careful read
                     family = buf[16]
                     seen = read4(buf) if family == _NFPROTO_IPV4 else \
                         read6(buf) if family == _NFPROTO_IPV6 else None
                     hit = exact_hits.get(seen)
                     if hit is not None and seen[0] == n:
-                        entry, hit_queue = hit
+                        entry, queue = hit
                 if entry is None:
-                    # The careful read. The layout's attribute headers, the
-                    # payload last and the message exactly n bytes long, as
-                    # the kernel sends it (stricter than
-                    # AttributeLayout.payload_end): its padding, n -
-                    # payload_at - attr_len, is 0 to 3. The payload's own
-                    # length is checked against the IP header below. What
-                    # lies past n in the buffer is read but never used; a
-                    # buffer too short for the reads raises, and the full
-                    # path takes it.
-                    found = heads.unpack_from(buf)
-                    attr_len = found[-2]
-                    if found[0] != n or found[-1] != payload_type or found[1:-2] != expected \
-                            or (n - payload_at - attr_len) & -4:
-                        strangers.append(i)
+                    found = careful(buf, n)
+                    if found is None or found is _STRANGER:
+                        (rest if found is None else strangers).append(i)
                         continue
-                    size = attr_len - 4
-                    family = buf[16]
-                    if family == _NFPROTO_IPV4:
-                        v = v4.unpack_from(buf)
-                        if absent4:
-                            v += _ABSENT
-                        if size < _V4_HEADER or v[version] != 0x45 or v[total] != size \
-                                or v[frag] & 0x3FFF:
-                            rest.append(i)
-                            continue
-                        room, picks, icmp, icmp_room = size - _V4_HEADER, picks4, PROTO_ICMP, 8
-                    elif family == _NFPROTO_IPV6:
-                        v = v6.unpack_from(buf)
-                        if absent6:
-                            v += _ABSENT
-                        if v[version] >> 4 != 6 or _V6_HEADER + v[plen] != size \
-                                or v[proto_at] in IPV6_EXT_HEADERS:
-                            rest.append(i)
-                            continue
-                        room, picks, icmp, icmp_room = size - _V6_HEADER, picks6, PROTO_ICMPV6, 4
-                    else:
-                        strangers.append(i)
-                        continue
-                    # The transport header as parse would take it, or no key.
-                    proto = v[proto_at]
-                    if proto == PROTO_TCP:
-                        header = (v[tcp_offset] >> 4) * 4
-                        kind = _TCP if 20 <= header <= room else None
-                    elif proto == PROTO_UDP:
-                        kind = _UDP if 8 <= v[udp_len] <= room else None
-                    elif proto == icmp:
-                        kind = _ICMP if room >= icmp_room else None
-                    else:
-                        kind = None if proto in _UNCACHED_PROTOS else _OTHER
-                    if kind is None:
-                        rest.append(i)
-                        continue
-                    key = picks[kind](v)
-                    if names:       # names, not indexes: an interface can be renamed
-                        key += (ifname(v[indev]), ifname(v[outdev]))
-                    hit_queue = v[queue]
+                    key, queue, packet_id, exact_kind = found
                     entry = entries.get(key)
                     if entry is None:
                         cache.misses += 1
-                        misses[hit_queue, v[packet_id]] = key
+                        misses[queue, packet_id] = key
                         rest.append(i)
                         continue
-                    if exact_ok and kind <= _UDP and seen is not None:
+                    if exact_kind and seen is not None:
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
-                        exact_hits[seen] = (entry, hit_queue)
+                        exact_hits[seen] = (entry, queue)
                 # A hit, of either layer.
                 if entry.log and (log_gate is None or log_gate()):
                     rest.append(i)          # its line is written: the full path, which logs
@@ -336,14 +381,14 @@ def layout_reader(layout: AttributeLayout, fields: frozenset, cache: "VerdictCac
                     touched.append(entry)
                 entry.hits += 1
                 if entry.batchable and batch:
-                    last[hit_queue] = i
+                    last[queue] = i
                 else:
-                    hits_single.append((hit_queue, read_id(buf, id_at)[0], entry))
+                    hits_single.append((queue, _read_id(buf, id_at)[0], entry))
             except Exception:       # the full path is the boundary that counts
                 rest.append(i)
         # The batch verdict covers up to the latest hit: its id, read once.
-        for hit_queue, i in last.items():
-            hits_batch[hit_queue] = read_id(views[i], id_at)[0]
+        for queue, i in last.items():
+            hits_batch[queue] = _read_id(views[i], id_at)[0]
         return rest, strangers
 
     return take

@@ -158,7 +158,9 @@ class QueueSocket:
         instead of raising ENOBUFS (which receive() survives and counts anyway).
         undecodable_verdict: given by receive() to a packet whose message
         could not be decoded but whose id could. foreign_verdict: given to a
-        packet of a family the queue was not bound for.
+        packet of a family the queue was not bound for. The owner decides
+        both: the daemon's worker passes its policy's answer
+        (ipqd.decision.engine.fallback_verdict); the defaults are libipq's.
         sock: an already created netlink socket (for example one made inside
         another network namespace).
         """
@@ -182,18 +184,14 @@ class QueueSocket:
         self.kernel_errors: Deque[KernelError] = collections.deque(maxlen=64)
         self.queues: Dict[int, frozenset] = {}          # queue -> families wanted
         self.conntrack: Dict[int, bool] = {}            # queue -> CONNTRACK flag on
-        self._backlog: List[Event] = []
-        self._ifnames: Dict[int, tuple] = {}
-        self._receiver = Receiver(self._sock)
-        self._fd = self._sock.fileno()
-        self._poller = None
-        self._wake_fd: Optional[int] = None
-        self._ready_alone: list = []
-        self._timeout: Optional[float] = -1.0
-        self._timeout_ms: Optional[int] = None
-        # Whether the last receive saw the wake fd readable; True when it did
-        # not look, so a caller that skips its own check on False misses nothing.
-        self.woken = True
+        self.transport = Transport(self._sock, self.protocol, self.stats)
+        self._interfaces = Interfaces(self._sock)
+
+    @property
+    def woken(self) -> bool:
+        """Whether the last receive saw the wake fd readable; True when it did
+        not look, so a caller that skips its own check on False misses nothing."""
+        return self.transport.woken
 
     # ------------------------------------------------------------ life cycle
 
@@ -210,8 +208,7 @@ class QueueSocket:
                 self.unbind(queue)
             except (NetlinkError, OSError):
                 pass
-        self._receiver.close()
-        self._sock.close()
+        self.transport.close()
 
     def __enter__(self) -> "QueueSocket":
         return self
@@ -230,8 +227,8 @@ class QueueSocket:
     # ------------------------------------------------------------ configuration
 
     def bind(self, queue: int, *, family: str = "both", copy_mode: int = nfq.NFQNL_COPY_PACKET,
-             copy_range: int = 0xFFFF, maxlen: Optional[int] = None, flags: int = 0,
-             flags_mask: Optional[int] = None) -> None:
+             copy_range: int = nfq.NFQNL_MAX_COPY_RANGE, maxlen: Optional[int] = None,
+             flags: int = 0, flags_mask: Optional[int] = None) -> None:
         """Bind `queue` and configure it, each step checked by the kernel's ACK.
 
         family: "ipv4", "ipv6" or "both": which packets this socket wants;
@@ -254,7 +251,8 @@ class QueueSocket:
             raise
 
     def configure(self, queue: int, *, family: str = "both",
-                  copy_mode: int = nfq.NFQNL_COPY_PACKET, copy_range: int = 0xFFFF,
+                  copy_mode: int = nfq.NFQNL_COPY_PACKET,
+                  copy_range: int = nfq.NFQNL_MAX_COPY_RANGE,
                   maxlen: Optional[int] = None, flags: int = 0,
                   flags_mask: Optional[int] = None) -> None:
         """The settings of `queue`, which this socket is bound to already: by
@@ -293,22 +291,11 @@ class QueueSocket:
         self._transact(self.protocol.unbind(queue), "unbind", queue)
 
     def _transact(self, request: nfq.Request, kind: str, queue: int, flags: int = 0) -> None:
-        """Send a config request and wait for its ACK, keeping packets that
-        arrive meanwhile for the next receive()."""
-        self._send(request.data, request.op)
-        deadline = time.monotonic() + _ACK_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.protocol.pending.pop(request.seq, None)
-                raise NetlinkError(request.op, errno.ETIMEDOUT, "the kernel did not answer")
-            for event in self._read(remaining, max_datagrams=1):
-                if isinstance(event, (Ack, KernelError)) and event.seq == request.seq:
-                    if isinstance(event, KernelError):
-                        raise NetlinkError(event.op, event.errno,
-                                           _hint(kind, queue, event.errno, flags))
-                    return
-                self._backlog.append(event)
+        """Send a config request and wait for its ACK; a refusal raises
+        NetlinkError saying what the user can do about it."""
+        refused = self.transport.transact(request)
+        if refused is not None:
+            raise NetlinkError(refused.op, refused.errno, _hint(kind, queue, refused.errno, flags))
 
     # ------------------------------------------------------------ receiving
 
@@ -329,17 +316,12 @@ class QueueSocket:
 
         `shortcut(views, lengths)`, when given, sees each batch of
         datagrams first, in place (datagram i is views[i][:lengths[i]]),
-        before any family check; it takes on the packets it can (judged, and
+        before any family check; it takes on the packets it can (decided, and
         answered or to be answered by the caller), which are counted and not
         returned, and returns the indexes of the rest, in order (the verdict
         cache's hits skip decoding this way).
         """
-        if self._backlog:
-            raw, self._backlog = self._backlog, []
-            raw.extend(self._read(0, max_datagrams, None, shortcut))
-            self.woken = True
-        else:
-            raw = self._read(timeout, max_datagrams, wake_fd, shortcut)
+        raw = self.transport.read(timeout, max_datagrams, wake_fd, shortcut)
         events: List[Event] = []
         stats = self.stats
         for event in raw:
@@ -366,6 +348,105 @@ class QueueSocket:
         return [e for e in self.receive_events(timeout, max_datagrams, wake_fd)
                 if type(e) is Packet]
 
+    # ------------------------------------------------------------ verdicts
+
+    def verdict(self, packet: Packet, verdict: int, *, mark: Optional[int] = None,
+                payload: Optional[bytes] = None, connmark: Optional[int] = None) -> None:
+        """Verdict on one packet: NF_ACCEPT, NF_DROP, NF_REPEAT or queue_verdict(n),
+        optionally with a new mark, a connmark, or a replacement payload."""
+        self.verdict_id(packet.queue, packet.packet_id, verdict, mark=mark, payload=payload,
+                        connmark=connmark)
+
+    def verdict_id(self, queue: int, packet_id: int, verdict: int, **options) -> None:
+        self._send(nfq.encode_verdict(queue, packet_id, verdict, **options), "verdict")
+        self.stats.verdicts += 1
+
+    def verdict_batch(self, queue: int, max_id: int, verdict: int, *,
+                      mark: Optional[int] = None) -> None:
+        """One verdict for every packet of `queue` with an id up to `max_id`."""
+        self._send(nfq.encode_verdict_batch(queue, max_id, verdict, mark=mark), "batch verdict")
+        self.stats.batches += 1
+
+    def send_many(self, messages: Sequence[bytes]) -> None:
+        """Several encoded verdicts in one datagram: the kernel processes each."""
+        if messages:
+            self._send(b"".join(messages), "verdicts")
+
+    def _send(self, data: bytes, op: str) -> None:
+        self.transport.send(data, op)
+
+    # ------------------------------------------------------------ interfaces
+
+    def ifname(self, index: Optional[int]) -> Optional[str]:
+        """Interface name of an ifindex in this socket's network namespace (Interfaces.name)."""
+        return self._interfaces.name(index)
+
+    def hwtype(self, name: Optional[str]) -> Optional[int]:
+        """ARPHRD_* type of an interface (ARPHRD_ETHER 1, ARPHRD_LOOPBACK 772)."""
+        return self._interfaces.hwtype(name)
+
+
+class Transport:
+    """The bytes a QueueSocket moves: sends, waits for the socket (or a wake
+    fd), reads bursts of datagrams and makes events of them, and waits for
+    the ACK of a config request, keeping what arrives meanwhile for the next
+    read. Counts in the socket's `stats` what it receives and survives."""
+
+    def __init__(self, sock: socket.socket, protocol: nfq.QueueProtocol, stats: QueueStats):
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.protocol = protocol
+        self.stats = stats
+        self.receiver = Receiver(sock)
+        self._backlog: List[Event] = []
+        self._poller = None
+        self._wake_fd: Optional[int] = None
+        self._ready_alone: list = []
+        self._timeout: Optional[float] = -1.0
+        self._timeout_ms: Optional[int] = None
+        self.woken = True               # see QueueSocket.woken
+
+    def close(self) -> None:
+        self.receiver.close()
+        self._sock.close()
+
+    def send(self, data: bytes, op: str) -> None:
+        while True:
+            try:
+                self._sock.send(data)
+                return
+            except InterruptedError:
+                continue
+            except OSError as err:
+                raise NetlinkError(op, err.errno) from err
+
+    def transact(self, request: nfq.Request) -> Optional[KernelError]:
+        """Send a config request and wait for its answer: None for an ACK,
+        the KernelError of a refusal. Raises NetlinkError (ETIMEDOUT) when
+        the kernel does not answer."""
+        self.send(request.data, request.op)
+        deadline = time.monotonic() + _ACK_TIMEOUT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.protocol.pending.pop(request.seq, None)
+                raise NetlinkError(request.op, errno.ETIMEDOUT, "the kernel did not answer")
+            for event in self._read(remaining, max_datagrams=1):
+                if isinstance(event, (Ack, KernelError)) and event.seq == request.seq:
+                    return event if isinstance(event, KernelError) else None
+                self._backlog.append(event)
+
+    def read(self, timeout: Optional[float], max_datagrams: int, wake_fd: Optional[int] = None,
+             shortcut: Optional[Callable] = None) -> List[Event]:
+        """The events kept while waiting for an ACK, then those read now (see
+        QueueSocket.receive_events); with events kept, it does not wait."""
+        if self._backlog:
+            events, self._backlog = self._backlog, []
+            events.extend(self._read(0, max_datagrams, None, shortcut))
+            self.woken = True
+            return events
+        return self._read(timeout, max_datagrams, wake_fd, shortcut)
+
     def _read(self, timeout: Optional[float], max_datagrams: int,
               wake_fd: Optional[int] = None, shortcut: Optional[Callable] = None) -> List[Event]:
         if timeout == 0:
@@ -373,8 +454,8 @@ class QueueSocket:
         elif not self._wait_readable(timeout, wake_fd):
             return []
         events: List[Event] = []
-        receive = self._receiver.receive
-        views = self._receiver.views
+        receive = self.receiver.receive
+        views = self.receiver.views
         stats = self.stats
         left = max_datagrams
         taken = 0                           # by the shortcut, counted at the end
@@ -433,53 +514,26 @@ class QueueSocket:
                 self.woken = True
         return readable
 
-    # ------------------------------------------------------------ verdicts
 
-    def verdict(self, packet: Packet, verdict: int, *, mark: Optional[int] = None,
-                payload: Optional[bytes] = None, connmark: Optional[int] = None) -> None:
-        """Verdict on one packet: NF_ACCEPT, NF_DROP, NF_REPEAT or queue_verdict(n),
-        optionally with a new mark, a connmark, or a replacement payload."""
-        self.verdict_id(packet.queue, packet.packet_id, verdict, mark=mark, payload=payload,
-                        connmark=connmark)
+class Interfaces:
+    """Names and hardware types of interfaces, asked of the kernel through
+    one socket (so right for the socket's network namespace)."""
 
-    def verdict_id(self, queue: int, packet_id: int, verdict: int, **options) -> None:
-        self._send(nfq.encode_verdict(queue, packet_id, verdict, **options), "verdict")
-        self.stats.verdicts += 1
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._names: Dict[int, tuple] = {}
 
-    def verdict_batch(self, queue: int, max_id: int, verdict: int, *,
-                      mark: Optional[int] = None) -> None:
-        """One verdict for every packet of `queue` with an id up to `max_id`."""
-        self._send(nfq.encode_verdict_batch(queue, max_id, verdict, mark=mark), "batch verdict")
-        self.stats.batches += 1
+    def name(self, index: Optional[int]) -> Optional[str]:
+        """Interface name of an ifindex, or None.
 
-    def send_many(self, messages: Sequence[bytes]) -> None:
-        """Several encoded verdicts in one datagram: the kernel processes each."""
-        if messages:
-            self._send(b"".join(messages), "verdicts")
-
-    def _send(self, data: bytes, op: str) -> None:
-        while True:
-            try:
-                self._sock.send(data)
-                return
-            except InterruptedError:
-                continue
-            except OSError as err:
-                raise NetlinkError(op, err.errno) from err
-
-    # ------------------------------------------------------------ interfaces
-
-    def ifname(self, index: Optional[int]) -> Optional[str]:
-        """Interface name of an ifindex in this socket's network namespace.
-
-        Asked of the kernel through this very socket (SIOCGIFNAME), so it is
-        right even when the socket was made in another namespace; cached
-        briefly, since a name lookup per packet would cost a system call.
+        Asked of the kernel through the socket (SIOCGIFNAME), so it is right
+        even when the socket was made in another namespace; cached briefly,
+        since a name lookup per packet would cost a system call.
         """
         if index is None:
             return None
         now = time.monotonic()
-        cached = self._ifnames.get(index)
+        cached = self._names.get(index)
         if cached is not None and now - cached[1] < _IFNAME_TTL:
             return cached[0]
         try:
@@ -487,9 +541,9 @@ class QueueSocket:
             name = ifreq[:16].split(b"\0", 1)[0].decode("ascii", "replace")
         except OSError:
             name = None
-        if len(self._ifnames) > 4096:
-            self._ifnames.clear()
-        self._ifnames[index] = (name, now)
+        if len(self._names) > 4096:
+            self._names.clear()
+        self._names[index] = (name, now)
         return name
 
     def hwtype(self, name: Optional[str]) -> Optional[int]:

@@ -4,119 +4,150 @@ The receive path's shortcuts: `decode_packet_datagram` makes the Packet of
 a datagram holding one ordinary packet message, `packet_summary` reads the
 few fields the verdict cache needs without making anything, and
 `layout_of` gives the learned attribute layout a message has (the verdict
-cache compiles its key readers from it). QueueProtocol (ipqd.wire.nfqueue) stays
-the reference: whatever these do not handle in full, they leave to it
-(tests/pure/test_fast_decode.py checks that both agree).
+cache compiles its key readers from it). Both are derived from the
+attribute table (ipqd.wire.attributes.PACKET_ATTRS). QueueProtocol
+(ipqd.wire.nfqueue) stays the reference: whatever these do not handle in
+full, they leave to it (tests/pure/test_fast_decode.py checks that both agree).
 """
 from __future__ import annotations
 
 import struct
 from operator import itemgetter
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ipqd.wire import nfnetlink as nl
-from ipqd.wire import nfqueue as nfq
-from ipqd.wire.nfqueue import Packet
+from ipqd.wire.attributes import (NFQA_PACKET_HDR, NFQA_PAYLOAD, PACKET_ATTRS, PACKET_HDR,
+                                  PACKET_HDR_AT, PASS, READ)
+from ipqd.wire.nfqueue import MSG_PACKET, Packet
 
 _NLMSG_LEN_TYPE = struct.Struct("=IH")
 _NLATTR = struct.Struct("=HH")
-_BE32 = struct.Struct(">I")
-_PACKET_HDR = struct.Struct(">IHB")
-_TIMESTAMP = struct.Struct(">QQ")
-_HWADDR = struct.Struct(">H2x8s")
 _NLA_TYPE_MASK = nl.NLA_TYPE_MASK
-_MSG_PACKET = nfq.MSG_PACKET
-# be32 attributes the fast path decodes, by type: the Packet field each fills.
-_FAST_BE32 = {
-    nfq.NFQA_MARK: "mark", nfq.NFQA_IFINDEX_INDEV: "indev", nfq.NFQA_IFINDEX_OUTDEV: "outdev",
-    nfq.NFQA_IFINDEX_PHYSINDEV: "physindev", nfq.NFQA_IFINDEX_PHYSOUTDEV: "physoutdev",
-    nfq.NFQA_CT_INFO: "ct_info", nfq.NFQA_CAP_LEN: "cap_len", nfq.NFQA_SKB_INFO: "skb_info",
-    nfq.NFQA_UID: "uid", nfq.NFQA_GID: "gid", nfq.NFQA_PRIORITY: "priority",
-    nfq.NFQA_CGROUP_CLASSID: "cgroup_classid",
-}
-_NFQA_PACKET_HDR = nfq.NFQA_PACKET_HDR
-_NFQA_PAYLOAD = nfq.NFQA_PAYLOAD
-_NFQA_INDEV = nfq.NFQA_IFINDEX_INDEV
-_NFQA_OUTDEV = nfq.NFQA_IFINDEX_OUTDEV
-_NFQA_TIMESTAMP = nfq.NFQA_TIMESTAMP
-_NFQA_HWADDR = nfq.NFQA_HWADDR
+_FAMILY_AT = nl.NLMSG_HDRLEN                    # nfgenmsg.family
+_QUEUE_AT = nl.NLMSG_HDRLEN + 2                 # nfgenmsg.res_id, big-endian
+_FIRST_ATTR = nl.NLMSG_HDRLEN + nl.NFGENMSG_LEN
+_HEADER_LEN = nl.NLA_HDRLEN + PACKET_HDR.size   # the fewest bytes of NFQA_PACKET_HDR
+
+# Attribute list entries: (offset of the attribute header, type, nla_len).
+Attrs = List[Tuple[int, int, int]]
+
+
+# ---------------------------------------------------------------- the in-place reader
+
+# How the in-place reader takes each row of the table, by type: the field,
+# the fewest bytes of the attribute, the unpack call (None: the bytes as
+# they are) and what makes the value. Nested rows are the reference's.
+_IN_PLACE = {row.type: (row.field, nl.NLA_HDRLEN + row.wire.size,
+                        row.wire.layout.unpack_from if row.wire.layout else None, row.wire.value)
+             for row in PACKET_ATTRS if not row.wire.nested}
+_NESTED = frozenset(row.type for row in PACKET_ATTRS if row.wire.nested)
 
 
 def decode_packet_datagram(buf, n: int, view: Optional[memoryview] = None) -> Optional[Packet]:
     """The Packet of a datagram that holds exactly one well-formed packet
-    message of the usual kind, read in place; None for anything else.
+    message without nested attributes, read in place; None for anything else.
 
     The receive path's shortcut: the general decoder (QueueProtocol) copies
-    every message and attribute and dispatches on tables, which costs more
-    than parsing and deciding together. Anything this does not handle in
-    full (another message type, several messages, a conntrack, VLAN, L2 or
-    security-context attribute, any length that does not fit) returns None
-    and goes to QueueProtocol, which stays the reference: both give the
-    same Packet (tests/pure/test_fast_decode.py).
+    every message and attribute, which costs more than parsing and deciding
+    together. Anything this does not handle in full (another message type,
+    several messages, a conntrack or VLAN attribute, any length that does
+    not fit) returns None and goes to QueueProtocol, which stays the
+    reference: both give the same Packet (tests/pure/test_fast_decode.py).
     """
     attrs = _attributes(buf, n)
     if attrs is None:
         return None
     if view is None:
         view = memoryview(buf)
-    hdr = None
-    fields = []
-    payload = timestamp = hwaddr = None
+    # Made first, so that each field is stored as it is read; the header
+    # fills the rest (the kernel writes it first, but it need not be).
+    packet = Packet((buf[_QUEUE_AT] << 8) | buf[_QUEUE_AT + 1], buf[_FAMILY_AT], None, None, None)
     for offset, attr_type, attr_len in attrs:
-        if attr_type == _NFQA_PAYLOAD:
-            payload = bytes(view[offset + 4:offset + attr_len])
-        elif attr_type == _NFQA_PACKET_HDR:
-            if attr_len < 4 + 7:
+        if attr_type == NFQA_PACKET_HDR:
+            if attr_len < _HEADER_LEN:
                 return None
-            hdr = _PACKET_HDR.unpack_from(buf, offset + 4)
-        elif attr_type in _FAST_BE32:
-            if attr_len < 8:
+            packet.packet_id, packet.hw_protocol, packet.hook = \
+                PACKET_HDR.unpack_from(buf, offset + 4)
+            continue
+        how = _IN_PLACE.get(attr_type)
+        if how is None:
+            if attr_type in _NESTED:
                 return None
-            fields.append((_FAST_BE32[attr_type], _BE32.unpack_from(buf, offset + 4)[0]))
-        elif attr_type == _NFQA_TIMESTAMP:
-            if attr_len < 4 + 16:
-                return None
-            timestamp = _TIMESTAMP.unpack_from(buf, offset + 4)
-        elif attr_type == _NFQA_HWADDR:
-            if attr_len < 4 + 12:
-                return None
-            hwaddr = _HWADDR.unpack_from(buf, offset + 4)
-        elif attr_type <= nfq.NFQA_CGROUP_CLASSID:
-            return None             # an attribute with structure: the full decoder
-    if hdr is None:
+            continue                # not the packet's, or newer than the table: skipped
+        field, need, unpack, value = how
+        if attr_len < need:
+            return None
+        if unpack is None:
+            setattr(packet, field, value(view[offset + 4:offset + attr_len]))
+        else:
+            setattr(packet, field, value(unpack(buf, offset + 4)))
+    return packet if packet.packet_id is not None else None
+
+
+def _attributes(buf, n: int) -> Optional[Attrs]:
+    """(offset, type, length) of each attribute of the packet message that
+    fills buf[:n], or None when the datagram is not one packet message whose
+    attributes all fit."""
+    if n < _FIRST_ATTR:
         return None
-    packet = Packet((buf[18] << 8) | buf[19], buf[16], hdr[0], hdr[1], hdr[2])
-    packet.payload = payload
-    for name, value in fields:
-        setattr(packet, name, value)
-    if timestamp is not None:
-        packet.timestamp = timestamp
-    if hwaddr is not None:
-        packet.hwaddr = hwaddr[1][:min(hwaddr[0], 8)]
-    return packet
+    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
+    if msg_type != MSG_PACKET or length < _FIRST_ATTR or length > n or (length + 3) & ~3 < n:
+        return None
+    attrs = []
+    offset = _FIRST_ATTR
+    while offset < length:
+        if length - offset < 4:
+            return None
+        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
+        if attr_len < 4 or attr_len > length - offset:
+            return None
+        attrs.append((offset, attr_type & _NLA_TYPE_MASK, attr_len))
+        offset += (attr_len + 3) & ~3
+    return attrs
 
 
+# ---------------------------------------------------------------- the summary
 
-_NFQA_MARK = nfq.NFQA_MARK
-_NFQA_UID = nfq.NFQA_UID
-_NFQA_GID = nfq.NFQA_GID
-# Attributes a summary can pass over, as nothing a rule reads comes from
-# them, with the fewest bytes QueueProtocol accepts in each.
-_SUMMARY_SKIPS = {nfq.NFQA_TIMESTAMP: 16, nfq.NFQA_HWADDR: 12, nfq.NFQA_IFINDEX_PHYSINDEV: 4,
-                  nfq.NFQA_IFINDEX_PHYSOUTDEV: 4, nfq.NFQA_SKB_INFO: 4, nfq.NFQA_PRIORITY: 4,
-                  nfq.NFQA_CGROUP_CLASSID: 4}
+# The summary's fields, in order: nfgenmsg's, the packet header's, then the
+# table's rows it READs. Each is followed by (payload start, payload end).
+_SUMMARY_HEADER = ("packet_id", "hook")
+SUMMARY_FIELDS = ("queue", "family") + _SUMMARY_HEADER + \
+    tuple(row.field for row in PACKET_ATTRS if row.summary == READ)
+# A field's value when the message does not carry it (a layout may lack the
+# READ attributes), and the distinct values, which follow what a layout reads.
+SUMMARY_ABSENT = {**dict.fromkeys(SUMMARY_FIELDS),
+                  **{row.field: row.absent for row in PACKET_ATTRS if row.summary == READ}}
+ABSENT_VALUES = tuple(dict.fromkeys(SUMMARY_ABSENT.values()))
+# The fewest bytes of each attribute a summary may have before its payload:
+# the header, the rows it reads and those it passes over (which the
+# reference must still accept).
+_SUMMARY_NEEDS = {NFQA_PACKET_HDR: _HEADER_LEN,
+                  **{row.type: nl.NLA_HDRLEN + row.wire.size for row in PACKET_ATTRS
+                     if row.summary in (READ, PASS)}}
+# Where a READ row's value lies in its attribute, and its struct code.
+_SUMMARY_READ = {row.type: (row.field, row.wire.code) for row in PACKET_ATTRS
+                 if row.summary == READ}
+assert None not in (code for _, code in _SUMMARY_READ.values()), \
+    "the summary reads only rows whose value is one number"
+
+
+def absent_position(field: str, read: int) -> int:
+    """Where a summary field a layout does not carry is found, in the `read`
+    values of a layout followed by ABSENT_VALUES."""
+    return read + ABSENT_VALUES.index(SUMMARY_ABSENT[field])
 
 
 def packet_summary(buf, n: int) -> Optional[tuple]:
-    """(queue, family, packet id, hook, mark, indev, outdev, uid, gid,
-    payload start, payload end) of a datagram holding exactly one packet
-    message with its whole payload, read in place; None for anything else.
+    """SUMMARY_FIELDS (queue, family, packet id, hook, mark, indev, outdev,
+    uid, gid) and the payload's start and end, of a datagram holding exactly
+    one packet message with its whole payload, read in place; None for
+    anything else.
 
     The verdict cache's shortcut: no Packet, no copy of the payload. What it
     does not handle (a cut copy, META mode, another message, an attribute
-    with structure, any length that does not fit) returns None and goes to
-    decode_packet_datagram and QueueProtocol; tests/pure/test_fast_decode.py
-    checks that both agree.
+    the table marks FULL, any length that does not fit) returns None and
+    goes to decode_packet_datagram and QueueProtocol;
+    tests/pure/test_fast_decode.py checks that both agree.
 
     The kernel lays out the messages of one queue and hook the same way
     every time, so the attribute layout of each message walked in full is
@@ -127,7 +158,7 @@ def packet_summary(buf, n: int) -> Optional[tuple]:
     if found is None:
         return None
     layout, end = found
-    return layout.pick(layout.values.unpack_from(buf) + (0, None, layout.start, end))
+    return layout.pick(layout.values.unpack_from(buf) + ABSENT_VALUES + (layout.start, end))
 
 
 def layout_of(buf, n: int) -> Optional[Tuple["AttributeLayout", int]]:
@@ -138,53 +169,79 @@ def layout_of(buf, n: int) -> Optional[Tuple["AttributeLayout", int]]:
         end = layout.payload_end(buf, n)
         if end:
             return layout, end
-    walked = _walk_summary(buf, n)
+    walked = _walk(buf, n)
     if walked is None:
         return None
-    summary, attrs = walked
-    layout = AttributeLayout(buf, attrs, summary[9] - 4)
+    before, payload_at, end = walked
+    layout = AttributeLayout(buf, before, payload_at)
     _layouts.insert(0, layout)
     del _layouts[_MAX_LAYOUTS:]
-    return layout, summary[10]
+    return layout, end
 
 
 _MAX_LAYOUTS = 8
 _layouts: List["AttributeLayout"] = []
-# Where each summary field comes from, for a be32 attribute.
-_SUMMARY_BE32 = {nfq.NFQA_MARK: 4, nfq.NFQA_IFINDEX_INDEV: 5, nfq.NFQA_IFINDEX_OUTDEV: 6,
-                 nfq.NFQA_UID: 7, nfq.NFQA_GID: 8}
+
+
+def _walk(buf, n: int) -> Optional[Tuple[Attrs, int, int]]:
+    """The attributes before the payload, where the payload's attribute
+    starts and where the payload ends, of a message packet_summary handles:
+    a packet header, the payload last, and between them only attributes the
+    table lets a summary read or pass over, each long enough for the
+    reference. None for anything else."""
+    attrs = _attributes(buf, n)
+    if not attrs:
+        return None
+    *before, (payload_at, payload_type, payload_len) = attrs
+    if payload_type != NFQA_PAYLOAD:
+        return None
+    for _, attr_type, attr_len in before:
+        need = _SUMMARY_NEEDS.get(attr_type)
+        if need is None or attr_len < need:
+            return None
+    if all(attr_type != NFQA_PACKET_HDR for _, attr_type, _ in before):
+        return None
+    return before, payload_at, payload_at + payload_len
+
+
+def _summary_offsets(attrs: Attrs) -> Dict[str, Tuple[int, str]]:
+    """Where each summary field lies in a message with these attributes, and
+    its struct code (network order). A later attribute of a type replaces
+    an earlier one, as in the reference."""
+    offsets = {"queue": (_QUEUE_AT, "H"), "family": (_FAMILY_AT, "B")}
+    for offset, attr_type, _ in attrs:
+        if attr_type == NFQA_PACKET_HDR:
+            for name in _SUMMARY_HEADER:
+                at, code = PACKET_HDR_AT[name]
+                offsets[name] = (offset + nl.NLA_HDRLEN + at, code)
+        elif attr_type in _SUMMARY_READ:
+            field, code = _SUMMARY_READ[attr_type]
+            offsets[field] = (offset + nl.NLA_HDRLEN, code)
+    return offsets
 
 
 class AttributeLayout:
     """One message layout: the attribute headers to expect, where the
-    summary's values lie, and where the payload starts."""
+    summary's values lie (`offsets`, by field), and where the payload starts."""
     __slots__ = ("size", "heads", "head_fields", "expected", "payload_type", "payload_at",
                  "start", "values", "pick", "offsets")
 
-    def __init__(self, buf, attrs: List[Tuple[int, int, int]], payload_at: int):
+    def __init__(self, buf, attrs: Attrs, payload_at: int):
         # heads: native order (netlink lengths and types), values: network order.
         heads = [(0, "I"), (4, "H")] + [(offset, "HH") for offset, _, _ in attrs] + \
             [(payload_at, "HH")]
-        # summary index -> (offset, struct code) of each value this layout has
-        offsets = {1: (16, "B"), 0: (18, "H")}           # family, queue (nfgenmsg)
-        for offset, attr_type, _ in attrs:
-            if attr_type == nfq.NFQA_PACKET_HDR:
-                offsets[2], offsets[3] = (offset + 4, "I"), (offset + 10, "B")    # id, hook
-            elif attr_type in _SUMMARY_BE32:
-                offsets[_SUMMARY_BE32[attr_type]] = (offset + 4, "I")
-        self.offsets = offsets
+        self.offsets = _summary_offsets(attrs)
         self.size = payload_at + 4
         self.head_fields = heads                        # (offset, code) of each
         self.heads = layout_struct("=", heads)
-        fields = sorted(offsets.items(), key=lambda item: item[1][0])
+        fields = sorted(self.offsets.items(), key=lambda item: item[1][0])
         self.values = layout_struct(">", [where for _, where in fields])
-        # The values are followed by (0, None, start, end): a missing mark is
-        # 0, a missing interface or id None.
-        tail = len(fields)
-        index = {summary_index: i for i, (summary_index, _) in enumerate(fields)}
-        order = [index.get(i, tail + 1) for i in range(9)]
-        order[4] = index.get(4, tail)
-        self.pick = itemgetter(*order, tail + 2, tail + 3)
+        # The values are followed by ABSENT_VALUES, then the payload's start and end.
+        index = {field: i for i, (field, _) in enumerate(fields)}
+        order = [index[f] if f in index else absent_position(f, len(fields))
+                 for f in SUMMARY_FIELDS]
+        tail = len(fields) + len(ABSENT_VALUES)
+        self.pick = itemgetter(*order, tail, tail + 1)
         self.payload_at = payload_at
         self.start = payload_at + 4
         learned = self.heads.unpack_from(buf)
@@ -217,71 +274,3 @@ def layout_struct(order: str, fields: List[Tuple[int, str]]) -> struct.Struct:
         out.append(code)
         at = offset + struct.calcsize("=" + code)
     return struct.Struct(order + "".join(out))
-
-
-def _walk_summary(buf, n: int) -> Optional[Tuple[tuple, List[Tuple[int, int, int]]]]:
-    """packet_summary by walking every attribute; also the attributes before
-    the payload as (offset, type, length), for AttributeLayout."""
-    attrs = _attributes(buf, n)
-    if attrs is None:
-        return None
-    packet_id = hook = indev = outdev = uid = gid = None
-    mark = 0
-    start = -1
-    end = 0
-    before: List[Tuple[int, int, int]] = []
-    for offset, attr_type, attr_len in attrs:
-        if start >= 0:
-            return None                 # the payload is the last attribute
-        if attr_type == _NFQA_PAYLOAD:
-            start = offset + 4
-            end = offset + attr_len
-        elif attr_type == _NFQA_PACKET_HDR:
-            if attr_len < 4 + 7:
-                return None
-            packet_id, _proto, hook = _PACKET_HDR.unpack_from(buf, offset + 4)
-        elif attr_type in _SUMMARY_SKIPS:
-            if attr_len - 4 < _SUMMARY_SKIPS[attr_type]:
-                return None             # the reference refuses it: so does the summary
-        elif attr_len < 8:
-            return None
-        elif attr_type == _NFQA_INDEV:
-            indev = _BE32.unpack_from(buf, offset + 4)[0]
-        elif attr_type == _NFQA_OUTDEV:
-            outdev = _BE32.unpack_from(buf, offset + 4)[0]
-        elif attr_type == _NFQA_MARK:
-            mark = _BE32.unpack_from(buf, offset + 4)[0]
-        elif attr_type == _NFQA_UID:
-            uid = _BE32.unpack_from(buf, offset + 4)[0]
-        elif attr_type == _NFQA_GID:
-            gid = _BE32.unpack_from(buf, offset + 4)[0]
-        else:
-            return None             # cap_len (a cut copy), conntrack, VLAN, L2, ...
-        if start < 0:
-            before.append((offset, attr_type, attr_len))
-    if packet_id is None or start < 0:
-        return None
-    return (((buf[18] << 8) | buf[19], buf[16], packet_id, hook, mark, indev, outdev, uid, gid,
-             start, end), before)
-
-
-def _attributes(buf, n: int) -> Optional[List[Tuple[int, int, int]]]:
-    """(offset, type, length) of each attribute of the packet message that
-    fills buf[:n], or None when the datagram is not one packet message whose
-    attributes all fit."""
-    if n < 20:
-        return None
-    length, msg_type = _NLMSG_LEN_TYPE.unpack_from(buf, 0)
-    if msg_type != _MSG_PACKET or length < 20 or length > n or (length + 3) & ~3 < n:
-        return None
-    attrs = []
-    offset = 20
-    while offset < length:
-        if length - offset < 4:
-            return None
-        attr_len, attr_type = _NLATTR.unpack_from(buf, offset)
-        if attr_len < 4 or attr_len > length - offset:
-            return None
-        attrs.append((offset, attr_type & _NLA_TYPE_MASK, attr_len))
-        offset += (attr_len + 3) & ~3
-    return attrs

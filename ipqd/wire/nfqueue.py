@@ -14,40 +14,21 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ipqd.wire import nfnetlink as nl
 from ipqd.errors import DecodeError
+# The packet message's attributes are declared in ipqd.wire.attributes;
+# their kernel names are re-exported here, where the messages are.
+from ipqd.wire.attributes import (  # noqa: F401
+    CTA_ID, CTA_MARK, CTA_STATUS, NFQA_CAP_LEN, NFQA_CGROUP_CLASSID, NFQA_CT, NFQA_CT_INFO,
+    NFQA_EXP, NFQA_GID, NFQA_HWADDR, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV,
+    NFQA_IFINDEX_PHYSINDEV, NFQA_IFINDEX_PHYSOUTDEV, NFQA_L2HDR, NFQA_MARK, NFQA_PACKET_HDR,
+    NFQA_PAYLOAD, NFQA_PRIORITY, NFQA_SECCTX, NFQA_SKB_INFO, NFQA_TIMESTAMP, NFQA_UID,
+    NFQA_VERDICT_HDR, NFQA_VLAN, NFQA_VLAN_PROTO, NFQA_VLAN_TCI, PACKET_ATTRS, PACKET_HDR,
+    Conntrack)
 
 # enum nfqnl_msg_types
 NFQNL_MSG_PACKET = 0
 NFQNL_MSG_VERDICT = 1
 NFQNL_MSG_CONFIG = 2
 NFQNL_MSG_VERDICT_BATCH = 3
-
-# enum nfqnl_attr_type
-NFQA_PACKET_HDR = 1
-NFQA_VERDICT_HDR = 2
-NFQA_MARK = 3
-NFQA_TIMESTAMP = 4
-NFQA_IFINDEX_INDEV = 5
-NFQA_IFINDEX_OUTDEV = 6
-NFQA_IFINDEX_PHYSINDEV = 7
-NFQA_IFINDEX_PHYSOUTDEV = 8
-NFQA_HWADDR = 9
-NFQA_PAYLOAD = 10
-NFQA_CT = 11
-NFQA_CT_INFO = 12
-NFQA_CAP_LEN = 13
-NFQA_SKB_INFO = 14
-NFQA_EXP = 15
-NFQA_UID = 16
-NFQA_GID = 17
-NFQA_SECCTX = 18
-NFQA_VLAN = 19
-NFQA_L2HDR = 20
-NFQA_PRIORITY = 21
-NFQA_CGROUP_CLASSID = 22
-
-# enum nfqnl_vlan_attr
-NFQA_VLAN_PROTO = 1
-NFQA_VLAN_TCI = 2
 
 # NFQA_SKB_INFO bits
 NFQA_SKB_CSUMNOTREADY = 1 << 0
@@ -93,11 +74,6 @@ NF_REPEAT = 4
 NF_STOP = 5
 NF_VERDICT_MASK = 0xFF
 
-# Conntrack attributes inside NFQA_CT (linux/netfilter/nfnetlink_conntrack.h)
-CTA_STATUS = 3
-CTA_MARK = 8
-CTA_ID = 12
-
 # enum ip_conntrack_info, as carried in NFQA_CT_INFO
 IP_CT_ESTABLISHED = 0
 IP_CT_RELATED = 1
@@ -120,13 +96,9 @@ MSG_VERDICT = nl.nfnl_msg_type(nl.NFNL_SUBSYS_QUEUE, NFQNL_MSG_VERDICT)
 MSG_CONFIG = nl.nfnl_msg_type(nl.NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG)
 MSG_VERDICT_BATCH = nl.nfnl_msg_type(nl.NFNL_SUBSYS_QUEUE, NFQNL_MSG_VERDICT_BATCH)
 
-_PACKET_HDR = struct.Struct(">IHB")        # packet_id, hw_protocol, hook (packed: 7 bytes)
-_PACKET_HW = struct.Struct(">H2x8s")       # hw_addrlen, pad, hw_addr[8]
-_TIMESTAMP = struct.Struct(">QQ")          # sec, usec
 _VERDICT_HDR = struct.Struct(">II")        # verdict, id
 _CONFIG_CMD = struct.Struct(">BxH")        # command, pad, pf
 _CONFIG_PARAMS = struct.Struct(">IB")      # copy_range, copy_mode (packed: 5 bytes)
-_BE32 = struct.Struct(">I")
 
 
 def ct_state_name(ct_info: Optional[int], conntrack_requested: bool) -> Optional[str]:
@@ -140,25 +112,20 @@ def ct_state_name(ct_info: Optional[int], conntrack_requested: bool) -> Optional
     return _CT_STATE_NAMES.get(ct_info, "invalid")
 
 
-class Conntrack(NamedTuple):
-    """The few NFQA_CT fields ipqd uses; absent fields are None."""
-    id: Optional[int]
-    status: Optional[int]
-    mark: Optional[int]
-
-
 class Packet:
     """One queued packet, as the kernel described it.
 
-    Absent attributes are None, not 0, except `mark`: the kernel omits
-    NFQA_MARK when the mark is 0, so 0 is what absence means there.
-    `payload` starts at the network header; with copy mode META it is None.
-    `cap_len` is the packet's real length when the copy was cut short.
+    Its fields: the queue and family (nfgenmsg), the packet header's
+    (packet_id, hw_protocol, hook), and one per attribute of
+    ipqd.wire.attributes.PACKET_ATTRS, which holds the row's `absent` until
+    the kernel sends the attribute: None, not 0, except `mark` (the kernel
+    omits NFQA_MARK when the mark is 0). `payload` starts at the network
+    header; with copy mode META it is None. `cap_len` is the packet's real
+    length when the copy was cut short.
     """
-    __slots__ = ("queue", "family", "packet_id", "hw_protocol", "hook", "mark",
-                 "timestamp", "indev", "outdev", "physindev", "physoutdev", "hwaddr",
-                 "payload", "cap_len", "skb_info", "uid", "gid", "ct_info", "conntrack",
-                 "secctx", "vlan", "l2hdr", "priority", "cgroup_classid")
+    HEADER = ("queue", "family", "packet_id", "hw_protocol", "hook")
+    # The attributes' fields are class attributes (set below, from the
+    # table): a packet stores only what its message carries.
 
     def __init__(self, queue: int, family: int, packet_id: int, hw_protocol: int, hook: int):
         self.queue = queue
@@ -166,25 +133,6 @@ class Packet:
         self.packet_id = packet_id
         self.hw_protocol = hw_protocol
         self.hook = hook
-        self.mark = 0
-        self.timestamp: Optional[Tuple[int, int]] = None
-        self.indev: Optional[int] = None
-        self.outdev: Optional[int] = None
-        self.physindev: Optional[int] = None
-        self.physoutdev: Optional[int] = None
-        self.hwaddr: Optional[bytes] = None
-        self.payload: Optional[bytes] = None
-        self.cap_len: Optional[int] = None
-        self.skb_info: Optional[int] = None
-        self.uid: Optional[int] = None
-        self.gid: Optional[int] = None
-        self.ct_info: Optional[int] = None
-        self.conntrack: Optional[Conntrack] = None
-        self.secctx: Optional[bytes] = None
-        self.vlan: Optional[Tuple[int, int]] = None
-        self.l2hdr: Optional[bytes] = None
-        self.priority: Optional[int] = None
-        self.cgroup_classid: Optional[int] = None
 
     @property
     def wire_len(self) -> int:
@@ -194,7 +142,8 @@ class Packet:
         return len(self.payload) if self.payload is not None else 0
 
     def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name)
+                for name in self.HEADER + tuple(row.field for row in PACKET_ATTRS)}
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Packet) and self.as_dict() == other.as_dict()
@@ -202,6 +151,11 @@ class Packet:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items() if v is not None)
         return f"Packet({fields})"
+
+
+for _row in PACKET_ATTRS:
+    setattr(Packet, _row.field, _row.absent)
+del _row
 
 
 class Ack(NamedTuple):
@@ -335,55 +289,26 @@ def encode_verdict_batch(queue: int, max_id: int, verdict: int, *, mark: Optiona
     return nl.encode_nlmsg(MSG_VERDICT_BATCH, nl.NLM_F_REQUEST, seq, body)
 
 
+# The kernel writes the payload last, and so does encode_packet.
+_WRITE_ORDER = sorted(PACKET_ATTRS, key=lambda row: row.type == NFQA_PAYLOAD)
+
+
 def encode_packet(packet: Packet, seq: int = 0, portid: int = 0) -> bytes:
     """A packet message as the kernel would send it. For tests and fixtures."""
-    attrs = nl.encode_attr(NFQA_PACKET_HDR,
-                           _PACKET_HDR.pack(packet.packet_id, packet.hw_protocol, packet.hook))
-    if packet.mark:
-        attrs += nl.encode_be32(NFQA_MARK, packet.mark)
-    if packet.timestamp is not None:
-        attrs += nl.encode_attr(NFQA_TIMESTAMP, _TIMESTAMP.pack(*packet.timestamp))
-    for attr_type, value in ((NFQA_IFINDEX_INDEV, packet.indev),
-                             (NFQA_IFINDEX_OUTDEV, packet.outdev),
-                             (NFQA_IFINDEX_PHYSINDEV, packet.physindev),
-                             (NFQA_IFINDEX_PHYSOUTDEV, packet.physoutdev)):
-        if value is not None:
-            attrs += nl.encode_be32(attr_type, value)
-    if packet.hwaddr is not None:
-        attrs += nl.encode_attr(NFQA_HWADDR, _PACKET_HW.pack(len(packet.hwaddr), packet.hwaddr))
-    if packet.vlan is not None:
-        vlan = nl.encode_be16(NFQA_VLAN_PROTO, packet.vlan[0]) + nl.encode_be16(NFQA_VLAN_TCI, packet.vlan[1])
-        attrs += nl.encode_attr(NFQA_VLAN, vlan, nested=True)
-    if packet.l2hdr is not None:
-        attrs += nl.encode_attr(NFQA_L2HDR, packet.l2hdr)
-    if packet.conntrack is not None:
-        ct = b""
-        for attr_type, value in ((CTA_STATUS, packet.conntrack.status),
-                                 (CTA_MARK, packet.conntrack.mark), (CTA_ID, packet.conntrack.id)):
-            if value is not None:
-                ct += nl.encode_be32(attr_type, value)
-        attrs += nl.encode_attr(NFQA_CT, ct, nested=True)
-    for attr_type, value in ((NFQA_CT_INFO, packet.ct_info), (NFQA_CAP_LEN, packet.cap_len),
-                             (NFQA_SKB_INFO, packet.skb_info), (NFQA_UID, packet.uid),
-                             (NFQA_GID, packet.gid), (NFQA_PRIORITY, packet.priority),
-                             (NFQA_CGROUP_CLASSID, packet.cgroup_classid)):
-        if value is not None:
-            attrs += nl.encode_be32(attr_type, value)
-    if packet.secctx is not None:
-        attrs += nl.encode_attr(NFQA_SECCTX, packet.secctx)
-    if packet.payload is not None:
-        attrs += nl.encode_attr(NFQA_PAYLOAD, packet.payload)
-    body = nl.encode_nfgenmsg(packet.family, packet.queue) + attrs
+    attrs = [nl.encode_attr(NFQA_PACKET_HDR,
+                            PACKET_HDR.pack(packet.packet_id, packet.hw_protocol, packet.hook))]
+    for row in _WRITE_ORDER:
+        value = getattr(packet, row.field)
+        if value is not None and value != row.absent:
+            attrs.append(nl.encode_attr(row.type, row.wire.encode(value), nested=row.wire.nested))
+    body = nl.encode_nfgenmsg(packet.family, packet.queue) + b"".join(attrs)
     return nl.encode_nlmsg(MSG_PACKET, 0, seq, body, portid)
 
 
 # ---------------------------------------------------------------- decoding
 
-_IFINDEX_ATTRS = ((NFQA_IFINDEX_INDEV, "indev"), (NFQA_IFINDEX_OUTDEV, "outdev"),
-                  (NFQA_IFINDEX_PHYSINDEV, "physindev"), (NFQA_IFINDEX_PHYSOUTDEV, "physoutdev"))
-_BE32_ATTRS = ((NFQA_CT_INFO, "ct_info"), (NFQA_CAP_LEN, "cap_len"), (NFQA_SKB_INFO, "skb_info"),
-               (NFQA_UID, "uid"), (NFQA_GID, "gid"), (NFQA_PRIORITY, "priority"),
-               (NFQA_CGROUP_CLASSID, "cgroup_classid"))
+# The reference's reading of each row, by type: the field, the decoder, the name.
+_DECODE = {row.type: (row.field, row.wire.decode, row.name) for row in PACKET_ATTRS}
 
 
 def decode_packet(body: bytes) -> Packet:
@@ -397,56 +322,16 @@ def decode_packet(body: bytes) -> Packet:
     hdr = attrs.get(NFQA_PACKET_HDR)
     if hdr is None:
         raise DecodeError("NFQA_PACKET_HDR", nl.NLMSG_HDRLEN, "packet message has no packet header")
-    if len(hdr) < _PACKET_HDR.size:
+    if len(hdr) < PACKET_HDR.size:
         raise DecodeError("NFQA_PACKET_HDR", nl.NLMSG_HDRLEN,
-                          f"attribute has {len(hdr)} bytes, expected {_PACKET_HDR.size}")
-    packet = Packet(queue, family, *_PACKET_HDR.unpack_from(hdr, 0))
-    _fill_packet(packet, attrs)
+                          f"attribute has {len(hdr)} bytes, expected {PACKET_HDR.size}")
+    packet = Packet(queue, family, *PACKET_HDR.unpack_from(hdr, 0))
+    for attr_type, data in attrs.items():
+        how = _DECODE.get(attr_type)
+        if how is not None:             # else not the packet's, or newer than the table
+            field, decode, name = how
+            setattr(packet, field, decode(data, name))
     return packet
-
-
-def _fill_packet(packet: Packet, attrs: Dict[int, bytes]) -> None:
-    get = attrs.get
-    data = get(NFQA_MARK)
-    if data is not None:
-        packet.mark = nl.be32(data, "NFQA_MARK")
-    data = get(NFQA_TIMESTAMP)
-    if data is not None:
-        if len(data) < _TIMESTAMP.size:
-            raise DecodeError("NFQA_TIMESTAMP", 0, f"attribute has {len(data)} bytes, expected 16")
-        packet.timestamp = _TIMESTAMP.unpack_from(data, 0)
-    for attr_type, name in _IFINDEX_ATTRS:
-        data = get(attr_type)
-        if data is not None:
-            setattr(packet, name, nl.be32(data, name))
-    data = get(NFQA_HWADDR)
-    if data is not None:
-        if len(data) < _PACKET_HW.size:
-            raise DecodeError("NFQA_HWADDR", 0, f"attribute has {len(data)} bytes, expected 12")
-        addrlen, addr = _PACKET_HW.unpack_from(data, 0)
-        packet.hwaddr = addr[:min(addrlen, 8)]
-    data = get(NFQA_PAYLOAD)
-    if data is not None:
-        packet.payload = data
-    for attr_type, name in _BE32_ATTRS:
-        data = get(attr_type)
-        if data is not None:
-            setattr(packet, name, nl.be32(data, name))
-    data = get(NFQA_CT)
-    if data is not None:
-        ct = nl.decode_attrs(data, 0, "NFQA_CT")
-        packet.conntrack = Conntrack(nl.optional(ct, CTA_ID, nl.be32, "CTA_ID"),
-                                     nl.optional(ct, CTA_STATUS, nl.be32, "CTA_STATUS"),
-                                     nl.optional(ct, CTA_MARK, nl.be32, "CTA_MARK"))
-    data = get(NFQA_VLAN)
-    if data is not None:
-        vlan = nl.decode_attrs(data, 0, "NFQA_VLAN")
-        packet.vlan = (nl.optional(vlan, NFQA_VLAN_PROTO, nl.be16, "NFQA_VLAN_PROTO"),
-                       nl.optional(vlan, NFQA_VLAN_TCI, nl.be16, "NFQA_VLAN_TCI"))
-    packet.l2hdr = get(NFQA_L2HDR)
-    data = get(NFQA_SECCTX)
-    if data is not None:
-        packet.secctx = data.rstrip(b"\0")
 
 
 class Verdict(NamedTuple):
@@ -600,16 +485,13 @@ def _packet_identity(body: bytes) -> Tuple[Optional[int], Optional[int]]:
     queue = packet_id = None
     try:
         _, _, queue = nl.decode_nfgenmsg(body)
-        offset = nl.NFGENMSG_LEN
-        while offset + nl.NLA_HDRLEN <= len(body):
-            length, attr_type = struct.unpack_from("=HH", body, offset)
-            if length < nl.NLA_HDRLEN:
-                break
-            if attr_type & nl.NLA_TYPE_MASK == NFQA_PACKET_HDR and length >= 4 + _PACKET_HDR.size \
-                    and offset + length <= len(body):
-                packet_id = _BE32.unpack_from(body, offset + nl.NLA_HDRLEN)[0]
-                break
-            offset += nl.align(length)
-    except (DecodeError, struct.error):
+        try:
+            attrs = nl.decode_attrs(body, nl.NFGENMSG_LEN)
+        except DecodeError as err:          # the attributes before the damage
+            attrs = nl.decode_attrs(body[:err.offset], nl.NFGENMSG_LEN)
+        hdr = attrs.get(NFQA_PACKET_HDR)
+        if hdr is not None and len(hdr) >= PACKET_HDR.size:
+            packet_id = PACKET_HDR.unpack_from(hdr, 0)[0]
+    except DecodeError:
         pass
     return queue, packet_id

@@ -157,6 +157,12 @@ def test_ct_state_names():
     assert nfq.ct_state_name(nfq.IP_CT_UNTRACKED, True) == "untracked"
 
 
+def test_ct_state_names_are_the_policys_words():
+    from ipqd.policy.model import CT_STATES
+    words = {nfq.ct_state_name(info, True) for info in (None, *range(8))}
+    assert words == set(CT_STATES)
+
+
 # ---------------------------------------------------------------- malformed input
 
 def test_packet_without_header_is_undecodable():

@@ -1,5 +1,5 @@
 """atheris: a queued packet with fuzzed metadata and payload through
-Engine.judge on a policy that reads every field: one verdict, no error.
+Engine.decide on a policy that reads every field: one verdict, no error.
 
     python fuzz/fuzz_engine.py -max_total_time=60
 """
@@ -9,7 +9,7 @@ import atheris
 with atheris.instrument_imports():
     from ipqd.wire import nfqueue as nfq
     from ipqd.decision.engine import Engine
-    from ipqd.decision.packet import CT_STATES
+    from ipqd.policy.model import CT_STATES
     from ipqd.policy.loader import loads
     import fuzz_corpus
 
@@ -30,7 +30,7 @@ def test_one_input(data: bytes) -> None:
     packet.payload = fdp.ConsumeBytes(fdp.remaining_bytes())
     counters = ENGINE.counters
     before = counters.accepted + counters.dropped
-    verdict = ENGINE.judge(packet, NAMES.get, ct_state, clock[0])
+    verdict = ENGINE.decide(packet, NAMES.get, ct_state, clock[0])
     assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP)
     assert counters.accepted + counters.dropped == before + 1
     assert counters.errors == 0, "the matcher raised"

@@ -2,6 +2,7 @@
 
 The pure core (bytes and values in, values out; no I/O):
   ipqd.wire.nfnetlink     netlink/nfnetlink framing
+  ipqd.wire.attributes    the packet message's attributes, declared once
   ipqd.wire.nfqueue       nfnetlink_queue messages: config, packet, verdict, batch
   ipqd.policy        the YAML policy: model, loader, `ipqd check`
   ipqd.decision.packet        the packet view rules match against

@@ -8,7 +8,7 @@ TCP connections, ICMP echo (IPv4 and IPv6) and a share of malformed IPv4
 and IPv6 packets (raw sockets: bad lengths, bad TCP offsets, extension
 header chains, fragments) to the server, where ipqd runs with
 etc/ipqd/policy.yaml. SIGHUP every RELOAD_EVERY seconds, a stop and start
-every RESTART_EVERY seconds. At the end: packets sent and judged, verdicts,
+every RESTART_EVERY seconds. At the end: packets sent and decided, verdicts,
 the kernel queue's drop counters, RSS and open files of ipqd's processes at
 the start and end of each run, and the largest delay seen by timestamped
 probes. Exit status 1 when a check fails (RSS growth, drops, a dead daemon).
@@ -271,7 +271,7 @@ def soak(duration: float) -> int:
             run["exit"] = ipqd.stop()
             runs.append(run)
             growth = run["end"]["rss"] - run["start"]["rss"]
-            print(f"run {len(runs)}: {run['stats'].get('packets', 0)} packets judged, "
+            print(f"run {len(runs)}: {run['stats'].get('packets', 0)} packets decided, "
                   f"{run['reloads']} reloads, RSS {run['start']['rss'] >> 20} -> "
                   f"{run['end']['rss'] >> 20} MiB, fds {run['start']['fds']} -> {run['end']['fds']}",
                   flush=True)
@@ -304,7 +304,7 @@ def soak(duration: float) -> int:
         "reloads": sum(r["reloads"] for r in runs),
         "sent": traffic.sent,
         "received": traffic.received,
-        "judged": totals,
+        "decided": totals,
         "queue_dropped": sum(row[5] for r in runs for row in r["queues"]),
         "queue_user_dropped": sum(row[6] for r in runs for row in r["queues"]),
         "rss_mib": [(round(r["start"]["rss"] / 2**20, 1), round(r["end"]["rss"] / 2**20, 1))

@@ -10,8 +10,9 @@
   notify       systemd's notification socket and watchdog
 """
 from ipqd.daemon.loading import LoadedPolicy, load_in_child
-from ipqd.daemon.pool import StartupError, WorkerHandle
+from ipqd.daemon.pool import WorkerHandle
 from ipqd.daemon.supervisor import Daemon, run_daemon
+from ipqd.errors import StartupError
 
 __all__ = ["Daemon", "LoadedPolicy", "StartupError", "WorkerHandle", "load_in_child",
            "run_daemon"]

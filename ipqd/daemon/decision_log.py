@@ -22,14 +22,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional
 
-from ipqd.policy.model import HOOK_NAMES, Rate
+from ipqd.decision.token_bucket import TokenBucket
+from ipqd.policy.model import HOOK_NAMES, PROTOCOL_NAMES, Rate
 from ipqd.printable import clean
 
 if TYPE_CHECKING:       # the supervisor logs no packets: it need not import them (dpkt)
     from ipqd.decision.packet import PacketView
 
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 _SUMMARY_EVERY = 10.0
 _WRITE_BATCH = 64           # entries the log thread writes before it lets the packet loop run
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -69,7 +69,7 @@ def decision_fields(action: str, rule_name: str, view: Optional[PacketView], que
     if view.family:
         fields["IPQD_FAMILY"] = f"ipv{view.family}"
     if view.proto is not None:
-        fields["IPQD_PROTO"] = PROTO_NAMES.get(view.proto, str(view.proto))
+        fields["IPQD_PROTO"] = PROTOCOL_NAMES.get(view.proto, str(view.proto))
     for name, value in (("IPQD_SRC", _address(view.family, view.src)),
                         ("IPQD_DST", _address(view.family, view.dst)),
                         ("IPQD_SPORT", view.sport), ("IPQD_DPORT", view.dport),
@@ -118,27 +118,6 @@ def decision_message(fields: Dict[str, str]) -> str:
     return " ".join(parts)
 
 
-class _Bucket:
-    """The log rate: a token bucket on the monotonic clock."""
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: Rate, now: float):
-        self.rate, self.burst = rate.per_second, max(1, rate.burst)
-        self.tokens, self.stamp = float(self.burst), now
-
-    def ready(self, now: float) -> bool:
-        """Whether a token is there (refilled to `now`), without taking it."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return self.tokens >= 1.0
-
-    def take(self, now: float) -> bool:
-        if self.ready(now):
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 class DecisionLog:
     """Rate-capped, bounded, off-the-packet-path logging."""
 
@@ -152,7 +131,7 @@ class DecisionLog:
         self._send = send or (self._journal_send if target == "journal" else None)
         self._send_all = self._send_each if self._send else self._stderr_send_all
         self._journal: Optional[JournalSocket] = None
-        self._bucket = _Bucket(rate, clock()) if rate else None
+        self._bucket = TokenBucket(rate) if rate else None
         self._queue: Deque = collections.deque()
         self._capacity = capacity
         self._wake = threading.Event()
@@ -164,7 +143,7 @@ class DecisionLog:
         self._thread.start()
 
     def set_rate(self, rate: Optional[Rate]) -> None:
-        self._bucket = _Bucket(rate, self.clock()) if rate else None
+        self._bucket = TokenBucket(rate) if rate else None
 
     # -- the packet path: cheap, never blocks
 
@@ -183,7 +162,7 @@ class DecisionLog:
         packet path may then answer it from the verdict cache, with no
         packet view to build (a flood of logged drops stays cheap)."""
         bucket = self._bucket
-        if bucket is None or bucket.ready(self.clock()):
+        if bucket is None or bucket.available(self.clock()):
             return True
         self.suppressed += 1
         return False

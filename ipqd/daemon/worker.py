@@ -16,7 +16,7 @@ unbinding). A successor that fails changes nothing.
 
 Verdicts: the packets drained in one wake-up are answered in one datagram:
 individual verdicts first (drops, marks), then one batch verdict per queue
-for the plain accepts. The batch covers only ids already judged, since
+for the plain accepts. The batch covers only ids already decided, since
 every earlier packet was answered in an earlier datagram; nothing waits for
 company.
 """
@@ -78,8 +78,11 @@ class Worker:
         self.conn = conn
         self.engine = engine = Engine(policy, caching=config.cache)
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
+        # What the engine cannot decide and what the socket cannot hand it
+        # (undecodable, foreign family) get the same verdict.
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
-                              undecodable_verdict=engine.default_verdict)
+                              undecodable_verdict=engine.fallback_verdict,
+                              foreign_verdict=engine.fallback_verdict)
         self.queue_settings = _queue_settings(policy)
         self._names = _IfNames(self.qs.ifname)       # interface names, per round
         self._ifname = self._names.__getitem__
@@ -121,9 +124,9 @@ class Worker:
 
     def requeue_unanswered(self, states: Optional[Dict[int, QueueState]] = None) -> int:
         """Send the packets a dead worker had read but not answered through
-        the hook again (NF_REPEAT), so that this worker reads and judges
+        the hook again (NF_REPEAT), so that this worker reads and decides
         them: without it they would wait in the kernel, and a later batch
-        verdict would accept them unjudged. Returns the number of queues
+        verdict would accept them undecided. Returns the number of queues
         asked.
 
         They are the queue's packets with an id below the first one still
@@ -190,10 +193,10 @@ class Worker:
             self.answer(events)
 
     def answer(self, events: List) -> None:
-        """Judge `events` and send every verdict of this round, those the
+        """Decide `events` and send every verdict of this round, those the
         shortcut already found included, in one datagram."""
         if events:
-            self._judge(events)
+            self._decide(events)
         answers = self._round
         single = self._single
         if answers.single:
@@ -214,7 +217,7 @@ class Worker:
         # of entries at once in the packet loop (stats() settles the rest).
         self.engine.settle(at_least=SETTLE_AT)
 
-    def _judge(self, events: List) -> None:
+    def _decide(self, events: List) -> None:
         """The full path: decide each Packet of `events`, adding its verdict
         to this round's."""
         engine = self.engine
@@ -230,8 +233,8 @@ class Worker:
             if type(event) is nfq.Packet:
                 key = keys.pop((event.queue, event.packet_id), None) if keys else None
                 try:
-                    verdict = engine.judge(event, ifname, ct_of.get(event.queue), now, key)
-                except Exception:       # judge has its own boundary; this one is the last
+                    verdict = engine.decide(event, ifname, ct_of.get(event.queue), now, key)
+                except Exception:       # decide has its own boundary; this one is the last
                     verdict = engine.fallback()
                 if use_batch and verdict.verdict == nfq.NF_ACCEPT and verdict.mark is None:
                     # after the shortcut's, so not always the highest id of the round
@@ -247,7 +250,7 @@ class Worker:
                                  verdict.view, event.queue, verdict.mark)
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
-            # Undecodable packets with an id were answered by the socket (default verdict).
+            # Undecodable packets with an id were answered by the socket (fallback_verdict).
 
     # -------------------------------------------------------- control
 
@@ -343,7 +346,7 @@ def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,
     socket (its predecessor's counters come later, as "take_over"), or for
     "stop" (the reload was called off: the socket is left as it is). A
     RECOVER worker takes a dead worker's socket at once, and the packets
-    the dead one left unanswered are judged again (requeue_unanswered)."""
+    the dead one left unanswered are decided again (requeue_unanswered)."""
     # The supervisor handles signals; a worker stops when told (or when the pipe closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -2,7 +2,8 @@
 
   packet         the packet view rules match against (parse never raises)
   compiler       rules compiled into a first-match matcher
-  engine         judge: packet in, verdict out, counters
+  engine         decide: packet in, verdict out, counters; fallback_verdict
+  token_bucket   a Rate as a token bucket (rule rates, the log rate)
   verdict_cache  verdicts kept per flow, read from the message in place
   checksum       checksums of rewritten packets
 """

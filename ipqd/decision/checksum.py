@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import struct
 
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
-IPPROTO_ICMPV6 = 58
+from ipqd.decision.packet import EXT_DSTOPTS, EXT_HOPOPTS, EXT_MOBILITY, EXT_ROUTING
+from ipqd.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 # Offset of the checksum inside each upper-layer header.
-_CSUM_OFFSET = {IPPROTO_TCP: 16, IPPROTO_UDP: 6, IPPROTO_ICMP: 2, IPPROTO_ICMPV6: 2}
+_CSUM_OFFSET = {PROTO_TCP: 16, PROTO_UDP: 6, PROTO_ICMP: 2, PROTO_ICMPV6: 2}
 # IPv6 extension headers walked to reach the upper layer (not ESP: opaque).
-_IPV6_EXT = {0, 43, 60, 135}
+_IPV6_EXT = {EXT_HOPOPTS, EXT_ROUTING, EXT_DSTOPTS, EXT_MOBILITY}
 
 
 def internet_checksum(data: bytes, initial: int = 0) -> int:
@@ -59,7 +57,7 @@ def _fix_ipv4(buf: bytearray) -> bytearray:
         return buf      # a fragment: the upper-layer checksum covers the whole datagram
     proto = buf[9]
     pseudo = bytes(buf[12:20]) + struct.pack("!BBH", 0, proto, len(buf) - ihl)
-    _fix_upper(buf, ihl, proto, pseudo if proto != IPPROTO_ICMP else b"")
+    _fix_upper(buf, ihl, proto, pseudo if proto != PROTO_ICMP else b"")
     return buf
 
 
@@ -85,10 +83,10 @@ def _fix_upper(buf: bytearray, offset: int, proto: int, pseudo: bytes) -> None:
     where = _CSUM_OFFSET.get(proto)
     if where is None or len(buf) < offset + where + 2:
         return
-    if proto == IPPROTO_UDP and len(buf) >= offset + 8:
+    if proto == PROTO_UDP and len(buf) >= offset + 8:
         struct.pack_into("!H", buf, offset + 4, len(buf) - offset)
     struct.pack_into("!H", buf, offset + where, 0)
     csum = internet_checksum(pseudo + bytes(buf[offset:]))
-    if proto == IPPROTO_UDP and csum == 0:
+    if proto == PROTO_UDP and csum == 0:
         csum = 0xFFFF            # zero means "no checksum" in UDP
     struct.pack_into("!H", buf, offset + where, csum)

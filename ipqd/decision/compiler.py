@@ -47,8 +47,10 @@ from functools import lru_cache
 from operator import attrgetter
 from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from ipqd.decision.packet import MALFORMED, PORT_PROTOS, PROTO_ICMP, PROTO_ICMPV6
-from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, Position, RangeMatch, Rate, Rule
+from ipqd.decision.packet import MALFORMED
+from ipqd.decision.token_bucket import TokenBucket
+from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
+                               Match, Policy, Position, RangeMatch, Rate, Rule)
 
 Check = Callable[[object], bool]
 
@@ -84,46 +86,6 @@ class Decision(NamedTuple):
     # Conntrack states of the deciding packet from which this verdict holds for
     # the rest of its flow (see offload_states); empty: never offload.
     offload: frozenset = frozenset()
-
-
-class TokenBucket:
-    """`Rate` as a token bucket; time is passed in so the matcher stays pure.
-
-    Starts full. Only `take` changes the state, so looking (`available`)
-    at a rule that then loses to an earlier one costs it nothing.
-    """
-    __slots__ = ("per_second", "burst", "tokens", "stamp", "spent")
-
-    def __init__(self, rate: Rate):
-        self.per_second = float(rate.per_second)
-        self.burst = float(rate.burst)
-        self.tokens = self.burst
-        self.stamp: Optional[float] = None
-        self.spent = 0                  # tokens taken since it was made
-
-    def level(self, now: float) -> float:
-        if self.stamp is None or now <= self.stamp:
-            return self.tokens
-        return min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
-
-    def available(self, now: float) -> bool:
-        return self.level(now) >= 1.0
-
-    def take(self, now: float) -> None:
-        self.tokens = self.level(now) - 1.0
-        self.spent += 1
-        if self.stamp is None or now > self.stamp:
-            self.stamp = now
-
-    def resume(self, tokens: float, stamp: Optional[float]) -> None:
-        """Go on from a predecessor's bucket (its `tokens` at `stamp`), less
-        what this one has taken meanwhile: a reload's successor answers
-        packets before the predecessor's state reaches it."""
-        spent, last = self.spent, self.stamp
-        self.tokens, self.stamp = tokens, stamp
-        if spent and last is not None:
-            self.tokens = self.level(last) - spent
-            self.stamp = last if stamp is None else max(last, stamp)
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -421,12 +383,12 @@ def _index_family(family: int, plain: List[int], rules: Sequence[Rule],
     """proto -> the candidates of the well-formed rules `plain` for `family`."""
     members = [i for i in plain if family in _families(rules[i].match)]
     named = {p for i in members if rules[i].match.proto is not None for p in rules[i].match.proto}
-    keys = named | PORT_PROTOS | {PROTO_ICMP, PROTO_ICMPV6}
+    keys = named | PORT_PROTOCOLS | {PROTO_ICMP, PROTO_ICMPV6}
     index = {}
     for proto in keys:
         listed = [i for i in members
                   if rules[i].match.proto is None or proto in rules[i].match.proto]
-        index[proto] = _ProtoIndex(family, listed, rules, exact, proto in PORT_PROTOS)
+        index[proto] = _ProtoIndex(family, listed, rules, exact, proto in PORT_PROTOCOLS)
     others = [i for i in members if rules[i].match.proto is None]
     index[_OTHER] = _ProtoIndex(family, others, rules, exact, False)
     return index
@@ -746,7 +708,7 @@ def _all_disjoint(match: Match, earlier: List[Match], budget: List[int]) -> bool
 
 
 def disjoint(a: Match, b: Match) -> bool:
-    """True when no packet can match both, judging by flow fields only."""
+    """True when no packet can match both, by their flow fields alone."""
     if not _families(a) & _families(b):
         return True
     for attr in ("proto", "hook"):

@@ -1,13 +1,15 @@
 """The decision engine: a queued packet in, a verdict out. Pure.
 
-`Engine.judge` turns the kernel's description of a packet (ipqd.wire.nfqueue.Packet)
+`Engine.decide` turns the kernel's description of a packet (ipqd.wire.nfqueue.Packet)
 into the view rules match (ipqd.decision.packet.parse), asks the compiled policy
 (ipqd.decision.compiler.Matcher) and returns the verdict to send. Every path ends in
 exactly one verdict: a packet that cannot be parsed is matched as malformed
 (and usually falls to the default); one whose copy hides a field its
-verdict depends on gets the policy's `queue.undecidable` action, counted;
-an exception inside the decision code gives the default verdict and is
-counted.
+verdict depends on gets the policy's `queue.undecidable` action, counted.
+A packet that cannot be decided at all (an exception inside the decision
+code; in the worker's socket, a message that does not decode or a family
+its queue was not bound for) gets `fallback_verdict`, the one answer for
+all of them.
 
 Flow offload: a decision whose verdict holds for the rest of the flow
 (`Decision.offload`) is answered NF_REPEAT with a request bit in the packet
@@ -19,13 +21,22 @@ from __future__ import annotations
 from typing import Callable, Dict, NamedTuple, Optional
 
 from ipqd.decision.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
+from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.policy.offload import layout as offload_layout
 from ipqd.decision.packet import PacketMeta, PacketView, parse
 from ipqd.policy.model import Policy
 from ipqd.decision.verdict_cache import CachedVerdict, VerdictCache
 
-_FAMILY = {2: 4, 10: 6}
+_FAMILY = {NFPROTO_IPV4: 4, NFPROTO_IPV6: 6}
+
+
+def fallback_verdict(policy: Policy) -> int:
+    """The verdict (NF_ACCEPT or NF_DROP) of a packet ipqd cannot decide:
+    the decision code failed on it, its message does not decode, or it is
+    of a family its queue was not bound for. The policy has no key of its
+    own for these: its default's action answers them (docs/policy.md)."""
+    return NF_ACCEPT if policy.default.action == "accept" else NF_DROP
 
 
 class Verdict(NamedTuple):
@@ -56,16 +67,17 @@ class Engine:
 
     def __init__(self, policy: Policy, matcher: Optional[Matcher] = None,
                  counters: Optional[Counters] = None, caching: bool = True):
-        self.caching = caching            # False: judge stores nothing (ipqd run --no-cache)
+        self.caching = caching            # False: decide stores nothing (ipqd run --no-cache)
         self.matcher = matcher or compile_policy(policy)
         self.needs = self.matcher.fields
         self.counters = counters or Counters()
         self.cache = VerdictCache()       # per compiled policy: a reload starts empty
+        # The answer to what cannot be decided: for the socket owner too (see the worker).
+        self.fallback_verdict = fallback_verdict(policy)
         default = policy.default
-        self._default_verdict = NF_ACCEPT if default.action == "accept" else NF_DROP
-        self._error_decision = Decision(None, -1, default.action,
-                                        default.set_mark if default.action == "accept" else None,
-                                        default.log)
+        accept = self.fallback_verdict == NF_ACCEPT
+        self._fallback_decision = Decision(None, -1, "accept" if accept else "drop",
+                                           default.set_mark if accept else None, default.log)
         offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
         self._offload_hooks = offload.hooks if offload else frozenset()
         self._request = offload.request if offload else 0
@@ -74,10 +86,6 @@ class Engine:
         # Cleared when a request comes back: nothing takes requests (--no-hooks
         # without ipqd's rules), and asking would send each packet through twice.
         self.offloading = bool(self._offload_hooks)
-
-    @property
-    def default_verdict(self) -> int:
-        return self._default_verdict
 
     def carry_over(self) -> dict:
         """What a successor worker takes over (`take_over`): the totals, the
@@ -96,8 +104,8 @@ class Engine:
         self.cache.misses += misses
         self.cache.flushes += flushes
 
-    def judge(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
-              ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
+    def decide(self, packet: Packet, ifname: Callable[[Optional[int]], Optional[str]],
+               ct_state: Optional[str], now: float, key: Optional[tuple] = None) -> Verdict:
         """The verdict on a decoded packet. `key`, the packet's cache key
         (read by a KeyMaker of `cache`, which found no verdict under it), stores the
         decision when it may be cached."""
@@ -126,7 +134,7 @@ class Engine:
         return verdict
 
     def settle(self, at_least: int = 0) -> None:
-        """Add the cache's hits since the last call to the totals, as `judge`
+        """Add the cache's hits since the last call to the totals, as `decide`
         would have counted each: before anyone reads them. With `at_least`,
         only once that many entries have been hit (bounded work per call)."""
         cache = self.cache
@@ -146,9 +154,10 @@ class Engine:
         cache.touched.clear()
 
     def fallback(self) -> Verdict:
-        """The default verdict for a packet the decision code failed on, counted."""
+        """The verdict for a packet the decision code failed on
+        (`fallback_verdict`), counted as an error."""
         self.counters.errors += 1
-        return self._finish(self._error_decision, None)
+        return self._finish(self._fallback_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
         if decision.offload and self.offloading and view is not None \

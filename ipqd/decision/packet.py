@@ -10,9 +10,10 @@ Where dpkt is used and where it is not:
   headers are read with precomputed `struct.Struct` formats and bounds are
   checked by hand: dpkt's `IP(buf)` decodes every layer eagerly (15-20 us a
   packet) and on hostile input either raises or leaves raw bytes behind, while
-  `unpack_from` costs about 1 us for everything a policy reads. Protocol and
-  header numbers are dpkt's constants written out (tests/pure/test_packet.py
-  checks them): importing dpkt would cost every worker 5 MB of memory.
+  `unpack_from` costs about 1 us for everything a policy reads. Protocol
+  numbers (ipqd.policy.model) and header numbers are dpkt's constants written
+  out (tests/pure/test_packet.py checks them): importing dpkt would cost
+  every worker 5 MB of memory.
 - `ipqd.tools.pcap` reads pcap and pcapng files with dpkt's file and block header
   classes, and `ipqd.tools.explain` builds packets from a description with dpkt
   (headers, lengths and checksums), then feeds their bytes to this `parse`.
@@ -40,19 +41,10 @@ import ipaddress
 import struct
 from typing import NamedTuple, Optional
 
-from ipqd.policy.model import HIDDEN_CHAIN, HIDDEN_IP, L4_FIELDS
+from ipqd.policy.model import (HIDDEN_CHAIN, HIDDEN_IP, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6,
+                               PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE)
 
-# Upper-layer protocol numbers (the IANA numbers; dpkt.ip.IP_PROTO_*).
-PROTO_ICMP = 1
-PROTO_TCP = 6
-PROTO_UDP = 17
-PROTO_ICMPV6 = 58
 PROTO_NONE = 59             # IPv6 "no next header"
-PROTO_SCTP = 132
-PROTO_UDPLITE = 136
-
-PORT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
-
 # IPv6 extension headers walked to find the upper-layer protocol.
 EXT_HOPOPTS = 0
 EXT_ROUTING = 43
@@ -68,8 +60,6 @@ IPV6_OPT_JUMBO = 0xC2
 # Compiler marker in `needs`: some rule matches malformed packets. The packet
 # checks below do not depend on it; it is kept so `needs` says what is read.
 MALFORMED = "malformed"
-
-CT_STATES = ("new", "established", "related", "invalid", "untracked")
 
 _IPV4 = struct.Struct("!BBHHHBBHII")       # ver_ihl tos len id off ttl p sum src dst
 _IPV6 = struct.Struct("!IHBB")             # ver_tc_flow plen nxt hlim
@@ -217,6 +207,26 @@ def parse(payload: bytes, meta: PacketMeta = PacketMeta(),
     except Exception as error:  # the boundary: a packet never stops the caller
         _mark_malformed(view, type(error).__name__)
     return view
+
+
+def transport_offset(payload: bytes) -> Optional[int]:
+    """Where the transport header of `payload` starts (past IPv6's extension
+    headers), or None when the IP layer is malformed or ends before it. Never
+    raises. Lenient about lengths, as the copy of a packet quoted in an ICMP
+    error is cut: for readers of what the view does not hold (an ICMP
+    error's quoted packet, an echo's identifier)."""
+    view = PacketView()
+    try:
+        version = payload[0] >> 4
+        if version == 4:
+            start = _parse_ipv4(view, payload, True)[0]
+        elif version == 6:
+            start = _parse_ipv6(view, payload, True)[0]
+        else:
+            return None
+    except Exception:           # _Malformed, _Cut, IndexError: no transport header
+        return None
+    return start if start <= len(payload) else None
 
 
 def _mark_malformed(view: PacketView, reason: str) -> None:

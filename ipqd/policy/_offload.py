@@ -12,7 +12,7 @@ import yaml
 from ipqd.policy.offload import MIN_BITS, bits_of
 from ipqd.policy import _values as values
 from ipqd.policy._nodes import Where, choice, fields, is_scalar, text
-from ipqd.policy._values import Invalid
+from ipqd.errors import InvalidValue
 from ipqd.policy.model import OFFLOAD_MASK, OFFLOAD_MODES, Offload
 
 OFFLOAD_FIELDS = ("mode", "mask")
@@ -47,7 +47,7 @@ def _mask(where: Where, node: yaml.Node) -> Optional[int]:
         return None
     try:
         mask = values.parse_u32(written, "mask")
-    except Invalid as e:
+    except InvalidValue as e:
         where.error(node, e.message)
         return None
     if len(bits_of(mask)) < MIN_BITS:

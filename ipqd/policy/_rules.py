@@ -15,12 +15,13 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import yaml
 
+from ipqd.errors import InvalidValue
 from ipqd.policy import _values as values
 from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scalars, text, words
-from ipqd.policy._values import Invalid, one_of, suggest
+from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
-    ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, AddrMatch, IfaceMatch, Match,
-    Position, RangeMatch, Rate, Rule,
+    ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTOCOL_NAMES, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
 )
 
 ID_MAX = 0xFFFFFFFE                 # (uid_t)-1 means "no id" to the kernel
@@ -91,7 +92,7 @@ class _Context:
             first = needs.split(",")[0].split(" ")[0]
             self.where.error(key, f"{field} needs proto {needs}: add e.g. 'proto: {first}'")
             return False
-        others = sorted(values.PROTOCOL_NAMES.get(p, str(p)) for p in self.proto - allowed)
+        others = sorted(PROTOCOL_NAMES.get(p, str(p)) for p in self.proto - allowed)
         if others:
             self.where.error(key, f"{field} needs proto {needs}, but the rule also matches "
                                   f"proto {one_of(others)}: split the rule")
@@ -134,7 +135,7 @@ def _proto(ctx, key, node):
     for item in items:
         try:
             out.add(values.parse_protocol(item.value))
-        except Invalid as e:
+        except InvalidValue as e:
             ctx.where.error(item, e.message)
             return None
     ctx.proto = frozenset(out)
@@ -158,7 +159,7 @@ def _addresses(ctx, key, node):
             continue
         try:
             network, warning = values.parse_network(written)
-        except Invalid as e:
+        except InvalidValue as e:
             ctx.where.error(item, e.message)
             ok = False
             continue
@@ -192,14 +193,14 @@ def _ranges(ctx, key, node, what, low, high, example, set_kind=None, names=None)
             continue
         try:
             ranges.append(values.parse_range(written, what, low, high, example))
-        except Invalid as e:
+        except InvalidValue as e:
             ctx.where.error(item, e.message)
             ok = False
     return RangeMatch(tuple(dict.fromkeys(ranges)), negate) if ok else None
 
 
 def _ports(ctx, key, node):
-    if not ctx.requires(key, values.PORT_PROTOCOLS, "tcp, udp, sctp or udplite"):
+    if not ctx.requires(key, PORT_PROTOCOLS, "tcp, udp, sctp or udplite"):
         return None
     return _ranges(ctx, key, node, "port", 0, 65535, "22 or 1024-65535", set_kind="port")
 
@@ -271,7 +272,7 @@ def _icmp_type(ctx, key, node):
     for item in items:
         try:
             out.add(values.parse_icmp_type(item.value, proto))
-        except Invalid as e:
+        except InvalidValue as e:
             ctx.where.error(item, e.message)
             return None
     return frozenset(out)
@@ -294,7 +295,7 @@ def _icmp_code(ctx, key, node):
 
 
 def _tcp_flags(ctx, key, node):
-    if not ctx.requires(key, frozenset((values.TCP,)), "tcp"):
+    if not ctx.requires(key, frozenset((PROTO_TCP,)), "tcp"):
         return None
     items = scalars(ctx.where, node, "tcp_flags", "flags such as 'syn,!ack'")
     if items is None:
@@ -302,7 +303,7 @@ def _tcp_flags(ctx, key, node):
     flags = [word for item in items for word in item.value.split(",")]
     try:
         return values.parse_tcp_flags(flags)
-    except Invalid as e:
+    except InvalidValue as e:
         ctx.where.error(node, e.message)
         return None
 
@@ -313,7 +314,7 @@ def _mark(ctx, key, node):
         return None
     try:
         return values.parse_mark(written)
-    except Invalid as e:
+    except InvalidValue as e:
         ctx.where.error(node, e.message)
         return None
 
@@ -324,7 +325,7 @@ def _length(ctx, key, node):
         return None
     try:
         return values.parse_range(written, "length", 0, 65535, "64 or 64-1500")
-    except Invalid as e:
+    except InvalidValue as e:
         ctx.where.error(node, e.message)
         return None
 
@@ -375,7 +376,7 @@ def parse_set_mark(where: Where, node: yaml.Node) -> Optional[int]:
         return None
     try:
         return values.parse_u32(written, "set_mark")
-    except Invalid as e:
+    except InvalidValue as e:
         where.error(node, e.message)
         return None
 
@@ -386,7 +387,7 @@ def parse_rate(where: Where, node: yaml.Node) -> Optional[Rate]:
         return None
     try:
         return values.parse_rate(written)
-    except Invalid as e:
+    except InvalidValue as e:
         where.error(node, e.message)
         return None
 
@@ -477,9 +478,9 @@ def _check_families(ctx: _Context, keys, found, matched) -> None:
     family = matched.get("family")
     proto = matched.get("proto")
     proto_family = None
-    if proto and proto <= {values.ICMP}:
+    if proto and proto <= {PROTO_ICMP}:
         proto_family = 4
-    elif proto and proto <= {values.ICMPV6}:
+    elif proto and proto <= {PROTO_ICMPV6}:
         proto_family = 6
     proto_text = "proto icmp" if proto_family == 4 else "proto icmpv6"
 

@@ -1,7 +1,7 @@
 """The words and numbers of the policy language, each text -> value.
 
 Every function here takes the text as written and either returns the
-normalised value or raises `Invalid` with a message that says what to write
+normalised value or raises `InvalidValue` with a message that says what to write
 instead. Positions are the caller's business.
 """
 from __future__ import annotations
@@ -12,20 +12,10 @@ import math
 import re
 from typing import Iterable, Optional, Tuple
 
-from ipqd.policy.model import MarkMatch, Rate, TcpFlagsMatch
+from ipqd.errors import InvalidValue
+from ipqd.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTOCOLS, MarkMatch, Rate, TcpFlagsMatch
 
-# IANA protocol numbers (/etc/protocols), by the names nft and iptables use.
-PROTOCOLS = {
-    "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
-    "icmpv6": 58, "sctp": 132, "udplite": 136,
-}
-PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
-ICMP = PROTOCOLS["icmp"]
-ICMPV6 = PROTOCOLS["icmpv6"]
-TCP = PROTOCOLS["tcp"]
-# The protocols whose header starts with a source and a destination port.
-PORT_PROTOCOLS = frozenset(PROTOCOLS[p] for p in ("tcp", "udp", "sctp", "udplite"))
-ICMP_PROTOCOLS = frozenset((ICMP, ICMPV6))
+ICMP_PROTOCOLS = frozenset((PROTO_ICMP, PROTO_ICMPV6))
 
 # RFC 792 and friends; names as in iptables -p icmp --help.
 ICMP_TYPES = {
@@ -56,14 +46,6 @@ RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600}
 _RATE = re.compile(r"^([1-9][0-9]*)\s*/\s*([a-z]+)(?:\s+burst\s+([1-9][0-9]*))?$")
 _NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]+|[0-9]+)$")
 U32_MAX = 0xFFFFFFFF
-
-
-class Invalid(ValueError):
-    """A value that cannot be used; the message says what to write instead."""
-
-    @property
-    def message(self) -> str:
-        return self.args[0]
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
@@ -106,23 +88,30 @@ def parse_range(text: str, what: str, low: int, high: int,
     end = parse_number(last) if dash else start
     if start is None or end is None:
         hint = "; write ranges with '-'" if ":" in text else ""
-        raise Invalid(f"'{text}' is not a {what} or a range of them "
+        raise InvalidValue(f"'{text}' is not a {what} or a range of them "
                       f"(write e.g. {example}{hint})")
     for number in (start, end):
         if not low <= number <= high:
-            raise Invalid(f"{what} {number} is outside {low}-{high}")
+            raise InvalidValue(f"{what} {number} is outside {low}-{high}")
     if start > end:
-        raise Invalid(f"range {text} is reversed: write {end}-{start}")
+        raise InvalidValue(f"range {text} is reversed: write {end}-{start}")
     return start, end
 
 
 def parse_network(text: str) -> Tuple[ipaddress._BaseNetwork, Optional[str]]:
     """An address or CIDR network, and a warning when host bits are set."""
     text = text.strip()
+    if "%" in text:
+        # Python reads fe80::1%eth0, but a packet carries no zone: the rule
+        # would match fe80::1 on every interface.
+        address, zone = text.split("%", 1)
+        raise InvalidValue(f"'{text}': an address with a zone (%{zone.split('/')[0]}) is not "
+                           f"supported: write {address.split('/')[0]} and add 'in: "
+                           f"{zone.split('/')[0]}' (or 'out:') to the rule")
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise Invalid(f"'{text}' is not an IP address or network "
+        raise InvalidValue(f"'{text}' is not an IP address or network "
                       "(write e.g. 192.0.2.1, 10.0.0.0/8 or fd00::/8)") from None
     if "/" in text and ipaddress.ip_interface(text).ip != network.network_address:
         return network, f"{text} has host bits set; did you mean {network}?"
@@ -134,45 +123,45 @@ def parse_protocol(text: str) -> int:
     number = parse_number(text)
     if number is not None:
         if number > 255:
-            raise Invalid(f"protocol {number} is outside 0-255")
+            raise InvalidValue(f"protocol {number} is outside 0-255")
         return number
     if text in PROTOCOLS:
         return PROTOCOLS[text]
     hint = suggest(text, PROTOCOLS) or " (expected a name such as tcp, udp or icmp, " \
                                        "or a number 0-255)"
-    raise Invalid(f"unknown protocol '{text}'{hint}")
+    raise InvalidValue(f"unknown protocol '{text}'{hint}")
 
 
 def parse_icmp_type(text: str, proto: Optional[int]) -> int:
     """A type number, or a name looked up in the table of `proto`.
 
-    `proto` is ICMP, ICMPV6 or None (the rule names neither, or both).
+    `proto` is PROTO_ICMP, PROTO_ICMPV6 or None (the rule names neither, or both).
     """
     number = parse_number(text)
     if number is not None:
         if number > 255:
-            raise Invalid(f"icmp_type {number} is outside 0-255")
+            raise InvalidValue(f"icmp_type {number} is outside 0-255")
         return number
     name = text.strip().lower()
     if proto is None:
-        raise Invalid(f"icmp_type '{name}' has a number for ICMP and another for ICMPv6: "
+        raise InvalidValue(f"icmp_type '{name}' has a number for ICMP and another for ICMPv6: "
                       "give the rule a single proto, icmp or icmpv6")
     table, family, other, other_family = (
-        (ICMP_TYPES, "icmp", ICMPV6_TYPES, "icmpv6") if proto == ICMP
+        (ICMP_TYPES, "icmp", ICMPV6_TYPES, "icmpv6") if proto == PROTO_ICMP
         else (ICMPV6_TYPES, "icmpv6", ICMP_TYPES, "icmp"))
     if name in table:
         return table[name]
     if name in other:
-        raise Invalid(f"'{name}' is an {other_family} type, not an {family} one: "
+        raise InvalidValue(f"'{name}' is an {other_family} type, not an {family} one: "
                       f"use proto {other_family}")
-    raise Invalid(f"unknown {family} type '{name}'{suggest(name, table)}")
+    raise InvalidValue(f"unknown {family} type '{name}'{suggest(name, table)}")
 
 
 def parse_rate(text: str) -> Rate:
     words = " ".join(text.split())
     found = _RATE.match(words)
     if not found or found.group(2) not in RATE_UNITS:
-        raise Invalid(f"rate '{text}' is not valid: write N/second, N/minute or N/hour, "
+        raise InvalidValue(f"rate '{text}' is not valid: write N/second, N/minute or N/hour, "
                       "optionally 'burst M'")
     count, unit, burst = found.groups()
     per_second = int(count) / RATE_UNITS[unit]
@@ -189,15 +178,15 @@ def parse_tcp_flags(words: Iterable[str]) -> TcpFlagsMatch:
         name = word.lstrip("!").strip()
         if name not in TCP_FLAGS:
             hint = suggest(name, TCP_FLAGS) or f" (flags are {', '.join(TCP_FLAGS)})"
-            raise Invalid(f"unknown TCP flag '{name}'{hint}")
+            raise InvalidValue(f"unknown TCP flag '{name}'{hint}")
         bit = TCP_FLAGS[name]
         if mask & bit:
-            raise Invalid(f"TCP flag '{name}' is named twice")
+            raise InvalidValue(f"TCP flag '{name}' is named twice")
         mask |= bit
         if not word.startswith("!"):
             value |= bit
     if not mask:
-        raise Invalid("tcp_flags names no flag (write e.g. 'syn,!ack')")
+        raise InvalidValue("tcp_flags names no flag (write e.g. 'syn,!ack')")
     return TcpFlagsMatch(mask=mask, value=value)
 
 
@@ -206,17 +195,17 @@ def parse_mark(text: str) -> MarkMatch:
     value = parse_number(value_text)
     mask = parse_number(mask_text) if slash else U32_MAX
     if value is None or mask is None:
-        raise Invalid(f"mark '{text}' is not valid: write a number or number/mask, "
+        raise InvalidValue(f"mark '{text}' is not valid: write a number or number/mask, "
                       "e.g. 0x10 or 0x10/0xff")
     if value > U32_MAX or mask > U32_MAX:
-        raise Invalid(f"mark '{text}' does not fit in 32 bits")
+        raise InvalidValue(f"mark '{text}' does not fit in 32 bits")
     if value & ~mask:
-        raise Invalid(f"mark '{text}' can never match: the value has bits outside the mask")
+        raise InvalidValue(f"mark '{text}' can never match: the value has bits outside the mask")
     return MarkMatch(value=value, mask=mask)
 
 
 def parse_u32(text: str, what: str) -> int:
     number = parse_number(text)
     if number is None or number > U32_MAX:
-        raise Invalid(f"{what} must be a number from 0 to 0xffffffff, not '{text}'")
+        raise InvalidValue(f"{what} must be a number from 0 to 0xffffffff, not '{text}'")
     return number

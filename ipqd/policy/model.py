@@ -38,6 +38,23 @@ HOOK_NAMES = {v: k for k, v in HOOKS.items()}
 
 FAMILIES = {"ipv4": 4, "ipv6": 6}
 
+# IP protocol numbers (IANA, /etc/protocols; dpkt.ip.IP_PROTO_*), and the
+# names nft and iptables give them, which are the policy's names too.
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+PROTO_SCTP = 132
+PROTO_UDPLITE = 136
+PROTOCOLS = {
+    "icmp": PROTO_ICMP, "igmp": 2, "tcp": PROTO_TCP, "udp": PROTO_UDP, "gre": 47, "esp": 50,
+    "ah": 51, "icmpv6": PROTO_ICMPV6, "sctp": PROTO_SCTP, "udplite": PROTO_UDPLITE,
+}
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+# The protocols whose header starts with a source and a destination port.
+PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
+
+# Conntrack states, in the order ipqd lays out their queues (ipqd.kernel.hooks.queue_layout).
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
 FRAGMENTS = ("first", "not-first", "none")
 ACTIONS = ("accept", "drop")

@@ -45,7 +45,8 @@ from typing import Iterator, List, Optional
 
 from ipqd.wire import nfnetlink as nl
 from ipqd.wire import nfqueue as nfq
-from ipqd.errors import IpqdError, NetlinkError
+from ipqd import errors
+from ipqd.errors import IpqError, NetlinkError, ipq_errstr
 from ipqd.kernel.queue_socket import QueueSocket
 
 # Protocol families (linux/netfilter.h); PF_INET/PF_INET6 have the same values.
@@ -75,65 +76,30 @@ NF_QUEUE = nfq.NF_QUEUE
 NF_REPEAT = nfq.NF_REPEAT
 NF_STOP = nfq.NF_STOP
 
-# libipq's error codes and texts (libipq.c)
-IPQ_ERR_NONE = 0
-IPQ_ERR_IMPL = 1
-IPQ_ERR_HANDLE = 2
-IPQ_ERR_SOCKET = 3
-IPQ_ERR_BIND = 4
-IPQ_ERR_BUFFER = 5
-IPQ_ERR_RECV = 6
-IPQ_ERR_NLEOF = 7
-IPQ_ERR_ADDRLEN = 8
-IPQ_ERR_STRUNC = 9
-IPQ_ERR_RTRUNC = 10
-IPQ_ERR_NLRECV = 11
-IPQ_ERR_SEND = 12
-IPQ_ERR_SUPP = 13
-IPQ_ERR_RECVBUF = 14
-IPQ_ERR_TIMEOUT = 15
-IPQ_ERR_PROTOCOL = 16
-
-_ERRMAP = {
-    IPQ_ERR_NONE: "Unknown error",
-    IPQ_ERR_IMPL: "Implementation error",
-    IPQ_ERR_HANDLE: "Unable to create netlink handle",
-    IPQ_ERR_SOCKET: "Unable to create netlink socket",
-    IPQ_ERR_BIND: "Unable to bind netlink socket",
-    IPQ_ERR_BUFFER: "Unable to allocate buffer",
-    IPQ_ERR_RECV: "Failed to receive netlink message",
-    IPQ_ERR_NLEOF: "Received EOF on netlink socket",
-    IPQ_ERR_ADDRLEN: "Invalid peer address length",
-    IPQ_ERR_STRUNC: "Sent message truncated",
-    IPQ_ERR_RTRUNC: "Received message truncated",
-    IPQ_ERR_NLRECV: "Received error from netlink",
-    IPQ_ERR_SEND: "Failed to send netlink message",
-    IPQ_ERR_SUPP: "Operation not supported",
-    IPQ_ERR_RECVBUF: "Receive buffer size invalid",
-    IPQ_ERR_TIMEOUT: "Timeout",
-    IPQ_ERR_PROTOCOL: "Invalid protocol specified",
-}
+# libipq's error codes (libipq.c); IpqError and their texts are in ipqd.errors.
+IPQ_ERR_NONE = errors.IPQ_ERR_NONE
+IPQ_ERR_IMPL = errors.IPQ_ERR_IMPL
+IPQ_ERR_HANDLE = errors.IPQ_ERR_HANDLE
+IPQ_ERR_SOCKET = errors.IPQ_ERR_SOCKET
+IPQ_ERR_BIND = errors.IPQ_ERR_BIND
+IPQ_ERR_BUFFER = errors.IPQ_ERR_BUFFER
+IPQ_ERR_RECV = errors.IPQ_ERR_RECV
+IPQ_ERR_NLEOF = errors.IPQ_ERR_NLEOF
+IPQ_ERR_ADDRLEN = errors.IPQ_ERR_ADDRLEN
+IPQ_ERR_STRUNC = errors.IPQ_ERR_STRUNC
+IPQ_ERR_RTRUNC = errors.IPQ_ERR_RTRUNC
+IPQ_ERR_NLRECV = errors.IPQ_ERR_NLRECV
+IPQ_ERR_SEND = errors.IPQ_ERR_SEND
+IPQ_ERR_SUPP = errors.IPQ_ERR_SUPP
+IPQ_ERR_RECVBUF = errors.IPQ_ERR_RECVBUF
+IPQ_ERR_TIMEOUT = errors.IPQ_ERR_TIMEOUT
+IPQ_ERR_PROTOCOL = errors.IPQ_ERR_PROTOCOL
 
 IFNAMSIZ = 16
 # struct ipq_packet_msg in the native layout (unsigned long, long, size_t).
 _PACKET_MSG = struct.Struct("@LLllI16s16sHHB8sN")
 _NLMSGHDR = struct.Struct("=IHHII")
 _FAMILY_NAMES = {NFPROTO_UNSPEC: "both", NFPROTO_IPV4: "ipv4", NFPROTO_IPV6: "ipv6"}
-
-
-class IpqError(IpqdError):
-    """A libipq call failed: `ipq_errno` is libipq's code, `errno` the system's."""
-
-    def __init__(self, ipq_errno: int, errno: int = 0, detail: str = ""):
-        self.ipq_errno = ipq_errno
-        self.errno = errno
-        self.detail = detail
-        text = _ERRMAP.get(ipq_errno, _ERRMAP[IPQ_ERR_NONE])
-        if detail:
-            text += f": {detail}"
-        elif errno:
-            text += f": {os.strerror(errno)}"
-        super().__init__(text)
 
 
 class PacketMsg:
@@ -334,7 +300,7 @@ class Handle:
 
 
 def open_handle(queue: int = 0, protocol: int = NFPROTO_UNSPEC, mode: int = IPQ_COPY_PACKET,
-                copy_range: int = 0xFFFF, sock=None) -> Handle:
+                copy_range: int = nfq.NFQNL_MAX_COPY_RANGE, sock=None) -> Handle:
     """A ready handle (created and mode set), raising IpqError on failure."""
     handle = Handle(0, protocol, queue, sock=sock)
     try:
@@ -412,7 +378,7 @@ def set_verdict(h: Handle, packet_id: int, verdict: int, data_len: int = 0,
 def errstr(h: Optional[Handle] = None) -> str:
     """ipq_errstr: the text of the last error, of `h` when given."""
     code = h.ipq_errno if h is not None else _last_error["ipq_errno"]
-    return _ERRMAP.get(code, _ERRMAP[IPQ_ERR_NONE])
+    return ipq_errstr(code)
 
 
 def perror(s: Optional[str] = None, h: Optional[Handle] = None) -> None:

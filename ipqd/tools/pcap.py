@@ -22,6 +22,8 @@ import dpkt
 from dpkt import pcap as _pcap
 from dpkt import pcapng as _pcapng
 
+from ipqd.errors import CaptureError, NotIP
+
 LINKTYPE_NULL = _pcap.DLT_NULL              # 0: BSD loopback, host-order AF
 LINKTYPE_ETHERNET = _pcap.DLT_EN10MB        # 1
 LINKTYPE_RAW = 101                          # LINKTYPE_RAW in files
@@ -45,10 +47,6 @@ PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 MAX_RECORD = 256 * 1024 * 1024              # a bigger record is a damaged file
 
 _H = struct.Struct("!H")
-
-
-class CaptureError(ValueError):
-    """The file is not a capture, or is damaged from some record on."""
 
 
 class Frame(NamedTuple):
@@ -169,10 +167,6 @@ def _interface(block: bytes, little: bool) -> tuple:
         elif opt.code == _pcapng.PCAPNG_OPT_IF_TSOFFSET and len(opt.data) == 8:
             offset = struct.unpack("<q" if little else ">q", opt.data)[0]
     return idb.linktype & LINKTYPE_MASK, divisor, offset
-
-
-class NotIP(Exception):
-    """The frame carries no IP packet; the text says what it carries instead."""
 
 
 def ip_payload(frame: Frame) -> IPPacket:

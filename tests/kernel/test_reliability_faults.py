@@ -124,17 +124,17 @@ def test_sigstop_of_the_whole_daemon_with_fail_open(lab, tmp_path, bypass):
         time.sleep(1.5)                             # a worker stats report
         after, hook_after = stats(ipqd), hook_packets(lab.server)
         row = queue_counters(lab.server)[0]
-        judged = after["packets"] - before["packets"]
+        decided = after["packets"] - before["packets"]
         hooked = hook_after - hook_before
-        fail_open = hooked - judged - row[5]
+        fail_open = hooked - decided - row[5]
         print(f"bypass {bypass}: {hooked} packets hit the hook, {held} held while stopped, "
-              f"{judged} judged by ipqd, {fail_open} accepted by the kernel (fail-open), "
+              f"{decided} decided by ipqd, {fail_open} accepted by the kernel (fail-open), "
               f"{row[5]} dropped by the queue, {rx.counts[5001]} of 100 to a denied port got through")
         assert hooked == 400
-        assert held == 32 and judged >= 32 and fail_open > 0 and row[5] == row[6] == 0
+        assert held == 32 and decided >= 32 and fail_open > 0 and row[5] == row[6] == 0
         dropped = after["dropped"] - before["dropped"]
         assert rx.counts[5001] + dropped == 100        # each: dropped by ipqd or passed by fail-open
-        assert judged + fail_open == hooked
+        assert decided + fail_open == hooked
         assert rx.probe(tx, lab, 5000) and not rx.probe(tx, lab, 5001)
     finally:
         os.killpg(ipqd.process.pid, signal.SIGCONT)
@@ -148,7 +148,7 @@ def test_sigstop_of_the_whole_daemon_with_fail_open(lab, tmp_path, bypass):
 @pytest.mark.parametrize("default", ["accept", "drop"])
 def test_decision_code_that_raises_gives_every_packet_the_default(lab, default):
     """A Worker on a real queue whose engine fails on every other packet (in
-    judge itself, past its own boundary) and whose matcher fails on the rest:
+    Engine.decide itself, past its own boundary) and whose matcher fails on the rest:
     every packet still gets exactly one verdict, the default, and each
     failure is counted."""
     policy = loads(f"version: 1\nqueue: {{num: 3}}\ndefault: {{action: {default}, log: false}}\n"
@@ -161,20 +161,20 @@ def test_decision_code_that_raises_gives_every_packet_the_default(lab, default):
     tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         worker.bind()
-        real_judge = worker.engine.judge
+        real_decide = worker.engine.decide
         calls = [0]
 
-        def judge(*args):
+        def engine_decide(*args):
             calls[0] += 1
             if calls[0] % 2:
-                raise RuntimeError("injected fault in judge")
-            return real_judge(*args)
+                raise RuntimeError("injected fault in Engine.decide")
+            return real_decide(*args)
 
-        def decide(view, now):
+        def matcher_decide(view, now):
             raise ZeroDivisionError("injected fault in the matcher")
 
-        worker.engine.judge = judge
-        worker.engine.matcher.decide = decide
+        worker.engine.decide = engine_decide
+        worker.engine.matcher.decide = matcher_decide
         for i in range(200):
             tx.sendto(b"%d" % i, (lab.SERVER4, 6000))
         deadline = time.monotonic() + 10
@@ -187,7 +187,7 @@ def test_decision_code_that_raises_gives_every_packet_the_default(lab, default):
         assert rx.wait(6000, expected, timeout=3) == expected
         counters = worker.stats()
         assert calls[0] == 200
-        assert counters["errors"] == 200                      # 100 in judge, 100 in the matcher
+        assert counters["errors"] == 200                      # 100 in Engine.decide, 100 in the matcher
         assert counters[f"{default}ed" if default == "accept" else "dropped"] == 200
         row = [r for r in queue_counters(lab.server) if r[0] == 3][0]
         assert row[2] == 0 and row[7] == 200                   # nothing left waiting
@@ -232,7 +232,7 @@ def test_journald_stuck_then_gone_verdicts_keep_flowing(lab, tmp_path):
                     identifier="ipqd", since_cursor=cursor, timeout=20)
                 figures = {k[5:].lower(): int(v) for k, v in entry.items()
                            if k.startswith("IPQD_") and v.isdigit()}
-                print(f"journald frozen then killed: {figures['packets']} packets judged, "
+                print(f"journald frozen then killed: {figures['packets']} packets decided, "
                       f"{figures['log_logged']} entries written, {figures['log_overflowed']} dropped "
                       f"while the log was backed up, {figures['log_failed']} failed "
                       f"(verdicts at {frozen_rate:.0f}/s while frozen)")

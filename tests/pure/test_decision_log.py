@@ -145,3 +145,18 @@ def test_remembered_address_texts_are_the_same():
                           (4, None)):
         assert _address(family, value) == address_text(family, value)
         assert _address(family, value) == address_text(family, value)       # the second time
+
+
+def test_asking_whether_an_entry_is_wanted_spends_no_token():
+    """The cache's gate looks at the rate without spending it; a decision
+    that is then logged spends it, and one past the rate is counted."""
+    sent = []
+    clock = Clock()
+    log = DecisionLog(rate=Rate(1, 1), send=lambda m, p, f: sent.append(m), clock=clock)
+    assert log.wants_entry() and log.wants_entry()
+    log.decision("drop", "no-telnet", view_of(tcp_to(23)), 0, None)
+    assert not log.wants_entry() and log.suppressed == 1
+    clock.now += 1.0
+    assert log.wants_entry()
+    log.close()
+    assert len([m for m in sent if m.startswith("DROP")]) == 1

@@ -20,8 +20,9 @@ import fuzz_corpus
 from ipqd.wire import nfnetlink as nl
 from ipqd.wire import nfqueue as nfq
 from ipqd.decision.engine import Engine
-from ipqd.decision.packet import CT_STATES, L4_FIELDS, PacketMeta, PacketView, parse
+from ipqd.decision.packet import PacketMeta, PacketView, parse
 from ipqd.policy.loader import loads
+from ipqd.policy.model import CT_STATES, L4_FIELDS
 
 pytestmark = pytest.mark.fuzz
 
@@ -194,7 +195,7 @@ def test_engine_gives_exactly_one_verdict_and_never_errs(request):
         engine = engines[which]
         before = engine.counters.as_dict()
         clock[0] += step
-        verdict = engine.judge(packet, NAMES.get, ct_state, clock[0])
+        verdict = engine.decide(packet, NAMES.get, ct_state, clock[0])
         after = engine.counters.as_dict()
         assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP, nfq.NF_REPEAT)
         assert verdict.mark is None or verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_REPEAT)
@@ -215,7 +216,7 @@ def test_engine_error_in_the_matcher_gives_the_default_and_is_counted():
     engine.matcher.decide = broken
     packet = nfq.Packet(0, 2, 1, 0x0800, 1)
     packet.payload = fuzz_corpus.worst_cases()["ipv4-plain-tcp"]
-    verdict = engine.judge(packet, NAMES.get, None, 1.0)
+    verdict = engine.decide(packet, NAMES.get, None, 1.0)
     assert verdict.verdict == nfq.NF_DROP and verdict.decision.action == "drop"
     assert engine.counters.errors == 1 and engine.counters.dropped == 1
 
@@ -248,7 +249,7 @@ def test_rules_with_ports_never_match_non_first_fragments(name):
     for label, payload in (("first", first), ("later", later)):
         packet = nfq.Packet(0, 2 if name == "ipv4" else 10, 1, 0, 1)
         packet.payload = payload
-        verdict = engine.judge(packet, NAMES.get, None, 1.0)
+        verdict = engine.decide(packet, NAMES.get, None, 1.0)
         results[label] = (verdict.decision.rule.name if verdict.decision.rule else "default",
                           verdict.view.fragment, verdict.view.dport)
     assert results["first"] == ("not-ssh", "first", 53)
@@ -265,7 +266,7 @@ def cost(engine: Engine, payload: bytes, rounds: int) -> float:
     for _ in range(5):
         started = time.perf_counter()
         for _ in range(rounds):
-            engine.judge(packet, NAMES.get, "new", 1.0)
+            engine.decide(packet, NAMES.get, "new", 1.0)
         best = min(best, (time.perf_counter() - started) / rounds)
     return best
 

@@ -167,17 +167,17 @@ def tcp_packet(dport: int, mark: int = 0, hook: int = 1) -> nfq.Packet:
     return packet
 
 
-def judge(engine, dport, ct_state="established", **kw):
-    return engine.judge(tcp_packet(dport, **kw), lambda i: None, ct_state, 1.0)
+def decide(engine, dport, ct_state="established", **kw):
+    return engine.decide(tcp_packet(dport, **kw), lambda i: None, ct_state, 1.0)
 
 
 def test_offloadable_accept_and_drop_answer_repeat_with_the_request_bit():
     engine = Engine(loads(HOOKED))
-    accept = judge(engine, 80, mark=0x11)
+    accept = decide(engine, 80, mark=0x11)
     assert (accept.verdict, accept.mark) == (nfq.NF_REPEAT, 0x80000011)
-    drop = judge(engine, 23)
+    drop = decide(engine, 23)
     assert (drop.verdict, drop.mark) == (nfq.NF_REPEAT, 0x40000000)
-    logged = judge(engine, 22)
+    logged = decide(engine, 22)
     assert (logged.verdict, logged.mark) == (nfq.NF_ACCEPT, None)
     c = engine.counters
     assert (c.packets, c.accepted, c.dropped, c.offloaded) == (3, 2, 1, 2)
@@ -186,9 +186,9 @@ def test_offloadable_accept_and_drop_answer_repeat_with_the_request_bit():
 def test_a_packet_already_carrying_a_request_gets_a_plain_verdict():
     """No loop: it came back without meeting ipqd's hook rules."""
     engine = Engine(loads(HOOKED))
-    again = judge(engine, 80, mark=0x80000000)
+    again = decide(engine, 80, mark=0x80000000)
     assert (again.verdict, again.mark) == (nfq.NF_ACCEPT, None)
-    again = judge(engine, 23, mark=0x40000005)
+    again = decide(engine, 23, mark=0x40000005)
     assert again.verdict == nfq.NF_DROP
     assert engine.counters.offloaded == 0
 
@@ -197,31 +197,31 @@ def test_a_request_that_comes_back_stops_the_engine_asking():
     """Without rules to take requests, asking would send every packet twice."""
     policy = loads(HOOKED)
     engine = Engine(policy)
-    assert judge(engine, 80).verdict == nfq.NF_REPEAT
-    assert judge(engine, 80, mark=0x80000000).verdict == nfq.NF_ACCEPT     # it came back
-    assert judge(engine, 80).verdict == nfq.NF_ACCEPT and not engine.offloading
-    assert judge(engine, 23).verdict == nfq.NF_DROP
+    assert decide(engine, 80).verdict == nfq.NF_REPEAT
+    assert decide(engine, 80, mark=0x80000000).verdict == nfq.NF_ACCEPT     # it came back
+    assert decide(engine, 80).verdict == nfq.NF_ACCEPT and not engine.offloading
+    assert decide(engine, 23).verdict == nfq.NF_DROP
     assert engine.counters.offload_returned == 1 and engine.counters.offloaded == 1
     # a reload asks again (the hooks may have been installed meanwhile)
     successor = Engine(policy)
     successor.take_over(engine.carry_over())
-    assert judge(successor, 80).verdict == nfq.NF_REPEAT
+    assert decide(successor, 80).verdict == nfq.NF_REPEAT
 
 
 def test_no_offload_at_unhooked_chains_untracked_packets_or_with_mode_off():
     engine = Engine(loads(HOOKED))
-    assert judge(engine, 80, hook=3).verdict == nfq.NF_ACCEPT        # output: no hook rules
-    assert judge(engine, 80, ct_state="untracked").verdict == nfq.NF_ACCEPT
-    assert judge(engine, 80, ct_state="related").verdict == nfq.NF_ACCEPT
-    assert judge(engine, 80, ct_state=None).verdict == nfq.NF_REPEAT    # no conntrack queues
+    assert decide(engine, 80, hook=3).verdict == nfq.NF_ACCEPT        # output: no hook rules
+    assert decide(engine, 80, ct_state="untracked").verdict == nfq.NF_ACCEPT
+    assert decide(engine, 80, ct_state="related").verdict == nfq.NF_ACCEPT
+    assert decide(engine, 80, ct_state=None).verdict == nfq.NF_REPEAT    # no conntrack queues
     off = dataclasses.replace(loads(HOOKED), queue=QueueConfig(offload=Offload("off")))
-    assert judge(Engine(off), 80).verdict == nfq.NF_ACCEPT
+    assert decide(Engine(off), 80).verdict == nfq.NF_ACCEPT
 
 
 def test_repeat_is_never_cached():
     engine = Engine(loads(HOOKED))
     for _ in range(3):
-        assert judge(engine, 80).verdict == nfq.NF_REPEAT
+        assert decide(engine, 80).verdict == nfq.NF_REPEAT
     assert not engine.cache.entries
 
 

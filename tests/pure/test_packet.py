@@ -284,14 +284,20 @@ def test_shared_captures_parse(path):
 
 
 def test_protocol_numbers_are_dpkts():
-    """packet.py writes dpkt's constants out so that workers need not import it."""
+    """The protocol numbers (ipqd.policy.model) and packet.py's header numbers
+    are dpkt's constants written out, so that workers need not import it."""
     from ipqd.decision import packet
-    for name, dpkt_name in [("PROTO_ICMP", "ICMP"), ("PROTO_TCP", "TCP"), ("PROTO_UDP", "UDP"),
-                            ("PROTO_ICMPV6", "ICMP6"), ("PROTO_NONE", "NONE"),
-                            ("PROTO_SCTP", "SCTP"), ("EXT_HOPOPTS", "HOPOPTS"),
+    from ipqd.policy import model
+    for name, dpkt_name in [("PROTO_NONE", "NONE"), ("EXT_HOPOPTS", "HOPOPTS"),
                             ("EXT_ROUTING", "ROUTING"), ("EXT_FRAGMENT", "FRAGMENT"),
                             ("EXT_AH", "AH"), ("EXT_DSTOPTS", "DSTOPTS")]:
         assert getattr(packet, name) == getattr(dpkt.ip, "IP_PROTO_" + dpkt_name), name
+    named = {"icmpv6": "ICMP6", "udplite": None}       # dpkt has no UDP-Lite (RFC 3828: 136)
+    for name, number in model.PROTOCOLS.items():
+        dpkt_name = named.get(name, name.upper())
+        assert number == (getattr(dpkt.ip, "IP_PROTO_" + dpkt_name) if dpkt_name else 136), name
+    for name in ("ICMP", "TCP", "UDP", "ICMPV6", "SCTP", "UDPLITE"):
+        assert getattr(model, "PROTO_" + name) == model.PROTOCOLS[name.lower()]
 
 
 def test_a_worker_imports_no_dpkt():

@@ -54,8 +54,8 @@ def queued(payload: bytes, copy_range: int = COPY_RANGE) -> nfq.Packet:
     return packet
 
 
-def judge(engine: Engine, payload: bytes) -> tuple:
-    verdict = engine.judge(queued(payload), lambda index: None, None, 1.0)
+def decide(engine: Engine, payload: bytes) -> tuple:
+    verdict = engine.decide(queued(payload), lambda index: None, None, 1.0)
     rule = verdict.decision.rule
     return verdict.verdict, rule.name if rule else "default"
 
@@ -64,13 +64,13 @@ def judge(engine: Engine, payload: bytes) -> tuple:
 
 def test_a_syn_behind_nine_extension_headers_meets_its_rule():
     engine = Engine(loads(NO_TELNET, "p.yaml"))
-    assert judge(engine, syn_behind_headers(CLIENT, SERVER, 40000, 23)) == \
+    assert decide(engine, syn_behind_headers(CLIENT, SERVER, 40000, 23)) == \
         (nfq.NF_DROP, "no-telnet")
-    assert judge(engine, syn_behind_headers(CLIENT, SERVER, 40000, 24)) == \
+    assert decide(engine, syn_behind_headers(CLIENT, SERVER, 40000, 24)) == \
         (nfq.NF_ACCEPT, "default")
-    assert judge(engine, syn_behind_headers(CLIENT, SERVER, 40000, 23, count=24)) == \
+    assert decide(engine, syn_behind_headers(CLIENT, SERVER, 40000, 23, count=24)) == \
         (nfq.NF_DROP, "no-telnet")                      # 252 bytes: all in the copy
-    assert judge(engine, syn_behind_headers(CLIENT, SERVER, 40000, 24, count=30)) == \
+    assert decide(engine, syn_behind_headers(CLIENT, SERVER, 40000, 24, count=30)) == \
         (nfq.NF_DROP, UNDECIDABLE_NAME)                 # the copy ends inside the chain
     assert (engine.counters.malformed, engine.counters.undecidable) == (0, 1)
 
@@ -78,7 +78,7 @@ def test_a_syn_behind_nine_extension_headers_meets_its_rule():
 def test_a_syn_whose_tcp_header_lies_past_copy_range_is_not_accepted_unseen():
     engine = Engine(loads(NO_TELNET, "p.yaml"))
     for port in (23, 24):       # which port, the copy does not show: either may be telnet
-        verdict = engine.judge(queued(syn_behind_one_big_header(CLIENT, SERVER, 40000, port)),
+        verdict = engine.decide(queued(syn_behind_one_big_header(CLIENT, SERVER, 40000, port)),
                                lambda index: None, None, 1.0)
         assert verdict.verdict == nfq.NF_DROP
         assert verdict.decision.rule.name == UNDECIDABLE_NAME == "queue.undecidable"
@@ -87,7 +87,7 @@ def test_a_syn_whose_tcp_header_lies_past_copy_range_is_not_accepted_unseen():
     assert (engine.counters.undecidable, engine.counters.malformed) == (2, 0)
     assert engine.matcher.counters()["undecidable"] == {"hits": 2, "accepted": 0, "dropped": 2}
     # The whole packet, as with copy_range 0, is simply decided.
-    whole = engine.judge(queued(syn_behind_one_big_header(CLIENT, SERVER, 40000, 24), 0),
+    whole = engine.decide(queued(syn_behind_one_big_header(CLIENT, SERVER, 40000, 24), 0),
                          lambda index: None, None, 1.0)
     assert (whole.verdict, whole.decision.rule) == (nfq.NF_ACCEPT, None)
 
@@ -96,7 +96,7 @@ def test_undecidable_accept_is_the_old_behaviour_when_asked_for():
     policy = loads(NO_TELNET, "p.yaml")
     engine = Engine(Policy(path="p.yaml", rules=policy.rules, default=policy.default,
                            queue=QueueConfig(undecidable="accept")))
-    assert judge(engine, syn_behind_one_big_header(CLIENT, SERVER, 40000, 23)) == \
+    assert decide(engine, syn_behind_one_big_header(CLIENT, SERVER, 40000, 23)) == \
         (nfq.NF_ACCEPT, UNDECIDABLE_NAME)
 
 
@@ -117,7 +117,7 @@ def test_cut_copies_are_never_cached_and_the_exact_layer_never_answers_them():
         rest = cached.take([room(data)], [len(data)])
         key = cached.round.misses.get((0, 1))
         if rest:
-            engine.judge(queued(allowed), lambda index: None, None, 1.0, key)
+            engine.decide(queued(allowed), lambda index: None, None, 1.0, key)
     assert cached.round.single, "the plain SYN was not answered from the cache"
     for payload in (syn_behind_headers(CLIENT, SERVER, 40000, 24),
                     syn_behind_one_big_header(CLIENT, SERVER, 40000, 24)):
@@ -130,7 +130,7 @@ def test_the_decision_log_says_what_the_copy_cut_off():
     engine = Engine(loads(NO_TELNET, "p.yaml"))
     packet = queued(syn_behind_one_big_header(CLIENT, SERVER, 40000, 23))
     packet.indev = 3
-    verdict = engine.judge(packet, {3: "veth-s"}.get, None, 1.0)
+    verdict = engine.decide(packet, {3: "veth-s"}.get, None, 1.0)
     fields = decision_fields("drop", verdict.decision.rule.name, verdict.view, 0, None)
     assert fields["IPQD_CUT"] == "transport header past copy_range"
     assert decision_message(fields) == ("DROP cut (transport header past copy_range) tcp "

@@ -243,7 +243,7 @@ def decide_cached(engine: Engine, packet: nfq.Packet, now: float) -> tuple:
         assert (queue, packet_id) == (packet.queue, packet.packet_id)
         return entry.verdict, entry.mark, entry.rule_index
     key = answers.misses.get((packet.queue, packet.packet_id))
-    got = engine.judge(packet, IFNAME, CT_OF[packet.queue], now, key)
+    got = engine.decide(packet, IFNAME, CT_OF[packet.queue], now, key)
     return got.verdict, got.mark, got.decision.rule_index
 
 
@@ -258,7 +258,7 @@ def test_a_cached_engine_decides_and_counts_as_a_full_one(policy, stream, data):
     for n, packet in enumerate(stream):
         packet.packet_id = n + 1
         now += data.draw(st.sampled_from([0.0, 0.1, 1.0]))
-        expected = full.judge(packet, IFNAME, CT_OF[packet.queue], now)
+        expected = full.decide(packet, IFNAME, CT_OF[packet.queue], now)
         got = decide_cached(cached, packet, now)
         assert got == (expected.verdict, expected.mark, expected.decision.rule_index), packet
     cached.settle()
@@ -388,7 +388,7 @@ def test_many_random_policies_and_streams_with_many_hits():
             packet = random_queued(rng)
             packet.packet_id = n + 1
             now += rng.choice([0.0, 0.2])
-            expected = full.judge(packet, IFNAME, CT_OF[packet.queue], now)
+            expected = full.decide(packet, IFNAME, CT_OF[packet.queue], now)
             got = decide_cached(cached, packet, now)
             assert got == (expected.verdict, expected.mark, expected.decision.rule_index), \
                 (packet, policy)
@@ -563,13 +563,13 @@ def test_a_logged_decision_the_log_rate_suppresses_is_answered_from_the_cache():
         packet = nfq.Packet(0, 2, n + 1, 0x0800, 1)
         packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000 + n % 3, 53, 0,
                                               (0, 0), b"")
-        full.judge(packet, IFNAME, None, 0.0)
+        full.decide(packet, IFNAME, None, 0.0)
         data = kernel_bytes(packet)
         cached.keys.round.clear()
         if cached.keys.take([room(data)], [len(data)]):         # the full path, as the worker
             in_full += 1
             key = cached.keys.round.misses.get((packet.queue, packet.packet_id))
-            verdict = cached.judge(packet, IFNAME, None, 0.0, key)
+            verdict = cached.decide(packet, IFNAME, None, 0.0, key)
             log.decision(verdict.decision.action, "no-dns", verdict.view, 0, None)
         else:
             assert [entry.verdict for _, _, entry in cached.keys.round.single] == [nfq.NF_DROP]

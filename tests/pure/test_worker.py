@@ -7,11 +7,15 @@ import socket
 import struct
 import threading
 
+import pytest
+
 from ipqd.daemon import worker as worker_module
 from ipqd.daemon.child import Channel
 from ipqd.daemon.messages import HandOver
+from ipqd.decision.engine import fallback_verdict
 from ipqd.decision.packet import PacketMeta, parse
 
+from ipqd.wire import nfnetlink as nl
 from ipqd.wire import nfqueue as nfq
 from ipqd.wire.nfnetlink import NLMSG_HDRLEN
 from ipqd.policy.loader import loads
@@ -81,7 +85,7 @@ def worker_with_rounds(rounds, policy: str = POLICY):
     worker.qs.queues[1] = frozenset({2, 10})
     sent = []
     worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
-    worker.qs._receiver = ReplayReceiver(rounds)
+    worker.qs.transport.receiver = ReplayReceiver(rounds)
     for _ in range(len(rounds)):
         events = worker.qs.receive_events(0, shortcut=worker.keys.take)
         worker.answer(events)
@@ -96,7 +100,7 @@ def test_a_round_of_hits_and_misses_is_covered_by_its_verdicts():
     assert worker.engine.cache.hits == 2                     # 4 (dns) and 5 (default)
     batch, single = nfq.NFQNL_MSG_VERDICT_BATCH, nfq.NFQNL_MSG_VERDICT
     assert verdicts(sent[0]) == [(single, 1, 2, nfq.NF_DROP), (batch, 1, 1, nfq.NF_ACCEPT)]
-    # 3 (a miss, accepted, judged after the hits) must not lower the batch below 4
+    # 3 (a miss, accepted, decided after the hits) must not lower the batch below 4
     assert sorted(verdicts(sent[1])) == sorted([
         (single, 1, 5, nfq.NF_DROP), (single, 1, 6, nfq.NF_ACCEPT), (batch, 1, 4, nfq.NF_ACCEPT)])
     assert len(sent) == 2                                    # one datagram per round
@@ -170,4 +174,72 @@ def test_a_successor_sets_up_the_queue_only_when_its_settings_differ():
     calls.clear()
     worker.bind(taken_over=True, predecessor=dict(worker.queue_settings, flags=0, flags_mask=0))
     assert calls == [("configure", 1), ("configure", 2)]
+    worker.close()
+
+
+def undecodable(packet_id: int) -> bytes:
+    """A packet message whose header reads but whose mark does not (1 byte)."""
+    body = (nl.encode_nfgenmsg(nl.NFPROTO_IPV4, 1)
+            + nl.encode_attr(nfq.NFQA_PACKET_HDR, struct.pack(">IHB", packet_id, 0x0800, 1))
+            + nl.encode_attr(nfq.NFQA_MARK, b"\x01"))
+    return nl.encode_nlmsg(nfq.MSG_PACKET, 0, 0, body)
+
+
+def of_family(packet_id: int, family: int) -> bytes:
+    packet = nfq.Packet(1, family, packet_id, 0x86DD, 1)
+    packet.payload = b"\x60" + bytes(39)
+    return nfq.encode_packet(packet)
+
+
+def verdict_of_each(sent: list, ids) -> dict:
+    """The verdict each packet id got from the datagrams sent: its own, or
+    the first batch verdict that covers it."""
+    got = {}
+    for data in sent:
+        for msg_type, _, packet_id, verdict in verdicts(data):
+            if msg_type == nfq.NFQNL_MSG_VERDICT:
+                got.setdefault(packet_id, verdict)
+            else:
+                for covered in ids:
+                    if covered <= packet_id:
+                        got.setdefault(covered, verdict)
+    return got
+
+
+@pytest.mark.parametrize("action, expected", [("accept", nfq.NF_ACCEPT), ("drop", nfq.NF_DROP)])
+def test_what_cannot_be_decided_gets_the_one_fallback_verdict(action, expected):
+    """Four packets no rule decides, each on its own path: a message that
+    does not decode and one of a family the queue was not bound for (the
+    socket answers), one the matcher fails on (the engine's boundary) and
+    one Engine.decide itself fails on (the worker's). Each gets
+    fallback_verdict: the policy's default action."""
+    policy = loads(POLICY.replace("default: {action: drop, log: false}",
+                                  f"default: {{action: {action}, log: false}}"), "p.yaml")
+    assert fallback_verdict(policy) == expected
+    worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), policy, conn=None)
+    worker.qs.queues[1] = frozenset({nl.NFPROTO_IPV4})          # bound for IPv4 only
+    sent = []
+    worker.qs.send_many = lambda messages: sent.append(b"".join(messages))
+    worker.qs._send = lambda data, op: sent.append(data)
+    engine = worker.engine
+    real_decide = engine.decide
+
+    def matcher_decide(view, now):
+        raise ZeroDivisionError("injected fault in the matcher")
+
+    def engine_decide(packet, *args):
+        if packet.packet_id == 4:
+            raise RuntimeError("injected fault in Engine.decide")
+        return real_decide(packet, *args)
+
+    engine.matcher.decide = matcher_decide
+    engine.decide = engine_decide
+    worker.qs.transport.receiver = ReplayReceiver(
+        [[undecodable(1), of_family(2, nl.NFPROTO_IPV6), datagram(3, 53), datagram(4, 53)]])
+    worker.answer(worker.qs.receive_events(0))
+    assert verdict_of_each(sent, [1, 2, 3, 4]) == {1: expected, 2: expected, 3: expected,
+                                                   4: expected}
+    assert (worker.qs.stats.undecodable, worker.qs.stats.foreign, engine.counters.errors) == \
+        (1, 1, 2)
+    worker.qs.queues.clear()        # a fake socket: no kernel to acknowledge an unbind
     worker.close()

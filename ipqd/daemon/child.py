@@ -212,9 +212,12 @@ _JOBS = {"worker": _worker, "load": _load}
 
 
 def main() -> None:
-    # The supervisor handles Ctrl-C (the terminal sends it to the whole group);
-    # a child stops when told to, or when the pipe closes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The supervisor handles Ctrl-C (the terminal sends it to the whole group)
+    # and the signals an admin may send to the whole unit (`systemctl kill -s
+    # USR1 ipqd` reaches every process); a child stops when told to, or when
+    # the pipe closes.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     job, fd = sys.argv[-2], int(sys.argv[-1])
     conn = Channel(fd)
     _JOBS[job](conn, *conn.recv())

@@ -8,15 +8,17 @@ limit instead of wedging the daemon.
 """
 from __future__ import annotations
 
+import errno
 import gc
+import os
 import pickle
 import time
 from typing import Callable, Optional
 
 from ipqd.daemon import child
 from ipqd.daemon.messages import FROM_LOADER, Loaded, Refused, Unreadable, expect
-from ipqd.errors import ProtocolError
-from ipqd.policy.checked import PolicyRefused, load_checked
+from ipqd.errors import PolicyRefused, ProtocolError, StartupError
+from ipqd.policy.checked import load_checked
 from ipqd.policy.model import Policy
 
 LOAD_TIMEOUT = 60.0        # reading and checking a policy; past it the load is refused
@@ -36,31 +38,36 @@ def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None,
                   timeout: float = LOAD_TIMEOUT) -> LoadedPolicy:
     """load_checked in a short-lived process (ipqd.daemon.child); `waiting`
     is called about twice a second until it answers, and may raise to call
-    the load off (the process is killed). Raises as load_checked does, and
-    PolicyRefused when the loading process dies or runs past `timeout` s.
+    the load off (the process is killed). Raises as load_checked does,
+    PolicyRefused when the load runs past `timeout` s, and StartupError when
+    the loading process cannot start or dies without an answer (not the
+    policy's fault: the installation's, or the system's).
     """
     try:
         loading = child.start("load", path)
     except OSError as error:
-        raise PolicyRefused([f"refusing policy {path}: cannot start the process loading it "
-                             f"({error}); is the ipqd installation complete?"]) from None
+        raise StartupError(f"ipqd: cannot start the process that loads the policy ({error}): "
+                           f"is the ipqd installation complete?") from None
     deadline = time.monotonic() + timeout
     try:
         while not loading.conn.poll(min(0.5, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
                 raise PolicyRefused([f"refusing policy {path}: reading it took longer than "
-                                     f"{timeout:.0f} s (is it a FIFO, on a stalled mount, or "
+                                     f"{timeout:g} s (is it on a stalled mount, or "
                                      f"naming a user or group whose lookup hangs?)"])
             if waiting is not None:
                 waiting()
         answer = expect(loading.conn.recv(), FROM_LOADER, "the loading process")
     except (EOFError, OSError, ProtocolError):
-        answer = Refused([f"refusing policy {path}: the process loading it exited"])
+        answer = None
     finally:
         loading.conn.close()
         if loading.is_alive():
             loading.kill()
         loading.join()
+    if answer is None:
+        raise StartupError(f"ipqd: the process loading {path} exited ({loading.exitcode}) "
+                           f"without an answer; its error, if any, is in the log above")
     if isinstance(answer, Loaded):
         return LoadedPolicy(answer.pickled, pickle.loads(answer.outline), answer.rules)
     if isinstance(answer, Unreadable):
@@ -84,3 +91,13 @@ def load_policy_job(path: str, conn) -> None:
     except OSError as error:
         conn.send(Unreadable(error.errno, error.strerror, error.filename))
     conn.close()
+
+
+def read_hint(error: OSError) -> str:
+    """What to do when this process may not read the policy: under the
+    shipped unit it reads through the group ipqd."""
+    if error.errno != errno.EACCES:
+        return ""
+    name = error.filename or "the policy"
+    return (f" (this process runs as uid {os.getuid()}; under the ipqd unit, let group ipqd "
+            f"read it: chgrp ipqd {name} && chmod g+r {name})")

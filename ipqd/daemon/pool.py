@@ -19,7 +19,7 @@ from ipqd.daemon.messages import (BIND, COMPILING, RECOVER, STARTING, SUCCESSOR,
                                   Counters, Failed, Ready, Stats, Stop, TakeOver, WorkerConfig,
                                   WorkerPhase)
 from ipqd.daemon.decision_log import LOG_ERR
-from ipqd.errors import ProtocolError
+from ipqd.errors import ProtocolError, StartupError
 from ipqd.wire.nfnetlink import NETLINK_NETFILTER
 
 READY_TIMEOUT = 15.0
@@ -29,10 +29,6 @@ STABLE_AFTER = 5.0         # a worker that lived this long counts as started wel
 BACKOFF_FIRST = 0.25       # a worker failing again soon waits this long before its restart,
 BACKOFF_MAX = 5.0          # doubling up to this
 FRESH_SOCKET_AFTER = 5     # quick failures in a row, after which the slot gets a new socket
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
 
 
 class WorkerHandle:

@@ -18,20 +18,15 @@ from typing import Dict, List, Optional
 from ipqd.daemon.handover import (RUNNING, SUCCESSOR, CallOff, Died, Done, HandOverMachine,
                                   KeptPrevious, Message, Promote, Recover, Retire, SendTo,
                                   StopAsked, TimedOut)
-from ipqd.daemon.loading import LoadedPolicy, load_in_child
+from ipqd.daemon.loading import LoadedPolicy, load_in_child, read_hint
 from ipqd.daemon.messages import RECOVER
 from ipqd.daemon.decision_log import LOG_ERR, LOG_INFO
-from ipqd.daemon.pool import StartupError, WorkerHandle
-from ipqd.errors import ProtocolError
+from ipqd.daemon.pool import WorkerHandle
+from ipqd.errors import HookError, PolicyRefused, ProtocolError, ReloadCalledOff, StartupError
 from ipqd.kernel import hooks as hooks_mod
-from ipqd.policy.checked import PolicyRefused
 from ipqd.policy.model import Policy
 
 REPLY_TIMEOUT = 60.0       # a child's answer during a reload
-
-
-class ReloadCalledOff(Exception):
-    """A stop was asked for while a reload waited: the reload ends unfinished."""
 
 
 class Reloader:
@@ -49,9 +44,15 @@ class Reloader:
         except ReloadCalledOff:
             self.daemon.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
             return
-        except (PolicyRefused, OSError) as error:
-            self.refuse(error.lines if isinstance(error, PolicyRefused) else [
-                f"cannot read policy {error.filename or self.daemon.path}: {error.strerror}"])
+        except (PolicyRefused, OSError, StartupError) as error:
+            if isinstance(error, PolicyRefused):
+                lines = error.lines
+            elif isinstance(error, OSError):
+                lines = [f"cannot read policy {error.filename or self.daemon.path}: "
+                         f"{error.strerror}{read_hint(error)}"]
+            else:
+                lines = [str(error)]
+            self.refuse(lines)
             return
         self.daemon.log_warnings(loaded.outline)
         problem = self.apply(loaded)
@@ -88,8 +89,9 @@ class Reloader:
         hooks_changed = policy.hooks != running.outline.hooks or layout_changed
         if self.daemon.manage_hooks and hooks_changed:
             try:
-                hooks_mod.install(policy.hooks, policy.queue, self.daemon.installed_backend)
-            except hooks_mod.HookError as error:
+                hooks_mod.install_recorded(policy.hooks, policy.queue, self.daemon.installed_backend,
+                                           self.daemon.state_dir)
+            except HookError as error:
                 return f"reload refused: cannot update hooks: {error}"
         self.daemon.keep(loaded)
         problem = self.rebind() if layout_changed else self.hand_over()
@@ -114,8 +116,9 @@ class Reloader:
 
     def restore_hooks(self, running: Policy) -> None:
         try:
-            hooks_mod.install(running.hooks, running.queue, self.daemon.installed_backend)
-        except hooks_mod.HookError as error:
+            hooks_mod.install_recorded(running.hooks, running.queue, self.daemon.installed_backend,
+                                       self.daemon.state_dir)
+        except HookError as error:
             self.daemon.log.event(f"cannot put the running policy's hooks back: {error}",
                            LOG_ERR, IPQD_EVENT="reload-failed")
 
@@ -212,7 +215,7 @@ class Reloader:
 
     def recover_slot(self, worker: WorkerHandle) -> None:
         """The running worker died before it stopped reading: a worker that
-        recovers its socket judges again what it left unanswered."""
+        recovers its socket decides again what it left unanswered."""
         worker.stop()
         self.daemon.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
                        LOG_ERR, IPQD_EVENT="worker-died")

@@ -25,13 +25,14 @@ import time
 from typing import Dict, List, Optional
 
 from ipqd.daemon.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
-from ipqd.daemon.loading import LoadedPolicy, load_in_child
+from ipqd.daemon.loading import LoadedPolicy, load_in_child, read_hint
 from ipqd.daemon.notify import notify, watchdog_interval
-from ipqd.daemon.pool import StartupError, WorkerHandle, WorkerPool
-from ipqd.daemon.reload import REPLY_TIMEOUT, ReloadCalledOff, Reloader
+from ipqd.daemon.pool import WorkerHandle, WorkerPool
+from ipqd.daemon.reload import REPLY_TIMEOUT, Reloader
 from ipqd.decision.compiler import UNDECIDABLE_NAME
+from ipqd.errors import HookError, PolicyRefused, ReloadCalledOff, StartupError
+from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_UNREADABLE
 from ipqd.kernel import hooks as hooks_mod
-from ipqd.policy.checked import PolicyRefused
 from ipqd.policy.model import Policy
 
 STATUS_EVERY = 2.0
@@ -75,12 +76,12 @@ class Daemon:
             for line in str(error).splitlines():
                 self.log.event(line, LOG_ERR, IPQD_EVENT="start-failed")
             self.shutdown()
-            return 1
+            return error.status
         try:
             self.loop()
         except StartupError as error:       # the running policy's workers could not come back
             self.log.event(str(error), LOG_ERR, IPQD_EVENT="stop")
-            return 1
+            return EXIT_FAILED
         finally:
             self.shutdown()
         return 0
@@ -91,10 +92,11 @@ class Daemon:
             loaded = load_in_child(self.path, waiting=self.startup_waiting)
         except PolicyRefused as refused:
             raise StartupError("\n".join(refused.lines + [
-                f"ipqd: not started: fix the policy, then check it with `ipqd check {self.path}`"]))
+                f"ipqd: not started: fix the policy, then check it with `ipqd check {self.path}`"]),
+                EXIT_INVALID)
         except OSError as error:
             raise StartupError(f"ipqd: cannot read policy {error.filename or self.path}: "
-                               f"{error.strerror}")
+                               f"{error.strerror}{read_hint(error)}", EXIT_UNREADABLE)
         self.keep(loaded)
         self.log_warnings(self.policy)
         # The queues are bound before any hook points at them, and hooks are
@@ -103,7 +105,7 @@ class Daemon:
         if self.manage_hooks:
             try:
                 self.hooks_lock = hooks_mod.hold_lock()
-            except hooks_mod.HookError as error:
+            except HookError as error:
                 raise StartupError(f"ipqd: {error}")
         self.pool.start_all(hooks_mod.queue_layout(self.policy.queue), self.startup_waiting)
         if self.manage_hooks:
@@ -136,9 +138,8 @@ class Daemon:
         try:
             if backend == "auto":
                 backend = hooks_mod.remembered(self.state_dir) or hooks_mod.detect_backend()[0]
-            hooks_mod.install(policy.hooks, policy.queue, backend)
-            hooks_mod.remember(backend, self.state_dir)
-        except hooks_mod.HookError as error:
+            hooks_mod.install_recorded(policy.hooks, policy.queue, backend, self.state_dir)
+        except HookError as error:
             raise StartupError(f"ipqd: cannot install hooks: {error}")
         except OSError as error:
             raise StartupError(f"ipqd: cannot record the hooks backend in {self.state_dir}: "
@@ -150,8 +151,7 @@ class Daemon:
         self.pool.stop_all()
         if self.installed_backend:
             try:
-                hooks_mod.remove(self.installed_backend)
-                hooks_mod.forget(self.state_dir)
+                hooks_mod.remove_recorded(self.installed_backend, self.state_dir)
             except Exception as error:
                 self.log.event(f"ipqd: could not remove hooks: {error}", LOG_ERR,
                                IPQD_EVENT="stop")

@@ -262,7 +262,7 @@ def test_queue_held_by_another_process_is_a_clear_startup_error(lab, daemon):
     with QueueSocket(sock=lab.server.netlink_socket()) as holder:
         holder.bind(0)
         ipqd = daemon(wait=False)
-        assert ipqd.process.wait(30) == 1
+        assert ipqd.process.wait(30) == 4                # the system refused (ipqd.exits)
         ipqd.stop()
     assert any("queue 0 is held by another process" in l for l in ipqd.lines), ipqd.lines
 
@@ -392,6 +392,22 @@ def test_example_policy_runs_as_shipped(lab, daemon, tmp_path):
     ipqd.wait_for(lambda l: l.startswith("ACCEPT") or l.startswith("DROP"))
 
 
+@pytest.mark.parametrize("v6", [False, True])
+def test_the_example_policy_limits_a_ping_flood(lab, daemon, tmp_path, v6):
+    """300 echo requests in about 1.5 s from one ping (one conntrack flow,
+    established after the first reply): the example's 10/second burst 20
+    lets through about 35, not all of them."""
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(os.path.join(ROOT, "etc", "ipqd", "policy.yaml"), policy)
+    os.chmod(policy, 0o644)
+    daemon(str(policy))
+    target = lab.SERVER6 if v6 else lab.SERVER4
+    out = lab.client.sh(f"ping {'-6 ' if v6 else ''}-i 0.005 -c 300 -W 1 -q {target}",
+                        check=False).stdout
+    received = int(re.search(r"(\d+) (?:packets )?received", out).group(1))
+    assert 20 <= received <= 60, out
+
+
 def netfilter_sockets(pid: int) -> set:
     """Inodes of the NETLINK_NETFILTER sockets process `pid` holds."""
     with open(f"/proc/{pid}/net/netlink") as f:
@@ -515,10 +531,10 @@ def test_a_worker_crash_under_load_lets_nothing_through_and_loses_nothing(lab, d
     assert result["allowed"] == result["sent"] // 2, result
 
 
-def test_a_recovering_worker_judges_what_the_dead_one_left_unanswered(lab):
+def test_a_recovering_worker_decides_what_the_dead_one_left_unanswered(lab):
     """A worker read three packets and died before answering: they wait in
     the kernel. The worker that recovers its socket sends them through the
-    hook again (NF_REPEAT), reads them anew and judges them: the allowed
+    hook again (NF_REPEAT), reads them anew and decides them: the allowed
     one arrives, the denied ones do not, and the queue ends empty."""
     from ipqd.policy.loader import loads
     from ipqd.kernel.queue_socket import QueueSocket, QueueState
@@ -570,7 +586,7 @@ def test_a_second_instance_leaves_the_first_ones_hooks_alone(lab, daemon, tmp_pa
     assert "IPQD_INPUT" in before
     other = write_policy(tmp_path / "other.yaml", num=num, udp=5001)
     second = RunningIpqd(lab.server, other, str(tmp_path / "other-state"), wait=False)
-    assert second.process.wait(20) == 1
+    assert second.process.wait(20) == 4                  # the system refused (ipqd.exits)
     second._reader.join(2)
     assert any("owns ipqd's queue rules" in l for l in second.lines), second.lines
     after = lab.server.sh("iptables-nft-save; ip6tables-nft-save").stdout
@@ -631,21 +647,31 @@ def test_no_code_comes_from_the_working_directory_or_pythonpath(lab, tmp_path):
     assert not marker.exists(), marker.read_text()
 
 
-def test_a_reload_that_never_finishes_wedges_nothing(lab, daemon, tmp_path):
-    """The policy replaced by a FIFO: the loading process blocks. Meanwhile
+def big_policy(path, rules: int = 40000) -> str:
+    """The test policy with `rules` more rules after its own: seconds to
+    load and compile."""
+    text = POLICY % dict(num=0, bypass="false", udp=5000) + "".join(
+        f"  - {{name: r{i}, proto: udp, src: 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}, "
+        f"dport: 7000, action: drop}}\n" for i in range(rules))
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    return str(path)
+
+
+def test_a_pending_reload_wedges_nothing(lab, daemon, tmp_path):
+    """A reload of a policy that takes seconds to load and compile: meanwhile
     a killed worker is restarted at once, its queue keeps dropping what the
-    policy drops, and SIGTERM is obeyed within seconds."""
+    running policy drops, and SIGTERM is obeyed within seconds."""
     ipqd = daemon()
-    path = tmp_path / "policy.yaml"
-    path.unlink()
-    os.mkfifo(path, 0o600)
+    big_policy(tmp_path / "policy.yaml")
     mark = len(ipqd.lines)
     ipqd.signal(signal.SIGHUP)
-    time.sleep(0.5)
+    time.sleep(0.3)
     (pid,) = worker_pids(ipqd)
     os.kill(pid, signal.SIGKILL)
     ipqd.wait_for(lambda l: l.startswith("ipqd: worker 0 exited"), start=mark, timeout=5)
     assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)
+    assert not any(l.startswith("reloaded") for l in ipqd.lines[mark:]), "the reload was quick"
     started = time.monotonic()
     assert ipqd.stop(timeout=10) == 0
     assert time.monotonic() - started < 5
@@ -655,10 +681,21 @@ def test_a_reload_that_never_finishes_wedges_nothing(lab, daemon, tmp_path):
 def test_a_load_past_its_time_limit_is_refused(tmp_path):
     from ipqd.daemon import load_in_child
     from ipqd.policy.checked import PolicyRefused
-    fifo = tmp_path / "policy.yaml"
-    os.mkfifo(fifo, 0o600)
+    path = big_policy(tmp_path / "policy.yaml")
     started = time.monotonic()
     with pytest.raises(PolicyRefused) as refused:
-        load_in_child(str(fifo), timeout=1.0)
+        load_in_child(path, timeout=0.5)
+    assert time.monotonic() - started < 3
+    assert "took longer than 0.5 s" in refused.value.lines[0]
+
+
+def test_a_fifo_in_place_of_the_policy_is_refused_at_once(lab, daemon, tmp_path):
+    ipqd = daemon()
+    path = tmp_path / "policy.yaml"
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    started = time.monotonic()
+    assert ipqd.reload().startswith("reload refused")
     assert time.monotonic() - started < 5
-    assert "took longer than 1 s" in refused.value.lines[0]
+    assert any("not a regular file (a FIFO)" in l for l in ipqd.lines)
+    assert udp_probe(lab, 5000) and not udp_probe(lab, 5001)

@@ -173,3 +173,83 @@ def test_changed_hooks_remove_chains_no_longer_wanted(lab, tmp_path):
     rules = saved(lab.server, "legacy")
     assert "IPQD_OUTPUT" not in rules and "IPQD_INPUT" in rules
     assert ipqd_in(lab.server, "remove", tmp_path=tmp_path).returncode == 0
+
+
+# ---------------------------------------------------------------- looking changes nothing
+
+def ruleset(host) -> str:
+    """Everything both backends hold, for both families, without counters;
+    and which legacy tables the kernel has registered."""
+    text = host.sh("nft list ruleset; iptables-legacy-save; ip6tables-legacy-save; "
+                   "cat /proc/net/ip_tables_names /proc/net/ip6_tables_names 2>/dev/null; "
+                   "true").stdout
+    return "\n".join(line.split(" [")[0] for line in text.splitlines()
+                     if not line.startswith("#"))
+
+
+@pytest.mark.kernel
+def test_show_detect_check_and_remove_without_state_change_nothing(lab, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % "true")
+    os.chmod(policy, 0o644)
+    server = lab.server
+    before = ruleset(server)
+    for args in (["detect"], ["show", f"--policy {policy}"],
+                 ["show", f"--policy {policy}", "--backend iptables-legacy"], ["remove"]):
+        result = ipqd_in(server, *args, tmp_path=tmp_path)
+        assert result.returncode == 0, (args, result.stderr)
+        assert ruleset(server) == before, args
+    assert server.sh(f"{IPQD} check {policy}").returncode == 0
+    assert ruleset(server) == before
+    assert "ipqd_probe" not in server.sh("nft list tables").stdout
+
+
+@pytest.mark.kernel
+def test_install_then_remove_leaves_the_ruleset_as_it_was(lab, tmp_path):
+    """iptables-nft: the filter tables the install had to create are
+    deleted again once empty."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % "true")
+    os.chmod(policy, 0o644)
+    server = lab.server
+    before = ruleset(server)
+    assert ipqd_in(server, "install", f"--policy {policy}", "--backend iptables-nft",
+                   tmp_path=tmp_path).returncode == 0
+    assert "IPQD_INPUT" in ruleset(server)
+    result = ipqd_in(server, "remove", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ruleset(server) == before
+
+
+@pytest.mark.kernel
+def test_a_policy_leaving_ipv6_takes_its_ipv6_chains_along(lab, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    both = (POLICY % "true").replace("proto: udp}", "proto: udp}") + ""
+    text = both.replace("queue: {num: 7, bypass: true}",
+                        "queue: {num: 7, bypass: true, offload: {mask: '0xff000000'}}")
+    policy.write_text(text)
+    os.chmod(policy, 0o644)
+    server = lab.server
+    assert ipqd_in(server, "install", f"--policy {policy}", "--backend iptables-nft",
+                   tmp_path=tmp_path).returncode == 0
+    assert "IPQD" in server.sh("ip6tables-nft-save").stdout
+    policy.write_text(text.replace("family: both", "family: ipv4"))
+    assert ipqd_in(server, "install", f"--policy {policy}", tmp_path=tmp_path).returncode == 0
+    assert "IPQD" not in server.sh("ip6tables-nft-save").stdout
+    assert "IPQD_INPUT" in server.sh("iptables-nft-save").stdout
+
+
+def test_looking_and_changing_need_root(tmp_path):
+    """Without CAP_NET_ADMIN the commands say so (exit 4), instead of
+    naming a wrong backend."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % "true")
+    os.chmod(policy, 0o644)
+    import subprocess
+    for args in (["detect"], ["remove"], ["install", "--policy", str(policy)]):
+        result = subprocess.run(
+            ["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin", "--", IPQD, "hooks",
+             *args, "--state-dir", str(tmp_path / "state")],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 4, (args, result.stdout, result.stderr)
+        assert "needs root (CAP_NET_ADMIN)" in result.stderr, result.stderr

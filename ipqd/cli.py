@@ -1,8 +1,14 @@
-"""The `ipqd` command: one subcommand per job, each in its own module."""
+"""The `ipqd` command: one subcommand per job, each in its own module.
+
+Exit statuses are one table for every verb: ipqd.exits.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ipqd import __version__
+from ipqd.exits import EXIT_STATUSES
 
 
 DEFAULT_POLICY = "/etc/ipqd/policy.yaml"
@@ -11,7 +17,9 @@ DEFAULT_POLICY = "/etc/ipqd/policy.yaml"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipqd",
-        description="Rule-driven packet firewall daemon for Linux NFQUEUE.")
+        description="Rule-driven packet firewall daemon for Linux NFQUEUE.",
+        epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ipqd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -31,9 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true",
                      help="decide every packet in full instead of using the verdict cache")
 
-    check = sub.add_parser("check", help="validate a policy file and print every problem")
-    check.add_argument("policy", help="path of the policy YAML file")
+    check = sub.add_parser("check", help="validate a policy file and print every problem",
+                           description="Print every problem in a policy, as `ipqd run` "
+                           "would refuse or warn about it (file safety included).",
+                           epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("policy", nargs="?", default=DEFAULT_POLICY,
+                       help=f"path of the policy YAML file (default: {DEFAULT_POLICY})")
     check.add_argument("--quiet", action="store_true", help="print errors only, no warnings")
+    check.add_argument("--all", action="store_true",
+                       help="list every problem (by default the first 20 errors and warnings)")
+    check.add_argument("--json", action="store_true",
+                       help="one JSON object: every problem with file, line, column, "
+                            "severity and message")
 
     explain = sub.add_parser(
         "explain", help="show the verdict a policy gives to captured or described packets")
@@ -55,7 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how to install the rules (default: the best that works here)")
     hooks.add_argument("--state-dir", default="/run/ipqd",
                        help="where ipqd notes which backend holds its rules")
+
+    completion = sub.add_parser("completion", help="print the shell completion script",
+                                description="Print a completion script generated from this "
+                                "command's own parser. bash: `ipqd completion bash > "
+                                "/etc/bash_completion.d/ipqd`; zsh: `ipqd completion zsh > "
+                                "\"${fpath[1]}/_ipqd\"`.")
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
+
+
+EXIT_TEXT = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_STATUSES)
+
+
+def print_completion(shell: str) -> int:
+    """The completion script for `shell`, generated from build_parser by shtab."""
+    import shtab
+    print(shtab.complete(build_parser(), shell=shell))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hooks":
         from ipqd.kernel.hooks import run_hooks_command
         return run_hooks_command(args)
+    if args.command == "completion":
+        return print_completion(args.shell)
     raise AssertionError(args.command)
 
 

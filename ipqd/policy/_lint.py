@@ -22,7 +22,7 @@ from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
     return list(shadowed(policy.rules)) + cut_off(policy, default_node) + \
-        undecidable_accepted(policy)
+        ipv6_cut_off(policy, default_node) + undecidable_accepted(policy)
 
 
 # --- shadowed rules ------------------------------------------------------------------
@@ -295,3 +295,44 @@ def _accepts_established(rule: Rule) -> bool:
         return False
     states = rule.match.ct_state
     return (states is not None and "established" in states) or not rule.match.fields()
+
+
+# --- IPv6 neighbour discovery ------------------------------------------------------
+
+PROTO_ICMPV6 = 58
+ND_TYPES = frozenset({135, 136})        # neighbour solicitation and advertisement
+# What a rule accepting neighbour discovery may test besides protocol and type:
+# the kernel gives ND messages no connection (ct_state untracked).
+_ND_FIELDS = frozenset({"family", "proto", "icmp_type", "icmp_code", "ct_state", "src", "dst",
+                        "in", "out", "hook"})
+
+
+def ipv6_cut_off(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
+    """A warning when dropping IPv6 by default also drops neighbour
+    discovery: the host can then no longer resolve its neighbours' link
+    addresses, and IPv6 stops working after the neighbour cache expires."""
+    if policy.default.action != "drop":
+        return []
+    if not any(hook.chain in ("input", "output") and hook.family in ("both", "ipv6")
+               and hook.proto in (None, "icmpv6", "ipv6-icmp") for hook in policy.hooks):
+        return []
+    if any(_accepts_neighbour_discovery(rule) for rule in policy.rules):
+        return []
+    mark = default_node.start_mark
+    return [PolicyError(policy.path, mark.line + 1, mark.column + 1,
+                        "default drops IPv6 and no rule accepts neighbour discovery: IPv6 "
+                        "will stop working once the neighbour cache expires (add a rule with "
+                        "proto: icmpv6, icmp_type: [neighbour-solicitation, "
+                        "neighbour-advertisement] and action: accept)", severity="warning")]
+
+
+def _accepts_neighbour_discovery(rule: Rule) -> bool:
+    match = rule.match
+    if rule.action != "accept" or rule.rate is not None or match.malformed:
+        return False
+    if not match.fields() <= _ND_FIELDS or match.family == 4:
+        return False
+    return ((match.proto is None or PROTO_ICMPV6 in match.proto)
+            and (match.icmp_type is None or ND_TYPES <= match.icmp_type)
+            and (match.icmp_code is None or 0 in match.icmp_code)
+            and (match.ct_state is None or "untracked" in match.ct_state))

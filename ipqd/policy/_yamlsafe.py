@@ -11,6 +11,9 @@ column it was written at. No Python object is ever constructed from a tag.
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from typing import Dict, List, Optional, Tuple
 
 import yaml
@@ -181,13 +184,31 @@ def error_at(path: str, mark, message: str, severity: str = "error") -> PolicyEr
     return PolicyError(path, line, column, message, severity)
 
 
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
 def read_text(path: str) -> str:
     """The text of a policy file.
 
-    Raises OSError when the file cannot be read, PolicyError when it is too
-    large or not UTF-8.
+    Raises OSError when the file cannot be read or is no regular file,
+    PolicyError when it is too large or not UTF-8.
     """
-    with open(path, "rb") as f:
+    # Opened without waiting and checked before reading: a FIFO or a device
+    # in place of the policy would otherwise block (or feed) the reader.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        if kind == stat.S_IFDIR:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        raise OSError(errno.EINVAL, f"not a regular file ({_KINDS.get(kind, 'special')}): "
+                                    f"a policy must be a plain file", path)
+    with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise PolicyError(path, 1, 1,

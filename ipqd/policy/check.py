@@ -1,22 +1,25 @@
-"""`ipqd check POLICY`: every problem in a policy, then a one-line verdict.
+"""`ipqd check [POLICY]`: every problem `ipqd run` would refuse or warn
+about, then a one-line verdict; with --json, one object for programs.
 
-Exit status: 0 when the policy is valid (warnings allowed), 1 when it is not,
-2 when the file cannot be read at all. Every line is escaped (ipqd.printable):
-a rule name or a path cannot move the cursor or forge an `OK` line.
+It reports what the daemon refuses before it reads a file (file safety:
+ipqd.policy.checked.safety_problems) and everything the loader finds. Exit
+statuses: ipqd.exits. Every text line is escaped (ipqd.printable): a rule
+name or a path cannot move the cursor or forge an `OK` line.
 """
 from __future__ import annotations
 
 import gc
+import json
 import sys
-from typing import List, TextIO
+from typing import List, Optional, TextIO, Tuple
 
 from ipqd.errors import PolicyError, PolicyErrors
+from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE
+from ipqd.policy.checked import safety_problems, service_read_problems
 from ipqd.policy.loader import load_with_sets
 from ipqd.printable import clean
 
-EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_UNREADABLE = 2
+SHOWN_PER_SEVERITY = 20        # text output: errors and warnings listed, each (--all: every one)
 
 
 def run_check(args, out: TextIO = None, err: TextIO = None) -> int:
@@ -24,48 +27,79 @@ def run_check(args, out: TextIO = None, err: TextIO = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     path = args.policy
-    quiet = getattr(args, "quiet", False)
+    try:
+        problems, counts = examine(path)
+    except OSError as e:
+        where = e.filename or path
+        if getattr(args, "json", False):
+            print(json.dumps({"policy": path, "valid": False, "unreadable": str(where),
+                              "reason": e.strerror}), file=out)
+        else:
+            print(clean(f"ipqd: cannot read {where}: {e.strerror}"), file=err)
+        return EXIT_UNREADABLE
+    valid = not any(p.severity == "error" for p in problems)
+    if getattr(args, "json", False):
+        print(json.dumps({"policy": path, "valid": valid, "problems": [_as_dict(p) for p in problems],
+                          "counts": counts}), file=out)
+    else:
+        _print_text(path, problems, counts, valid, args, out)
+    return EXIT_OK if valid else EXIT_INVALID
+
+
+def examine(path: str) -> Tuple[List[PolicyError], Optional[dict]]:
+    """Every problem of the policy at `path`, in the files' order, and its counts
+    (None when it did not load). Raises OSError when it cannot be read."""
+    refusals = [PolicyError(path, 0, 0, f"`ipqd run` refuses it: {p}")
+                for p in safety_problems(path)]
+    refusals += [PolicyError(path, 0, 0, p, severity="warning")
+                 for p in service_read_problems(path)]
     # The YAML nodes of a large policy are many objects that live until the
-    # load ends: the collector would walk them again and again as they grow
-    # (half the time of a 50,000-rule check).
+    # load ends: the collector would walk them again and again as they grow.
     collecting = gc.isenabled()
     gc.disable()
     try:
         policy, sets = load_with_sets(path, every_problem=True)
-    except OSError as e:
-        print(clean(f"ipqd: cannot read {e.filename or path}: {e.strerror}"), file=err)
-        return EXIT_UNREADABLE
+        problems, counts = list(policy.warnings), {"rules": len(policy.rules), "sets": len(sets)}
     except PolicyErrors as e:
-        shown = _shown(e.errors, quiet)
-        for problem in shown:
-            print(clean(problem), file=out)
-        print(_summary(e.errors, quiet), file=out)
-        return EXIT_INVALID
+        problems, counts = list(e.errors), None
     finally:
         if collecting:
             gc.enable()
-    warnings = _shown(policy.warnings, quiet)
-    for problem in warnings:
-        print(clean(problem), file=out)
-    if not quiet:
-        counts = [_count(len(policy.rules), "rule"), _count(len(sets), "set")]
-        if warnings:
-            counts.append(_count(len(warnings), "warning"))
-        print(f"{clean(path)}: OK ({', '.join(counts)})", file=out)
-    return EXIT_OK
+    return refusals + problems, counts
 
 
-def _shown(problems: List[PolicyError], quiet: bool) -> List[PolicyError]:
-    return [p for p in problems if not (quiet and p.severity == "warning")]
-
-
-def _summary(problems: List[PolicyError], quiet: bool) -> str:
+def _print_text(path: str, problems: List[PolicyError], counts: Optional[dict], valid: bool,
+                args, out: TextIO) -> None:
+    quiet, every = getattr(args, "quiet", False), getattr(args, "all", False)
+    seen = {"error": 0, "warning": 0}
+    for problem in problems:                # in the order of the files
+        if quiet and problem.severity == "warning":
+            continue
+        seen[problem.severity] += 1
+        if every or seen[problem.severity] <= SHOWN_PER_SEVERITY:
+            print(clean(problem), file=out)
+    for severity, number in seen.items():
+        if not every and number > SHOWN_PER_SEVERITY:
+            print(f"... and {number - SHOWN_PER_SEVERITY} more {severity}s "
+                  f"(`ipqd check --all` lists every one)", file=out)
     errors = sum(1 for p in problems if p.severity == "error")
     warnings = len(problems) - errors
-    text = _count(errors, "error")
-    if warnings and not quiet:
-        text += ", " + _count(warnings, "warning")
-    return text
+    if not valid:
+        summary = _count(errors, "error")
+        if warnings and not quiet:
+            summary += ", " + _count(warnings, "warning")
+        print(summary, file=out)
+    elif not quiet:
+        parts = [_count(counts["rules"], "rule"), _count(counts["sets"], "set")]
+        if warnings:
+            parts.append(_count(warnings, "warning"))
+        print(f"{clean(path)}: OK ({', '.join(parts)})", file=out)
+
+
+def _as_dict(problem: PolicyError) -> dict:
+    return {"file": problem.path, "line": problem.line or None,
+            "column": problem.column or None, "severity": problem.severity,
+            "message": problem.message}
 
 
 def _count(number: int, word: str) -> str:

@@ -3,16 +3,11 @@ they stay the same while they are read (load_checked)."""
 from __future__ import annotations
 
 import os
+import stat
 from typing import List
 
-from ipqd.errors import PolicyErrors
+from ipqd.errors import PolicyErrors, PolicyRefused
 from ipqd.policy.model import Policy
-
-
-class PolicyRefused(Exception):
-    def __init__(self, lines: List[str]):
-        self.lines = lines
-        super().__init__("\n".join(lines))
 
 
 def load_checked(path: str) -> Policy:
@@ -28,21 +23,11 @@ def load_checked(path: str) -> Policy:
     and `ipqd hooks install` before it moves any hook: the same checks in
     the same order, so hooks never move for a policy the daemon refuses.
     """
-    from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety, load
-    files = _policy_files(path)
-    before = _identities(files)
-    problems = check_file_safety(path)
-    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
-    if os.path.isdir(fragments):
-        problems += check_file_safety(fragments)
-        inside = os.path.realpath(fragments) + os.sep
-        for fragment in files[1:]:
-            if os.path.islink(fragment) and not os.path.realpath(fragment).startswith(inside):
-                problems.append(f"{fragment} is a symbolic link to {os.path.realpath(fragment)}, "
-                                f"outside {fragments}")
-            problems += check_file_safety(fragment)
+    from ipqd.policy.loader import load
+    before = _identities(_policy_files(path))
+    problems = safety_problems(path)
     if problems:
-        raise PolicyRefused([f"refusing policy {path}: {p}" for p in dict.fromkeys(problems)])
+        raise PolicyRefused([f"refusing policy {path}: {p}" for p in problems])
     try:
         policy = load(path)
     except PolicyErrors as errors:
@@ -51,6 +36,53 @@ def load_checked(path: str) -> Policy:
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])
     return policy
+
+
+def safety_problems(path: str) -> List[str]:
+    """Why `ipqd run` would refuse the files of the policy at `path` before
+    reading them: someone other than root could change one (the file,
+    policy.d, a fragment), or a fragment links out of policy.d. `ipqd check`
+    reports the same list. Raises OSError when a file cannot be examined."""
+    from ipqd.policy.loader import FRAGMENT_DIR, check_file_safety
+    problems = check_file_safety(path)
+    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
+    if os.path.isdir(fragments):
+        problems += check_file_safety(fragments)
+        inside = os.path.realpath(fragments) + os.sep
+        for fragment in _policy_files(path)[1:]:
+            if os.path.islink(fragment) and not os.path.realpath(fragment).startswith(inside):
+                problems.append(f"{fragment} is a symbolic link to {os.path.realpath(fragment)}, "
+                                f"outside {fragments}")
+            problems += check_file_safety(fragment)
+    return list(dict.fromkeys(problems))
+
+
+SERVICE_GROUP = "ipqd"      # the group the shipped unit reads the policy through
+
+
+def service_read_problems(path: str) -> List[str]:
+    """Why the shipped unit's daemon (a dynamic user in group ipqd) could
+    not read the policy's files: not readable by others, nor by a group
+    ipqd that exists. Empty when there is no such group (no unit here)."""
+    import grp
+    try:
+        gid = grp.getgrnam(SERVICE_GROUP).gr_gid
+    except KeyError:
+        return []
+    from ipqd.policy.loader import FRAGMENT_DIR
+    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
+    targets = [path] + ([fragments] + _policy_files(path)[1:] if os.path.isdir(fragments) else [])
+    problems = []
+    for target in targets:
+        info = os.stat(target)
+        need = (stat.S_IROTH | stat.S_IXOTH) if stat.S_ISDIR(info.st_mode) else stat.S_IROTH
+        group_need = need << 3
+        if info.st_mode & need == need or (info.st_gid == gid and info.st_mode & group_need == group_need):
+            continue
+        problems.append(f"{target} is not readable by the ipqd service (group {SERVICE_GROUP}): "
+                        f"chgrp {SERVICE_GROUP} {target} && chmod g+r{'x' if need & stat.S_IXOTH else ''} "
+                        f"{target}")
+    return problems
 
 
 def _policy_files(path: str) -> List[str]:
@@ -67,6 +99,8 @@ def _identities(files: List[str]) -> List[tuple]:
     identities = []
     for name in files:
         try:
+            if not stat.S_ISREG(os.stat(name).st_mode):
+                raise OSError(f"{name} is not a regular file")    # the loader says why
             with open(name, "rb") as f:
                 identities.append((name, hashlib.sha256(f.read(MAX_BYTES + 1)).digest()))
         except OSError:

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import yaml
 
-from ipqd.errors import PolicyError, PolicyErrors
+from ipqd.errors import InvalidValue, PolicyError, PolicyErrors
 from ipqd.policy import _lint
 from ipqd.policy import _values as values
 from ipqd.policy._limits import MAX_LISTED_PROBLEMS, MAX_RULES, MAX_TOTAL_BYTES
@@ -29,11 +29,12 @@ from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
-from ipqd.policy._values import Invalid, one_of
+from ipqd.policy._values import one_of
 from ipqd.policy._yamlsafe import compose, read_text
 from ipqd.policy.model import (
-    HOOKS, Default, Hook, LoggingConfig, Policy, QueueConfig,
+    CT_STATES, HOOKS, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
 )
+from ipqd.wire.nfqueue import NFQNL_MAX_COPY_RANGE
 
 __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
@@ -47,9 +48,8 @@ HOOK_FAMILIES = ("ipv4", "ipv6", "both")
 DEFAULT_FIELDS = ("action", "log", "set_mark")
 LOGGING_FIELDS = ("rate",)
 
-CT_QUEUE_BLOCKS = 5                  # new, established, related, invalid, untracked
+CT_QUEUE_BLOCKS = len(CT_STATES)     # one block of queues per conntrack state
 MAX_QUEUES = 64                      # one worker each: more is a typo, not a plan
-COPY_RANGE_MAX = 65531               # NFQNL_MAX_COPY_RANGE (0xffff - NLA_HDRLEN)
 COPY_RANGE_HEADERS = 64              # an IPv6 header (40) plus a TCP one (20) and change
 _SET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _PORT_TEXT = re.compile(r"^\d+(\s*-\s*\d+)?$")
@@ -83,7 +83,12 @@ def load_with_sets(path: str, every_problem: bool = False) -> Loaded:
         text = read_text(path)
     except PolicyError as e:
         raise PolicyErrors([e]) from None
-    return _Loader(every_problem).run(path, text, fragment_paths(path))
+    loader = _Loader(every_problem)
+    for name in skipped_fragments(path):
+        loader.problems.append(PolicyError(name, 0, 0, "not read: policy.d reads only files "
+                                                       "ending in .yaml (rename it, or move it "
+                                                       "out of policy.d)", severity="warning"))
+    return loader.run(path, text, fragment_paths(path))
 
 
 def loads(text: str, path: str = "<string>", every_problem: bool = False) -> Policy:
@@ -98,6 +103,16 @@ def fragment_paths(path: str) -> List[str]:
         return []
     return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
             if name.endswith(".yaml") and not name.startswith(".")]
+
+
+def skipped_fragments(path: str) -> List[str]:
+    """The files in policy.d that `load` does not read (hidden ones aside):
+    a `20-web.yml` there is most likely meant to be read."""
+    directory = os.path.join(os.path.dirname(path), FRAGMENT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+            if not name.endswith(".yaml") and not name.startswith(".")]
 
 
 class _Loader:
@@ -252,7 +267,7 @@ class _Loader:
                     kinds.add("port")
                     continue
                 network, warning = values.parse_network(written)
-            except Invalid as e:
+            except InvalidValue as e:
                 message = e.message
                 if not _PORT_TEXT.match(written):
                     message = (f"'{written}' is neither an address nor a port "
@@ -439,7 +454,7 @@ def _queue_num(where: Where, node) -> Optional[Tuple[int, ...]]:
         return None
     try:
         low, high = values.parse_range(written, "num", 0, 65535, "0 or 0-3")
-    except Invalid as e:
+    except InvalidValue as e:
         where.error(node, e.message)
         return None
     if high - low + 1 > MAX_QUEUES:
@@ -450,12 +465,12 @@ def _queue_num(where: Where, node) -> Optional[Tuple[int, ...]]:
 
 
 def _copy_range(where: Where, node) -> Optional[int]:
-    written = text(where, node, "copy_range", f"a number of bytes from 0 to {COPY_RANGE_MAX}")
+    written = text(where, node, "copy_range", f"a number of bytes from 0 to {NFQNL_MAX_COPY_RANGE}")
     if written is None:
         return None
     number = values.parse_number(written)
-    if number is None or number > COPY_RANGE_MAX:
-        where.error(node, f"copy_range must be a number of bytes from 0 to {COPY_RANGE_MAX} "
+    if number is None or number > NFQNL_MAX_COPY_RANGE:
+        where.error(node, f"copy_range must be a number of bytes from 0 to {NFQNL_MAX_COPY_RANGE} "
                           f"(0 copies whole packets), not '{written}'")
         return None
     if 0 < number < COPY_RANGE_HEADERS:
@@ -523,10 +538,10 @@ def _hook_proto(where: Where, node) -> Optional[str]:
         return None
     try:
         number = values.parse_protocol(written)
-    except Invalid as e:
+    except InvalidValue as e:
         where.error(node, e.message)
         return None
-    return values.PROTOCOL_NAMES.get(number, str(number))
+    return PROTOCOL_NAMES.get(number, str(number))
 
 
 _HOOK_PARSERS = {

@@ -86,7 +86,7 @@ def test_quiet_still_prints_errors(monkeypatch):
 
 def test_example_summary_line(monkeypatch):
     monkeypatch.chdir(HERE / "good")
-    assert check("example.yaml") == (0, "example.yaml: OK (5 rules, 2 sets)\n", "")
+    assert check("example.yaml") == (0, "example.yaml: OK (6 rules, 2 sets)\n", "")
 
 
 def test_oversized_file(tmp_path, monkeypatch):
@@ -102,13 +102,22 @@ def test_oversized_file(tmp_path, monkeypatch):
 def test_missing_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert check("policy.yaml") == (
-        2, "", "ipqd: cannot read policy.yaml: No such file or directory\n")
+        3, "", "ipqd: cannot read policy.yaml: No such file or directory\n")
 
 
 def test_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.mkdir("policy.yaml")
-    assert check("policy.yaml") == (2, "", "ipqd: cannot read policy.yaml: Is a directory\n")
+    assert check("policy.yaml") == (3, "", "ipqd: cannot read policy.yaml: Is a directory\n")
+
+
+def test_fifo_is_refused_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("policy.yaml", 0o644)
+    started = time.monotonic()
+    assert check("policy.yaml") == (3, "", "ipqd: cannot read policy.yaml: not a regular file "
+                                           "(a FIFO): a policy must be a plain file\n")
+    assert time.monotonic() - started < 5
 
 
 def test_permission_denied(tmp_path, monkeypatch):
@@ -117,7 +126,7 @@ def test_permission_denied(tmp_path, monkeypatch):
     os.chmod("policy.yaml", 0)
     if os.geteuid() != 0:
         assert check("policy.yaml") == (
-            2, "", "ipqd: cannot read policy.yaml: Permission denied\n")
+            3, "", "ipqd: cannot read policy.yaml: Permission denied\n")
         return
     # Root reads any file: take away the capabilities that let it.
     result = subprocess.run(
@@ -125,7 +134,7 @@ def test_permission_denied(tmp_path, monkeypatch):
          sys.executable, "-m", "ipqd.cli", "check", "policy.yaml"],
         capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (
-        2, "", "ipqd: cannot read policy.yaml: Permission denied\n")
+        3, "", "ipqd: cannot read policy.yaml: Permission denied\n")
 
 
 def test_cli_entry_point(monkeypatch, capsys):

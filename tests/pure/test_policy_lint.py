@@ -9,6 +9,7 @@ import pytest
 
 from ipqd.policy._limits import MAX_SHADOW_STEPS
 from ipqd.policy._lint import covers, shadowed
+from ipqd.policy.loader import loads
 from ipqd.policy.model import AddrMatch, IfaceMatch, MarkMatch, Match, Position, RangeMatch, \
     Rate, Rule, TcpFlagsMatch
 
@@ -136,3 +137,38 @@ def test_the_search_stops_with_a_warning_past_its_steps():
                                    "and the rules after it were not checked for rules that "
                                    "shadow them: the check stops after 20000 steps")
     assert MAX_SHADOW_STEPS == 1_000_000
+
+
+ND_POLICY = """\
+version: 1
+hooks: [{chain: input, family: %(family)s}]
+default: {action: %(default)s}
+rules:
+  - {name: established, ct_state: [established, related], action: accept}
+%(rule)s"""
+ND_RULES = {
+    "none": "",
+    "nd": "  - {name: nd, proto: icmpv6, icmp_type: [neighbour-solicitation, "
+          "neighbour-advertisement], action: accept}\n",
+    "all-icmpv6": "  - {name: icmp6, proto: icmpv6, action: accept}\n",
+    "only-solicitation": "  - {name: ns, proto: icmpv6, icmp_type: neighbour-solicitation, "
+                         "action: accept}\n",
+    "tracked-only": "  - {name: nd, proto: icmpv6, ct_state: [new], action: accept}\n",
+    "ipv4-only": "  - {name: nd, family: ipv4, action: accept}\n",
+}
+
+
+@pytest.mark.parametrize("family, default, rule, warned", [
+    ("both", "drop", "none", True), ("ipv6", "drop", "none", True),
+    ("ipv4", "drop", "none", False), ("both", "accept", "none", False),
+    ("both", "drop", "nd", False), ("both", "drop", "all-icmpv6", False),
+    ("both", "drop", "only-solicitation", True), ("both", "drop", "tracked-only", True),
+    ("both", "drop", "ipv4-only", True),
+])
+def test_a_drop_default_that_breaks_ipv6_neighbour_discovery_is_warned(family, default, rule,
+                                                                        warned):
+    policy = loads(ND_POLICY % dict(family=family, default=default, rule=ND_RULES[rule]), "p.yaml")
+    found = [w for w in policy.warnings if "neighbour discovery" in w.message]
+    assert bool(found) == warned, policy.warnings
+    if warned:
+        assert (found[0].line, found[0].column) == (3, 1)

@@ -64,6 +64,8 @@ def test_example_policy_loads_exactly(monkeypatch):
              rate=Rate(10.0, 10, "10/second"), position=Position("example.yaml", 29, 5)),
         Rule("no-telnet", Match(proto=frozenset({6}), dport=RangeMatch(((23, 23),))), "drop",
              log=True, position=Position("example.yaml", 34, 5)),
+        Rule("neighbours", Match(proto=frozenset({58}), icmp_type=frozenset({135, 136})),
+             "accept", log=False, position=Position("example.yaml", 39, 5)),
     )
     assert p.queue == QueueConfig(nums=(0,), copy_range=256, fail_open=True, bypass=True,
                                   maxlen=1024, conntrack=True)

@@ -183,9 +183,52 @@ def test_broken_reload_keeps_the_old_policy_and_says_where(admin):
     line = (POLICY_TEXT % {"udp": 5001}).count("\n") + 3          # the `dprot:` line
     assert error["MESSAGE"] == (f"{POLICY}:{line}:5: rule \"typo\": unknown field 'dprot' "
                                 "(did you mean 'dport'?)")
+    assert error["PRIORITY"] == "3"                # `journalctl -p err` shows it
     assert admin.sb.systemctl("is-active", "ipqd").stdout.strip() == "active"
     assert admin.probe("udp", 5001) and not admin.probe("udp", 5000)   # the old policy
     admin.write_policy(POLICY_TEXT % {"udp": 5001})
+
+
+def test_a_policy_only_root_and_the_service_can_read(admin):
+    """root:ipqd 0640: the service reads it through its group ipqd. root:root
+    0600: the service cannot; the start fails, and says what to do at
+    priority err, and `ipqd check` warns about it beforehand."""
+    admin.sb.run(["chgrp", "ipqd", POLICY])
+    admin.sb.run(["chmod", "0640", POLICY])
+    admin.sb.systemctl("restart", "ipqd")
+    assert admin.probe("udp", 5001) and not admin.probe("udp", 5000)
+    admin.sb.systemctl("stop", "ipqd")
+    admin.sb.run(["chgrp", "root", POLICY])
+    admin.sb.run(["chmod", "0600", POLICY])
+    check = admin.sb.run(["ipqd", "check", POLICY], check=False)
+    assert check.returncode == 0 and "not readable by the ipqd service" in check.stdout
+    cursor = admin.sb.cursor()
+    assert admin.sb.systemctl("start", "ipqd", check=False).returncode != 0
+    error = admin.sb.wait_journal(lambda e: "cannot read policy" in e.get("MESSAGE", ""),
+                                  unit="ipqd", since_cursor=cursor)
+    assert error["PRIORITY"] == "3" and "chgrp ipqd" in error["MESSAGE"]
+    admin.sb.systemctl("reset-failed", "ipqd", check=False)
+    admin.sb.run(["chmod", "0644", POLICY])
+    admin.sb.systemctl("start", "ipqd")
+
+
+def test_the_policy_path_is_set_once_for_every_command(admin):
+    other = "/etc/ipqd/other.yaml"
+    admin.sb.write_file(other, POLICY_TEXT % {"udp": 5002}, mode=0o644)
+    admin.sb.write_file("/etc/systemd/system/ipqd.service.d/policy.conf",
+                        f"[Service]\nEnvironment=IPQD_POLICY={other}\n")
+    admin.sb.systemctl("daemon-reload")
+    admin.sb.systemctl("restart", "ipqd")
+    assert admin.probe("udp", 5002) and not admin.probe("udp", 5001)
+    admin.sb.write_file(other, POLICY_TEXT % {"udp": 5003}, mode=0o644)
+    cursor = admin.sb.cursor()
+    admin.sb.systemctl("reload", "ipqd")
+    admin.sb.wait_journal(unit="ipqd", fields={"IPQD_EVENT": "reloaded"}, since_cursor=cursor)
+    assert admin.probe("udp", 5003)
+    admin.sb.run(["rm", "/etc/systemd/system/ipqd.service.d/policy.conf"])
+    admin.sb.systemctl("daemon-reload")
+    admin.sb.systemctl("restart", "ipqd")
+    assert admin.probe("udp", 5001) and not admin.probe("udp", 5003)
 
 
 def test_kill_9_restarts_and_enforces_again(admin):

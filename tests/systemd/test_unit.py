@@ -60,13 +60,21 @@ def test_only_the_bindir_placeholder():
 
 def test_commands_are_the_contract():
     assert service("Type") == ["notify"]
-    assert service("ExecStart") == [f"@BINDIR@/ipqd run --policy {POLICY} --no-hooks"]
+    # The policy is named once, for every command (`systemctl edit` changes it).
+    assert service("Environment") == [f"IPQD_POLICY={POLICY}"]
+    assert service("ExecStart") == ["@BINDIR@/ipqd run --policy ${IPQD_POLICY} --no-hooks"]
     # The rules need more privilege than the daemon: "+" runs them outside the sandbox.
-    assert service("ExecStartPre") == [f"+@BINDIR@/ipqd hooks install --policy {POLICY}"]
-    assert service("ExecStopPost") == [f"+@BINDIR@/ipqd hooks remove --policy {POLICY}"]
-    assert service("ExecReload") == [f"+@BINDIR@/ipqd hooks install --policy {POLICY}",
+    assert service("ExecStartPre") == ["+@BINDIR@/ipqd hooks install --policy ${IPQD_POLICY}"]
+    assert service("ExecStopPost") == ["+@BINDIR@/ipqd hooks remove --policy ${IPQD_POLICY}"]
+    assert service("ExecReload") == ["+@BINDIR@/ipqd hooks install --policy ${IPQD_POLICY}",
                                      "/bin/kill -HUP $MAINPID"]
     assert service("WatchdogSec") == ["10s"]
+
+
+def test_the_service_user_reads_the_policy_through_its_group():
+    assert service("User") == ["ipqd"] and service("DynamicUser") == ["yes"]
+    sysusers = open(os.path.join(ROOT, "systemd", "ipqd.sysusers")).read()
+    assert any(line.split()[:2] == ["u", "ipqd"] for line in sysusers.splitlines())
 
 
 def test_only_cap_net_admin():
@@ -127,6 +135,9 @@ def test_make_install_runs_the_daemon_hardened(tmp_path):
         times["install"] = time.monotonic() - started - times["wheels"]
         sb.run(["systemd-analyze", "verify", "/etc/systemd/system/ipqd.service"])
         assert "usage: ipqd" in sb.run(["/usr/local/bin/ipqd", "--help"]).stdout
+        for section, page in (("8", "ipqd"), ("5", "ipqd-policy")):     # man finds them
+            found = sb.sh(f'readlink -f "$(man -w {section} {page})"').stdout.strip()
+            assert found == f"/usr/local/share/man/man{section}/{page}.{section}"
         assert sb.sh(f"stat -c '%a %U' {POLICY}").stdout.split() == ["644", "root"]
         # The installed interpreter is outside /root, so ProtectHome=yes holds.
         python = sb.run(["readlink", "-f", "/usr/local/lib/ipqd/bin/python3"]).stdout
@@ -161,7 +172,8 @@ def test_make_install_runs_the_daemon_hardened(tmp_path):
 
         sb.run(make + ["uninstall"])
         left = sb.sh("ls -d /usr/local/bin/ipqd /usr/local/lib/ipqd "
-                     "/etc/systemd/system/ipqd.service 2>/dev/null", check=False).stdout
+                     "/etc/systemd/system/ipqd.service /usr/local/share/man/man8/ipqd.8 "
+                     "/usr/local/share/man/man5/ipqd-policy.5 2>/dev/null", check=False).stdout
         assert left == ""
         assert sb.read_file(POLICY) == NO_PING_POLICY
     times["total"] = time.monotonic() - started

@@ -42,6 +42,8 @@ SIOCGIFHWADDR = 0x8927
 CAP_NET_ADMIN = 12
 
 _ACK_TIMEOUT = 5.0
+_NLMSG_TYPE = struct.Struct("=H")          # nlmsghdr's type, in host order
+_BATCH_TYPE = (nl.NFNL_SUBSYS_QUEUE << 8) | nfq.NFQNL_MSG_VERDICT_BATCH
 _IFNAME_TTL = 5.0
 
 
@@ -368,9 +370,16 @@ class QueueSocket:
         self.stats.batches += 1
 
     def send_many(self, messages: Sequence[bytes]) -> None:
-        """Several encoded verdicts in one datagram: the kernel processes each."""
+        """Several encoded verdicts in one datagram: the kernel processes
+        each. Counted as verdicts and batches, by each message's type."""
         if messages:
             self._send(b"".join(messages), "verdicts")
+            batches = 0
+            for message in messages:
+                if _NLMSG_TYPE.unpack_from(message, 4)[0] == _BATCH_TYPE:
+                    batches += 1
+            self.stats.batches += batches
+            self.stats.verdicts += len(messages) - batches
 
     def _send(self, data: bytes, op: str) -> None:
         self.transport.send(data, op)

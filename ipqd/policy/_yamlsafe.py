@@ -86,6 +86,9 @@ class _PolicyComposer(Composer, _Parser, Resolver):
         Composer.__init__(self)
         Resolver.__init__(self)
         self.duplicates: List[Tuple[yaml.Node, yaml.Node]] = []
+        # Refused tags: said, and their nodes read as empty, so that every
+        # other problem of the file is found too.
+        self.refused_tags: List[Tuple[object, str]] = []
         # A plain scalar's implicit tag depends on its text alone, and a
         # policy repeats the same few words (keys, protocols, actions).
         self._plain_tags: Dict[str, str] = {}
@@ -106,7 +109,11 @@ class _PolicyComposer(Composer, _Parser, Resolver):
             raise _Refused(event.start_mark,
                            f"YAML anchors (&{event.anchor}) are not allowed in a policy: "
                            "write the values out, or name them once in `sets:`")
-        _refuse_tag(event)
+        tagged = _tag_problem(event)
+        if tagged is not None:
+            self.refused_tags.append((event.start_mark, tagged))
+            if kind is ScalarEvent:
+                return ScalarNode("tag:yaml.org,2002:null", "", event.start_mark, event.end_mark)
         if depth > MAX_DEPTH:
             raise _Refused(event.start_mark,
                            f"the policy is nested too deeply (more than {MAX_DEPTH} levels)")
@@ -157,21 +164,24 @@ class _PolicyComposer(Composer, _Parser, Resolver):
         return kept
 
 
-def _refuse_tag(event) -> None:
+# How a refused tag's message starts (the loader keeps it, and drops what
+# the emptied value would add at the same place).
+TAG_PROBLEM_STARTS = ("YAML tags like", "'!")
+
+
+def _tag_problem(event) -> Optional[str]:
+    """Why an event's explicit tag is refused, or None when it has none."""
     tag = getattr(event, "tag", None)
     if tag is None or tag == "!":               # "!" is what a quoted scalar carries
-        return
+        return None
     if tag.startswith(_YAML_TAG_PREFIX):
         written = "!!" + tag[len(_YAML_TAG_PREFIX):]
     else:
         written = tag
     if isinstance(event, yaml.ScalarEvent) and event.value == "" and not written.startswith("!!"):
         # `src: !10.0.0.0/8` is a YAML tag on an empty value, not a negation.
-        raise _Refused(event.start_mark,
-                       f"'{written}' is read by YAML as a tag: quote negations, "
-                       f'e.g. "{written}"')
-    raise _Refused(event.start_mark,
-                   f"YAML tags like '{written}' are not allowed in a policy")
+        return f"'{written}' is read by YAML as a tag: quote negations, e.g. \"{written}\""
+    return f"YAML tags like '{written}' are not allowed in a policy"
 
 
 def position_of(path: str, mark) -> Tuple[int, int]:
@@ -230,8 +240,9 @@ def decode(data: bytes, path: str) -> str:
 def compose(text: str, path: str) -> Tuple[Optional[yaml.Node], List[PolicyError]]:
     """The root node of `text` (None when empty) and the non-fatal problems.
 
-    Duplicate keys are reported and dropped (the first one is kept), so the
-    loader can go on checking. Everything else refused raises PolicyError.
+    Duplicate keys are reported and dropped (the first one is kept), and a
+    refused tag is reported and its value read as empty, so the loader can
+    go on checking. Everything else refused raises PolicyError.
     """
     if len(text) > MAX_BYTES:
         raise PolicyError(path, 1, 1,
@@ -247,7 +258,8 @@ def compose(text: str, path: str) -> Tuple[Optional[yaml.Node], List[PolicyError
         raise _reader_error(path, text, e) from None
     finally:
         composer.dispose()
-    problems = [
+    problems = [error_at(path, mark, message) for mark, message in composer.refused_tags]
+    problems += [
         error_at(path, key.start_mark,
                  f"duplicate key '{key.value}' (first on line {first.start_mark.line + 1}): "
                  "YAML would silently keep only the last one")

@@ -30,7 +30,7 @@ from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scal
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
 from ipqd.policy._values import one_of
-from ipqd.policy._yamlsafe import compose, read_text
+from ipqd.policy._yamlsafe import TAG_PROBLEM_STARTS, compose, read_text
 from ipqd.policy.model import (
     CT_STATES, HOOKS, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
 )
@@ -123,6 +123,7 @@ class _Loader:
         self.sets: Dict[str, SetDef] = {}
         self.used_sets: Set[str] = set()
         self.shared: Dict[tuple, object] = {}       # see parse_rule
+        self.tagged: Set[tuple] = set()             # where a refused tag's value was emptied
         self.sources: List[str] = []
 
     # --- files ---------------------------------------------------------------
@@ -150,6 +151,10 @@ class _Loader:
         errors = [p for p in self.problems if p.severity == "error"]
         if policy is not None and not errors:
             self.problems += _lint.lint(policy, main.items.get("default", (main.root,))[0])
+        # A refused tag's value reads as empty: the field's own complaint
+        # about that would only repeat the refusal.
+        self.problems = [p for p in self.problems if (p.path, p.line, p.column) not in self.tagged
+                         or p.message.startswith(TAG_PROBLEM_STARTS)]
         problems = self._listed(path, sorted(self.problems, key=self._order))
         if errors or policy is None:
             raise PolicyErrors(problems)
@@ -210,6 +215,8 @@ class _Loader:
             if not main and self.size > MAX_TOTAL_BYTES:
                 raise PolicyError(path, 1, 1, _too_large(self.size))
             root, duplicates = compose(text, path)
+            self.tagged.update((p.path, p.line, p.column) for p in duplicates
+                               if p.message.startswith(TAG_PROBLEM_STARTS))
         except PolicyError as e:
             self.problems.append(e)
             return None

@@ -123,3 +123,18 @@ def test_an_address_with_a_zone_is_refused_with_what_to_write(tmp_path):
     assert code == 1
     assert ("'fe80::1%eth0': an address with a zone (%eth0) is not supported: write fe80::1 "
             "and add 'in: eth0' (or 'out:') to the rule") in out
+
+
+def test_a_refused_yaml_tag_hides_no_other_problem(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "policy.yaml"
+    path.write_text(GOOD + "  - {name: a, src: !!python/object:os.system x, action: accept}\n"
+                           "  - {name: b, src: !10.0.0.0/8, action: accept}\n"
+                           "  - {name: c, proto: tcp, dprot: 1, action: accept}\n")
+    os.chmod(path, 0o644)
+    code, out, _ = check(path)
+    lines = out.splitlines()
+    assert code == 1 and lines[-1] == "3 errors", out
+    assert "YAML tags like '!!python/object:os.system' are not allowed" in lines[0]
+    assert "'!10.0.0.0/8' is read by YAML as a tag" in lines[1]
+    assert "unknown field 'dprot'" in lines[2]

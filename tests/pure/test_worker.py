@@ -243,3 +243,18 @@ def test_what_cannot_be_decided_gets_the_one_fallback_verdict(action, expected):
         (1, 1, 2)
     worker.qs.queues.clear()        # a fake socket: no kernel to acknowledge an unbind
     worker.close()
+
+
+def test_batched_sends_are_counted_as_verdicts_and_batches():
+    """The stats line's socket_verdicts and socket_batches count what the
+    worker's one datagram per round carried."""
+    from ipqd.kernel.queue_socket import QueueSocket
+    qs = QueueSocket()
+    sent = []
+    qs.transport.send = lambda data, op: sent.append(data)
+    qs.send_many([nfq.encode_verdict(1, 7, nfq.NF_DROP), nfq.encode_verdict(1, 8, nfq.NF_ACCEPT, mark=3),
+                  nfq.encode_verdict_batch(1, 9, nfq.NF_ACCEPT)])
+    qs.send_many([nfq.encode_verdict_batch(2, 4, nfq.NF_ACCEPT)])
+    assert len(sent) == 2
+    assert (qs.stats.verdicts, qs.stats.batches) == (2, 2)
+    qs.close()

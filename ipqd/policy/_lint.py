@@ -17,7 +17,7 @@ import yaml
 from ipqd.errors import PolicyError
 from ipqd.policy._limits import MAX_SHADOW_STEPS
 from ipqd.policy._undecidable import undecidable_accepted
-from ipqd.policy.model import AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
+from ipqd.policy.model import PROTO_ICMPV6, AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
@@ -272,22 +272,42 @@ _UNKNOWN_FIELDS = [f.name for f in dataclasses.fields(Match)
                    if f.name not in _COVERS and f.name != "malformed"]
 
 
-# --- lock-out ----------------------------------------------------------------------
+# --- lock-outs: a drop default that cuts the host off ------------------------------
 
 def cut_off(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
     """A warning when dropping by default on input also drops replies to the host."""
-    if policy.default.action != "drop":
+    return _drop_default_warning(
+        policy, default_node, lambda hook: hook.chain == "input", _accepts_established,
+        "default drops input traffic and no rule accepts established connections: replies "
+        "to this host's own connections will be dropped (add a first rule with ct_state: "
+        "[established, related] and action: accept)")
+
+
+def ipv6_cut_off(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
+    """A warning when dropping IPv6 by default also drops neighbour
+    discovery: the host can then no longer resolve its neighbours' link
+    addresses, and IPv6 stops working after the neighbour cache expires."""
+    return _drop_default_warning(
+        policy, default_node,
+        lambda hook: (hook.chain in ("input", "output") and hook.family in ("both", "ipv6")
+                      and hook.proto in (None, "icmpv6", "ipv6-icmp")),
+        _accepts_neighbour_discovery,
+        "default drops IPv6 and no rule accepts neighbour discovery: IPv6 will stop working "
+        "once the neighbour cache expires (add a rule with proto: icmpv6, icmp_type: "
+        "[neighbour-solicitation, neighbour-advertisement] and action: accept)")
+
+
+def _drop_default_warning(policy: Policy, default_node: yaml.Node, hooked, accepts,
+                          message: str) -> List[PolicyError]:
+    """`message` as a warning at `default`, when it drops, some hook is
+    `hooked` and no rule `accepts` what must get through."""
+    if policy.default.action != "drop" or not any(hooked(hook) for hook in policy.hooks):
         return []
-    if not any(hook.chain == "input" for hook in policy.hooks):
-        return []
-    if any(_accepts_established(rule) for rule in policy.rules):
+    if any(accepts(rule) for rule in policy.rules):
         return []
     mark = default_node.start_mark
-    return [PolicyError(policy.path, mark.line + 1, mark.column + 1,
-                        "default drops input traffic and no rule accepts established "
-                        "connections: replies to this host's own connections will be dropped "
-                        "(add a first rule with ct_state: [established, related] and "
-                        "action: accept)", severity="warning")]
+    return [PolicyError(policy.path, mark.line + 1, mark.column + 1, message,
+                        severity="warning")]
 
 
 def _accepts_established(rule: Rule) -> bool:
@@ -297,33 +317,11 @@ def _accepts_established(rule: Rule) -> bool:
     return (states is not None and "established" in states) or not rule.match.fields()
 
 
-# --- IPv6 neighbour discovery ------------------------------------------------------
-
-PROTO_ICMPV6 = 58
 ND_TYPES = frozenset({135, 136})        # neighbour solicitation and advertisement
 # What a rule accepting neighbour discovery may test besides protocol and type:
 # the kernel gives ND messages no connection (ct_state untracked).
 _ND_FIELDS = frozenset({"family", "proto", "icmp_type", "icmp_code", "ct_state", "src", "dst",
                         "in", "out", "hook"})
-
-
-def ipv6_cut_off(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
-    """A warning when dropping IPv6 by default also drops neighbour
-    discovery: the host can then no longer resolve its neighbours' link
-    addresses, and IPv6 stops working after the neighbour cache expires."""
-    if policy.default.action != "drop":
-        return []
-    if not any(hook.chain in ("input", "output") and hook.family in ("both", "ipv6")
-               and hook.proto in (None, "icmpv6", "ipv6-icmp") for hook in policy.hooks):
-        return []
-    if any(_accepts_neighbour_discovery(rule) for rule in policy.rules):
-        return []
-    mark = default_node.start_mark
-    return [PolicyError(policy.path, mark.line + 1, mark.column + 1,
-                        "default drops IPv6 and no rule accepts neighbour discovery: IPv6 "
-                        "will stop working once the neighbour cache expires (add a rule with "
-                        "proto: icmpv6, icmp_type: [neighbour-solicitation, "
-                        "neighbour-advertisement] and action: accept)", severity="warning")]
 
 
 def _accepts_neighbour_discovery(rule: Rule) -> bool:

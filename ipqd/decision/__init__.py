@@ -6,4 +6,5 @@
   token_bucket   a Rate as a token bucket (rule rates, the log rate)
   verdict_cache  verdicts kept per flow, read from the message in place
   checksum       checksums of rewritten packets
+  conntrack      the ct_state conntrack gives each packet of a capture (explain)
 """

@@ -3,4 +3,5 @@
   ipq      the libipq API (`from ipqd import ipq`)
   explain  `ipqd explain`: the verdict a policy gives to captured or described packets
   pcap     pcap and pcapng captures, for explain
+  grammar  explain's packet description, as text for --help and errors
 """

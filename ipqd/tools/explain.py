@@ -5,35 +5,47 @@ fields the compiled policy needs, then `Matcher.decide`. A described packet
 ("tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn") is first built into real bytes
 with dpkt (headers, lengths, checksums); a capture is read with `ipqd.tools.pcap`.
 
-Exit codes: 0 done; 1 the policy or the capture could not be read; 2 the
-command line (packet description, hook) is wrong. Text output escapes rule
-names, paths and error texts (ipqd.printable); JSON escapes them itself.
+When the policy turns conntrack on, each packet carries the ct_state the
+daemon would get from the kernel: for a capture, `ipqd.decision.conntrack`
+follows its connections packet by packet; a described packet is a lone one
+(`new`, or whatever `--ct-state` or `ct=` says).
+
+A capture streams: each packet's line (or JSON object) is written as it is
+decided, the summary at the end, in memory that does not grow with the
+capture. --json writes JSON Lines: one object per packet ("type": "packet"),
+then one summary ("type": "summary"). A closed stdout (`| head`) ends the
+command quietly, with status 0.
+
+Exit statuses (ipqd.exits): 0 done; 1 an invalid policy, description or
+damaged capture; 2 usage; 3 the policy or the capture cannot be read. Text
+output escapes rule names, paths and error texts (ipqd.printable); errors go
+to stderr through ipqd.console.error_line; JSON escapes itself.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import struct
 import sys
-from typing import List, Optional, TextIO
+from typing import BinaryIO, Iterator, List, Optional, TextIO
 
 import dpkt
 
+from ipqd.console import error_line
 from ipqd.decision.compiler import Decision, Matcher, compile_policy
-from ipqd.errors import PolicyErrors
-from ipqd.decision.packet import (PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-                         PROTO_UDPLITE, PacketMeta, PacketView, parse)
-from ipqd.tools.pcap import CaptureError, NotIP, ip_payload, read_capture
-from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES, PROTOCOL_NAMES, PROTOCOLS, TCP_FLAGS
-from ipqd.policy.model import CT_STATES, HOOKS
+from ipqd.decision.conntrack import Tracker
+from ipqd.decision.packet import PacketMeta, PacketView, parse
+from ipqd.errors import CaptureError, DescriptionError, NotIP, PolicyErrors
+from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
+from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES, TCP_FLAGS
+from ipqd.policy.model import (CT_STATES, HOOKS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
+                               PROTO_UDP, PROTO_UDPLITE, PROTOCOL_NAMES, PROTOCOLS)
 from ipqd.printable import clean
+from ipqd.tools.grammar import EXPECTED_FORM
+from ipqd.tools.pcap import Frame, ip_payload, read_capture
 
-EXPECTED_FORM = (
-    'expected: PROTO SRC[:PORT] -> DST[:PORT] [FLAGS|ICMP-TYPE] [key=value ...], e.g.\n'
-    '  "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn"\n'
-    '  "udp [fd00::1]:53 -> [fd00::2]:5353 len=1200"\n'
-    '  "icmp 10.0.0.1 -> 10.0.0.2 echo-request"\n'
-    'keys: len, mark, uid, gid, ct, in, out, hook, frag (first|not-first), flags, type, code')
+__all__ = ["run_explain", "decide", "build_packet", "summary", "EXPECTED_FORM"]
 
 # tcpdump's letters, in bit order (FIN first); ACK is '.'.
 _FLAG_LETTERS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "."),
@@ -42,90 +54,143 @@ _ICMP_NAMES = {4: {v: k for k, v in reversed(list(ICMP_TYPES.items()))},
                6: {v: k for k, v in reversed(list(ICMPV6_TYPES.items()))}}
 
 
-class DescriptionError(ValueError):
-    """A packet description that cannot be read; says what was wrong."""
-
-
 # ---- the command ------------------------------------------------------------
 
 def run_explain(args) -> int:
-    """Run `ipqd explain` with parsed arguments; return the exit code."""
+    """Run `ipqd explain` with parsed arguments; return the exit status."""
     try:
         from ipqd.policy.loader import load
         policy = load(args.policy)
     except PolicyErrors as errors:
         for problem in errors.errors:
-            print(clean(problem), file=sys.stderr)
-        return 1
+            error_line(str(problem))
+        return EXIT_INVALID
     except OSError as error:
-        print(clean(f"ipqd explain: cannot read policy {args.policy}: "
-                    f"{error.strerror or error}"), file=sys.stderr)
-        return 1
+        error_line(f"ipqd explain: cannot read policy {args.policy}: {error.strerror or error}")
+        return EXIT_UNREADABLE
     hook = HOOKS.get(args.hook)
     if hook is None:
-        print(clean(f"ipqd explain: unknown hook '{args.hook}'") + " (expected one of "
-              f"{', '.join(HOOKS)})", file=sys.stderr)
-        return 2
+        error_line(f"ipqd explain: unknown hook '{args.hook}' (expected one of {', '.join(HOOKS)})")
+        return EXIT_USAGE
+    ct_state = getattr(args, "ct_state", None)
+    if args.pcap and ct_state:
+        error_line("ipqd explain: --ct-state goes with a described packet; a capture's "
+                   "packets get the states of their connections")
+        return EXIT_USAGE
     matcher = compile_policy(policy)
     base = PacketMeta(hook=hook, indev=args.indev, outdev=args.outdev)
-    if args.pcap:
-        return _explain_capture(matcher, args.pcap, base, args.json, sys.stdout)
-    if not args.packet:
-        print("ipqd explain: give a packet description or --pcap FILE\n" + EXPECTED_FORM,
-              file=sys.stderr)
-        return 2
+    out = sys.stdout
     try:
-        payload, meta = build_packet(args.packet, base)
+        if args.pcap:
+            tracker = Tracker() if policy.queue.conntrack else None
+            code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json))
+        elif args.packet:
+            code = _explain_described(matcher, args.packet, base, ct_state,
+                                      policy.queue.conntrack, _Report(out, args.json))
+        else:
+            error_line("ipqd explain: give a packet description or --pcap FILE")
+            print(EXPECTED_FORM, file=sys.stderr)
+            return EXIT_USAGE
+        out.flush()
+    except BrokenPipeError:         # `| head`: the reader has what it wanted
+        _silence(out)
+        return EXIT_OK
+    return code
+
+
+def _silence(out: TextIO) -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does
+    not fail on the closed pipe again (and print a traceback)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # not a real file (tests' capture)
+        pass
+
+
+def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: Optional[str],
+                       conntrack: bool, report: "_Report") -> int:
+    try:
+        payload, meta = build_packet(text, base)
     except DescriptionError as error:
-        print(clean(f"ipqd explain: cannot read packet description: {error}") +
-              f"\n{EXPECTED_FORM}", file=sys.stderr)
-        return 2
-    record = judge(matcher, 1, payload, meta, now=0.0)
-    _output([record], matcher, args.json, sys.stdout, capture=None)
-    return 0
+        error_line(f"ipqd explain: cannot read packet description: {error}")
+        print(EXPECTED_FORM, file=sys.stderr)
+        return EXIT_INVALID
+    if ct_state and meta.ct_state and ct_state != meta.ct_state:
+        error_line(f"ipqd explain: ct={meta.ct_state} in the description and --ct-state "
+                   f"{ct_state} disagree")
+        return EXIT_USAGE
+    given = ct_state or meta.ct_state
+    # The daemon knows a state only with conntrack; a lone packet is the
+    # first of its connection, as the tracker says (new, invalid, untracked).
+    tracker = Tracker() if conntrack and not given else None
+    report.packet(decide(matcher, 1, payload, meta._replace(ct_state=given), 0.0, tracker))
+    report.finish(matcher, capture=None)
+    return EXIT_OK
 
 
-def judge(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta,
-          now: float) -> dict:
-    """One packet through parse and decide, as a record for the report."""
-    view = parse(payload, meta, matcher.fields)
-    decision = matcher.decide(view, now)
-    shown = view if view.malformed else parse(payload, meta)  # every field, for the summary
-    return _record(number, view, shown, decision)
-
-
-def _explain_capture(matcher: Matcher, path: str, base: PacketMeta, as_json: bool,
-                     out: TextIO) -> int:
-    records: List[dict] = []
-    problem = None
+def _explain_capture(matcher: Matcher, path: str, base: PacketMeta,
+                     tracker: Optional[Tracker], report: "_Report") -> int:
     try:
-        with open(path, "rb") as f:
-            for frame in read_capture(f):
-                try:
-                    ip = ip_payload(frame)
-                except NotIP as why:
-                    records.append({"number": frame.number, "verdict": None,
-                                    "skipped": f"not IP: {why}"})
-                    continue
-                meta = base._replace(wire_len=ip.wire_len, family=ip.family)
-                records.append(judge(matcher, frame.number, ip.payload, meta, frame.timestamp))
+        f = open(path, "rb")
     except OSError as error:
-        print(clean(f"ipqd explain: cannot read capture {path}: {error.strerror or error}"),
-              file=sys.stderr)
-        return 1
-    except CaptureError as error:
-        problem = f"ipqd explain: {path}: capture damaged, stopped: {error}"
-    _output(records, matcher, as_json, out, capture=path, problem=problem)
+        error_line(f"ipqd explain: cannot read capture {path}: {error.strerror or error}")
+        return EXIT_UNREADABLE
+    problem, code = None, EXIT_OK
+    with f:
+        for item in _frames_then_problem(f):
+            if isinstance(item, Frame):
+                report.packet(_frame_record(matcher, item, base, tracker))
+            else:
+                problem, code = item
     if problem:
-        print(clean(problem), file=sys.stderr)
-        return 1
-    return 0
+        problem = f"{path}: {problem}"
+    report.finish(matcher, capture=path, tracker=tracker, problem=problem)
+    if problem:
+        error_line(f"ipqd explain: {problem}")
+    return code
 
 
-# ---- records and output -----------------------------------------------------
+def _frames_then_problem(f: BinaryIO) -> Iterator:
+    """The frames of a capture, then, if reading stopped early, one
+    (problem, exit status) pair. Read errors only: the caller's write errors
+    (a closed stdout) never come in here."""
+    try:
+        yield from read_capture(f)
+    except CaptureError as error:
+        yield f"capture damaged, stopped: {error}", EXIT_INVALID
+    except OSError as error:
+        yield f"cannot read capture: {error.strerror or error}", EXIT_UNREADABLE
+
+
+# ---- one packet -------------------------------------------------------------
+
+def decide(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta, now: float,
+           tracker: Optional[Tracker] = None) -> dict:
+    """One packet through parse and decide, as a record for the report. With
+    a tracker, the packet gets the ct_state it gives (and the tracker moves on)."""
+    shown = parse(payload, meta)            # every field: for the tracker and the summary
+    if tracker is not None:
+        meta = meta._replace(ct_state=tracker.track(shown, payload, now))
+        shown.ct_state = meta.ct_state
+    view = parse(payload, meta, matcher.fields)
+    return _record(number, view, shown, matcher.decide(view, now))
+
+
+def _frame_record(matcher: Matcher, frame: Frame, base: PacketMeta,
+                  tracker: Optional[Tracker]) -> dict:
+    try:
+        ip = ip_payload(frame)
+    except NotIP as why:
+        return {"number": frame.number, "verdict": None, "skipped": f"not IP: {why}"}
+    meta = base._replace(wire_len=ip.wire_len, family=ip.family)
+    return decide(matcher, frame.number, ip.payload, meta, frame.timestamp, tracker)
+
 
 def _record(number: int, view: PacketView, shown: PacketView, decision: Decision) -> dict:
     rule = decision.rule
+    addresses = (shown.src_text, shown.dst_text)     # once: the text form is not cheap
     return {
         "number": number,
         "verdict": decision.action,
@@ -137,30 +202,31 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
         "malformed": view.malformed,
         "hidden": sorted(view.hidden),          # fields the rules read that the copy cut off
         "reason": view.reason or None,
-        "summary": summary(shown),
-        "packet": _fields(shown),
+        "summary": summary(shown, addresses),
+        "packet": _fields(shown, addresses),
     }
 
 
-def _fields(view: PacketView) -> dict:
+def _fields(view: PacketView, addresses: tuple) -> dict:
     fields = {name: getattr(view, name) for name in (
         "family", "proto", "sport", "dport", "icmp_type", "icmp_code", "tcp_flags",
         "length", "fragment", "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state")}
-    fields["src"] = view.src_text
-    fields["dst"] = view.dst_text
+    fields["src"], fields["dst"] = addresses
     return fields
 
 
-def summary(view: PacketView) -> str:
-    """One line in tcpdump's spirit: `tcp 10.0.0.5:40000 -> 10.0.0.1:22 [S]`."""
+def summary(view: PacketView, addresses: Optional[tuple] = None) -> str:
+    """One line in tcpdump's spirit: `tcp 10.0.0.5:40000 -> 10.0.0.1:22 [S]`.
+    `addresses`: the view's (src_text, dst_text), when already at hand."""
     if view.malformed:
         return f"malformed: {view.reason}"
     if view.src is None:            # the copy ended inside the IP header
         return f"ipv{view.family} ({view.reason})"
     proto = view.proto
     name = "ip" if proto is None else PROTOCOL_NAMES.get(proto, f"proto {proto}")
-    src = _endpoint(view.family, view.src_text, view.sport)
-    dst = _endpoint(view.family, view.dst_text, view.dport)
+    src_text, dst_text = addresses or (view.src_text, view.dst_text)
+    src = _endpoint(view.family, src_text, view.sport)
+    dst = _endpoint(view.family, dst_text, view.dport)
     text = f"{name} {src} -> {dst}"
     if view.tcp_flags is not None:
         text += " [" + ("".join(c for bit, c in _FLAG_LETTERS if view.tcp_flags & bit)
@@ -183,39 +249,63 @@ def _endpoint(family: int, address: str, port: Optional[int]) -> str:
     return f"[{address}]:{port}" if family == 6 else f"{address}:{port}"
 
 
-def _output(records: List[dict], matcher: Matcher, as_json: bool, out: TextIO,
-            capture: Optional[str], problem: Optional[str] = None) -> None:
-    counters = matcher.counters()
-    if as_json:
-        document = {"policy": matcher.path, "capture": capture,
-                    "packets": records, "counters": counters}
-        if problem:
-            document["error"] = problem
-        json.dump(document, out, indent=2)
-        out.write("\n")
-        return
-    for r in records:
+# ---- the report -------------------------------------------------------------
+
+class _Report:
+    """Writes each record as it comes, then the summary: text lines, or JSON
+    Lines (an object per packet, "type": "packet", then "type": "summary")."""
+
+    def __init__(self, out: TextIO, as_json: bool):
+        self.out = out
+        self.as_json = as_json
+        self.packets = self.skipped = 0
+
+    def packet(self, r: dict) -> None:
+        self.packets += 1
         if r["verdict"] is None:
-            out.write(f"{r['number']:>5}  {'-':<6}  {'':<20}  skipped: {clean(r['skipped'])}\n")
+            self.skipped += 1
+        if self.as_json:
+            self.out.write(json.dumps({"type": "packet", **r}) + "\n")
+        elif r["verdict"] is None:
+            self.out.write(f"{r['number']:>5}  {'-':<6}  {'':<20}  skipped: {clean(r['skipped'])}\n")
         else:
             rule = clean(r["rule"]) if r["rule"] is not None else "default"
+            state = r["packet"]["ct_state"]
+            ct = f" ct={state}" if state else ""
             extra = f"  (set mark {r['set_mark']:#x})" if r["set_mark"] is not None else ""
-            out.write(f"{r['number']:>5}  {r['verdict'].upper():<6}  {rule:<20}  "
-                      f"{clean(r['summary'])}{extra}\n")
-    if capture is None:
-        return
-    out.write("\n")
-    rows = [(clean(name), c) for name, c in counters["rules"].items()]
-    rows.append(("(default: " + matcher.default.action + ")", counters["default"]))
-    if counters["undecidable"]["hits"]:
-        rows.append(("(undecidable: " + matcher.undecidable + ")", counters["undecidable"]))
-    width = max([len(name) for name, _ in rows] + [4])
-    out.write(f"{'rule':<{width}}  {'hits':>7}  {'accepted':>8}  {'dropped':>7}\n")
-    for name, c in rows:
-        out.write(f"{name:<{width}}  {c['hits']:>7}  {c['accepted']:>8}  {c['dropped']:>7}\n")
-    skipped = sum(1 for r in records if r["verdict"] is None)
-    if skipped:
-        out.write(f"{skipped} frame(s) skipped: not IP\n")
+            self.out.write(f"{r['number']:>5}  {r['verdict'].upper():<6}  {rule:<20}  "
+                           f"{clean(r['summary'])}{ct}{extra}\n")
+
+    def finish(self, matcher: Matcher, capture: Optional[str], tracker: Optional[Tracker] = None,
+               problem: Optional[str] = None) -> None:
+        counters = matcher.counters()
+        conntrack = None if tracker is None else {
+            "connections": len(tracker), "forgotten": tracker.evicted, "capacity": tracker.capacity}
+        if self.as_json:
+            self.out.write(json.dumps({
+                "type": "summary", "policy": matcher.path, "capture": capture,
+                "packets": self.packets, "skipped": self.skipped, "counters": counters,
+                "conntrack": conntrack, "error": problem}) + "\n")
+            return
+        if capture is None:
+            return
+        out = self.out
+        out.write("\n")
+        rows = [(clean(name), c) for name, c in counters["rules"].items()]
+        rows.append(("(default: " + matcher.default.action + ")", counters["default"]))
+        if counters["undecidable"]["hits"]:
+            rows.append(("(undecidable: " + matcher.undecidable + ")", counters["undecidable"]))
+        width = max([len(name) for name, _ in rows] + [4])
+        out.write(f"{'rule':<{width}}  {'hits':>7}  {'accepted':>8}  {'dropped':>7}\n")
+        for name, c in rows:
+            out.write(f"{name:<{width}}  {c['hits']:>7}  {c['accepted']:>8}  {c['dropped']:>7}\n")
+        if self.skipped:
+            out.write(f"{self.skipped} frame(s) skipped: not IP\n")
+        if conntrack is not None:
+            forgotten = (f", {conntrack['forgotten']} forgotten for room (at most "
+                         f"{conntrack['capacity']})" if conntrack["forgotten"] else "")
+            out.write(f"conntrack: {conntrack['connections']} connection(s) tracked at the "
+                      f"end{forgotten}\n")
 
 
 # ---- packet descriptions ----------------------------------------------------

@@ -21,10 +21,17 @@ def explain(capsys, *argv) -> tuple:
     return code, out, err
 
 
+def json_lines(out: str) -> dict:
+    """--json's JSON Lines: the packet objects, then the summary object."""
+    objects = [json.loads(line) for line in out.splitlines()]
+    assert all(o["type"] == "packet" for o in objects[:-1]) and objects[-1]["type"] == "summary"
+    return {"packets": objects[:-1], "summary": objects[-1]}
+
+
 def explain_json(capsys, *argv) -> dict:
     code, out, err = explain(capsys, POLICY, *argv, "--json")  # a description must come first
     assert code == 0, err
-    return json.loads(out)
+    return json_lines(out)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -45,7 +52,7 @@ def test_capture_text_output(capsys):
     lines = out.splitlines()
     assert code == 0
     assert lines[0].split() == ["1", "ACCEPT", "ssh", "tcp", "10.0.0.5:40000", "->",
-                                "10.0.0.1:22", "[S]", "len=40"]
+                                "10.0.0.1:22", "[S]", "len=40", "ct=new"]
     assert "skipped: not IP" in lines[2]
     assert "DROP    queue.undecidable     tcp 10.0.0.5 -> 10.0.0.1 len=40 " \
            "(transport header past copy_range)" in out
@@ -100,10 +107,10 @@ def test_every_capture_reads_without_traceback(capsys, path):
     for as_json in (True, False):
         code, out, err = explain(capsys, POLICY, "--pcap", path, *(["--json"] if as_json else []))
         assert code == 0 and "Traceback" not in err
-    packets = json.loads(explain(capsys, POLICY, "--pcap", path, "--json")[1])["packets"]
-    judged = [p for p in packets if p["verdict"] is not None]
-    assert len(packets) == len(frames) and len(judged) == ip_frames
-    for p in judged:
+    packets = json_lines(explain(capsys, POLICY, "--pcap", path, "--json")[1])["packets"]
+    decided = [p for p in packets if p["verdict"] is not None]
+    assert len(packets) == len(frames) and len(decided) == ip_frames
+    for p in decided:
         assert p["summary"].startswith("malformed: ") == p["malformed"]
 
 
@@ -125,7 +132,7 @@ def test_not_a_capture(capsys, tmp_path):
 
 def test_missing_capture(capsys, tmp_path):
     code, _, err = explain(capsys, POLICY, "--pcap", str(tmp_path / "none.pcap"))
-    assert code == 1 and "cannot read capture" in err
+    assert code == 3 and "cannot read capture" in err      # EXIT_UNREADABLE, as `ipqd check`
 
 
 DESCRIBED = [
@@ -204,7 +211,7 @@ BAD_DESCRIPTIONS = [
 @pytest.mark.parametrize("text,message", BAD_DESCRIPTIONS, ids=[b[0] for b in BAD_DESCRIPTIONS])
 def test_bad_description(capsys, text, message):
     code, out, err = explain(capsys, POLICY, text)
-    assert code == 2 and out == ""
+    assert code == 1 and out == ""                          # EXIT_INVALID
     assert message in err and "expected: PROTO SRC[:PORT] -> DST[:PORT]" in err
 
 
@@ -228,7 +235,7 @@ def test_policy_errors_are_listed(capsys, tmp_path):
 
 def test_missing_policy(capsys, tmp_path):
     code, _, err = explain(capsys, str(tmp_path / "none.yaml"), "tcp 10.0.0.1:1 -> 10.0.0.2:2")
-    assert code == 1 and err
+    assert code == 3 and "cannot read policy" in err       # EXIT_UNREADABLE, as `ipqd check`
 
 
 def test_the_bigtcp_capture_if_present(capsys):
@@ -255,3 +262,108 @@ def test_text_output_escapes_names_and_errors(capsys, tmp_path):
     assert code == 1 and not any(c in out + err for c in controls)
     assert not any(line.startswith(fake) for line in err.splitlines())
     assert "\\x0a1  ACCEPT  ok" in err
+
+
+# ---- connection state -------------------------------------------------------
+
+def test_a_capture_is_tracked_so_replies_are_established(capsys):
+    """The issue's case: the policy accepts [established, related] first, and
+    the DNS answer in dns_udp.pcap was dropped by the default."""
+    document = explain_json(capsys, "--pcap", os.path.join(HERE, "dns_udp.pcap"))
+    query, answer = document["packets"]
+    assert (query["rule"], query["packet"]["ct_state"]) == ("dns", "new")
+    assert (answer["verdict"], answer["rule"]) == ("accept", "established")
+    assert answer["packet"]["ct_state"] == "established"
+    assert document["summary"]["conntrack"] == {"connections": 1, "forgotten": 0,
+                                                "capacity": 65536}
+    code, out, _ = explain(capsys, POLICY, "--pcap", os.path.join(HERE, "dns_udp.pcap"))
+    assert out.splitlines()[1].endswith("len=252 ct=established")
+    assert "conntrack: 1 connection(s) tracked at the end" in out
+
+
+LONE = [
+    ("tcp 192.168.0.5:1 -> 10.0.0.1:80 syn", [], "new", "drop", None),
+    ("tcp 192.168.0.5:1 -> 10.0.0.1:80 ack", [], "new", "drop", None),        # picked up
+    ("tcp 192.168.0.5:1 -> 10.0.0.1:80 fin,ack", [], "invalid", "drop", None),
+    ("icmp 10.0.0.1 -> 10.0.0.2 echo-reply", [], "invalid", "drop", None),
+    ("icmpv6 fe80::1 -> ff02::1 neighbour-solicitation", [], "untracked", "accept", "ping6"),
+    ("tcp 192.168.0.5:1 -> 10.0.0.1:80 ack", ["--ct-state", "established"], "established",
+     "accept", "established"),
+    ("udp 192.168.0.5:1 -> 10.0.0.1:80 ct=related", [], "related", "accept", "established"),
+    ("udp 192.168.0.5:1 -> 10.0.0.1:80 ct=new", ["--ct-state", "new"], "new", "drop", None),
+]
+
+
+@pytest.mark.parametrize("text,argv,state,verdict,rule", LONE, ids=[" ".join([t[0]] + t[1])
+                                                                    for t in LONE])
+def test_a_described_packet_is_a_lone_packet_unless_told(capsys, text, argv, state, verdict,
+                                                         rule):
+    (record,) = explain_json(capsys, text, *argv)["packets"]
+    assert record["packet"]["ct_state"] == state
+    assert (record["verdict"], record["rule"]) == (verdict, rule)
+    code, out, _ = explain(capsys, POLICY, text, *argv)
+    assert code == 0 and out.rstrip().endswith(f"ct={state}")
+
+
+def test_ct_state_usage_errors(capsys):
+    code, out, err = explain(capsys, POLICY, "udp 10.0.0.1:1 -> 10.0.0.2:2 ct=new",
+                             "--ct-state", "established")
+    assert code == 2 and out == "" and "ct=new in the description and --ct-state " \
+        "established disagree" in err
+    code, out, err = explain(capsys, POLICY, "--pcap", os.path.join(HERE, "dns_udp.pcap"),
+                             "--ct-state", "new")
+    assert code == 2 and out == "" and "--ct-state goes with a described packet" in err
+    with pytest.raises(SystemExit) as exit:
+        main(["explain", POLICY, "udp 10.0.0.1:1 -> 10.0.0.2:2", "--ct-state", "maybe"])
+    assert exit.value.code == 2 and "invalid choice: 'maybe'" in capsys.readouterr().err
+
+
+def test_without_conntrack_the_daemon_knows_no_state_and_neither_does_explain(capsys,
+                                                                                tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ndefault: {action: drop}\nrules:\n"
+                      "  - {name: dns, proto: udp, dport: 53, action: accept}\n")
+    code, out, _ = explain(capsys, str(policy), "--pcap", os.path.join(HERE, "dns_udp.pcap"),
+                           "--json")
+    document = json_lines(out)
+    assert [p["packet"]["ct_state"] for p in document["packets"]] == [None, None]
+    assert document["summary"]["conntrack"] is None
+    code, out, _ = explain(capsys, str(policy), "--pcap", os.path.join(HERE, "dns_udp.pcap"))
+    assert "ct=" not in out and "conntrack:" not in out
+
+
+# ---- the command line -------------------------------------------------------
+
+def test_a_description_with_pcap_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["explain", POLICY, "udp 10.0.0.1:1 -> 10.0.0.2:2", "--pcap",
+              os.path.join(HERE, "dns_udp.pcap")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "argument --pcap: not allowed with argument packet" in err
+
+
+def test_help_shows_the_description_grammar(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["explain", "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0
+    assert "PROTO SRC[:PORT] -> DST[:PORT] [FLAGS|ICMP-TYPE] [key=value ...]" in out
+    assert 'ipqd explain policy.yaml "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn"' in out
+    assert "keys       len, mark, uid, gid, ct, in, out, hook, frag" in out
+    assert "3  a file cannot be read" in out                 # the exit statuses
+
+
+def test_json_lines_end_with_a_summary(capsys, tmp_path):
+    document = explain_json(capsys, "--pcap", os.path.join(HERE, "ipqd-mixed.pcap"))
+    summary = document["summary"]
+    assert summary["policy"] == POLICY and summary["capture"].endswith("ipqd-mixed.pcap")
+    assert (summary["packets"], summary["skipped"], summary["error"]) == (12, 1, None)
+    assert summary["counters"]["rules"]["ssh"] == {"hits": 2, "accepted": 2, "dropped": 0}
+    data = open(os.path.join(HERE, "ipqd-mixed.pcap"), "rb").read()
+    damaged = tmp_path / "damaged.pcap"
+    damaged.write_bytes(data[:300])
+    code, out, err = explain(capsys, POLICY, "--pcap", str(damaged), "--json")
+    document = json_lines(out)
+    assert code == 1 and "capture damaged" in document["summary"]["error"]
+    assert document["summary"]["packets"] == len(document["packets"]) > 0
+    assert err.startswith("ipqd explain: ") and "capture damaged, stopped" in err

@@ -9,6 +9,8 @@ import sys
 
 from ipqd import __version__
 from ipqd.exits import EXIT_STATUSES
+from ipqd.policy.model import CT_STATES
+from ipqd.tools.grammar import EXPLAIN_EPILOG
 
 
 DEFAULT_POLICY = "/etc/ipqd/policy.yaml"
@@ -22,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ipqd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_add_run, _add_check, _add_explain, _add_hooks, _add_completion):
+        add(sub)
+    return parser
 
+
+def _add_run(sub) -> None:
     run = sub.add_parser("run", help="answer queued packets according to the policy (the daemon)")
     run.add_argument("--policy", default=DEFAULT_POLICY, help=f"default: {DEFAULT_POLICY}")
     run.add_argument("--no-hooks", action="store_true",
@@ -39,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true",
                      help="decide every packet in full instead of using the verdict cache")
 
+
+def _add_check(sub) -> None:
     check = sub.add_parser("check", help="validate a policy file and print every problem",
                            description="Print every problem in a policy, as `ipqd run` "
                            "would refuse or warn about it (file safety included).",
@@ -52,17 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one JSON object: every problem with file, line, column, "
                             "severity and message")
 
+
+def _add_explain(sub) -> None:
     explain = sub.add_parser(
-        "explain", help="show the verdict a policy gives to captured or described packets")
+        "explain", help="show the verdict a policy gives to captured or described packets",
+        description="Show the verdict a policy gives to a described packet or to every packet\n"
+        "of a capture, through the daemon's own parser and matcher.",
+        epilog=EXPLAIN_EPILOG + "\n\n" + EXIT_TEXT,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     explain.add_argument("policy", help="path of the policy YAML file")
-    explain.add_argument("packet", nargs="?",
-                         help='one packet, e.g. "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn"')
-    explain.add_argument("--pcap", metavar="FILE", help="a pcap or pcapng capture to replay")
-    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    packets = explain.add_mutually_exclusive_group()
+    packets.add_argument("packet", nargs="?",
+                         help='one packet, e.g. "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn" '
+                              "(the grammar is below)")
+    packets.add_argument("--pcap", metavar="FILE", help="a pcap or pcapng capture to replay")
+    explain.add_argument("--ct-state", choices=CT_STATES,
+                         help="the described packet's conntrack state (default: what conntrack "
+                              "gives a lone packet: new, or invalid, or untracked)")
+    explain.add_argument("--json", action="store_true",
+                         help="JSON Lines: one object per packet, then a summary object")
     explain.add_argument("--hook", default="input",
                          help="hook the packets are taken to arrive at (default: input)")
     explain.add_argument("--in", dest="indev", metavar="IFACE", help="input interface name")
     explain.add_argument("--out", dest="outdev", metavar="IFACE", help="output interface name")
+
+
+def _add_hooks(sub) -> None:
     hooks = sub.add_parser(
         "hooks", help="install, remove or show the kernel rules that queue traffic to ipqd")
     hooks.add_argument("action", choices=("install", "remove", "show", "detect"))
@@ -73,13 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.add_argument("--state-dir", default="/run/ipqd",
                        help="where ipqd notes which backend holds its rules")
 
+
+def _add_completion(sub) -> None:
     completion = sub.add_parser("completion", help="print the shell completion script",
                                 description="Print a completion script generated from this "
                                 "command's own parser. bash: `ipqd completion bash > "
                                 "/etc/bash_completion.d/ipqd`; zsh: `ipqd completion zsh > "
                                 "\"${fpath[1]}/_ipqd\"`.")
     completion.add_argument("shell", choices=("bash", "zsh"))
-    return parser
 
 
 EXIT_TEXT = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_STATUSES)

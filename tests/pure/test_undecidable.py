@@ -28,7 +28,7 @@ from ipqd.policy.model import (Default, Match, Policy, QueueConfig, RangeMatch, 
                                TcpFlagsMatch)
 from ipv6_chains import syn_behind_headers, syn_behind_one_big_header
 from reference import Reference
-from test_compiler_property import PORTS, random_policy, views
+from policy_strategies import PORTS, random_policy, views
 from test_verdict_cache import kernel_bytes, key_maker, read_key, room
 
 CLIENT, SERVER = "fd00::1", "fd00::2"

@@ -17,7 +17,7 @@ from ipqd.decision.packet import PacketMeta, parse
 from ipqd.policy.model import Default, Match, Policy, RangeMatch, Rate, Rule
 from ipqd.wire.fast_decode import decode_packet_datagram, packet_summary
 from ipqd.decision.verdict_cache import KeyMaker, VerdictCache
-from test_compiler_property import ACTIONS, IFACES, MATCHES, SET_MARKS, LOGS, DEFAULTS, V4, V6
+from policy_strategies import ACTIONS, IFACES, MATCHES, SET_MARKS, LOGS, DEFAULTS, V4, V6
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -372,7 +372,7 @@ def test_many_random_policies_and_streams_with_many_hits():
     leave out changes between packets that share the rest."""
     import dataclasses
     import random
-    from test_compiler_property import random_policy
+    from policy_strategies import random_policy
     rng = random.Random(5)
     hits = 0
     for _ in range(150):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from ipqd.decision.checksum import internet_checksum
+
 DSTOPTS = 60
 TCP = 6
 # RFC 4727's experimental option type: its top two bits are 00, "skip over
@@ -18,15 +20,6 @@ SKIP_OPTION = 0x1E
 PADN = 1
 SYN = 0x02
 BIG_HEADER = 408            # the TCP header then starts at 40 + 408 = 448
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def dest_opts(nxt: int, size: int = 8) -> bytes:
@@ -47,7 +40,7 @@ def tcp_syn(src: str, dst: str, sport: int, dport: int, seq: int = 1) -> bytes:
     header = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, SYN, 64240, 0, 0)
     pseudo = (ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed
               + struct.pack("!I3xB", len(header), TCP))
-    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+    return header[:16] + struct.pack("!H", internet_checksum(pseudo + header)) + header[18:]
 
 
 def ipv6(src: str, dst: str, nxt: int, payload: bytes) -> bytes:

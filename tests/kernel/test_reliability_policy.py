@@ -381,3 +381,15 @@ def test_a_new_worker_that_dies_after_compiling_calls_the_reload_off(tmp_path):
     assert daemon.last_reload_error == \
         "reload failed in worker 0: its new worker exited before the hand-over"
     daemon.log.close()
+
+
+def test_a_failed_sd_notify_is_said_once(tmp_path, monkeypatch, capfd):
+    """A Type=notify start whose notifications cannot be sent would time out
+    with no reason: the first failure is logged at err, once."""
+    daemon, _ = supervisor(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "no-such-socket"))
+    daemon.tell_systemd("READY=1")
+    daemon.tell_systemd("STATUS=x")
+    daemon.log.close()
+    lines = [l for l in capfd.readouterr().err.splitlines() if "cannot notify systemd" in l]
+    assert lines == ["ipqd: cannot notify systemd (READY=1)"]

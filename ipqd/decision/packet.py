@@ -384,8 +384,11 @@ def _check_l4(view: PacketView, data: bytes, start: int, end: int,
             view.tcp_flags = data[start + 13]
     elif proto == PROTO_UDP:
         length = _H.unpack_from(data, start + 4)[0]
-        if length < _UDP_LEN or length > view.length - start:
-            raise _Malformed(f"UDP length {length} outside 8..{view.length - start}")
+        # A first fragment's UDP length counts the whole datagram, which
+        # the later fragments carry on.
+        most = 0xFFFF if view.fragment == "first" else view.length - start
+        if length < _UDP_LEN or length > most:
+            raise _Malformed(f"UDP length {length} outside 8..{most}")
         if want_l4:
             view.sport, view.dport = _PORTS.unpack_from(data, start)
     elif proto == PROTO_UDPLITE or proto == PROTO_SCTP:

@@ -87,6 +87,18 @@ def test_ipv4_fragments():
     assert later.fragment == "not-first" and later.dport is None and not later.malformed
 
 
+def test_a_udp_first_fragment_is_not_malformed():
+    """Its UDP length counts the whole datagram (3,008 bytes), more than
+    the fragment holds; a whole datagram claiming more is still malformed."""
+    udp = struct.pack("!HHHH", 5353, 53, 3008, 0) + b"\x00" * 1472
+    first = parse(ipv4(udp, p=17, mf=1), META)
+    assert (first.fragment, first.dport, first.malformed) == ("first", 53, False)
+    whole = parse(ipv4(udp, p=17), META)
+    assert whole.malformed and "UDP length 3008" in whole.reason
+    v6 = parse(ipv6(struct.pack("!BBHI", 17, 0, 1, 9) + udp, 44), META)
+    assert (v6.fragment, v6.dport, v6.malformed) == ("first", 53, False)
+
+
 def test_ipv6_fragments():
     first = struct.pack("!BBHI", 6, 0, 1, 7) + TCP_SYN
     later = struct.pack("!BBHI", 6, 0, 185 << 3, 7) + b"\x00" * 16

@@ -57,8 +57,9 @@ soak: venv
 # The main job: ipqd on the example policy, in the foreground (Ctrl-C stops it
 # and removes its queue rules).
 run: venv
+	@# ipqd refuses a policy (or its directory) that others could change.
+	chmod go-w etc/ipqd etc/ipqd/policy.yaml
 	$(VENV)/bin/ipqd check etc/ipqd/policy.yaml
-	chmod go-w etc/ipqd/policy.yaml
 	$(VENV)/bin/ipqd run --policy etc/ipqd/policy.yaml --log-target stderr
 
 check-policy: venv

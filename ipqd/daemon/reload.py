@@ -37,90 +37,95 @@ class Reloader:
 
 
     def reload(self) -> None:
-        self.daemon.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
+        daemon = self.daemon
+        daemon.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            loaded = load_in_child(self.daemon.path, waiting=self.daemon.keep_alive)
+            loaded = load_in_child(daemon.path, waiting=daemon.keep_alive)
         except ReloadCalledOff:
-            self.daemon.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
+            daemon.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
             return
         except (PolicyRefused, OSError, StartupError) as error:
             if isinstance(error, PolicyRefused):
                 lines = error.lines
             elif isinstance(error, OSError):
-                lines = [f"cannot read policy {error.filename or self.daemon.path}: "
+                lines = [f"cannot read policy {error.filename or daemon.path}: "
                          f"{error.strerror}{read_hint(error)}"]
             else:
                 lines = [str(error)]
             self.refuse(lines)
             return
-        self.daemon.log_warnings(loaded.outline)
+        daemon.log_warnings(loaded.outline)
         problem = self.apply(loaded)
         if problem:
-            self.daemon.failed_reloads += 1
-            self.daemon.last_reload_error = problem
-            self.daemon.log.event(f"{problem}; the running policy ({self.daemon.rules} rules) stays",
-                           LOG_ERR, IPQD_EVENT="reload-failed")
+            daemon.failed_reloads += 1
+            daemon.last_reload_error = problem
+            daemon.log.event(f"{problem}; the running policy ({daemon.rules} rules) stays",
+                             LOG_ERR, IPQD_EVENT="reload-failed")
         else:
-            self.daemon.reloads += 1
-            self.daemon.log.event(f"reloaded policy {self.daemon.path} ({self.daemon.rules} rules) in "
-                           f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
-                           IPQD_EVENT="reloaded", IPQD_RULES=str(self.daemon.rules))
-        self.daemon.tell_systemd("READY=1\n" + self.daemon.status_line())
+            daemon.reloads += 1
+            daemon.log.event(f"reloaded policy {daemon.path} ({daemon.rules} rules) in "
+                             f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
+                             IPQD_EVENT="reloaded", IPQD_RULES=str(daemon.rules))
+        daemon.tell_systemd("READY=1\n" + daemon.status_line())
 
     def refuse(self, lines: List[str]) -> None:
         """A policy that did not load: every line at err, the running one stays."""
-        self.daemon.failed_reloads += 1
-        self.daemon.last_reload_error = lines[0]
+        daemon = self.daemon
+        daemon.failed_reloads += 1
+        daemon.last_reload_error = lines[0]
         for line in lines:
-            self.daemon.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
-        self.daemon.log.event(f"reload refused: {len(lines)} problem(s) in {self.daemon.path}; "
-                       f"the running policy ({self.daemon.rules} rules) stays",
-                       LOG_ERR, IPQD_EVENT="reload-failed")
-        self.daemon.tell_systemd("READY=1\n" + self.daemon.status_line())
+            daemon.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
+        daemon.log.event(f"reload refused: {len(lines)} problem(s) in {daemon.path}; "
+                         f"the running policy ({daemon.rules} rules) stays",
+                         LOG_ERR, IPQD_EVENT="reload-failed")
+        daemon.tell_systemd("READY=1\n" + daemon.status_line())
 
     def apply(self, loaded: LoadedPolicy) -> str:
         """Put a loaded policy live; "" when it is, else what went wrong
         (then the running policy, and its hooks, stay)."""
-        policy, running = loaded.outline, self.daemon.current()
+        daemon = self.daemon
+        policy, running = loaded.outline, daemon.current()
         layout_changed = (hooks_mod.queue_layout(policy.queue)
                           != hooks_mod.queue_layout(running.outline.queue)
                           or policy.queue != running.outline.queue)
         hooks_changed = policy.hooks != running.outline.hooks or layout_changed
-        if self.daemon.manage_hooks and hooks_changed:
+        if daemon.manage_hooks and hooks_changed:
             try:
-                hooks_mod.install_recorded(policy.hooks, policy.queue, self.daemon.installed_backend,
-                                           self.daemon.state_dir)
+                hooks_mod.install_recorded(policy.hooks, policy.queue, daemon.installed_backend,
+                                           daemon.state_dir)
             except HookError as error:
                 return f"reload refused: cannot update hooks: {error}"
-        self.daemon.keep(loaded)
+        daemon.keep(loaded)
         problem = self.rebind() if layout_changed else self.hand_over()
         if problem:
-            self.daemon.keep(running)
+            daemon.keep(running)
             if layout_changed:
-                self.daemon.pool.start_all(hooks_mod.queue_layout(running.outline.queue), lambda: None)
-            if self.daemon.manage_hooks and hooks_changed:
+                daemon.pool.start_all(hooks_mod.queue_layout(running.outline.queue), lambda: None)
+            if daemon.manage_hooks and hooks_changed:
                 self.restore_hooks(running.outline)
         return problem
 
     def rebind(self) -> str:
         """New queue numbers or settings: the workers bind anew (a short gap,
         covered by the hooks' bypass when the policy asks for it)."""
-        self.daemon.pool.stop_all()
+        pool = self.daemon.pool
+        pool.stop_all()
         try:
-            self.daemon.pool.start_all(hooks_mod.queue_layout(self.daemon.policy.queue), lambda: None)
+            pool.start_all(hooks_mod.queue_layout(self.daemon.policy.queue), lambda: None)
         except StartupError as error:
-            self.daemon.pool.stop_all()
+            pool.stop_all()
             return f"reload failed: {error}"
         return ""
 
     def restore_hooks(self, running: Policy) -> None:
+        daemon = self.daemon
         try:
-            hooks_mod.install_recorded(running.hooks, running.queue, self.daemon.installed_backend,
-                                       self.daemon.state_dir)
+            hooks_mod.install_recorded(running.hooks, running.queue, daemon.installed_backend,
+                                       daemon.state_dir)
         except HookError as error:
-            self.daemon.log.event(f"cannot put the running policy's hooks back: {error}",
-                           LOG_ERR, IPQD_EVENT="reload-failed")
+            daemon.log.event(f"cannot put the running policy's hooks back: {error}",
+                             LOG_ERR, IPQD_EVENT="reload-failed")
 
     # -------------------------------------------------------- the hand-over's I/O
 
@@ -207,8 +212,8 @@ class Reloader:
                 self.daemon.failed_reloads += 1
                 self.daemon.last_reload_error = f"worker {action.index} kept the previous policy"
                 self.daemon.log.event(f"ipqd: the new worker {action.index} exited before the "
-                               "hand-over; that worker keeps the previous policy until the "
-                               "next reload", LOG_ERR, IPQD_EVENT="reload-failed")
+                                      "hand-over; that worker keeps the previous policy until "
+                                      "the next reload", LOG_ERR, IPQD_EVENT="reload-failed")
             elif isinstance(action, Done):
                 return action.problems
         return None
@@ -218,10 +223,11 @@ class Reloader:
         recovers its socket decides again what it left unanswered."""
         worker.stop()
         self.daemon.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
-                       LOG_ERR, IPQD_EVENT="worker-died")
-        del self.daemon.workers[worker.index]
-        handle = self.daemon.pool.spawn(worker.index, len(self.daemon.workers) + 1, worker.queues, RECOVER)
-        self.daemon.pool.hand_counters(handle, worker.carried)
+                              LOG_ERR, IPQD_EVENT="worker-died")
+        pool = self.daemon.pool
+        pool.workers.pop(worker.index, None)
+        handle = pool.spawn(worker.index, len(pool.workers) + 1, worker.queues, RECOVER)
+        pool.hand_counters(handle, worker.carried)
 
 
 def _share_cpus(old: WorkerHandle, new: WorkerHandle) -> None:

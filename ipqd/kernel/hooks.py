@@ -63,8 +63,8 @@ def install(hooks: Sequence[Hook], queue: QueueConfig, backend: str) -> Plan:
     Raises HookError naming the backend that failed and what to try instead.
     """
     the_plan = plan(hooks, queue, backend)
-    if backend != "nft":
-        _remove_stale_iptables(backend, the_plan)
+    if backend != "nft":            # chains an earlier policy had and this one has not
+        _remove_iptables(backend, keep=the_plan.jumps)
     for argv, stdin in the_plan.scripts:
         result = _run(argv, stdin)
         if result.returncode != 0:
@@ -76,22 +76,6 @@ def install(hooks: Sequence[Hook], queue: QueueConfig, backend: str) -> Plan:
             if result.returncode != 0:
                 raise HookError(_explain_failure(backend, jump, result))
     return the_plan
-
-
-def _remove_stale_iptables(backend: str, new_plan: Plan) -> None:
-    """Chains of an earlier policy that the new one no longer has: unhook and delete."""
-    wanted = set(new_plan.jumps)
-    used = {(tool, table) for tool, table, _, _ in wanted}
-    variant = backend.split("-", 1)[1]
-    for family in ("iptables", "ip6tables"):
-        tool = f"{family}-{variant}"
-        for chain, (table, builtin) in _IPT_PLACE.items():
-            jump = (tool, table, builtin, chain_name(chain))
-            if jump not in wanted:
-                _remove_chain(*jump)
-        for table in sorted({table for table, _ in _IPT_PLACE.values()}):
-            if (tool, table) not in used:       # e.g. ip6tables after family both -> ipv4
-                _remove_helper_chain(tool, table, OFFLOAD_CHAIN)
 
 
 def _family_of(tool: str) -> str:
@@ -113,12 +97,14 @@ def table_exists(tool: str, table: str) -> bool:
     return _run(["nft", "list", "table", family, table]).returncode == 0
 
 
-def _remove_chain(tool: str, table: str, builtin: str, chain: str) -> bool:
-    """Delete every jump to `chain`, then the chain. True if anything existed."""
+def _remove_chain(tool: str, table: str, chain: str, builtin: Optional[str] = None) -> bool:
+    """Delete every jump from `builtin` to `chain` (a helper chain has none
+    left: only ipqd's own chains jump to it), then the chain. True if it
+    existed."""
     base = [tool, "-w", "-t", table]
     if not table_exists(tool, table) or _run(base + ["-n", "-L", chain]).returncode != 0:
         return False
-    while _run(base + ["-D", builtin, "-j", chain]).returncode == 0:
+    while builtin and _run(base + ["-D", builtin, "-j", chain]).returncode == 0:
         pass
     _run(base + ["-F", chain])
     _run(base + ["-X", chain])
@@ -133,28 +119,29 @@ def remove(backend: str) -> List[str]:
             _run(["nft", "delete", "table", "inet", NFT_TABLE])
             removed.append(f"nft table inet {NFT_TABLE}")
         return removed
+    return _remove_iptables(backend)
+
+
+def _remove_iptables(backend: str, keep: Sequence[Tuple[str, str, str, str]] = ()) -> List[str]:
+    """Remove ipqd's iptables chains of `backend` but the jumps in `keep`
+    (tool, table, builtin, chain), and the offload chain of each table no
+    kept jump uses (e.g. ip6tables' after a policy leaves IPv6). What was
+    removed."""
+    removed = []
+    used = {(tool, table) for tool, table, _, _ in keep}
     variant = backend.split("-", 1)[1]
     for family in ("iptables", "ip6tables"):
         tool = f"{family}-{variant}"
         if shutil.which(tool) is None:
             continue
         for chain, (table, builtin) in _IPT_PLACE.items():
-            if _remove_chain(tool, table, builtin, chain_name(chain)):
-                removed.append(f"{tool} -t {table} {chain_name(chain)}")
+            jump = (tool, table, builtin, chain_name(chain))
+            if jump not in keep and _remove_chain(tool, table, jump[3], builtin):
+                removed.append(f"{tool} -t {table} {jump[3]}")
         for table in sorted({table for table, _ in _IPT_PLACE.values()}):
-            if _remove_helper_chain(tool, table, OFFLOAD_CHAIN):
+            if (tool, table) not in used and _remove_chain(tool, table, OFFLOAD_CHAIN):
                 removed.append(f"{tool} -t {table} {OFFLOAD_CHAIN}")
     return removed
-
-
-def _remove_helper_chain(tool: str, table: str, chain: str) -> bool:
-    """Delete a chain only ipqd's own chains jump to (they are gone by now)."""
-    base = [tool, "-w", "-t", table]
-    if not table_exists(tool, table) or _run(base + ["-n", "-L", chain]).returncode != 0:
-        return False
-    _run(base + ["-F", chain])
-    _run(base + ["-X", chain])
-    return True
 
 
 def probe_nft_queue() -> Tuple[bool, str]:

@@ -44,6 +44,7 @@ class WorkerHandle:
         self.stats: Dict[str, int] = {}
         self.carried: Optional[dict] = None     # its latest counters, for a restart
         self.failure = ""                       # why it said it cannot go on
+        self.reported_dead = False              # a hand-over was told it died
         self.started = self.seen = time.monotonic()
 
     def take(self) -> Tuple[bool, List[object]]:

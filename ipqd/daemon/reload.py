@@ -19,7 +19,6 @@ from ipqd.daemon.handover import (RUNNING, SUCCESSOR, CallOff, Died, Done, HandO
                                   KeptPrevious, Message, Promote, Recover, Retire, SendTo,
                                   StopAsked, TimedOut)
 from ipqd.daemon.loading import LoadedPolicy, load_in_child, read_hint
-from ipqd.daemon.messages import RECOVER
 from ipqd.daemon.decision_log import LOG_ERR, LOG_INFO
 from ipqd.daemon.pool import WorkerHandle
 from ipqd.errors import HookError, PolicyRefused, ProtocolError, ReloadCalledOff, StartupError
@@ -166,7 +165,7 @@ class Reloader:
         """What happened since the last look, as the machine's events."""
         events: List[object] = []
         _wait_readable([h.conn for h in list(successors.values()) + list(running.values())
-                        if not getattr(h, "reported_dead", False)], 0.05)
+                        if not h.reported_dead], 0.05)
         for role, handles in ((SUCCESSOR, successors), (RUNNING, running)):
             for index, handle in sorted(handles.items()):
                 if handle.conn.poll():
@@ -175,7 +174,7 @@ class Reloader:
                     alive, said = handle.process.is_alive(), []
                 messages = [Message(role, index, m) for m in said]
                 died = []
-                if not alive and not getattr(handle, "reported_dead", False):
+                if not alive and not handle.reported_dead:
                     handle.reported_dead = True
                     died = [Died(role, index)]
                 # A successor that is gone is known to be before any hand-over
@@ -219,15 +218,13 @@ class Reloader:
         return None
 
     def recover_slot(self, worker: WorkerHandle) -> None:
-        """The running worker died before it stopped reading: a worker that
-        recovers its socket decides again what it left unanswered."""
+        """The running worker died (or fell silent) before it stopped reading:
+        it is ended, and the pool restarts the slot as for any dead worker,
+        with a worker that recovers its socket and decides again what it
+        left unanswered."""
         worker.stop()
-        self.daemon.log.event(f"ipqd: worker {worker.index} did not hand over; restarting it",
-                              LOG_ERR, IPQD_EVENT="worker-died")
-        pool = self.daemon.pool
-        pool.workers.pop(worker.index, None)
-        handle = pool.spawn(worker.index, len(pool.workers) + 1, worker.queues, RECOVER)
-        pool.hand_counters(handle, worker.carried)
+        worker.failure = worker.failure or "it did not hand its socket over"
+        self.daemon.pool.died(worker)
 
 
 def _share_cpus(old: WorkerHandle, new: WorkerHandle) -> None:

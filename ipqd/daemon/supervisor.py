@@ -57,6 +57,7 @@ class Daemon:
         self.watchdog = watchdog_interval()           # seconds between pings, or None
         self.last_ping = 0.0
         self.last_reload_error = ""
+        self.notify_failed = False                    # said once (tell_systemd)
         self.reloader = Reloader(self)
 
     @property
@@ -166,8 +167,8 @@ class Daemon:
     def tell_systemd(self, state: str) -> None:
         """sd_notify; a failed send is said once (a Type=notify start would
         otherwise time out with no reason)."""
-        if not notify(state) and not getattr(self, "_notify_failed", False):
-            self._notify_failed = True
+        if not notify(state) and not self.notify_failed:
+            self.notify_failed = True
             self.log.event(f"ipqd: cannot notify systemd ({state.splitlines()[0]})", LOG_ERR,
                            IPQD_EVENT="notify-failed")
 

@@ -320,7 +320,7 @@ def _queue_settings(policy: Policy) -> dict:
 def _not_after(packet_id: int, other: int) -> bool:
     """Whether packet id `packet_id` came no later than `other`, as the
     kernel compares them (ids wrap at 2**32)."""
-    return ((packet_id - other) & 0xFFFFFFFF) == 0 or ((other - packet_id) & 0xFFFFFFFF) < 1 << 31
+    return ((other - packet_id) & 0xFFFFFFFF) < 1 << 31
 
 
 def _settle_heap() -> None:
@@ -333,8 +333,6 @@ def _settle_heap() -> None:
     """
     gc.freeze()
     gc.enable()
-
-
 
 
 def worker_main(config: WorkerConfig, pickled_policy: bytes, conn, sock_fd: int,

@@ -285,6 +285,7 @@ def test_a_worker_that_dies_before_it_stops_reading_is_recovered_on_its_socket(t
             if isinstance(message, HandOver):
                 process.alive = False
     daemon.pool.workers = {0: WorkerHandle(0, process, DyingConn(), {0: None})}
+    daemon.pool.sockets = {0: None}         # the slot's socket, held by the supervisor
     started = []
 
     def spawn(index, count, queues, mode="bind"):

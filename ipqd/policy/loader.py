@@ -98,21 +98,22 @@ def loads(text: str, path: str = "<string>", every_problem: bool = False) -> Pol
 
 def fragment_paths(path: str) -> List[str]:
     """The policy.d fragments `load` reads for `path`, in the order it reads them."""
-    directory = os.path.join(os.path.dirname(path), FRAGMENT_DIR)
-    if not os.path.isdir(directory):
-        return []
-    return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
-            if name.endswith(".yaml") and not name.startswith(".")]
+    return [name for name in _policy_d(path) if name.endswith(".yaml")]
 
 
 def skipped_fragments(path: str) -> List[str]:
     """The files in policy.d that `load` does not read (hidden ones aside):
     a `20-web.yml` there is most likely meant to be read."""
+    return [name for name in _policy_d(path) if not name.endswith(".yaml")]
+
+
+def _policy_d(path: str) -> List[str]:
+    """The paths of policy.d's entries beside `path`, sorted, hidden ones aside."""
     directory = os.path.join(os.path.dirname(path), FRAGMENT_DIR)
     if not os.path.isdir(directory):
         return []
     return [os.path.join(directory, name) for name in sorted(os.listdir(directory))
-            if not name.endswith(".yaml") and not name.startswith(".")]
+            if not name.startswith(".")]
 
 
 class _Loader:

@@ -20,6 +20,7 @@ how (`__reduce__`).
       NotIP             a captured frame that holds no IP packet
       DescriptionError  a packet description that cannot be read (`ipqd explain`)
       IpqError          a libipq call failed (ipqd.tools.ipq)
+      SetError          a dynamic set change that cannot be made (ipqd set)
 """
 from __future__ import annotations
 
@@ -152,6 +153,15 @@ class CaptureError(IpqdError):
 
 class NotIP(IpqdError):
     """The captured frame carries no IP packet; the text says what it carries instead."""
+
+
+class SetError(IpqdError):
+    """A dynamic set entry or change that cannot be used: not an address or
+    network, an unknown set, a full set. The message says what to do."""
+
+    @property
+    def message(self) -> str:
+        return self.args[0]
 
 
 class DescriptionError(IpqdError):

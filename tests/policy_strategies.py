@@ -8,6 +8,7 @@ import random
 
 from hypothesis import strategies as st
 
+from ipqd.decision.address_set import parse_entry
 from ipqd.decision.compiler import compile_policy
 from ipqd.decision.packet import PacketView
 from ipqd.policy.model import (CT_STATES, FRAGMENTS, AddrMatch, Default, IfaceMatch, MarkMatch,
@@ -47,8 +48,16 @@ def ranges(values):
                      .map(tuple), st.booleans())
 
 
-addr_matches = st.builds(AddrMatch, st.lists(st.sampled_from(NETWORKS), min_size=1, max_size=3)
-                         .map(tuple), st.booleans())
+# Dynamic sets: their names in matches, their entries drawn apart and changed
+# between packets (assert_agrees).
+DYNAMIC = ["dyn_a", "dyn_b"]
+static_addr_matches = st.builds(AddrMatch, st.lists(st.sampled_from(NETWORKS), min_size=1,
+                                                    max_size=3).map(tuple), st.booleans())
+dynamic_addr_matches = st.builds(AddrMatch, st.lists(st.sampled_from(NETWORKS), max_size=2)
+                                 .map(tuple), st.booleans(),
+                                 st.lists(st.sampled_from(DYNAMIC), min_size=1, max_size=2,
+                                          unique=True).map(tuple))
+addr_matches = st.one_of(static_addr_matches, static_addr_matches, dynamic_addr_matches)
 iface_matches = st.builds(IfaceMatch, st.lists(st.sampled_from(IFACE_PATTERNS), min_size=1,
                                                max_size=2).map(tuple), st.booleans())
 FLAG_MASKS = [(0x02, 0x02), (0x12, 0x02), (0x12, 0x12), (0x17, 0x02), (0x04, 0x04),
@@ -155,6 +164,9 @@ def random_match(rng: random.Random, address_bias: bool = False) -> Match:
                           rng.random() < 0.3)
 
     def pick_addr():
+        if rng.random() < 0.2:
+            return AddrMatch(tuple(rng.choice(NETWORKS) for _ in range(rng.randint(0, 2))),
+                             rng.random() < 0.25, tuple(rng.sample(DYNAMIC, rng.randint(1, 2))))
         return AddrMatch(tuple(rng.choice(NETWORKS) for _ in range(rng.randint(1, 3))),
                          rng.random() < 0.25)
 
@@ -194,10 +206,26 @@ def random_policy(rng: random.Random, count: int, address_bias: bool = False) ->
                   default=Default(action=rng.choice(["accept", "drop"])))
 
 
-def assert_agrees(policy, packets):
+def assert_agrees(policy, packets, seed: int = 0):
+    """The matcher and the reference agree on every packet, while the
+    dynamic sets' entries change between packets (the same on both sides)."""
     matcher = compile_policy(policy)
-    reference = Reference(policy)
+    contents = {name: set() for name in DYNAMIC}
+    reference = Reference(policy, contents)
+    rng = random.Random(seed)
     for n, view in enumerate(packets):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            name, net = rng.choice(DYNAMIC), rng.choice(NETWORKS)
+            store = matcher.sets.get(name)
+            entry = parse_entry(str(net))
+            if net in contents[name]:
+                contents[name].discard(net)
+                if store is not None:
+                    store.discard(entry)
+            else:
+                contents[name].add(net)
+                if store is not None:
+                    store.add(entry)
         decision = matcher.decide(view, now=float(n))
         expected_index, expected_action = reference.decide(view, now=float(n))
         assert decision.rule_index == expected_index, (view, policy.rules[:expected_index + 1])

@@ -35,14 +35,16 @@ class Bucket:
 class Reference:
     """Evaluates a policy rule by rule. `decide` returns (rule index or -1, action)."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, sets: Optional[dict] = None):
         self.policy = policy
+        # The dynamic sets' entries: name -> ipaddress networks (the caller changes them).
+        self.sets = sets if sets is not None else {}
         self.buckets = [Bucket(r.rate.per_second, r.rate.burst) if r.rate else None
                         for r in policy.rules]
 
     def decide(self, view, now: float = 0.0):
         for index, rule in enumerate(self.policy.rules):
-            if not matches(rule.match, view):
+            if not matches(rule.match, view, self.sets):
                 continue
             bucket = self.buckets[index]
             if bucket is not None:
@@ -53,7 +55,7 @@ class Reference:
         return -1, self.policy.default.action
 
 
-def matches(m, view) -> bool:
+def matches(m, view, sets=None) -> bool:
     """Whether Match `m` matches the packet view, field by field."""
     if m.malformed != view.malformed:
         return False
@@ -63,7 +65,8 @@ def matches(m, view) -> bool:
         return False
     for field in ("src", "dst"):
         addr = getattr(m, field)
-        if addr is not None and not address_matches(addr, view.family, getattr(view, field)):
+        if addr is not None and not address_matches(addr, view.family, getattr(view, field),
+                                                    sets):
             return False
     for field in ("sport", "dport", "uid", "gid"):
         ranges = getattr(m, field)
@@ -101,11 +104,18 @@ def matches(m, view) -> bool:
     return True
 
 
-def address_matches(addr, family, value) -> bool:
-    """Only packets of the networks' families can match, negated or not."""
+def address_matches(addr, family, value, sets=None) -> bool:
+    """Only packets of the networks' families can match, negated or not; a
+    dynamic set may hold either family, whatever it holds now."""
     if value is None or family is None:
         return False
     networks = [n for n in addr.networks if n.version == family]
+    if addr.dynamic:
+        ip = ipaddress.ip_address(value) if family == 4 else ipaddress.IPv6Address(value)
+        inside = any(ip in n for n in networks) or any(
+            ip in n for name in addr.dynamic for n in (sets or {}).get(name, ())
+            if n.version == family)
+        return inside != addr.negate
     if not networks:
         return False
     ip = ipaddress.ip_address(value) if family == 4 else ipaddress.IPv6Address(value)

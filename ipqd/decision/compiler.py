@@ -47,6 +47,7 @@ from functools import lru_cache
 from operator import attrgetter
 from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from ipqd.decision.address_set import AddressSet
 from ipqd.decision.packet import MALFORMED
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
@@ -177,6 +178,28 @@ def _in_networks(attr: str, match: AddrMatch) -> Check:
     return check
 
 
+def _in_networks_or_sets(attr: str, match: AddrMatch, stores: Tuple[AddressSet, ...]) -> Check:
+    """As _in_networks, with the dynamic sets' entries looked up as the packet
+    comes (their contents change while the matcher runs); either family."""
+    get = _getter(attr)
+    tables = prefix_tables(match.networks)
+    negate = match.negate
+
+    def check(view) -> bool:
+        address = get(view)
+        if address is None:
+            return False
+        family = view.family
+        for shift, keys in tables.get(family, ()):
+            if (address >> shift) in keys:
+                return not negate
+        for store in stores:
+            if store.contains(family, address):
+                return not negate
+        return negate
+    return check
+
+
 def _iface(attr: str, match: IfaceMatch) -> Check:
     get = _getter(attr)
     exact = frozenset(p for p in match.patterns if not _is_glob(p))
@@ -231,8 +254,9 @@ def _families(match: Match) -> frozenset:
     return families
 
 
-def _checks(match: Match, skip: frozenset,
-            made: Dict[tuple, object]) -> Tuple[Tuple[Check, ...], Tuple[str, ...]]:
+def _checks(match: Match, skip: frozenset, made: Dict[tuple, object],
+            stores: Optional[Dict[str, AddressSet]] = None
+            ) -> Tuple[Tuple[Check, ...], Tuple[str, ...]]:
     """The checks for every tested field not in `skip`, cheapest first, and
     the field (policy word) each one reads.
 
@@ -277,8 +301,12 @@ def _checks(match: Match, skip: frozenset,
         if value is not None:
             add(field, _iface, attr, value)
     for attr in ("src", "dst"):
-        if getattr(m, attr) is not None:
-            add(attr, _in_networks, attr, getattr(m, attr))
+        addr = getattr(m, attr)
+        if addr is not None and addr.dynamic:
+            add(attr, _in_networks_or_sets, attr, addr,
+                tuple((stores or {})[name] for name in addr.dynamic))
+        elif addr is not None:
+            add(attr, _in_networks, attr, addr)
     fields = tuple(names)
     return tuple(out), made.setdefault(("fields", fields), fields)
 
@@ -300,10 +328,10 @@ class _Compiled:
     __slots__ = ("checks", "full_checks", "fields", "bucket", "decision")
 
     def __init__(self, index: int, rule: Rule, default_log: bool, exact: bool,
-                 made: Dict[tuple, object]):
+                 made: Dict[tuple, object], stores: Dict[str, AddressSet]):
         m = rule.match
-        self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made)[0]
-        self.full_checks, self.fields = _checks(m, frozenset(), made)
+        self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made, stores)[0]
+        self.full_checks, self.fields = _checks(m, frozenset(), made, stores)
         self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
@@ -335,7 +363,8 @@ class _Candidates:
     def _split(self, rules: Sequence[Rule], family: int) -> None:
         def positive(i: int, attr: str) -> bool:
             addr = getattr(rules[i].match, attr)
-            return addr is not None and not addr.negate and family in addr.families
+            return addr is not None and not addr.negate and not addr.dynamic \
+                and family in addr.families
         counts = {attr: sum(positive(i, attr) for i in self.order) for attr in ("src", "dst")}
         attr = max(counts, key=counts.get)
         if counts[attr] * 2 < len(self.order):
@@ -405,7 +434,12 @@ class Matcher:
         rules = policy.rules
         exact = [_exact_dports(rule.match) for rule in rules]
         made: Dict[tuple, object] = {}
-        self._compiled = [_Compiled(i, rule, default.log, exact[i] is not None, made)
+        # The dynamic sets, empty until their entries come (Engine.change_set).
+        self.sets: Dict[str, AddressSet] = {s.name: AddressSet(s.name, s.max)
+                                            for s in policy.sets}
+        for name in policy.dynamic_sets() - set(self.sets):     # a policy made without its sets
+            self.sets[name] = AddressSet(name)
+        self._compiled = [_Compiled(i, rule, default.log, exact[i] is not None, made, self.sets)
                           for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
         self.rated = False                           # see decide
@@ -681,7 +715,14 @@ def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     m = rule.match
     logs = rule.log if rule.log is not None else default_log
     return (rule.offload and rule.rate is None and not logs and rule.set_mark is None
-            and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
+            and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"}
+            and not reads_dynamic(m))
+
+
+def reads_dynamic(match: Match) -> bool:
+    """Whether the match looks up a dynamic set: its answer may change
+    within a flow, so neither it nor anything it could shadow is offloaded."""
+    return any(addr is not None and addr.dynamic for addr in (match.src, match.dst))
 
 
 def _holds_for(ct_state: Optional[frozenset], later: frozenset) -> bool:
@@ -693,7 +734,8 @@ def _stable(rule: Rule, later: frozenset) -> bool:
     m = rule.match
     if m.malformed:
         return True             # later packets are well formed (conntrack checks them)
-    if rule.rate is not None or not m.fields() <= FLOW_FIELDS | {"ct_state"}:
+    if rule.rate is not None or not m.fields() <= FLOW_FIELDS | {"ct_state"} \
+            or reads_dynamic(m):
         return False
     ct = m.ct_state
     return ct is None or later <= ct or not later & ct
@@ -743,7 +785,7 @@ def _ranges_apart(x: Optional[RangeMatch], y: Optional[RangeMatch]) -> bool:
 
 
 def _networks_apart(x: Optional[AddrMatch], y: Optional[AddrMatch]) -> bool:
-    if x is None or y is None or x.negate or y.negate:
+    if x is None or y is None or x.negate or y.negate or x.dynamic or y.dynamic:
         return False
     return not any(n.version == m.version and n.overlaps(m)
                    for n in x.networks for m in y.networks)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Optional
 
+from ipqd.decision.address_set import load_snapshot
 from ipqd.decision.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
 from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
@@ -132,6 +133,30 @@ class Engine:
             self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                 decision.rule_index, decision.log))
         return verdict
+
+    def change_set(self, name: str, op: str, entries=()) -> None:
+        """A dynamic set's change, as the supervisor sends it: `add` or `del`
+        these entries, `flush` the set, `load` it whole (a snapshot, see
+        ipqd.decision.address_set.snapshot). Every cached verdict is
+        forgotten, since the set may have decided it. A set this policy
+        does not have is ignored (its change raced a reload)."""
+        store = self.matcher.sets.get(name)
+        if store is None:
+            return
+        if op == "add":
+            for entry in entries:
+                store.add(entry)
+        elif op == "del":
+            for entry in entries:
+                store.discard(entry)
+        elif op == "flush":
+            store.clear()
+        elif op == "load":
+            store.clear()
+            load_snapshot(store, entries)
+        else:
+            raise ValueError(f"unknown set change {op!r}")
+        self.cache.invalidate()
 
     def settle(self, at_least: int = 0) -> None:
         """Add the cache's hits since the last call to the totals, as `decide`

@@ -340,6 +340,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
     hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
     read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
     exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
+    cache.layers.append(exact_hits)                   # emptied with the cache (invalidate)
     id_at = plan.layout.offsets["packet_id"][0]       # every packet message carries its id
 
     def take(views, lengths) -> Tuple[List[int], List[int]]:
@@ -420,6 +421,10 @@ class VerdictCache:
         self.hits = 0
         self.misses = 0
         self.flushes = 0
+        self.invalidations = 0
+        # Dicts in front of `entries` that hold its entries too (the
+        # exact-match layer): emptied with it when its verdicts go stale.
+        self.layers: List[dict] = []
 
     def store(self, key: tuple, entry: CachedVerdict) -> None:
         entries = self.entries
@@ -428,6 +433,15 @@ class VerdictCache:
             entries.clear()
             self.flushes += 1
         entries[key] = entry
+
+    def invalidate(self) -> None:
+        """Forget every verdict, in place (the readers hold these dicts): a
+        dynamic set changed, and a kept verdict might no longer be the
+        policy's. The hits not yet counted stay in `touched`."""
+        self.entries.clear()
+        for layer in self.layers:
+            layer.clear()
+        self.invalidations += 1
 
     def stats(self) -> Dict[str, int]:
         return {"cache_hits": self.hits, "cache_misses": self.misses,

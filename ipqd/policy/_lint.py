@@ -109,7 +109,7 @@ class _Group:
     def add(self, index: int, match: Match) -> None:
         self.everything.append(index)
         test = getattr(match, self.attr) if self.attr else None
-        if test is None or test.negate:
+        if test is None or test.negate or getattr(test, "dynamic", ()):
             self.rest.append(index)
         elif self.ports:
             if any(low != high for low, high in test.ranges):
@@ -126,7 +126,7 @@ class _Group:
     def candidates(self, match: Match, lists: List[List[int]]) -> int:
         """Adds the lists of rules that could cover `match`; returns the lookups made."""
         test = getattr(match, self.attr) if self.attr else None
-        if test is None or test.negate:
+        if test is None or test.negate or getattr(test, "dynamic", ()):
             lists.append(self.rest)
             return 1
         if self.ports:
@@ -199,6 +199,8 @@ def _subset(a: frozenset, b: frozenset) -> bool:
 
 
 def _addresses(a: AddrMatch, b: AddrMatch) -> bool:
+    if a.dynamic or b.dynamic:      # what a dynamic set holds is known only at run time
+        return a == b
     if a.negate or b.negate:
         return a.negate == b.negate and set(a.networks) == set(b.networks)
     return all(any(n.version == m.version and n.subnet_of(m) for m in a.networks)

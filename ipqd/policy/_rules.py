@@ -21,7 +21,8 @@ from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scal
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
     ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTOCOL_NAMES, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
+    PROTO_TCP, PROTOCOL_NAMES, AddrMatch, DynamicSet, IfaceMatch, Match, Position, RangeMatch,
+    Rate, Rule,
 )
 
 ID_MAX = 0xFFFFFFFE                 # (uid_t)-1 means "no id" to the kernel
@@ -42,6 +43,7 @@ class SetDef:
     values: tuple
     node: yaml.Node
     where: Where
+    dynamic: Optional[DynamicSet] = None    # a set whose entries change at run time
 
 
 @dataclass
@@ -150,12 +152,14 @@ def _addresses(ctx, key, node):
     negate, texts = _negated(ctx, node, items, field)
     if negate is None:
         return None
-    networks, ok = [], True
+    networks, dynamic, ok = [], [], True
     for item, written in zip(items, texts):
         if written.startswith("@"):
             found = ctx.set_values(item, written, "address", field)
             ok = ok and found is not None
             networks.extend(found or ())
+            if found is not None and ctx.sets[written[1:]].dynamic is not None:
+                dynamic.append(written[1:])
             continue
         try:
             network, warning = values.parse_network(written)
@@ -166,7 +170,8 @@ def _addresses(ctx, key, node):
         if warning:
             ctx.where.warn(item, warning)
         networks.append(network)
-    return AddrMatch(tuple(dict.fromkeys(networks)), negate) if ok else None
+    return AddrMatch(tuple(dict.fromkeys(networks)), negate,
+                     tuple(dict.fromkeys(dynamic))) if ok else None
 
 
 def _ranges(ctx, key, node, what, low, high, example, set_kind=None, names=None):

@@ -12,6 +12,7 @@ when a rule names a user or group).
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -29,6 +30,7 @@ from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
+from ipqd.policy._sets import parse_set_file, read_mapping
 from ipqd.policy._values import one_of
 from ipqd.policy._yamlsafe import TAG_PROBLEM_STARTS, compose, read_text
 from ipqd.policy.model import (
@@ -258,8 +260,35 @@ class _Loader:
                 where.error(name_node, f"set '{name}' is already defined "
                                        f"({_place(first.where.path, first.node, where.path)})")
                 continue
+            if isinstance(value, yaml.MappingNode):
+                self.sets[name] = self._set_mapping(where, name, name_node, value)
+                continue
             kind, members = self._set_items(where, name, value)
             self.sets[name] = SetDef(name, kind, members, name_node, where)
+
+    def _set_mapping(self, where: Where, name: str, name_node: yaml.Node,
+                     node: yaml.MappingNode) -> SetDef:
+        """A set from a file, or a dynamic one (ipqd.policy._sets)."""
+        read = read_mapping(where, name, node)
+        if not read.ok:
+            return SetDef(name, None, (), name_node, where)
+        if read.dynamic is not None:
+            return SetDef(name, "address", (), name_node, where, dynamic=read.dynamic)
+        file_node, written = read.file
+        path = os.path.join(os.path.dirname(where.path), written)
+        try:
+            content = read_set_file(path)
+        except OSError as e:
+            where.error(file_node, f"set '{name}': cannot read {path}: {e.strerror}")
+            return SetDef(name, None, (), name_node, where)
+        except UnicodeDecodeError as e:
+            where.error(file_node, f"set '{name}': {path} is not UTF-8 text ({e.reason} at "
+                                   f"byte {e.start})")
+            return SetDef(name, None, (), name_node, where)
+        if path not in self.sources:
+            self.sources.append(path)
+        kind, members = parse_set_file(path, content, name, read.kind, self.problems)
+        return SetDef(name, kind, members, name_node, where)
 
     def _set_items(self, where: Where, name: str, node: yaml.Node):
         """(kind, members) of a set; kind None when the set is not usable."""
@@ -341,8 +370,9 @@ class _Loader:
         queue = _conntrack(where, queue, items.get("queue"), parsed)
         if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
             return None
+        dynamic = tuple(s.dynamic for s in self.sets.values() if s.dynamic is not None)
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
-                      logging=logging, rules=tuple(p.rule for p in parsed))
+                      logging=logging, rules=tuple(p.rule for p in parsed), sets=dynamic)
 
 
 # --- the main file's sections --------------------------------------------------
@@ -560,6 +590,18 @@ _HOOK_PARSERS = {
 
 
 # --- helpers ---------------------------------------------------------------------
+
+SET_FILE_MAX_BYTES = 64 << 20       # a million IPv6 networks and their comments
+
+
+def read_set_file(path: str) -> str:
+    """A set file's text; OSError (EFBIG past SET_FILE_MAX_BYTES) when it cannot be read."""
+    with open(path, "rb") as f:
+        data = f.read(SET_FILE_MAX_BYTES + 1)
+    if len(data) > SET_FILE_MAX_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {SET_FILE_MAX_BYTES >> 20} MiB")
+    return data.decode("utf-8")
+
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")

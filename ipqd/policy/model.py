@@ -81,9 +81,14 @@ class AddrMatch:
     """
     networks: Tuple[IPNetwork, ...]
     negate: bool = False
+    # Dynamic sets (`@name` of a set with `dynamic: true`): their entries
+    # change while ipqd runs, so the matcher looks them up per packet.
+    dynamic: Tuple[str, ...] = ()
 
     @property
     def families(self) -> frozenset:
+        if self.dynamic:            # a dynamic set may hold either family
+            return frozenset((4, 6))
         return frozenset(n.version for n in self.networks)
 
 
@@ -238,6 +243,18 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, **_SLOTS)
+class DynamicSet:
+    """A set whose entries (addresses and networks, either family) are
+    added and deleted while ipqd runs (`ipqd set`), each with an optional
+    timeout. `timeout`: seconds an entry lives unless its add says
+    otherwise (None: until deleted); `max`: entries it may hold."""
+    name: str
+    timeout: Optional[float] = None
+    max: int = 65536
+    position: Optional[Position] = None
+
+
+@dataclass(frozen=True, **_SLOTS)
 class Policy:
     path: str
     version: int = 1
@@ -246,8 +263,14 @@ class Policy:
     default: Default = field(default_factory=Default)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     rules: Tuple[Rule, ...] = ()
+    sets: Tuple[DynamicSet, ...] = ()               # the dynamic sets (static ones are in the rules)
     sources: Tuple[str, ...] = ()                   # every file read, main file first
     warnings: Tuple = ()                            # PolicyError objects of severity warning
+
+    def dynamic_sets(self) -> frozenset:
+        """The names of the dynamic sets some rule reads."""
+        return frozenset(name for rule in self.rules for addr in (rule.match.src, rule.match.dst)
+                         if addr is not None for name in addr.dynamic)
 
     def fields(self) -> frozenset:
         """Every packet field some rule reads: what the packet view must parse."""

@@ -41,6 +41,9 @@ def _add_run(sub) -> None:
                      help="where decisions go (auto: journald under systemd, else stderr)")
     run.add_argument("--state-dir", default="/run/ipqd",
                      help="where ipqd notes which backend holds its rules")
+    run.add_argument("--sets-file", default=None, metavar="PATH",
+                     help="where the dynamic sets' entries are kept (default: sets.json in "
+                          "$STATE_DIRECTORY, else /var/lib/ipqd/sets.json)")
     run.add_argument("--no-batch", action="store_true",
                      help="one verdict message per packet instead of batch verdicts")
     run.add_argument("--no-cache", action="store_true",

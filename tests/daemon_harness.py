@@ -22,7 +22,8 @@ class RunningIpqd:
         self.lines: List[str] = []
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", host.name, IPQD, "run", "--policy", policy,
-             "--log-target", "stderr", "--state-dir", state_dir, *extra],
+             "--log-target", "stderr", "--state-dir", state_dir,
+             "--sets-file", os.path.join(state_dir, "sets.json"), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             **popen_args)
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -8,6 +8,7 @@
   child        starting a child interpreter (isolated) and its Channel
   worker       one worker: a queue socket answering every packet
   notify       systemd's notification socket and watchdog
+  sets         the dynamic sets: their entries on disk, told to every worker
 """
 from ipqd.daemon.loading import LoadedPolicy, load_in_child
 from ipqd.daemon.pool import WorkerHandle

@@ -7,7 +7,7 @@ name. A worker's messages follow WORKER_ORDER, the way h11 declares its
 connection states: `WorkerPhase.accept` moves a worker's phase on, and a
 message out of order, or of no known type, raises ProtocolError.
 
-    supervisor -> worker:  Stop, HandOver, Go, TakeOver, AskCounters
+    supervisor -> worker:  Stop, HandOver, Go, TakeOver, AskCounters, SetChange
     worker -> supervisor:  Ready, Failed, Compiled, Stats, Counters, Stopped, Handed
     loader -> supervisor:  Loaded, Refused, Unreadable
 """
@@ -38,6 +38,9 @@ class WorkerConfig:
     rcvbuf: int = 8 << 20
     batch: bool = True
     cache: bool = True                            # the verdict cache (ipqd.decision.verdict_cache)
+    # The dynamic sets' entries at its start: name -> ipqd.decision.address_set
+    # snapshot; SetChange messages follow for every change after it.
+    sets: Optional[dict] = None
 
 
 # ---------------------------------------------------------------- to a worker
@@ -68,6 +71,15 @@ class TakeOver:
 @dataclass(frozen=True)
 class AskCounters:
     """Answer with Counters."""
+
+
+@dataclass(frozen=True)
+class SetChange:
+    """A dynamic set changed (ipqd.daemon.sets): `op` add or del `entries`
+    (ipqd.decision.address_set entries), or flush the set."""
+    name: str
+    op: str
+    entries: tuple = ()
 
 
 # ---------------------------------------------------------------- from a worker
@@ -188,7 +200,7 @@ class WorkerPhase:
         self.phase = following
 
 
-TO_WORKER: FrozenSet[type] = frozenset({Stop, HandOver, Go, TakeOver, AskCounters})
+TO_WORKER: FrozenSet[type] = frozenset({Stop, HandOver, Go, TakeOver, AskCounters, SetChange})
 FROM_LOADER: FrozenSet[type] = frozenset({Loaded, Refused, Unreadable})
 
 

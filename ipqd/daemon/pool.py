@@ -101,6 +101,8 @@ class WorkerPool:
         self.failures: Dict[int, int] = {}                  # slot -> quick failures in a row
         self.restarts: Dict[int, tuple] = {}                # slot -> (due, queues, carried)
         self.retiring: List[Tuple[float, WorkerHandle]] = []
+        # The dynamic sets' entries a new worker starts with (ipqd.daemon.sets).
+        self.sets_snapshot: Callable[[], Optional[dict]] = lambda: None
 
     # ------------------------------------------------------------ starting
 
@@ -118,7 +120,7 @@ class WorkerPool:
                 self.sockets[index] = sock
             fd = self.sockets[index].fileno()
             config = WorkerConfig(index, count, queues, self.target, batch=self.batch,
-                                  cache=self.cache)
+                                  cache=self.cache, sets=self.sets_snapshot())
             process = child.start("worker", config, fd, mode, payload=self.pickled, fds=(fd,))
         except OSError as error:
             raise StartupError(f"ipqd: cannot start worker {index}: {error}")

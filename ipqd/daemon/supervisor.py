@@ -29,6 +29,7 @@ from ipqd.daemon.loading import LoadedPolicy, load_in_child, read_hint
 from ipqd.daemon.notify import notify, watchdog_interval
 from ipqd.daemon.pool import WorkerHandle, WorkerPool
 from ipqd.daemon.reload import REPLY_TIMEOUT, Reloader
+from ipqd.daemon.sets import SetKeeper, sets_path, send_to
 from ipqd.decision.compiler import UNDECIDABLE_NAME
 from ipqd.errors import HookError, PolicyRefused, ReloadCalledOff, StartupError
 from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_UNREADABLE
@@ -59,6 +60,10 @@ class Daemon:
         self.last_reload_error = ""
         self.notify_failed = False                    # said once (tell_systemd)
         self.reloader = Reloader(self)
+        # Dynamic sets: the supervisor's copy, on disk, told to each worker.
+        self.sets = SetKeeper(sets_path(getattr(args, "sets_file", None)), self.log,
+                              send_to(lambda: self.pool.workers))
+        self.pool.sets_snapshot = self.sets.snapshots
 
     @property
     def workers(self) -> Dict[int, WorkerHandle]:
@@ -99,6 +104,7 @@ class Daemon:
             raise StartupError(f"ipqd: cannot read policy {error.filename or self.path}: "
                                f"{error.strerror}{read_hint(error)}", EXIT_UNREADABLE)
         self.keep(loaded)
+        self.sets.restore()
         self.log_warnings(self.policy)
         # The queues are bound before any hook points at them, and hooks are
         # touched only by the one instance that holds the lock: an instance
@@ -126,6 +132,7 @@ class Daemon:
 
     def keep(self, loaded: LoadedPolicy) -> None:
         self.policy, self.pool.pickled, self.rules = loaded.outline, loaded.pickled, loaded.rules
+        self.sets.adopt(loaded.outline)
 
     def current(self) -> LoadedPolicy:
         return LoadedPolicy(self.pool.pickled, self.policy, self.rules)
@@ -150,6 +157,7 @@ class Daemon:
     def shutdown(self) -> None:
         self.tell_systemd("STOPPING=1")
         self.pool.stop_all()
+        self.sets.close()
         if self.installed_backend:
             try:
                 hooks_mod.remove_recorded(self.installed_backend, self.state_dir)
@@ -189,8 +197,9 @@ class Daemon:
             poller.register(self.wake_r, select.POLLIN)
             for worker in self.workers.values():
                 poller.register(worker.conn.fileno(), select.POLLIN)
-            poller.poll(500)
+            poller.poll(self.sets.wait_ms(500))
             _drain(self.wake_r)
+            self.sets.expire()
             # What came since the last round, each once: a stop first, and one
             # reload for many SIGHUPs (it reads the files as they are now).
             pending, self.signals = self.signals, []

@@ -33,8 +33,8 @@ from typing import Dict, List, Optional
 from ipqd.wire import nfqueue as nfq
 from ipqd.daemon.child import schedule
 from ipqd.daemon.messages import (BIND, RECOVER, SUCCESSOR, TO_WORKER, AskCounters, Compiled,
-                                  Counters, Failed, Go, HandOver, Handed, Ready, Stats, Stop,
-                                  Stopped, TakeOver, WorkerConfig, expect)
+                                  Counters, Failed, Go, HandOver, Handed, Ready, SetChange, Stats,
+                                  Stop, Stopped, TakeOver, WorkerConfig, expect)
 from ipqd.daemon.decision_log import DecisionLog
 from ipqd.decision.engine import Engine
 from ipqd.errors import IpqdError, NetlinkError
@@ -77,6 +77,8 @@ class Worker:
         self.config = config
         self.conn = conn
         self.engine = engine = Engine(policy, caching=config.cache)
+        for name, entries in (config.sets or {}).items():
+            engine.change_set(name, "load", entries)
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
         # What the engine cannot decide and what the socket cannot hand it
         # (undecodable, foreign family) get the same verdict.
@@ -171,7 +173,8 @@ class Worker:
             if events or self._round.batch or self._round.single:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.
-            if qs.woken and self.conn.poll():
+            # Every message waiting: a burst of set changes is applied at once.
+            while qs.woken and self.conn.poll():
                 self._control(self.conn.recv())
             now = time.monotonic()
             if now - self._last_stats >= STATS_EVERY:
@@ -264,6 +267,8 @@ class Worker:
             self.handing_over = True
         elif kind is TakeOver:              # a predecessor, or a dead worker, counted these
             self.take_over(message.carried)
+        elif kind is SetChange:             # from the next packet on, cached verdicts too
+            self.engine.change_set(message.name, message.op, message.entries)
         elif kind is Stop:
             self._stop = True
 
@@ -396,6 +401,9 @@ def _await_go(worker: Worker, conn, config: WorkerConfig) -> None:
     conn.send(Compiled(config.index))
     try:
         message = conn.recv()
+        while isinstance(message, SetChange):       # a change made while it compiled
+            worker.engine.change_set(message.name, message.op, message.entries)
+            message = conn.recv()
     except EOFError:
         message = Stop()
     if not isinstance(message, Go):

@@ -5,6 +5,7 @@
   engine         decide: packet in, verdict out, counters; fallback_verdict
   token_bucket   a Rate as a token bucket (rule rates, the log rate)
   verdict_cache  verdicts kept per flow, read from the message in place
+  address_set    a dynamic set's entries, looked up per packet at any size
   checksum       checksums of rewritten packets
   conntrack      the ct_state conntrack gives each packet of a capture (explain)
 """

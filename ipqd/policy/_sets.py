@@ -57,6 +57,8 @@ def parse_duration(written: str) -> float:
 
 def format_duration(seconds: float) -> str:
     """`1h2m3s` for 3723: how `ipqd set list` shows a remaining time."""
+    if seconds < 1:
+        return f"{seconds:.3g}s"
     whole = int(seconds + 0.5)
     out = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

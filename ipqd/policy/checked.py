@@ -32,6 +32,14 @@ def load_checked(path: str) -> Policy:
         policy = load(path)
     except PolicyErrors as errors:
         raise PolicyRefused([str(e) for e in errors.errors]) from None
+    # Set files (`sets: {name: {file: ...}}`) are found while reading: the
+    # same rule holds for them, checked once they are known.
+    read_files = set(_policy_files(path))
+    from ipqd.policy.loader import check_file_safety
+    problems = [p for source in policy.sources if source not in read_files
+                for p in check_file_safety(source)]
+    if problems:
+        raise PolicyRefused([f"refusing policy {path}: {p}" for p in dict.fromkeys(problems)])
     if before != _identities(_policy_files(path)):
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])

@@ -17,7 +17,9 @@ from ipqd.decision.packet import PacketMeta, parse
 from ipqd.policy.model import Default, Match, Policy, RangeMatch, Rate, Rule
 from ipqd.wire.fast_decode import decode_packet_datagram, packet_summary
 from ipqd.decision.verdict_cache import KeyMaker, VerdictCache
-from policy_strategies import ACTIONS, IFACES, MATCHES, SET_MARKS, LOGS, DEFAULTS, V4, V6
+from ipqd.decision.address_set import parse_entry
+from policy_strategies import (ACTIONS, DEFAULTS, DYNAMIC, IFACES, LOGS, MATCHES, NETWORKS,
+                               SET_MARKS, V4, V6)
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -258,6 +260,12 @@ def test_a_cached_engine_decides_and_counts_as_a_full_one(policy, stream, data):
     for n, packet in enumerate(stream):
         packet.packet_id = n + 1
         now += data.draw(st.sampled_from([0.0, 0.1, 1.0]))
+        if data.draw(st.integers(0, 3)) == 0:       # a dynamic set changes (both engines)
+            name = data.draw(st.sampled_from(DYNAMIC))
+            op = data.draw(st.sampled_from(["add", "add", "del", "flush"]))
+            entry = parse_entry(str(data.draw(st.sampled_from(NETWORKS))))
+            for engine in (full, cached):
+                engine.change_set(name, op, (entry,))
         expected = full.decide(packet, IFNAME, CT_OF[packet.queue], now)
         got = decide_cached(cached, packet, now)
         assert got == (expected.verdict, expected.mark, expected.decision.rule_index), packet
@@ -581,3 +589,31 @@ def test_a_logged_decision_the_log_rate_suppresses_is_answered_from_the_cache():
     cached.settle()
     assert cached.counters.as_dict() == full.counters.as_dict()
     assert cached.matcher.counters() == full.matcher.counters()
+
+
+def test_a_set_change_reaches_flows_the_cache_and_its_exact_layer_hold():
+    """A flow accepted and cached (the careful key and the exact bytes), then
+    its source added to a dynamic set: the next packet is dropped; deleted:
+    accepted again."""
+    from ipqd.policy.model import AddrMatch
+    policy = Policy(path="p.yaml", rules=(
+        Rule(name="banned", match=Match(src=AddrMatch((), False, ("banned",))), action="drop"),
+        Rule(name="dns", match=Match(proto=frozenset({17}), dport=RangeMatch(((53, 53),))),
+             action="accept")), default=Default(action="drop", log=False))
+    engine = cached_engine(policy)
+    packet = nfq.Packet(0, 2, 1, 0x0800, 1)
+    packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53, 0, (0, 0), b"")
+    for _ in range(3):                      # a miss, a careful hit, an exact hit
+        assert decide_cached(engine, packet, 0.0) == (nfq.NF_ACCEPT, None, 1)
+    assert engine.cache.entries
+    source = str(ipaddress.IPv4Address(V4[0]))
+    engine.change_set("banned", "add", (parse_entry(source),))
+    for _ in range(2):
+        assert decide_cached(engine, packet, 0.0) == (nfq.NF_DROP, None, 0)
+    engine.change_set("banned", "del", (parse_entry(source),))
+    assert decide_cached(engine, packet, 0.0) == (nfq.NF_ACCEPT, None, 1)
+    engine.change_set("banned", "add", (parse_entry("10.0.0.0/8"),))     # V4[0] is 10.0.0.1
+    assert decide_cached(engine, packet, 0.0) == (nfq.NF_DROP, None, 0)
+    engine.change_set("banned", "flush")
+    assert decide_cached(engine, packet, 0.0) == (nfq.NF_ACCEPT, None, 1)
+    assert engine.cache.invalidations == 4

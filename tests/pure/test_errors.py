@@ -32,6 +32,7 @@ EXAMPLES = [
     errors.DescriptionError("unknown option 'x'"),
     errors.IpqError(errors.IPQ_ERR_SEND, errno.EPERM),
     errors.IpqError(errors.IPQ_ERR_SUPP, detail="copy mode 7"),
+    errors.ControlError("refused", "the policy was not loaded", ["p.yaml:3:7: bad"]),
 ]
 
 # Exceptions that stay private to the one module that raises and catches

@@ -11,7 +11,8 @@ user database, never by what the client says.
 A connection is non-blocking and bounded: MAX_CONNECTIONS at once (more
 are told "busy" and closed), a request must be whole within REQUEST_WITHIN
 seconds of the connection or of the previous answer (else "too-slow" and
-closed), MAX_REQUEST bytes at most (else "too-large" and closed). Every
+closed), MAX_REQUEST bytes at most (else "too-large" and closed), and an
+answer left unread for REQUEST_WITHIN seconds closes the connection. Every
 refusal is counted in `counts`.
 """
 from __future__ import annotations
@@ -188,7 +189,12 @@ class ControlServer:
         """Close connections whose request is late."""
         now = self.clock()
         for fd, conn in list(self.connections.items()):
-            if now >= conn.deadline and not conn.unsent:
+            if now < conn.deadline:
+                continue
+            if conn.unsent:                 # it does not read its answer
+                self._count("unread")
+                self._close(fd)
+            else:
                 self._refuse(fd, ControlError("too-slow", f"no whole request within "
                                               f"{REQUEST_WITHIN:g} s"))
 

@@ -11,6 +11,7 @@ Figures are fresh: `snapshot` asks every worker over its Channel
 (AskCounters, answered between two receive rounds, never in the middle of
 one), waiting at most ASK_WITHIN; a worker that does not answer in time is
 shown with its latest once-a-second report, marked `"fresh": false`.
+Requests within ASK_AGAIN_AFTER of an ask share its answers.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from ipqd.errors import ControlError
 from ipqd.kernel.queue_socket import queue_states
 
 ASK_WITHIN = 1.0        # seconds a status waits for the workers' own figures
+ASK_AGAIN_AFTER = 0.25  # readers within this share one ask: a flood of requests from
+                        # any local user costs the workers at most 4 asks a second
 
 _RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0}
 
@@ -51,7 +54,10 @@ def snapshot(daemon) -> dict:
     """The daemon's figures now: policy, workers, packets, cache, log,
     kernel queues, reloads, control (the answer to `status`), plus "rules"
     (per-rule counts) and "per_worker" (each worker's totals)."""
-    answers = daemon.pool.ask_counters(ASK_WITHIN)
+    asked, answers = daemon.counters_asked
+    if time.monotonic() - asked >= ASK_AGAIN_AFTER:
+        answers = daemon.pool.ask_counters(ASK_WITHIN)
+        daemon.counters_asked = (time.monotonic(), answers)
     workers, per_worker, totals = [], {}, {}
     for index, handle in sorted(daemon.workers.items()):
         answer = answers.get(index)

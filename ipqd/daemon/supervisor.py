@@ -80,6 +80,7 @@ class Daemon:
         self.policy_loaded_at = 0.0
         self.last_reload: Optional[dict] = None       # the last reload's outcome (status)
         self.last_reload_errors: List[str] = []       # set by the Reloader when it refuses
+        self.counters_asked: tuple = (float("-inf"), {})  # when, answers (daemon.control)
 
     @property
     def workers(self) -> Dict[int, WorkerHandle]:
@@ -282,6 +283,7 @@ class Daemon:
         loaded, failed, started = self.reloads, self.failed_reloads, time.monotonic()
         self.last_reload_errors = []
         self.reloader.reload()
+        self.counters_asked = (float("-inf"), {})
         if self.reloads > loaded:
             outcome = "partly" if self.failed_reloads > failed else "loaded"
         else:

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ipqd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_run, _add_check, _add_explain, _add_hooks, _add_completion):
+    for add in (_add_run, _add_check, _add_explain, _add_hooks, _add_completion,
+                _add_status, _add_counters, _add_metrics, _add_reload):
         add(sub)
     return parser
 
@@ -48,6 +49,17 @@ def _add_run(sub) -> None:
                      help="one verdict message per packet instead of batch verdicts")
     run.add_argument("--no-cache", action="store_true",
                      help="decide every packet in full instead of using the verdict cache")
+    run.add_argument("--control", metavar="PATH",
+                     help="the control socket (default: STATE_DIR/control, /run/ipqd/control; "
+                          "`none`: no control socket)")
+    run.add_argument("--control-group", metavar="GROUP",
+                     help="members of GROUP may change the running daemon over the control "
+                          "socket (`ipqd reload`), besides root")
+    run.add_argument("--metrics-textfile", metavar="FILE",
+                     help="keep FILE up to date with the figures in Prometheus text "
+                          "(node_exporter's textfile collector), replaced atomically")
+    run.add_argument("--metrics-every", metavar="SECONDS", type=float, default=15.0,
+                     help="how often --metrics-textfile is written (default: 15)")
 
 
 def _add_check(sub) -> None:
@@ -110,6 +122,50 @@ def _add_completion(sub) -> None:
     completion.add_argument("shell", choices=("bash", "zsh"))
 
 
+CONTROL_SOCKET = "/run/ipqd/control"
+
+
+def _control_option(parser) -> None:
+    parser.add_argument("--control", metavar="PATH", default=CONTROL_SOCKET,
+                        help=f"the daemon's control socket (default: {CONTROL_SOCKET})")
+
+
+def _add_status(sub) -> None:
+    status = sub.add_parser("status", help="ask the running daemon how it is doing",
+                            description="Policy, workers, packets, cache, log, the kernel's "
+                            "queue counters, uptime and the last reload, from the running "
+                            "daemon.", epilog=EXIT_TEXT,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    _control_option(status)
+
+
+def _add_counters(sub) -> None:
+    counters = sub.add_parser("counters", help="packets decided by each rule of the running daemon")
+    counters.add_argument("rule", nargs="?", help="only this rule")
+    counters.add_argument("--json", action="store_true", help="a JSON list, one object per rule")
+    _control_option(counters)
+
+
+def _add_metrics(sub) -> None:
+    metrics = sub.add_parser("metrics", help="the running daemon's figures as Prometheus text")
+    metrics.add_argument("--openmetrics", action="store_true",
+                         help="OpenMetrics text instead of Prometheus text format 0.0.4")
+    _control_option(metrics)
+
+
+def _add_reload(sub) -> None:
+    reload = sub.add_parser("reload", help="load the policy in the running daemon and say "
+                            "whether it went live",
+                            description="Ask the running daemon to load its policy again and "
+                            "wait: exit 0 once the new policy is live, 1 with every error when "
+                            "it is refused (the running policy stays).", epilog=EXIT_TEXT,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    reload.add_argument("--timeout", metavar="SECONDS", type=float, default=120.0,
+                        help="how long to wait for the outcome (default: 120)")
+    _control_option(reload)
+
+
 EXIT_TEXT = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_STATUSES)
 
 
@@ -134,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hooks":
         from ipqd.kernel.hooks import run_hooks_command
         return run_hooks_command(args)
+    if args.command in ("status", "counters", "metrics", "reload"):
+        from ipqd.control import verbs
+        return getattr(verbs, f"run_{args.command}")(args)
     if args.command == "completion":
         return print_completion(args.shell)
     raise AssertionError(args.command)

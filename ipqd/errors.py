@@ -21,6 +21,7 @@ how (`__reduce__`).
       DescriptionError  a packet description that cannot be read (`ipqd explain`)
       IpqError          a libipq call failed (ipqd.tools.ipq)
       SetError          a dynamic set change that cannot be made (ipqd set)
+      ControlError      a control request refused, or the daemon not answering (ipqd.control)
 """
 from __future__ import annotations
 
@@ -229,3 +230,20 @@ class IpqError(IpqdError):
 
     def __reduce__(self):
         return (type(self), (self.ipq_errno, self.errno, self.detail))
+
+
+class ControlError(IpqdError):
+    """A control request that was refused or could not be made
+    (ipqd.control): `code` is the protocol's word for it (`unknown-command`,
+    `not-permitted`, `not-running`, ...), the text what to do. `details`,
+    when there are any, are lines to print after it (a refused reload's
+    `file:line:col` errors)."""
+
+    def __init__(self, code: str, message: str, details: List[str] = ()):
+        self.code = code
+        self.message = message
+        self.details = list(details)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message, self.details))

@@ -6,7 +6,7 @@
     3  a file cannot be read: the policy, a fragment, a capture
     4  the system refused: no privilege, the kernel or a firewall tool failed,
        another ipqd owns the hooks, the daemon could not start or stopped on
-       a fault
+       a fault, no daemon answers on the control socket or it refused
 """
 EXIT_OK = 0
 EXIT_INVALID = 1

@@ -73,6 +73,7 @@ class Reloader:
         daemon = self.daemon
         daemon.failed_reloads += 1
         daemon.last_reload_error = lines[0]
+        daemon.last_reload_errors = list(lines)
         for line in lines:
             daemon.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
         daemon.log.event(f"reload refused: {len(lines)} problem(s) in {daemon.path}; "

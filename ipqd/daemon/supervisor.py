@@ -15,15 +15,24 @@ runs inside a signal handler.
     SIGTERM, SIGINT   stop: workers answer what is pending and unbind,
              installed hooks are removed, exit 0.
     SIGUSR1  one journal entry per rule with its counters.
+
+The control socket (ipqd.control.server, commands in ipqd.daemon.control)
+is served from the same loop: a request is read, answered and written
+between two rounds, and a reload asked over it is the same reload as
+SIGHUP's, answered once it is done.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import signal
+import tempfile
 import time
 from typing import Dict, List, Optional
 
+from ipqd.control.server import ControlServer, control_group
+from ipqd.daemon.control import COMMANDS, merge_counters, snapshot
 from ipqd.daemon.decision_log import LOG_ERR, LOG_INFO, LOG_WARNING, DecisionLog, choose_target
 from ipqd.daemon.loading import LoadedPolicy, load_in_child, read_hint
 from ipqd.daemon.notify import notify, watchdog_interval
@@ -37,6 +46,7 @@ from ipqd.kernel import hooks as hooks_mod
 from ipqd.policy.model import Policy
 
 STATUS_EVERY = 2.0
+NO_CONTROL = "none"         # --control none: no control socket
 
 
 class Daemon:
@@ -64,6 +74,19 @@ class Daemon:
         self.sets = SetKeeper(sets_path(getattr(args, "sets_file", None)), self.log,
                               send_to(lambda: self.pool.workers))
         self.pool.sets_snapshot = self.sets.snapshots
+        self.control_path = getattr(args, "control", None) or os.path.join(self.state_dir,
+                                                                           "control")
+        self.control_group = getattr(args, "control_group", None)
+        self.control: Optional[ControlServer] = None
+        self.metrics_textfile = getattr(args, "metrics_textfile", None)
+        self.metrics_every = getattr(args, "metrics_every", 15.0)
+        self.started = time.monotonic()
+        self.started_at = time.time()
+        self.policy_digest = ""                       # sha256 of the loaded policy's pickle
+        self.policy_loaded_at = 0.0
+        self.last_reload: Optional[dict] = None       # the last reload's outcome (status)
+        self.last_reload_errors: List[str] = []       # set by the Reloader when it refuses
+        self.counters_asked: tuple = (float("-inf"), {})  # when, answers (daemon.control)
 
     @property
     def workers(self) -> Dict[int, WorkerHandle]:
@@ -105,6 +128,7 @@ class Daemon:
                                f"{error.strerror}{read_hint(error)}", EXIT_UNREADABLE)
         self.keep(loaded)
         self.sets.restore()
+        self.policy_loaded_at = time.time()
         self.log_warnings(self.policy)
         # The queues are bound before any hook points at them, and hooks are
         # touched only by the one instance that holds the lock: an instance
@@ -117,6 +141,10 @@ class Daemon:
         self.pool.start_all(hooks_mod.queue_layout(self.policy.queue), self.startup_waiting)
         if self.manage_hooks:
             self.install_hooks(self.policy)
+        if self.control_path != NO_CONTROL:
+            self.control = ControlServer(self.control_path, COMMANDS, self,
+                                         control_group(self.control_group))
+            self.control.open()
         queues = sorted(q for w in self.workers.values() for q in w.queues)
         hooks = f"by {self.installed_backend}" if self.installed_backend else \
             "managed outside this process (--no-hooks)"
@@ -133,6 +161,7 @@ class Daemon:
     def keep(self, loaded: LoadedPolicy) -> None:
         self.policy, self.pool.pickled, self.rules = loaded.outline, loaded.pickled, loaded.rules
         self.sets.adopt(loaded.outline)
+        self.policy_digest = hashlib.sha256(loaded.pickled).hexdigest()
 
     def current(self) -> LoadedPolicy:
         return LoadedPolicy(self.pool.pickled, self.policy, self.rules)
@@ -156,6 +185,9 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.tell_systemd("STOPPING=1")
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         self.pool.stop_all()
         self.sets.close()
         if self.installed_backend:
@@ -191,13 +223,17 @@ class Daemon:
             signal.signal(signum, lambda n, _frame: self.signals.append(n))
 
     def loop(self) -> None:
-        last_status = 0.0
+        last_status = last_metrics = 0.0
         while True:
             poller = select.poll()
             poller.register(self.wake_r, select.POLLIN)
             for worker in self.workers.values():
                 poller.register(worker.conn.fileno(), select.POLLIN)
-            poller.poll(self.sets.wait_ms(500))
+            control = self.control.fds() if self.control else []
+            for fd, events in control:
+                poller.register(fd, events)
+            # At most until the next set entry expires.
+            ready = poller.poll(self.sets.wait_ms(500))
             _drain(self.wake_r)
             self.sets.expire()
             # What came since the last round, each once: a stop first, and one
@@ -212,6 +248,8 @@ class Daemon:
                 self.reload()
             if signal.SIGUSR1 in pending:
                 self.report_counters()
+            if self.control is not None:
+                self.control.serve(ready)
             self.pool.read_all()
             now = time.monotonic()
             self.pool.restart_due(now)
@@ -220,6 +258,9 @@ class Daemon:
             if now - last_status >= STATUS_EVERY:
                 self.tell_systemd(self.status_line())
                 last_status = now
+            if self.metrics_textfile and now - last_metrics >= self.metrics_every:
+                self.write_metrics_textfile()
+                last_metrics = time.monotonic()
 
     def stop_asked(self) -> bool:
         """Whether SIGTERM or SIGINT came (the loop acts on it when it is back)."""
@@ -245,38 +286,70 @@ class Daemon:
 
     # -------------------------------------------------------- reload
 
-    def reload(self) -> None:
-        """SIGHUP: see ipqd.daemon.reload."""
+    def reload(self) -> dict:
+        """SIGHUP, or `ipqd reload`: see ipqd.daemon.reload. The outcome,
+        also kept for `status`: "loaded", "refused" (every line why, the
+        running policy stays), "partly" (some slots kept the previous
+        policy) or "called-off" (a stop came)."""
+        loaded, failed, started = self.reloads, self.failed_reloads, time.monotonic()
+        self.last_reload_errors = []
         self.reloader.reload()
+        self.counters_asked = (float("-inf"), {})
+        if self.reloads > loaded:
+            outcome = "partly" if self.failed_reloads > failed else "loaded"
+        else:
+            outcome = "refused" if self.failed_reloads > failed else "called-off"
+        errors = list(self.last_reload_errors)
+        if outcome in ("refused", "partly") and not errors:
+            errors = [self.last_reload_error]
+        if outcome == "loaded":
+            self.policy_loaded_at = time.time()
+        self.last_reload = {
+            "outcome": outcome, "at": time.time(), "errors": errors,
+            "took": round(time.monotonic() - started, 3),
+            "warnings": [str(w) for w in self.policy.warnings] if outcome == "loaded" else []}
+        return self.last_reload
 
     # -------------------------------------------------------- reports
 
     def report_counters(self) -> None:
         answers = self.pool.ask_counters(REPLY_TIMEOUT)
-        zero = {"hits": 0, "accepted": 0, "dropped": 0}
-        rules: Dict[str, Dict[str, int]] = {}
+        rules = merge_counters(answers)
         totals: Dict[str, int] = {}
         for answer in answers.values():
-            named = list(answer.counters["rules"].items()) + [
-                ("default", answer.counters["default"]),
-                (UNDECIDABLE_NAME, answer.counters.get("undecidable", zero))]
-            for name, entry in named:
-                total = rules.setdefault(name, dict(zero))
-                for key in total:
-                    total[key] += entry[key]
             for key, value in answer.stats.items():
                 totals[key] = totals.get(key, 0) + value
         self.log.event("stats: " + " ".join(f"{k}={v}" for k, v in sorted(totals.items())),
                        LOG_INFO, IPQD_EVENT="stats",
                        **{f"IPQD_{k.upper()}": str(v) for k, v in totals.items()})
-        if not rules.get(UNDECIDABLE_NAME, zero)["hits"]:
-            rules.pop(UNDECIDABLE_NAME, None)      # said only when it decided something
         for name, entry in rules.items():
             self.log.event(f"rule {name}: {entry['hits']} hits ({entry['accepted']} accepted, "
                            f"{entry['dropped']} dropped)", LOG_INFO, IPQD_EVENT="counters",
                            IPQD_RULE=name, IPQD_HITS=str(entry["hits"]),
                            IPQD_ACCEPTED=str(entry["accepted"]),
                            IPQD_DROPPED=str(entry["dropped"]))
+
+    def write_metrics_textfile(self) -> None:
+        """The figures for node_exporter's textfile collector, replaced
+        atomically (a temporary file beside it, renamed over it); a failure
+        is said at err and tried again next time."""
+        from ipqd.daemon.metrics import exposition
+        path = self.metrics_textfile
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            text = exposition(snapshot(self), "prometheus")
+            fd, temporary = tempfile.mkstemp(prefix=".ipqd-metrics.", dir=folder)
+            try:
+                with os.fdopen(fd, "w") as out:
+                    out.write(text)
+                os.chmod(temporary, 0o644)
+                os.replace(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as error:
+            self.log.event(f"ipqd: cannot write metrics to {path}: {error.strerror}", LOG_ERR,
+                           IPQD_EVENT="metrics-failed")
 
     def status_line(self) -> str:
         t = self.pool.totals()

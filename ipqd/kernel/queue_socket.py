@@ -80,6 +80,8 @@ class QueueState(NamedTuple):
     portid: int
     total: int              # packets in the queue: unread, or read and unanswered
     id_sequence: int        # the id given to the queue's latest packet
+    queue_dropped: int = 0  # dropped by the kernel: the queue was full
+    user_dropped: int = 0   # dropped by the kernel: ipqd's socket buffer was full
 
 
 # /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the latter.
@@ -96,7 +98,8 @@ def queue_states() -> Dict[int, QueueState]:
                 parts = line.split()
                 if len(parts) >= 8:
                     states[int(parts[0])] = QueueState(int(parts[0]), int(parts[1]),
-                                                       int(parts[2]), int(parts[7]))
+                                                       int(parts[2]), int(parts[7]),
+                                                       int(parts[5]), int(parts[6]))
     except (OSError, ValueError):
         pass
     return states

@@ -33,6 +33,7 @@ EXAMPLES = [
     errors.SetError("set 'banned' is full (10 entries)"),
     errors.IpqError(errors.IPQ_ERR_SEND, errno.EPERM),
     errors.IpqError(errors.IPQ_ERR_SUPP, detail="copy mode 7"),
+    errors.ControlError("refused", "the policy was not loaded", ["p.yaml:3:7: bad"]),
 ]
 
 # Exceptions that stay private to the one module that raises and catches

@@ -15,9 +15,10 @@ ALLOWED = {
     "policy": {"base", "wire"},       # wire: the kernel's limits (NFQNL_MAX_COPY_RANGE)
     "decision": {"base", "wire", "policy"},
     "kernel": {"base", "wire", "policy"},
+    "control": {"base"},              # the control socket's protocol, server and client
     "tools": {"base", "wire", "policy", "decision", "kernel"},
-    "daemon": {"base", "wire", "policy", "decision", "kernel"},
-    "cli": {"base", "wire", "policy", "decision", "kernel", "tools", "daemon"},
+    "daemon": {"base", "wire", "policy", "decision", "kernel", "control"},
+    "cli": {"base", "wire", "policy", "decision", "kernel", "tools", "daemon", "control"},
 }
 TOP = {"errors": "base", "printable": "base", "exits": "base", "console": "base", "cli": "cli", "ipq": "cli", "__init__": "cli"}
 
@@ -26,7 +27,7 @@ PURE_FOLDERS = ["wire", "decision"]
 PURE_MODULES = ["printable.py", "policy/model.py", "policy/transfer.py",
                 "policy/offload.py", "policy/_nodes.py", "policy/_values.py", "policy/_rules.py",
                 "policy/_lint.py", "policy/_limits.py", "policy/_offload.py",
-                "policy/_undecidable.py"]
+                "policy/_undecidable.py", "control/codec.py", "control/commands.py"]
 FORBIDDEN = {"socket", "select", "selectors", "signal", "os", "subprocess", "threading",
              "multiprocessing", "fcntl", "ctypes", "systemd"}
 

@@ -62,12 +62,19 @@ def test_commands_are_the_contract():
     assert service("Type") == ["notify"]
     # The policy is named once, for every command (`systemctl edit` changes it).
     assert service("Environment") == [f"IPQD_POLICY={POLICY}"]
-    assert service("ExecStart") == ["@BINDIR@/ipqd run --policy ${IPQD_POLICY} --no-hooks"]
+    assert service("ExecStart") == ["@BINDIR@/ipqd run --policy ${IPQD_POLICY} --no-hooks "
+                                    "--control-group ipqd-control"]
     # The rules need more privilege than the daemon: "+" runs them outside the sandbox.
     assert service("ExecStartPre") == ["+@BINDIR@/ipqd hooks install --policy ${IPQD_POLICY}"]
     assert service("ExecStopPost") == ["+@BINDIR@/ipqd hooks remove --policy ${IPQD_POLICY}"]
-    assert service("ExecReload") == ["+@BINDIR@/ipqd hooks install --policy ${IPQD_POLICY}",
-                                     "/bin/kill -HUP $MAINPID"]
+    # The reload reports: it waits for the daemon's outcome (exit 1 and every
+    # error when refused), then brings the rules up to date.
+    assert service("ExecReload") == ["+@BINDIR@/ipqd reload",
+                                     "+@BINDIR@/ipqd hooks install --policy ${IPQD_POLICY}"]
+    # The control socket's directory, and the group that may change the daemon.
+    assert service("RuntimeDirectory") == ["ipqd"]
+    sysusers = open(os.path.join(ROOT, "systemd", "ipqd.sysusers")).read()
+    assert any(line.split()[:2] == ["g", "ipqd-control"] for line in sysusers.splitlines())
     assert service("WatchdogSec") == ["10s"]
 
 

@@ -1,0 +1,122 @@
+"""`ipqd status`, `counters`, `metrics` and `reload`: ask the daemon over
+its control socket (ipqd.control.client) and print the answer.
+
+Exit statuses (ipqd.exits): 0 done; 1 a reload refused (its errors
+printed); 4 the daemon is not running, does not answer, or refused the
+request (a one-line reason on stderr).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import List
+
+from ipqd.console import LOG_WARNING, error_line
+from ipqd.control.client import call
+from ipqd.errors import ControlError
+from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+
+RELOAD_TIMEOUT = 120.0      # the loading process has 60 s, the hand-over as long again
+
+
+def _ask(args, command: str, request_args=None, timeout: float = 10.0):
+    """The result, or None after the reason was said on stderr."""
+    try:
+        return call(args.control, command, request_args, timeout)
+    except ControlError as error:
+        error_line(f"ipqd {command}: {error.message}")
+        for line in error.details:
+            error_line(line)
+        return error
+
+
+def run_status(args) -> int:
+    result = _ask(args, "status")
+    if isinstance(result, ControlError):
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print("\n".join(status_lines(result)))
+    return EXIT_OK
+
+
+def status_lines(s: dict) -> List[str]:
+    """`ipqd status` for a person."""
+    p, k, c, log = s["policy"], s["packets"], s["cache"], s["log"]
+    lines = [
+        f"ipqd is running: pid {s['pid']}, up {_duration(s['uptime'])}",
+        f"policy:   {p['path']} ({p['rules']} rules), loaded {_when(p['loaded_at'])}, "
+        f"digest sha256:{p['digest'][:16]}",
+        "workers:  " + "; ".join(f"slot {w['slot']} pid {w['pid']} queues "
+                                 f"{','.join(map(str, w['queues']))}"
+                                 + ("" if w["fresh"] else " (not answering: last report)")
+                                 for w in s["workers"]),
+        f"packets:  {k['judged']} judged, {k['accepted']} accepted, {k['dropped']} dropped, "
+        f"{k['offloaded']} offloaded, {k['malformed']} malformed",
+        f"cache:    {c['hit_ratio'] * 100:.1f}% hits ({c['hits']} of {c['hits'] + c['misses']})",
+        f"log:      {log['logged']} decisions logged, {log['suppressed']} suppressed by the "
+        f"rate, {log['overflowed'] + log['failed']} lost",
+    ]
+    for queue, q in sorted(s["kernel"].items(), key=lambda item: int(item[0])):
+        lines.append(f"kernel:   queue {queue}: {q['queued']} queued, {q['queue_dropped']} "
+                     f"queue-dropped, {q['user_dropped']} user-dropped")
+    r = s["reloads"]
+    last = r["last"]
+    text = f"reloads:  {r['loaded']} loaded, {r['failed']} failed"
+    if last:
+        text += f"; the last at {_when(last['at'])}: {last['outcome']}"
+    lines.append(text)
+    if last and last["errors"]:
+        lines += [f"          {line}" for line in last["errors"]]
+    for name, size in sorted(s.get("sets", {}).items()):
+        lines.append(f"set:      {name}: {size} entries")
+    return lines
+
+
+def run_counters(args) -> int:
+    result = _ask(args, "counters", {"rule": args.rule} if args.rule else {})
+    if isinstance(result, ControlError):
+        return EXIT_FAILED if result.code != "bad-arguments" else EXIT_INVALID
+    rules = result["rules"]
+    if args.json:
+        print(json.dumps(rules, indent=2))
+        return EXIT_OK
+    width = max([len(r["name"]) for r in rules] + [4])
+    print(f"{'rule':<{width}}  {'packets':>12}  {'accepted':>12}  {'dropped':>12}")
+    for r in rules:
+        print(f"{r['name']:<{width}}  {r['hits']:>12}  {r['accepted']:>12}  {r['dropped']:>12}")
+    return EXIT_OK
+
+
+def run_metrics(args) -> int:
+    result = _ask(args, "metrics", {"format": "openmetrics" if args.openmetrics
+                                    else "prometheus"})
+    if isinstance(result, ControlError):
+        return EXIT_FAILED
+    print(result["text"], end="")
+    return EXIT_OK
+
+
+def run_reload(args) -> int:
+    result = _ask(args, "reload", timeout=args.timeout)
+    if isinstance(result, ControlError):
+        return EXIT_INVALID if result.code == "refused" else EXIT_FAILED
+    for warning in result["warnings"]:
+        error_line(warning, LOG_WARNING)
+    print(f"reloaded: {result['rules']} rules live in {result['took'] * 1000:.0f} ms")
+    return EXIT_OK
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    shown = [f"{n}{unit}" for n, unit in parts if n] or ["0s"]
+    return " ".join(shown[:2])
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "never"

@@ -1,0 +1,161 @@
+"""The daemon's control commands (docs/control.md): what `ipqd status`,
+`counters`, `metrics` and `reload` ask, answered from the supervisor.
+
+COMMANDS is the table the supervisor serves (ipqd.control.commands): a
+name -> Command(handler, changes, summary). Each handler is
+`handler(daemon, args, peer) -> dict`, run in the supervisor's loop, never
+in a worker, and raises ControlError (code, message) to refuse. Another
+module adds its commands to the table, e.g. `COMMANDS.update(SET_COMMANDS)`.
+
+Figures are fresh: `snapshot` asks every worker over its Channel
+(AskCounters, answered between two receive rounds, never in the middle of
+one), waiting at most ASK_WITHIN; a worker that does not answer in time is
+shown with its latest once-a-second report, marked `"fresh": false`.
+Requests within ASK_AGAIN_AFTER of an ask share its answers.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List
+
+from ipqd.control.commands import Command, CommandTable, Peer, argument, no_arguments
+from ipqd.daemon.messages import Counters
+from ipqd.decision.compiler import UNDECIDABLE_NAME
+from ipqd.errors import ControlError
+from ipqd.kernel.queue_socket import queue_states
+
+ASK_WITHIN = 1.0        # seconds a status waits for the workers' own figures
+ASK_AGAIN_AFTER = 0.25  # readers within this share one ask: a flood of requests from
+                        # any local user costs the workers at most 4 asks a second
+
+_RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0}
+
+
+def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
+    """Every worker's per-rule counts added up: rule name -> hits, accepted,
+    dropped, in rule order, then "default" and the undecidable action's
+    (the latter only when it decided something)."""
+    rules: Dict[str, Dict[str, int]] = {}
+    for answer in answers.values():
+        named = list(answer.counters["rules"].items()) + [
+            ("default", answer.counters["default"]),
+            (UNDECIDABLE_NAME, answer.counters.get("undecidable", _RULE_ZERO))]
+        for name, entry in named:
+            total = rules.setdefault(name, dict(_RULE_ZERO))
+            for key in total:
+                total[key] += entry[key]
+    if not rules.get(UNDECIDABLE_NAME, _RULE_ZERO)["hits"]:
+        rules.pop(UNDECIDABLE_NAME, None)
+    return rules
+
+
+def snapshot(daemon) -> dict:
+    """The daemon's figures now: policy, workers, packets, cache, log,
+    kernel queues, reloads, control (the answer to `status`), plus "rules"
+    (per-rule counts) and "per_worker" (each worker's totals)."""
+    asked, answers = daemon.counters_asked
+    if time.monotonic() - asked >= ASK_AGAIN_AFTER:
+        answers = daemon.pool.ask_counters(ASK_WITHIN)
+        daemon.counters_asked = (time.monotonic(), answers)
+    workers, per_worker, totals = [], {}, {}
+    for index, handle in sorted(daemon.workers.items()):
+        answer = answers.get(index)
+        stats = answer.stats if answer is not None else handle.stats
+        per_worker[index] = stats
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0) + value
+        workers.append({"slot": index, "pid": handle.process.pid,
+                        "queues": sorted(handle.queues), "fresh": answer is not None})
+    kernel = {}
+    bound = {q for h in daemon.workers.values() for q in h.queues}
+    for number, state in sorted(queue_states().items()):
+        if number in bound:
+            kernel[str(number)] = {"queued": state.total, "queue_dropped": state.queue_dropped,
+                                   "user_dropped": state.user_dropped, "portid": state.portid}
+    hits, misses = totals.get("cache_hits", 0), totals.get("cache_misses", 0)
+    now = time.monotonic()
+    return {
+        "policy": {"path": daemon.path, "digest": daemon.policy_digest, "rules": daemon.rules,
+                   "loaded_at": daemon.policy_loaded_at},
+        "pid": os.getpid(),
+        "started_at": daemon.started_at,
+        "uptime": round(now - daemon.started, 3),
+        "workers": workers,
+        "packets": {"judged": totals.get("packets", 0), "accepted": totals.get("accepted", 0),
+                    "dropped": totals.get("dropped", 0),
+                    "offloaded": totals.get("offloaded", 0),
+                    "malformed": totals.get("malformed", 0), "errors": totals.get("errors", 0)},
+        "cache": {"hits": hits, "misses": misses,
+                  "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else 0.0},
+        "log": {"logged": totals.get("log_logged", 0),
+                "suppressed": totals.get("log_suppressed", 0),
+                "overflowed": totals.get("log_overflowed", 0),
+                "failed": totals.get("log_failed", 0)},
+        "kernel": kernel,
+        "reloads": {"loaded": daemon.reloads, "failed": daemon.failed_reloads,
+                    "last": daemon.last_reload},
+        "control": dict(daemon.control.counts) if daemon.control else {},
+        "rules": merge_counters(answers),
+        "per_worker": {str(k): v for k, v in per_worker.items()},
+    }
+
+
+# ---------------------------------------------------------------- handlers
+
+def status(daemon, args: dict, peer: Peer) -> dict:
+    no_arguments(args, "status")
+    figures = snapshot(daemon)
+    del figures["rules"], figures["per_worker"]
+    return figures
+
+
+def counters(daemon, args: dict, peer: Peer) -> dict:
+    """Per rule: packets decided, accepted, dropped (ipqd's own count; flows
+    the kernel holds after an offload are counted by the kernel's rules,
+    which `ipqd counters` adds)."""
+    rule = argument(args, "rule", str, None)
+    rules = snapshot(daemon)["rules"]
+    if rule is not None:
+        if rule not in rules:
+            raise ControlError("bad-arguments", f"no rule {rule!r} in the running policy "
+                               f"(rules: {', '.join(rules)})")
+        rules = {rule: rules[rule]}
+    return {"rules": [dict(name=name, **entry) for name, entry in rules.items()]}
+
+
+def metrics(daemon, args: dict, peer: Peer) -> dict:
+    from ipqd.daemon.metrics import FORMATS, exposition
+    kind = argument(args, "format", str, "prometheus")
+    if kind not in FORMATS:
+        raise ControlError("bad-arguments", f"format {kind!r}: expected one of "
+                           f"{', '.join(FORMATS)}")
+    return {"format": kind, "text": exposition(snapshot(daemon), kind)}
+
+
+def reload(daemon, args: dict, peer: Peer) -> dict:
+    """Load the policy now; the answer comes once it is live, or carries
+    every line of why it was refused (the running policy stays)."""
+    no_arguments(args, "reload")
+    outcome = daemon.reload()
+    if outcome["outcome"] != "loaded":
+        errors: List[str] = outcome["errors"] or [f"reload {outcome['outcome']}"]
+        raise ControlError("refused", f"the policy was not loaded ({outcome['outcome']}); "
+                           f"the running policy ({daemon.rules} rules) stays", errors)
+    return {"outcome": "loaded", "rules": daemon.rules, "digest": daemon.policy_digest,
+            "took": outcome["took"], "warnings": outcome["warnings"]}
+
+
+def commands(daemon, args: dict, peer: Peer) -> dict:
+    return {"commands": [{"name": name, "changes": c.changes, "summary": c.summary}
+                         for name, c in sorted(COMMANDS.items())],
+            "you": {"uid": peer.uid, "may_change": peer.may_change}}
+
+
+COMMANDS: CommandTable = {
+    "commands": Command(commands, False, "the commands this daemon answers"),
+    "status": Command(status, False, "policy, workers, packets, kernel queues, reloads"),
+    "counters": Command(counters, False, "per-rule packets (args: rule)"),
+    "metrics": Command(metrics, False, "the figures as Prometheus or OpenMetrics text"),
+    "reload": Command(reload, True, "load the policy; answers once it is live or refused"),
+}

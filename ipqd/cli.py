@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_run, _add_check, _add_explain, _add_hooks, _add_completion,
-                _add_status, _add_counters, _add_metrics, _add_reload):
+                _add_status, _add_counters, _add_metrics, _add_reload, _add_set):
         add(sub)
     return parser
 
@@ -166,6 +166,37 @@ def _add_reload(sub) -> None:
     _control_option(reload)
 
 
+def _add_set(sub) -> None:
+    sets = sub.add_parser("set", help="add, delete or list the entries of a dynamic set of the "
+                          "running daemon",
+                          description="Change a dynamic set (declared with 'dynamic: true' in "
+                          "the policy) of the running daemon: from the next packet on, kept "
+                          "across reloads and restarts.", epilog=EXIT_TEXT,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = sets.add_subparsers(dest="set_verb", metavar="VERB")
+    verbs.required = True
+    add = verbs.add_parser("add", help="add entries (or renew their timeout)")
+    delete = verbs.add_parser("del", help="delete entries")
+    for parser in (add, delete):
+        parser.add_argument("name", help="the set's name in the policy")
+        parser.add_argument("entries", nargs="*", metavar="ENTRY",
+                            help="an address or CIDR network, IPv4 or IPv6")
+        parser.add_argument("--file", metavar="FILE",
+                            help="entries from FILE too, one per line, '#' comments ('-': stdin)")
+        _control_option(parser)
+    add.add_argument("--timeout", metavar="DURATION",
+                     help="how long the entries stay: 90s, 10m, 1h, 7d; 0 for no timeout "
+                          "(default: the set's timeout)")
+    listing = verbs.add_parser("list", help="the entries and the time each has left "
+                               "(without NAME: every set's size)")
+    listing.add_argument("name", nargs="?", help="the set's name in the policy")
+    listing.add_argument("--json", action="store_true", help="one JSON object")
+    _control_option(listing)
+    flush = verbs.add_parser("flush", help="delete every entry")
+    flush.add_argument("name", help="the set's name in the policy")
+    _control_option(flush)
+
+
 EXIT_TEXT = "exit status:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_STATUSES)
 
 
@@ -193,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("status", "counters", "metrics", "reload"):
         from ipqd.control import verbs
         return getattr(verbs, f"run_{args.command}")(args)
+    if args.command == "set":
+        from ipqd.control.set_verbs import run_set
+        return run_set(args)
     if args.command == "completion":
         return print_completion(args.shell)
     raise AssertionError(args.command)

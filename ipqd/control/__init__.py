@@ -4,4 +4,5 @@
     commands.py  the command table and one request's dispatch (pure)
     server.py    the daemon's Unix socket, served from the supervisor's loop
     client.py    one request and its answer, for the `ipqd` command
+    set_verbs.py `ipqd set`: change and list the running daemon's dynamic sets
 """

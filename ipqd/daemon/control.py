@@ -21,6 +21,7 @@ from typing import Dict, List
 
 from ipqd.control.commands import Command, CommandTable, Peer, argument, no_arguments
 from ipqd.daemon.messages import Counters
+from ipqd.daemon.sets import SET_COMMANDS
 from ipqd.decision.compiler import UNDECIDABLE_NAME
 from ipqd.errors import ControlError
 from ipqd.kernel.queue_socket import queue_states
@@ -96,6 +97,7 @@ def snapshot(daemon) -> dict:
         "reloads": {"loaded": daemon.reloads, "failed": daemon.failed_reloads,
                     "last": daemon.last_reload},
         "control": dict(daemon.control.counts) if daemon.control else {},
+        "sets": {s["set"]: s["size"] for s in daemon.sets.summary()},
         "rules": merge_counters(answers),
         "per_worker": {str(k): v for k, v in per_worker.items()},
     }
@@ -159,3 +161,4 @@ COMMANDS: CommandTable = {
     "metrics": Command(metrics, False, "the figures as Prometheus or OpenMetrics text"),
     "reload": Command(reload, True, "load the policy; answers once it is live or refused"),
 }
+COMMANDS.update(SET_COMMANDS)       # set-add, set-del, set-flush, set-list (ipqd.daemon.sets)

@@ -24,11 +24,12 @@ import os
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
+from ipqd.control.commands import Command, CommandTable, Peer, argument
 from ipqd.daemon.decision_log import LOG_INFO, LOG_WARNING
 from ipqd.daemon.messages import SetChange
 from ipqd.decision.address_set import AddressSet, Entry, format_entry, parse_entry, snapshot
-from ipqd.errors import SetError
-from ipqd.policy._sets import format_duration
+from ipqd.errors import ControlError, InvalidValue, SetError
+from ipqd.policy._sets import format_duration, parse_duration
 from ipqd.policy.model import DynamicSet, Policy
 
 DEFAULT_PATH = "/var/lib/ipqd/sets.json"
@@ -259,14 +260,14 @@ class SetKeeper:
             directory = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(directory, mode=0o700, exist_ok=True)
             temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w", encoding="utf-8") as f:
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                      encoding="utf-8") as f:
                 json.dump(data, f, separators=(",", ":"))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, self.path)
             self._close_journal()
-            with open(self.path + ".log", "w"):
-                pass
+            os.close(os.open(self.path + ".log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             _fsync_directory(directory)
         except OSError as error:
             self._write_failed(error)
@@ -281,7 +282,8 @@ class SetKeeper:
             return
         try:
             if self._journal is None:
-                self._journal = open(self.path + ".log", "a", encoding="utf-8")
+                self._journal = open(os.open(self.path + ".log", os.O_WRONLY | os.O_CREAT |
+                                             os.O_APPEND, 0o600), "a", encoding="utf-8")
             self._journal.write(json.dumps(change, separators=(",", ":")) + "\n")
             self._journal.flush()
             os.fsync(self._journal.fileno())
@@ -385,3 +387,79 @@ def send_to(workers) -> Callable[[object], None]:
             except OSError:
                 pass
     return send
+
+
+# ---------------------------------------------------------------- control commands
+#
+# `ipqd set add/del/list/flush` (ipqd.control.set_verbs) ask these over the
+# control socket (docs/control.md); they run in the supervisor's loop.
+
+def _refused(error: SetError) -> ControlError:
+    return ControlError("refused", error.message)
+
+
+def _entries(args: dict) -> List[str]:
+    entries = argument(args, "entries", list)
+    if not entries:
+        raise ControlError("bad-arguments", "no entries: name addresses or networks")
+    return entries
+
+
+def _timeout(args: dict) -> Optional[float]:
+    """`timeout`: seconds, or a duration as the policy writes it (`10m`); 0: none."""
+    written = args.get("timeout")
+    if written is None:
+        return None
+    if isinstance(written, (int, float)) and not isinstance(written, bool) and written >= 0:
+        return float(written)
+    if isinstance(written, str):
+        if written.strip() in ("0", "none"):
+            return 0.0
+        try:
+            return parse_duration(written)
+        except InvalidValue as error:
+            raise ControlError("bad-arguments", f"timeout: {error.message}")
+    raise ControlError("bad-arguments", "timeout must be seconds or a duration such as 10m")
+
+
+def set_add(daemon, args: dict, peer: Peer) -> dict:
+    name = argument(args, "set", str)
+    try:
+        return daemon.sets.add(name, _entries(args), _timeout(args), peer.uid)
+    except SetError as error:
+        raise _refused(error)
+
+
+def set_del(daemon, args: dict, peer: Peer) -> dict:
+    name = argument(args, "set", str)
+    try:
+        return daemon.sets.delete(name, _entries(args), peer.uid)
+    except SetError as error:
+        raise _refused(error)
+
+
+def set_flush(daemon, args: dict, peer: Peer) -> dict:
+    try:
+        return daemon.sets.flush(argument(args, "set", str), peer.uid)
+    except SetError as error:
+        raise _refused(error)
+
+
+def set_list(daemon, args: dict, peer: Peer) -> dict:
+    name = argument(args, "set", str, None)
+    try:
+        if name is None:
+            return {"sets": daemon.sets.summary()}
+        return daemon.sets.listing(name)
+    except SetError as error:
+        raise _refused(error)
+
+
+SET_COMMANDS: CommandTable = {
+    "set-add": Command(set_add, True, "add or renew entries of a dynamic set "
+                       "(args: set, entries, timeout)"),
+    "set-del": Command(set_del, True, "delete entries of a dynamic set (args: set, entries)"),
+    "set-flush": Command(set_flush, True, "delete every entry of a dynamic set (args: set)"),
+    "set-list": Command(set_list, False, "a dynamic set's entries and their remaining time "
+                        "(args: set; none: every set's size)"),
+}

@@ -7,4 +7,5 @@
   verdict_cache  verdicts kept per flow, read from the message in place
   checksum       checksums of rewritten packets
   conntrack      the ct_state conntrack gives each packet of a capture (explain)
+  described      a packet description as bytes and meta (explain, test, diff)
 """

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ipqd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_run, _add_check, _add_explain, _add_hooks, _add_completion):
+    for add in (_add_run, _add_check, _add_explain, _add_test, _add_diff, _add_hooks,
+                _add_completion):
         add(sub)
     return parser
 
@@ -86,6 +87,23 @@ def _add_explain(sub) -> None:
     explain.add_argument("--out", dest="outdev", metavar="IFACE", help="output interface name")
 
 
+def _add_test(sub) -> None:
+    test = sub.add_parser(
+        "test", help="run a policy's test cases: described packets and the verdicts they must get",
+        description="Decide each test case's packet with the policy and compare the verdict\n"
+        "(and the rule, when the case names one) with what the case expects. Without CASES,\n"
+        "the policy's own cases run: its `tests:` section and tests.d/*.yaml beside it.",
+        epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    test.add_argument("policy", help="path of the policy YAML file")
+    test.add_argument("cases", nargs="*", metavar="CASES",
+                      help="files of test cases (a list of {packet, expect, rule, name})")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+
+
+def _add_diff(sub) -> None:
+    pass
+
+
 def _add_hooks(sub) -> None:
     hooks = sub.add_parser(
         "hooks", help="install, remove or show the kernel rules that queue traffic to ipqd")
@@ -123,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         from ipqd.daemon import run_daemon
         return run_daemon(args)
     if args.command == "check":
+        from ipqd.decision.verify import case_problems
         from ipqd.policy.check import run_check
-        return run_check(args)
+        return run_check(args, verify=case_problems)
+    if args.command == "test":
+        from ipqd.tools.policy_test import run_test
+        return run_test(args)
     if args.command == "explain":
         from ipqd.tools.explain import run_explain
         return run_explain(args)

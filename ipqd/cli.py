@@ -101,7 +101,19 @@ def _add_test(sub) -> None:
 
 
 def _add_diff(sub) -> None:
-    pass
+    diff = sub.add_parser(
+        "diff", help="show every kind of packet two policies decide differently",
+        description="Compare two policies from their rules: every region of packet space\n"
+        "whose verdict, mark or logging changes, each with a witness packet (in explain's\n"
+        "description) and the rules that decide it before and after.",
+        epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    diff.add_argument("old", help="the policy now in use")
+    diff.add_argument("new", help="the candidate policy")
+    diff.add_argument("--pcap", metavar="FILE",
+                      help="also count a capture's packets and connections that would be "
+                           "decided differently")
+    diff.add_argument("--json", action="store_true",
+                      help="one JSON object: the regions, what is not exact, the capture's counts")
 
 
 def _add_hooks(sub) -> None:
@@ -144,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         from ipqd.decision.verify import case_problems
         from ipqd.policy.check import run_check
         return run_check(args, verify=case_problems)
+    if args.command == "diff":
+        from ipqd.tools.diff import run_diff
+        return run_diff(args)
     if args.command == "test":
         from ipqd.tools.policy_test import run_test
         return run_test(args)

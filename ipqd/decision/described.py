@@ -138,6 +138,8 @@ def _bare_word(word: str, proto: int, family: int) -> tuple:
 def _tcp_flags(text: str, proto: int) -> int:
     if proto != PROTO_TCP:
         raise DescriptionError("flags only go with tcp")
+    if text.lower() == "none":          # no flag at all (a null scan)
+        return 0
     flags = 0
     for name in text.lower().replace("|", ",").split(","):
         if name not in TCP_FLAGS:
@@ -165,8 +167,8 @@ def _transport(proto: int, family: int, sport: int, dport: int, opts: dict):
         return dpkt.udp.UDP(sport=sport, dport=dport)
     if proto == PROTO_UDPLITE:  # same header as UDP; its length field is the checksum coverage
         return struct.pack("!HHHH", sport, dport, 8, 0)
-    if proto == PROTO_SCTP:
-        return dpkt.sctp.SCTP(sport=sport, dport=dport, vtag=1)
+    if proto == PROTO_SCTP:     # the common header alone (dpkt's SCTP wants chunks to pack)
+        return struct.pack("!HHII", sport, dport, 1, 0)
     default = ICMP_TYPES["echo-request"] if family == 4 else ICMPV6_TYPES["echo-request"]
     icmp_type = opts.get("icmp_type", default)
     code = opts.get("icmp_code", 0)

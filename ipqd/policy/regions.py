@@ -510,7 +510,10 @@ class Space:
                         continue
                     p = low
                     if p == _ICMP_OF[10 - family]:
-                        continue            # ICMP of the other family: explain refuses it
+                        # ICMP of the other family: no transport fields read, and
+                        # explain refuses to describe it (its witness is None)
+                        groups[((), header)] = groups.get(((), header), 0) | 1 << p_atom
+                        continue
                     l4 = _PORTS.get(p, 8)
                     if fragment == "not-first":
                         present: tuple = ()
@@ -644,8 +647,9 @@ class Space:
         for i in _bits_of(mask & axis.full(False)):
             low, high = axis.span(i)
             for p in range(low, high + 1):
-                if family != 6 or p not in IPV6_EXT_HEADERS:
-                    return p
+                if p == _ICMP_OF[10 - family] or family == 6 and p in IPV6_EXT_HEADERS:
+                    continue
+                return p
         return ABSENT
 
     @staticmethod
@@ -805,14 +809,16 @@ def _joined(cubes: List[tuple], budget: Optional[_Budget] = None) -> List[tuple]
     return cubes
 
 
-def reach(policy: Policy, index: int) -> Tuple[Space, Optional[tuple], List[int]]:
+def reach(rules: Sequence[Rule], index: int, space: Optional[Space] = None,
+          limit: int = MAX_CUBES) -> Tuple[Space, Optional[tuple], List[int]]:
     """A cube of packets rule `index` decides (earlier rules with a rate
-    taken as spent), or None; and the earlier rules without a rate that
-    share packets with it (all of them take its packets when the cube is None)."""
-    rules = policy.rules
-    space = Space(r.match for r in rules[:index + 1])
+    taken as spent), or None when no packet reaches it; and the earlier
+    rules without a rate that share packets with it (together they take all
+    its packets when the cube is None). `space`: one made from at least
+    these rules. Raises TooLarge past `limit` cubes."""
+    space = space or Space(r.match for r in rules[:index + 1])
     target = space.constraint(rules[index].match)
-    budget = _Budget(MAX_CUBES)
+    budget = _Budget(limit)
     cubes = []
     for shape in space.shapes:
         inside, _ = _split(shape, target)
@@ -834,4 +840,11 @@ def reach(policy: Policy, index: int) -> Tuple[Space, Optional[tuple], List[int]
         if hit:
             overlapping.append(i)
         cubes = after
-    return space, (cubes[0] if cubes else None), overlapping
+        if not cubes:
+            break
+    return space, (_witnessed(space, cubes) if cubes else None), overlapping
+
+
+def _witnessed(space: Space, cubes: List[tuple]) -> tuple:
+    """The first cube with a witness, else the first."""
+    return next((c for c in cubes if space.witness(c) is not None), cubes[0])

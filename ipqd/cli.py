@@ -76,6 +76,8 @@ def _add_explain(sub) -> None:
                          help='one packet, e.g. "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn" '
                               "(the grammar is below)")
     packets.add_argument("--pcap", metavar="FILE", help="a pcap or pcapng capture to replay")
+    packets.add_argument("--reach", metavar="RULE",
+                         help="a packet that reaches RULE (explained), or why none does")
     explain.add_argument("--ct-state", choices=CT_STATES,
                          help="the described packet's conntrack state (default: what conntrack "
                               "gives a lone packet: new, or invalid, or untracked)")

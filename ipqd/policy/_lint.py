@@ -53,29 +53,9 @@ def shadowed_together(rules: Tuple[Rule, ...], warned: List[PolicyError]) -> Lis
         except regions.TooLarge:
             continue
         if cube is None and earlier:
-            needed = _needed(rules, index, earlier, space)
+            needed = regions.needed(rules, index, earlier, space, MAX_TOGETHER_CUBES)
             out.append(_together_warning(rule, [rules[i] for i in needed]))
     return out
-
-
-def _needed(rules: Tuple[Rule, ...], index: int, earlier: List[int], space) -> List[int]:
-    """Of the earlier rules that together take all of rule `index`'s
-    packets, those it needs: each one dropped in turn when the others still
-    take them all (a ct_state rule may share packets but not be needed)."""
-    from ipqd.policy import regions
-    kept = list(earlier)
-    for i in reversed(earlier):
-        if len(kept) == 1:
-            break
-        others = [rules[k] for k in kept if k != i]
-        try:
-            _, cube, _ = regions.reach(others + [rules[index]], len(others), space,
-                                       MAX_TOGETHER_CUBES)
-        except regions.TooLarge:
-            break
-        if cube is None:
-            kept.remove(i)
-    return kept
 
 
 def _together_warning(b: Rule, earlier: List[Rule]) -> PolicyError:

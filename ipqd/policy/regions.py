@@ -41,7 +41,7 @@ from ipqd.policy.model import (CT_STATES, FRAGMENTS, HOOK_NAMES, IPV6_EXT_HEADER
                                NF_INET_LOCAL_IN, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
                                PROTO_UDP, PROTO_UDPLITE, PROTOCOL_NAMES, Match, Policy, Rule)
 
-__all__ = ["Space", "Outcome", "Change", "TooLarge", "partition", "diff", "reach",
+__all__ = ["Space", "Outcome", "Change", "TooLarge", "partition", "diff", "reach", "needed",
            "effects", "MAX_CUBES"]
 
 # Work past which a comparison stops (TooLarge) rather than run for hours:
@@ -574,6 +574,10 @@ class Space:
 
     # -- a cube, for people ---------------------------------------------------
 
+    def shape_of(self, cube: tuple) -> tuple:
+        """The shape a cube was cut from."""
+        return next(s for s in self.shapes if all(c & ~w == 0 for c, w in zip(cube, s)))
+
     def describe(self, cube: tuple, shape: tuple) -> str:
         """The fields in which a cube is narrower than its shape:
         `proto tcp, dport 23`; `any packet` when none."""
@@ -583,9 +587,11 @@ class Space:
                 words.append(f"{axis.name} {axis.describe(mask)}")
         return ", ".join(words) if words else "any packet"
 
-    def witness(self, cube: tuple) -> Optional[str]:
+    def witness(self, cube: tuple, conntrack: bool = False) -> Optional[str]:
         """A packet of the cube in explain's description; None for a
-        malformed one (which no description makes)."""
+        malformed one (which no description makes). With `conntrack`, a
+        packet with a ct_state where the cube allows one (as the daemon
+        gives every packet then)."""
         def pick(name, *args, **kwargs):
             i = self.index[name]
             return self.axes[i].pick(cube[i], *args, **kwargs)
@@ -629,7 +635,8 @@ class Space:
         for name in ("uid", "gid", "ct_state", "in", "out"):
             i = self.index[name]
             absent = self.axes[i].absent
-            value = ABSENT if cube[i] & absent else pick(name)      # fewest words
+            concrete = conntrack and name == "ct_state" and cube[i] & ~absent
+            value = ABSENT if cube[i] & absent and not concrete else pick(name)   # fewest words
             if value is not ABSENT:
                 words.append(f"{'ct' if name == 'ct_state' else name}={value}")
         hooks = cube[self.index["hook"]]
@@ -644,6 +651,9 @@ class Space:
     def _proto(self, mask: int, family: Optional[int]):
         """A protocol of the atoms, not an IPv6 extension header's number."""
         axis = self.axis("proto")
+        for p in (PROTO_TCP, PROTO_UDP, _ICMP_OF.get(family)):     # the familiar ones first
+            if p is not None and mask & (1 << axis.atom_of(p)):
+                return p
         for i in _bits_of(mask & axis.full(False)):
             low, high = axis.span(i)
             for p in range(low, high + 1):
@@ -843,6 +853,26 @@ def reach(rules: Sequence[Rule], index: int, space: Optional[Space] = None,
         if not cubes:
             break
     return space, (_witnessed(space, cubes) if cubes else None), overlapping
+
+
+def needed(rules: Sequence[Rule], index: int, earlier: List[int], space: Space,
+           limit: int = MAX_CUBES) -> List[int]:
+    """Of the `earlier` rules that together take all of rule `index`'s
+    packets (`reach`), those it needs: each dropped in turn, latest first,
+    when the others still take them all (a ct_state rule may share packets
+    with it without being needed). Stops trimming past `limit` cubes."""
+    kept = list(earlier)
+    for i in reversed(earlier):
+        if len(kept) == 1:
+            break
+        others = [rules[k] for k in kept if k != i]
+        try:
+            _, cube, _ = reach(others + [rules[index]], len(others), space, limit)
+        except TooLarge:
+            break
+        if cube is None:
+            kept.remove(i)
+    return kept
 
 
 def _witnessed(space: Space, cubes: List[tuple]) -> tuple:

@@ -57,6 +57,7 @@ def run_diff(args, out: Optional[TextIO] = None) -> int:
         error_line(f"ipqd diff: {error} (at most {regions.MAX_CUBES} cubes); compare smaller "
                    f"policies, or fragments of them")
         return EXIT_FAILED
+    conntrack = old.queue.conntrack or new.queue.conntrack
     changes.sort(key=lambda c: (space.witness(c.cube) is None, c.old, c.new))
     notes = inexact(old, new, space, changes)
     counts = None
@@ -67,11 +68,11 @@ def run_diff(args, out: Optional[TextIO] = None) -> int:
     if args.json:
         out.write(json.dumps({
             "old": old.path, "new": new.path, "changed": bool(changes),
-            "regions": [_region_json(space, old, new, c) for c in changes],
+            "regions": [_region_json(space, old, new, c, conntrack) for c in changes],
             "inexact": notes, "pcap": counts}) + "\n")
     else:
         for change in changes:
-            witness = space.witness(change.cube) or "malformed packets"
+            witness = space.witness(change.cube, conntrack) or "malformed packets"
             out.write(clean(f"{witness}: {describe_outcome(old, change.old)} -> "
                             f"{describe_outcome(new, change.new)}") + "\n")
             out.write(clean(f"    where {space.describe(change.cube, change.shape)}") + "\n")
@@ -142,7 +143,7 @@ def inexact(old: Policy, new: Policy, space: regions.Space, changes) -> List[str
     return notes
 
 
-def _region_json(space, old, new, change) -> dict:
+def _region_json(space, old, new, change, conntrack: bool) -> dict:
     def side(policy, outcome):
         out = []
         for index in outcome.rated + (outcome.final,):
@@ -153,7 +154,7 @@ def _region_json(space, old, new, change) -> dict:
                         "rate": (rule.rate.text or rule.rate.per_second)
                         if rule and rule.rate else None})
         return out
-    return {"witness": space.witness(change.cube),
+    return {"witness": space.witness(change.cube, conntrack),
             "where": space.describe(change.cube, change.shape),
             "old": side(old, change.old), "new": side(new, change.new)}
 

@@ -77,6 +77,10 @@ def run_explain(args) -> int:
     base = PacketMeta(hook=hook, indev=args.indev, outdev=args.outdev)
     out = sys.stdout
     try:
+        if getattr(args, "reach", None):
+            from ipqd.tools.reach import explain_reach
+            return explain_reach(policy, args.reach, out, lambda text: _explain_described(
+                matcher, text, base, None, policy.queue.conntrack, _Report(out, args.json)))
         if args.pcap:
             tracker = Tracker() if policy.queue.conntrack else None
             code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json))

@@ -144,3 +144,42 @@ def test_sctp_and_null_scans_are_described():
     assert len(payload) == 100
     payload, meta = build_packet("tcp 10.0.0.1:1 -> 10.0.0.2:2 none")
     assert parse(payload, meta).tcp_flags == 0
+
+
+SHADOWED = HEAD + """\
+  - {name: low-ports, proto: tcp, dport: 0-1023, action: accept}
+  - {name: high-ports, proto: tcp, dport: 1024-65535, action: drop}
+  - {name: web2, proto: tcp, dport: [80, 8080], action: accept}
+  - {name: bad, malformed: true, action: accept}
+"""
+
+
+def test_reach_prints_a_packet_the_rule_decides(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "p.yaml", SHADOWED)
+    assert main(["explain", "p.yaml", "--reach", "high-ports"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        'rule "high-ports" (p.yaml:5:5) is reached by: tcp 192.0.2.1:40000 -> '
+        '198.51.100.1:1024 syn',
+        "    1  DROP    high-ports            tcp 192.0.2.1:40000 -> 198.51.100.1:1024 [S] "
+        "len=40"]
+
+
+def test_reach_says_which_rules_take_every_packet(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "p.yaml", SHADOWED)
+    assert main(["explain", "p.yaml", "--reach", "web2"]) == 0
+    assert capsys.readouterr().out == ('no packet reaches rule "web2" (p.yaml:6:5): '
+                                       '"low-ports", "high-ports" take every packet it would '
+                                       'match\n')
+    assert main(["explain", "p.yaml", "--reach", "bad"]) == 0
+    assert capsys.readouterr().out == ('only malformed packets reach rule "bad" (p.yaml:7:5): '
+                                       'any of them\n')
+    assert main(["explain", "p.yaml", "--reach", "nope"]) == 1
+
+
+def test_check_names_the_rules_that_shadow_together():
+    policy = loads(SHADOWED, "p.yaml")
+    assert [str(w) for w in policy.warnings if "never match" in str(w)] == [
+        'p.yaml:6:5: warning: rule "web2" can never match: rules "low-ports" (line 4) and '
+        '"high-ports" (line 5) together match every packet it would']

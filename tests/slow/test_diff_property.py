@@ -117,3 +117,23 @@ def test_the_property_meets_packets_decided_differently():
         view = find(views(), lambda v: real(v) and not v.malformed)
         met += effect(old, view) != effect(new, view)
     assert met >= 5
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.lists(views(), min_size=1, max_size=40))
+def test_reach_finds_a_packet_for_every_rule_that_decides_one(seed, packets):
+    """A rule some drawn packet reaches has a witness (or only malformed
+    packets reach it); every witness is decided by that rule."""
+    rng = random.Random(seed)
+    policy = random_policy(rng, rng.randint(1, 10))
+    matcher = compile_policy(policy)
+    reached = {Reference(policy).decide(v)[0] for v in packets if real(v)}
+    for index in range(len(policy.rules)):
+        space, cube, _ = regions.reach(policy.rules, index)
+        if cube is None:
+            assert index not in reached
+            continue
+        text = space.witness(cube)
+        if text is not None:
+            payload, meta = build_packet(text, PacketMeta(hook=1))
+            assert matcher.decide(parse(payload, meta, matcher.fields)).rule_index == index

@@ -219,3 +219,9 @@ class IpqError(IpqdError):
 
     def __reduce__(self):
         return (type(self), (self.ipq_errno, self.errno, self.detail))
+
+
+class RegionsTooLarge(IpqdError):
+    """Regions of packet space (ipqd.policy.regions) too many to compute
+    exactly within the work allowed: `ipqd diff` says so instead of
+    answering late or wrong."""

@@ -77,7 +77,8 @@ class Worker:
         self.config = config
         self.conn = conn
         self.engine = engine = Engine(policy, caching=config.cache)
-        self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
+        self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers),
+                               digest=policy.digest)
         # What the engine cannot decide and what the socket cannot hand it
         # (undecodable, foreign family) get the same verdict.
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
@@ -245,9 +246,10 @@ class Worker:
                                                      mark=verdict.mark))
                 decision = verdict.decision
                 if decision.log:
-                    log.decision(decision.action,
-                                 decision.rule.name if decision.rule else "default",
-                                 verdict.view, event.queue, verdict.mark)
+                    rule = decision.rule
+                    log.decision(decision.action, rule.name if rule else "default",
+                                 verdict.view, event.queue, verdict.mark,
+                                 rule.position if rule else None)
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
             # Undecodable packets with an id were answered by the socket (fallback_verdict).

@@ -252,6 +252,7 @@ class Policy:
     rules: Tuple[Rule, ...] = ()
     sources: Tuple[str, ...] = ()                   # every file read, main file first
     warnings: Tuple = ()                            # PolicyError objects of severity warning
+    digest: str = ""                                # of the files' text (ipqd.policy.checked)
 
     def fields(self) -> frozenset:
         """Every packet field some rule reads: what the packet view must parse."""

@@ -35,7 +35,7 @@ import ipaddress
 from fnmatch import fnmatchcase
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from ipqd.errors import IpqdError
+from ipqd.errors import RegionsTooLarge as TooLarge
 from ipqd.policy._values import TCP_FLAGS
 from ipqd.policy.model import (CT_STATES, FRAGMENTS, HOOK_NAMES, IPV6_EXT_HEADERS,
                                NF_INET_LOCAL_IN, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
@@ -53,10 +53,6 @@ _BITS = {4: 32, 6: 128}
 # (RFC 5737, RFC 3849), so a witness never names a real host by chance.
 _EXAMPLES = tuple(tuple(int(ipaddress.ip_address(a)) for a in pair) for pair in
                   (("192.0.2.1", "2001:db8::1"), ("198.51.100.1", "2001:db8::2")))
-
-
-class TooLarge(IpqdError):
-    """The policies' regions are too many to compute exactly."""
 
 
 # ---- axes ---------------------------------------------------------------------

@@ -73,6 +73,11 @@ def run_explain(args) -> int:
         error_line("ipqd explain: --ct-state goes with a described packet; a capture's "
                    "packets get the states of their connections")
         return EXIT_USAGE
+    from ipqd.policy.checked import policy_digest
+    try:
+        digest = policy_digest(args.policy)
+    except OSError:
+        digest = ""                         # a fragment went meanwhile: the policy has loaded
     matcher = compile_policy(policy)
     base = PacketMeta(hook=hook, indev=args.indev, outdev=args.outdev)
     out = sys.stdout
@@ -80,13 +85,13 @@ def run_explain(args) -> int:
         if getattr(args, "reach", None):
             from ipqd.tools.reach import explain_reach
             return explain_reach(policy, args.reach, out, lambda text: _explain_described(
-                matcher, text, base, None, policy.queue.conntrack, _Report(out, args.json)))
+                matcher, text, base, None, policy.queue.conntrack, _Report(out, args.json, digest)))
         if args.pcap:
             tracker = Tracker() if policy.queue.conntrack else None
-            code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json))
+            code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json, digest))
         elif args.packet:
             code = _explain_described(matcher, args.packet, base, ct_state,
-                                      policy.queue.conntrack, _Report(out, args.json))
+                                      policy.queue.conntrack, _Report(out, args.json, digest))
         else:
             error_line("ipqd explain: give a packet description or --pcap FILE")
             print(EXPECTED_FORM, file=sys.stderr)
@@ -255,9 +260,10 @@ class _Report:
     """Writes each record as it comes, then the summary: text lines, or JSON
     Lines (an object per packet, "type": "packet", then "type": "summary")."""
 
-    def __init__(self, out: TextIO, as_json: bool):
+    def __init__(self, out: TextIO, as_json: bool, digest: str = ""):
         self.out = out
         self.as_json = as_json
+        self.digest = digest            # of the policy's files, as its journal entries carry it
         self.packets = self.skipped = 0
 
     def packet(self, r: dict) -> None:
@@ -283,13 +289,14 @@ class _Report:
             "connections": len(tracker), "forgotten": tracker.evicted, "capacity": tracker.capacity}
         if self.as_json:
             self.out.write(json.dumps({
-                "type": "summary", "policy": matcher.path, "capture": capture,
+                "type": "summary", "policy": matcher.path, "digest": self.digest or None,
+                "capture": capture,
                 "packets": self.packets, "skipped": self.skipped, "counters": counters,
                 "conntrack": conntrack, "error": problem}) + "\n")
             return
+        out = self.out
         if capture is None:
             return
-        out = self.out
         out.write("\n")
         rows = [(clean(name), c) for name, c in counters["rules"].items()]
         rows.append(("(default: " + matcher.default.action + ")", counters["default"]))
@@ -301,6 +308,8 @@ class _Report:
             out.write(f"{name:<{width}}  {c['hits']:>7}  {c['accepted']:>8}  {c['dropped']:>7}\n")
         if self.skipped:
             out.write(f"{self.skipped} frame(s) skipped: not IP\n")
+        if self.digest:
+            out.write(f"policy {clean(matcher.path)} sha256:{self.digest}\n")
         if conntrack is not None:
             forgotten = (f", {conntrack['forgotten']} forgotten for room (at most "
                          f"{conntrack['capacity']})" if conntrack["forgotten"] else "")

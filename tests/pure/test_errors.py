@@ -30,6 +30,7 @@ EXAMPLES = [
     errors.CaptureError("record 3: header cut short"),
     errors.NotIP("ethertype 0x0806 (ARP)"),
     errors.DescriptionError("unknown option 'x'"),
+    errors.RegionsTooLarge("the regions are too many to compute exactly"),
     errors.IpqError(errors.IPQ_ERR_SEND, errno.EPERM),
     errors.IpqError(errors.IPQ_ERR_SUPP, detail="copy mode 7"),
 ]

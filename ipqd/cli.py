@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ipqd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_run, _add_check, _add_explain, _add_hooks, _add_completion,
-                _add_status, _add_counters, _add_metrics, _add_reload, _add_set):
+    for add in (_add_run, _add_check, _add_explain, _add_test, _add_diff, _add_hooks,
+                _add_completion, _add_status, _add_counters, _add_metrics, _add_reload,
+                _add_set):
         add(sub)
     return parser
 
@@ -90,6 +91,8 @@ def _add_explain(sub) -> None:
                          help='one packet, e.g. "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn" '
                               "(the grammar is below)")
     packets.add_argument("--pcap", metavar="FILE", help="a pcap or pcapng capture to replay")
+    packets.add_argument("--reach", metavar="RULE",
+                         help="a packet that reaches RULE (explained), or why none does")
     explain.add_argument("--ct-state", choices=CT_STATES,
                          help="the described packet's conntrack state (default: what conntrack "
                               "gives a lone packet: new, or invalid, or untracked)")
@@ -99,6 +102,35 @@ def _add_explain(sub) -> None:
                          help="hook the packets are taken to arrive at (default: input)")
     explain.add_argument("--in", dest="indev", metavar="IFACE", help="input interface name")
     explain.add_argument("--out", dest="outdev", metavar="IFACE", help="output interface name")
+
+
+def _add_test(sub) -> None:
+    test = sub.add_parser(
+        "test", help="run a policy's test cases: described packets and the verdicts they must get",
+        description="Decide each test case's packet with the policy and compare the verdict\n"
+        "(and the rule, when the case names one) with what the case expects. Without CASES,\n"
+        "the policy's own cases run: its `tests:` section and tests.d/*.yaml beside it.",
+        epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    test.add_argument("policy", help="path of the policy YAML file")
+    test.add_argument("cases", nargs="*", metavar="CASES",
+                      help="files of test cases (a list of {packet, expect, rule, name})")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report to FILE")
+
+
+def _add_diff(sub) -> None:
+    diff = sub.add_parser(
+        "diff", help="show every kind of packet two policies decide differently",
+        description="Compare two policies from their rules: every region of packet space\n"
+        "whose verdict, mark or logging changes, each with a witness packet (in explain's\n"
+        "description) and the rules that decide it before and after.",
+        epilog=EXIT_TEXT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    diff.add_argument("old", help="the policy now in use")
+    diff.add_argument("new", help="the candidate policy")
+    diff.add_argument("--pcap", metavar="FILE",
+                      help="also count a capture's packets and connections that would be "
+                           "decided differently")
+    diff.add_argument("--json", action="store_true",
+                      help="one JSON object: the regions, what is not exact, the capture's counts")
 
 
 def _add_hooks(sub) -> None:
@@ -213,8 +245,15 @@ def main(argv: list[str] | None = None) -> int:
         from ipqd.daemon import run_daemon
         return run_daemon(args)
     if args.command == "check":
+        from ipqd.decision.verify import case_problems
         from ipqd.policy.check import run_check
-        return run_check(args)
+        return run_check(args, verify=case_problems)
+    if args.command == "diff":
+        from ipqd.tools.diff import run_diff
+        return run_diff(args)
+    if args.command == "test":
+        from ipqd.tools.policy_test import run_test
+        return run_test(args)
     if args.command == "explain":
         from ipqd.tools.explain import run_explain
         return run_explain(args)

@@ -247,3 +247,9 @@ class ControlError(IpqdError):
 
     def __reduce__(self):
         return (type(self), (self.code, self.message, self.details))
+
+
+class RegionsTooLarge(IpqdError):
+    """Regions of packet space (ipqd.policy.regions) too many to compute
+    exactly within the work allowed: `ipqd diff` says so instead of
+    answering late or wrong."""

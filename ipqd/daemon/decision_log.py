@@ -23,7 +23,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional
 
 from ipqd.decision.token_bucket import TokenBucket
-from ipqd.policy.model import HOOK_NAMES, PROTOCOL_NAMES, Rate
+from ipqd.policy.model import HOOK_NAMES, PROTOCOL_NAMES, Position, Rate
 from ipqd.printable import clean
 
 if TYPE_CHECKING:       # the supervisor logs no packets: it need not import them (dpkt)
@@ -61,9 +61,15 @@ def _address(family: Optional[int], value: Optional[int]) -> Optional[str]:
 
 
 def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
-                    mark: Optional[int]) -> Dict[str, str]:
-    """The journal fields of one decision (headers only: never payload)."""
+                    mark: Optional[int], position: Optional[Position] = None,
+                    digest: str = "") -> Dict[str, str]:
+    """The journal fields of one decision (headers only: never payload);
+    `position`: where the deciding rule is written, `digest`: the policy's."""
     fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
+    if position is not None:
+        fields["IPQD_RULE_SOURCE"] = clean(f"{position.path}:{position.line}")
+    if digest:
+        fields["IPQD_POLICY_DIGEST"] = digest
     if view is None:
         return fields
     if view.family:
@@ -123,8 +129,9 @@ class DecisionLog:
 
     def __init__(self, target: str = "stderr", rate: Optional[Rate] = None, capacity: int = 4096,
                  identifier: str = "ipqd", send: Optional[Callable] = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, digest: str = ""):
         self.target = target
+        self.digest = digest            # of the policy whose decisions this log writes
         self.identifier = identifier
         self.clock = clock
         # journald takes an entry per datagram, stderr a batch in one write
@@ -148,13 +155,14 @@ class DecisionLog:
     # -- the packet path: cheap, never blocks
 
     def decision(self, action: str, rule_name: str, view: Optional[PacketView], queue: int,
-                 mark: Optional[int]) -> None:
+                 mark: Optional[int], position: Optional[Position] = None) -> None:
         """Queue a decision's entry; the writer wakes at the next `flush`
-        (or within a second)."""
+        (or within a second). `position`: where the deciding rule is written
+        (formatted by the writer, off the packet path)."""
         if self._bucket is not None and not self._bucket.take(self.clock()):
             self.suppressed += 1
             return
-        self._put(("decision", action, rule_name, view, queue, mark))
+        self._put(("decision", action, rule_name, view, queue, mark, position))
 
     def wants_entry(self) -> bool:
         """Whether a logged decision made now would be written. When the
@@ -209,12 +217,11 @@ class DecisionLog:
                 self.failed += 1
         self._send_all(entries)
 
-    @staticmethod
-    def _entry(item):
+    def _entry(self, item):
         """(message, priority, fields) of a queued decision or event."""
         if item[0] == "decision":
-            _, action, rule_name, view, queue, mark = item
-            fields = decision_fields(action, rule_name, view, queue, mark)
+            _, action, rule_name, view, queue, mark, position = item
+            fields = decision_fields(action, rule_name, view, queue, mark, position, self.digest)
             return (decision_message(fields), LOG_NOTICE if action == "drop" else LOG_INFO,
                     fields)
         _, message, priority, fields = item

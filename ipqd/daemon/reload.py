@@ -55,6 +55,7 @@ class Reloader:
             self.refuse(lines)
             return
         daemon.log_warnings(loaded.outline)
+        old_digest = daemon.policy.digest if daemon.policy is not None else ""
         problem = self.apply(loaded)
         if problem:
             daemon.failed_reloads += 1
@@ -65,7 +66,9 @@ class Reloader:
             daemon.reloads += 1
             daemon.log.event(f"reloaded policy {daemon.path} ({daemon.rules} rules) in "
                              f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
-                             IPQD_EVENT="reloaded", IPQD_RULES=str(daemon.rules))
+                             IPQD_EVENT="reloaded", IPQD_RULES=str(daemon.rules),
+                             IPQD_POLICY_DIGEST=loaded.outline.digest,
+                             IPQD_OLD_POLICY_DIGEST=old_digest)
         daemon.tell_systemd("READY=1\n" + daemon.status_line())
 
     def refuse(self, lines: List[str]) -> None:
@@ -78,7 +81,8 @@ class Reloader:
             daemon.log.event(line, LOG_ERR, IPQD_EVENT="reload-error")
         daemon.log.event(f"reload refused: {len(lines)} problem(s) in {daemon.path}; "
                          f"the running policy ({daemon.rules} rules) stays",
-                         LOG_ERR, IPQD_EVENT="reload-failed")
+                         LOG_ERR, IPQD_EVENT="reload-failed",
+                         IPQD_POLICY_DIGEST=daemon.policy.digest if daemon.policy else "")
         daemon.tell_systemd("READY=1\n" + daemon.status_line())
 
     def apply(self, loaded: LoadedPolicy) -> str:

@@ -151,7 +151,7 @@ class Daemon:
         self.log.event(f"ipqd started: policy {self.path} ({self.rules} rules), "
                        f"queues {_ranges(queues)}, hooks {hooks}",
                        LOG_INFO, IPQD_EVENT="start", IPQD_POLICY=self.path,
-                       IPQD_RULES=str(self.rules))
+                       IPQD_RULES=str(self.rules), IPQD_POLICY_DIGEST=self.policy.digest)
         self.tell_systemd("READY=1\n" + self.status_line())
 
     def startup_waiting(self) -> None:

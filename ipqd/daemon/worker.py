@@ -79,7 +79,8 @@ class Worker:
         self.engine = engine = Engine(policy, caching=config.cache)
         for name, entries in (config.sets or {}).items():
             engine.change_set(name, "load", entries)
-        self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers))
+        self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers),
+                               digest=policy.digest)
         # What the engine cannot decide and what the socket cannot hand it
         # (undecodable, foreign family) get the same verdict.
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
@@ -248,9 +249,10 @@ class Worker:
                                                      mark=verdict.mark))
                 decision = verdict.decision
                 if decision.log:
-                    log.decision(decision.action,
-                                 decision.rule.name if decision.rule else "default",
-                                 verdict.view, event.queue, verdict.mark)
+                    rule = decision.rule
+                    log.decision(decision.action, rule.name if rule else "default",
+                                 verdict.view, event.queue, verdict.mark,
+                                 rule.position if rule else None)
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
             # Undecodable packets with an id were answered by the socket (fallback_verdict).

@@ -41,8 +41,8 @@ import ipaddress
 import struct
 from typing import NamedTuple, Optional
 
-from ipqd.policy.model import (HIDDEN_CHAIN, HIDDEN_IP, L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6,
-                               PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE)
+from ipqd.policy.model import (HIDDEN_CHAIN, HIDDEN_IP, IPV6_EXT_HEADERS, L4_FIELDS, PROTO_ICMP,
+                               PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE)
 
 PROTO_NONE = 59             # IPv6 "no next header"
 # IPv6 extension headers walked to find the upper-layer protocol.
@@ -52,8 +52,8 @@ EXT_FRAGMENT = 44
 EXT_AH = 51
 EXT_DSTOPTS = 60
 EXT_MOBILITY = 135
-IPV6_EXT_HEADERS = frozenset({EXT_HOPOPTS, EXT_ROUTING, EXT_FRAGMENT, EXT_AH,
-                              EXT_DSTOPTS, EXT_MOBILITY})
+assert IPV6_EXT_HEADERS == {EXT_HOPOPTS, EXT_ROUTING, EXT_FRAGMENT, EXT_AH, EXT_DSTOPTS,
+                           EXT_MOBILITY}
 MAX_HOP_OPTIONS = 32       # options read looking for a Jumbo Payload one
 IPV6_OPT_JUMBO = 0xC2
 

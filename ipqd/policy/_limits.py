@@ -28,6 +28,13 @@ MAX_DEPTH = 16
 # the search stops with a warning that says so.
 MAX_SHADOW_STEPS = 1_000_000
 
+# The exact search for rules several earlier rules shadow together
+# (ipqd.policy.regions): only for policies of at most this many rules, and
+# each rule's search given up past this many cubes: at most about half a
+# second for 200 rules that overlap much.
+MAX_TOGETHER_RULES = 200
+MAX_TOGETHER_CUBES = 10_000
+
 # Problems a policy carries for the daemon's log and `ipqd explain`: past
 # these, one more line counts the rest (`ipqd check` lists them all), so
 # thousands of warnings cannot crowd reload and error lines out of the log.

@@ -15,14 +15,61 @@ from typing import Dict, Iterator, List, Tuple
 import yaml
 
 from ipqd.errors import PolicyError
-from ipqd.policy._limits import MAX_SHADOW_STEPS
+from ipqd.policy._limits import MAX_SHADOW_STEPS, MAX_TOGETHER_CUBES, MAX_TOGETHER_RULES
 from ipqd.policy._undecidable import undecidable_accepted
 from ipqd.policy.model import PROTO_ICMPV6, AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
-    return list(shadowed(policy.rules)) + cut_off(policy, default_node) + \
+    alone = list(shadowed(policy.rules))
+    return alone + shadowed_together(policy.rules, alone) + cut_off(policy, default_node) + \
         ipv6_cut_off(policy, default_node) + undecidable_accepted(policy)
+
+
+# --- rules that several earlier rules shadow together ---------------------------
+
+def shadowed_together(rules: Tuple[Rule, ...], warned: List[PolicyError]) -> List[PolicyError]:
+    """A warning for each rule no packet reaches past the earlier rules
+    without a rate, though none of them alone covers it (`shadowed` names
+    those): the warning names the earlier rules that share packets with it,
+    which together take them all. Exact (ipqd.policy.regions), so only for
+    policies of at most MAX_TOGETHER_RULES rules, each rule's search stopped
+    (and no warning given) past MAX_TOGETHER_CUBES."""
+    if not rules or len(rules) > MAX_TOGETHER_RULES:
+        return []
+    from ipqd.policy import regions
+    done = {(w.path, w.line, w.column) for w in warned}
+    try:
+        space = regions.Space(rule.match for rule in rules)
+    except regions.TooLarge:
+        return []
+    out = []
+    for index, rule in enumerate(rules):
+        p = rule.position
+        if index == 0 or (p.path, p.line, p.column) in done:
+            continue
+        try:
+            _, cube, earlier = regions.reach(rules, index, space, MAX_TOGETHER_CUBES)
+        except regions.TooLarge:
+            continue
+        if cube is None and earlier:
+            needed = regions.needed(rules, index, earlier, space, MAX_TOGETHER_CUBES)
+            out.append(_together_warning(rule, [rules[i] for i in needed]))
+    return out
+
+
+def _together_warning(b: Rule, earlier: List[Rule]) -> PolicyError:
+    names = [f'"{a.name}" ({_where(a, b)})' for a in earlier]
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return PolicyError(b.position.path, b.position.line, b.position.column,
+                       f'rule "{b.name}" can never match: rule{"s" if len(names) > 1 else ""} '
+                       f"{listed} together match every packet it would", severity="warning")
+
+
+def _where(a: Rule, b: Rule) -> str:
+    if a.position.path == b.position.path:
+        return f"line {a.position.line}"
+    return f"{a.position.path} line {a.position.line}"
 
 
 # --- shadowed rules ------------------------------------------------------------------

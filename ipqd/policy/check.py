@@ -11,24 +11,28 @@ from __future__ import annotations
 import gc
 import json
 import sys
-from typing import List, Optional, TextIO, Tuple
+from typing import Callable, List, Optional, TextIO, Tuple
 
 from ipqd.errors import PolicyError, PolicyErrors
 from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE
+from ipqd.policy.cases import policy_cases
 from ipqd.policy.checked import safety_problems, service_read_problems
 from ipqd.policy.loader import load_with_sets
 from ipqd.printable import clean
 
+Verify = Optional[Callable]     # (policy, cases) -> the failed cases as PolicyErrors
 SHOWN_PER_SEVERITY = 20        # text output: errors and warnings listed, each (--all: every one)
 
 
-def run_check(args, out: TextIO = None, err: TextIO = None) -> int:
-    """Check `args.policy`; print problems to `out`, read failures to `err`."""
+def run_check(args, out: TextIO = None, err: TextIO = None, verify: Verify = None) -> int:
+    """Check `args.policy`; print problems to `out`, read failures to `err`.
+    `verify(policy, cases)` runs the policy's test cases (ipqd.policy.cases),
+    each failure an error (the CLI passes ipqd.decision.verify.case_problems)."""
     out = out or sys.stdout
     err = err or sys.stderr
     path = args.policy
     try:
-        problems, counts = examine(path)
+        problems, counts = examine(path, verify)
     except OSError as e:
         where = e.filename or path
         if getattr(args, "json", False):
@@ -46,9 +50,10 @@ def run_check(args, out: TextIO = None, err: TextIO = None) -> int:
     return EXIT_OK if valid else EXIT_INVALID
 
 
-def examine(path: str) -> Tuple[List[PolicyError], Optional[dict]]:
+def examine(path: str, verify: Verify = None) -> Tuple[List[PolicyError], Optional[dict]]:
     """Every problem of the policy at `path`, in the files' order, and its counts
-    (None when it did not load). Raises OSError when it cannot be read."""
+    (None when it did not load); with `verify`, its test cases' failures too.
+    Raises OSError when it cannot be read."""
     refusals = [PolicyError(path, 0, 0, f"`ipqd run` refuses it: {p}")
                 for p in safety_problems(path)]
     refusals += [PolicyError(path, 0, 0, p, severity="warning")
@@ -65,6 +70,14 @@ def examine(path: str) -> Tuple[List[PolicyError], Optional[dict]]:
     finally:
         if collecting:
             gc.enable()
+    if verify is not None and counts is not None:
+        try:
+            cases = policy_cases(path)
+            counts["tests"] = len(cases)
+            problems += verify(policy, cases)
+        except PolicyErrors as e:
+            problems += e.errors
+            counts = None
     return refusals + problems, counts
 
 
@@ -91,6 +104,8 @@ def _print_text(path: str, problems: List[PolicyError], counts: Optional[dict], 
         print(summary, file=out)
     elif not quiet:
         parts = [_count(counts["rules"], "rule"), _count(counts["sets"], "set")]
+        if counts.get("tests"):
+            parts.append(_count(counts["tests"], "test") + " passed")
         if warnings:
             parts.append(_count(warnings, "warning"))
         print(f"{clean(path)}: OK ({', '.join(parts)})", file=out)

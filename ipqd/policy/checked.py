@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from typing import List
 
 from ipqd.errors import PolicyErrors, PolicyRefused
@@ -43,7 +44,31 @@ def load_checked(path: str) -> Policy:
     if before != _identities(_policy_files(path)):
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])
-    return policy
+    return replace(policy, digest=_digest(path, before))
+
+
+def policy_digest(path: str) -> str:
+    """The digest of the policy at `path`: its main file and policy.d
+    fragments together (sha256, hex). Each decision logged carries the
+    digest of the policy that made it. Raises OSError when a file cannot
+    be read."""
+    identities = _identities(_policy_files(path))
+    unreadable = next((name for name, digest in identities if digest is None), None)
+    if unreadable is not None:
+        raise OSError(f"cannot read {unreadable}")
+    return _digest(path, identities)
+
+
+def _digest(path: str, identities: List[tuple]) -> str:
+    """sha256 over each file's name (as the policy knows it: policy.d/NAME
+    for a fragment, so a renamed fragment, which may move its rules, counts)
+    and the sha256 of its bytes, in the loader's order."""
+    import hashlib
+    whole = hashlib.sha256()
+    for number, (name, digest) in enumerate(identities):
+        label = "policy" if number == 0 else f"policy.d/{os.path.basename(name)}"
+        whole.update(label.encode() + b"\0" + (digest or b""))
+    return whole.hexdigest()
 
 
 def safety_problems(path: str) -> List[str]:

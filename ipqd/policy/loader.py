@@ -41,7 +41,7 @@ from ipqd.wire.nfqueue import NFQNL_MAX_COPY_RANGE
 __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
 FRAGMENT_DIR = "policy.d"
-TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules")
+TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules", "tests")
 FRAGMENT_FIELDS = ("sets", "rules")
 QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload",
                 "undecidable")

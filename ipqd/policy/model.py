@@ -54,6 +54,10 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 # The protocols whose header starts with a source and a destination port.
 PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
 
+# The IPv6 extension headers ipqd.decision.packet walks past to the upper
+# layer: an IPv6 packet's `proto` is never one of them.
+IPV6_EXT_HEADERS = frozenset({0, 43, 44, 51, 60, 135})
+
 # Conntrack states, in the order ipqd lays out their queues (ipqd.kernel.hooks.queue_layout).
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
 FRAGMENTS = ("first", "not-first", "none")
@@ -266,6 +270,7 @@ class Policy:
     sets: Tuple[DynamicSet, ...] = ()               # the dynamic sets (static ones are in the rules)
     sources: Tuple[str, ...] = ()                   # every file read, main file first
     warnings: Tuple = ()                            # PolicyError objects of severity warning
+    digest: str = ""                                # of the files' text (ipqd.policy.checked)
 
     def dynamic_sets(self) -> frozenset:
         """The names of the dynamic sets some rule reads."""

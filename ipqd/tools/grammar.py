@@ -26,7 +26,7 @@ packet description (PACKET):
   SRC, DST   an address, with :PORT for tcp, udp, sctp and udplite;
              IPv6 with a port in brackets: [fd00::1]:53
   FLAGS      tcp flags, comma-separated: syn (the default), ack, fin, rst, psh, urg,
-             ece, cwr
+             ece, cwr; none for no flag at all
   ICMP-TYPE  a type name (echo-request, the default) or number
   keys       {KEYS}
              (ct: new, established, related, invalid or untracked, as --ct-state)

@@ -31,6 +31,7 @@ EXAMPLES = [
     errors.NotIP("ethertype 0x0806 (ARP)"),
     errors.DescriptionError("unknown option 'x'"),
     errors.SetError("set 'banned' is full (10 entries)"),
+    errors.RegionsTooLarge("the regions are too many to compute exactly"),
     errors.IpqError(errors.IPQ_ERR_SEND, errno.EPERM),
     errors.IpqError(errors.IPQ_ERR_SUPP, detail="copy mode 7"),
     errors.ControlError("refused", "the policy was not loaded", ["p.yaml:3:7: bad"]),

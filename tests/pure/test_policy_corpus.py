@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ipqd.decision.verify import case_problems
 from ipqd.policy.check import run_check
 
 HERE = Path(__file__).parent.parent / "policies"
@@ -29,7 +30,7 @@ EXAMPLE = Path(__file__).parent.parent.parent / "etc" / "ipqd" / "policy.yaml"
 
 def check(path: str, quiet: bool = False):
     out, err = io.StringIO(), io.StringIO()
-    code = run_check(Namespace(policy=path, quiet=quiet), out=out, err=err)
+    code = run_check(Namespace(policy=path, quiet=quiet), out=out, err=err, verify=case_problems)
     return code, out.getvalue(), err.getvalue()
 
 

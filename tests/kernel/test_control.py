@@ -367,3 +367,72 @@ def test_hostile_clients_are_refused_and_cost_the_packets_nothing(lab, ipqd):
     assert worst <= max(3 * usual, usual + 0.010), (usual, worst)
     kernel = status["kernel"]["3"]
     assert kernel["queue_dropped"] == kernel["user_dropped"] == 0
+
+
+# ---------------------------------------------------------------- the server alone
+
+def test_server_limits_with_a_clock_of_its_own(tmp_path):
+    """ControlServer driven by hand: a stale socket is replaced, a slow
+    client and one that never reads are cut off at the deadline, and the
+    17th connection is told busy."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import MAX_CONNECTIONS, REQUEST_WITHIN, ControlServer, control_group
+    import select
+
+    path = str(tmp_path / "sub" / "control")
+    os.makedirs(os.path.dirname(path))
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()                                   # a dead daemon's socket file
+    now = [100.0]
+    big = {"blob": "x" * (1 << 20)}
+    server = ControlServer(path, {"big": Command(lambda c, a, p: big, False)}, None,
+                           clock=lambda: now[0])
+    server.open()
+
+    def turn(wait=0.05):
+        poller = select.poll()
+        for fd, events in server.fds():
+            poller.register(fd, events)
+        server.serve(poller.poll(int(wait * 1000)))
+
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o666
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.connect(path)
+        slow.sendall(b'{"ipqd":1,')
+        lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lazy.connect(path)
+        lazy.sendall(encode_request("big") * 8)      # 8 MiB of answers it never reads
+        for _ in range(20):
+            turn()
+        others = []
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            others.append(s)
+        for _ in range(5):
+            turn()
+        busy = [s for s in others if _readable(s)]
+        assert len(busy) == 2 and all(json.loads(s.recv(4096))["error"]["code"] == "busy"
+                                      for s in busy)
+        assert len(server.connections) == MAX_CONNECTIONS
+        now[0] += REQUEST_WITHIN
+        turn()
+        slow.settimeout(2)
+        assert json.loads(slow.recv(4096))["error"]["code"] == "too-slow"
+        assert slow.recv(10) == b""
+        assert server.counts["unread"] == 1 and server.counts["too-slow"] >= 1
+        assert server.counts["busy"] == 2
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+    assert control_group(None) == (None, "")
+    assert control_group("0") == (0, "")
+    gid, warning = control_group("no-such-group-ipqd")
+    assert gid is None and "no group 'no-such-group-ipqd'" in warning
+
+
+def _readable(sock):
+    import select
+    return bool(select.select([sock], [], [], 0.2)[0])

@@ -138,7 +138,8 @@ def counters(daemon, args: dict, peer: Peer) -> dict:
             raise ControlError("bad-arguments", f"no rule {rule!r} in the running policy "
                                f"(rules: {', '.join(rules)})")
         rules = {rule: rules[rule]}
-    return {"rules": [dict(name=name, **entry) for name, entry in rules.items()]}
+    return {"rules": [dict(name=name, **entry) for name, entry in rules.items()],
+            "netns": netns()}
 
 
 def metrics(daemon, args: dict, peer: Peer) -> dict:

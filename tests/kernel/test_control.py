@@ -84,7 +84,7 @@ def test_status_counters_and_metrics_agree_with_the_traffic(lab, ipqd):
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     rules = {r["name"]: r for r in json.loads(ipqd_command(
-        "counters", "--json", "--control", daemon.control).stdout)}
+        "counters", "--json", "--control", daemon.control).stdout)["rules"]}
     text = ipqd_command("metrics", "--control", daemon.control).stdout
     metrics = metrics_of(text)
 
@@ -128,6 +128,33 @@ def test_status_counters_and_metrics_agree_with_the_traffic(lab, ipqd):
     assert one.stdout.splitlines()[1].split() == ["block-udp", "5", "0", "5"]
     unknown = ipqd_command("counters", "nope", "--control", daemon.control)
     assert unknown.returncode == 1 and "no rule 'nope'" in unknown.stderr
+
+
+def test_counters_add_the_kernels_count_of_offloaded_flows(lab, ipqd, tmp_path):
+    """One flow of 10 datagrams: ipqd decides the first and hands the flow
+    to the kernel, whose offload rule counts the other 9."""
+    daemon = ipqd()
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5000))
+    rx.settimeout(1)
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(10):
+        tx.sendto(b"x" * 100, (lab.SERVER4, 5000))
+        assert rx.recv(200) == b"x" * 100
+    tx.close()
+    rx.close()
+    shown = subprocess.run(["ip", "netns", "exec", lab.server.name, IPQD, "counters", "--json",
+                            "--control", daemon.control, "--state-dir", str(tmp_path / "state")],
+                           capture_output=True, text=True, timeout=60)
+    counted = json.loads(shown.stdout)
+    assert {"name": "allow-udp", "hits": 1, "accepted": 1, "dropped": 0} in counted["rules"]
+    [kept] = [o for o in counted["offloaded"] if (o["hook"], o["verdict"], o["direction"])
+              == ("input", "accept", "original")]
+    assert kept["packets"] == 9 and kept["bytes"] == 9 * (20 + 8 + 100)
+    text = subprocess.run(["ip", "netns", "exec", lab.server.name, IPQD, "counters",
+                           "--control", daemon.control, "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "  input accept original: 9 packets, 1152 bytes" in text
 
 
 def test_the_metrics_textfile_is_kept_up_to_date(lab, tmp_path):

@@ -53,12 +53,16 @@ def control_group(name: Optional[str]) -> Tuple[Optional[int], str]:
                       f"{name}`, then restart ipqd)")
 
 
-def peer_of(sock: socket.socket, change_gid: Optional[int]) -> Peer:
-    """The connected peer's credentials, and whether it may change things:
-    root, or a member of `change_gid` (primary or supplementary group, as
-    the user database says)."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  _UCRED.size))
+def credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """The connected peer's pid, uid and gid (SO_PEERCRED: as it connected)."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+
+
+def peer_of(creds: Tuple[int, int, int], change_gid: Optional[int]) -> Peer:
+    """Who `creds` are, and whether they may change things: root, or a
+    member of `change_gid` (primary or supplementary group, as the user
+    database says)."""
+    pid, uid, gid = creds
     return Peer(pid, uid, gid, uid == 0 or _member(uid, gid, change_gid))
 
 
@@ -75,9 +79,10 @@ def _member(uid: int, gid: int, group: Optional[int]) -> bool:
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, peer: Peer, now: float):
+    def __init__(self, sock: socket.socket, creds: Tuple[int, int, int], now: float):
         self.sock = sock
-        self.peer = peer
+        self.creds = creds
+        self.peer: Optional[Peer] = None    # looked up at its first request, not before
         self.reader = RequestReader(MAX_REQUEST)
         self.unsent = bytearray()
         self.deadline = now + REQUEST_WITHIN
@@ -221,12 +226,12 @@ class ControlServer:
                 sock.close()
                 continue
             try:
-                peer = peer_of(sock, self.change_gid)
+                creds = credentials(sock)
             except OSError:
                 self._count("accept-failed")
                 sock.close()
                 continue
-            self.connections[sock.fileno()] = Connection(sock, peer, self.clock())
+            self.connections[sock.fileno()] = Connection(sock, creds, self.clock())
 
     def _read(self, fd: int) -> None:
         conn = self.connections[fd]
@@ -247,6 +252,8 @@ class ControlServer:
                 self._count(item.code)
                 answer = encode_error(item)
             else:
+                if conn.peer is None:       # the user database, once a request came
+                    conn.peer = peer_of(conn.creds, self.change_gid)
                 answer, code = dispatch(self.table, self.context, item, conn.peer)
                 if code:
                     self._count(code)

@@ -466,6 +466,11 @@ def test_server_limits_with_a_clock_of_its_own(tmp_path):
     finally:
         server.close()
     assert not os.path.exists(path)
+    from ipqd.control.server import peer_of
+    assert peer_of((1, 0, 0), None).may_change                    # root
+    assert not peer_of((1, 65534, 65534), None).may_change        # nobody, no group
+    assert peer_of((1, 65534, 65534), 65534).may_change           # its primary group
+    assert not peer_of((1, 65534, 65534), 0).may_change           # not in root's group
     assert control_group(None) == (None, "")
     assert control_group("0") == (0, "")
     gid, warning = control_group("no-such-group-ipqd")

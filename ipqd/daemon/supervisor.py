@@ -222,10 +222,14 @@ class Daemon:
             poller.register(self.wake_r, select.POLLIN)
             for worker in self.workers.values():
                 poller.register(worker.conn.fileno(), select.POLLIN)
-            control = self.control.fds() if self.control else []
-            for fd, events in control:
-                poller.register(fd, events)
-            ready = poller.poll(500)
+            wait = 500
+            if self.control is not None:
+                for fd, events in self.control.fds():
+                    poller.register(fd, events)
+                due = self.control.timeout()
+                if due is not None:
+                    wait = min(wait, int(due * 1000) + 1 if due else 0)
+            ready = poller.poll(wait)
             _drain(self.wake_r)
             # What came since the last round, each once: a stop first, and one
             # reload for many SIGHUPs (it reads the files as they are now).

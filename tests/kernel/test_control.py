@@ -480,3 +480,48 @@ def test_server_limits_with_a_clock_of_its_own(tmp_path):
 def _readable(sock):
     import select
     return bool(select.select([sock], [], [], 0.2)[0])
+
+
+def test_server_answers_a_burst_a_few_a_round(tmp_path):
+    """Thousands of requests in one write are answered a few per round of
+    the loop (the loop goes on meanwhile), all of them, in order, and a
+    client that shuts its side after writing still gets every answer."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import PER_ROUND, ControlServer
+    import select
+
+    path = str(tmp_path / "control")
+    calls = []
+    server = ControlServer(path, {"n": Command(lambda c, a, p: calls.append(1) or
+                                               {"n": a["n"]}, False)}, None)
+    server.open()
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        client.sendall(b"".join(encode_request("n", {"n": i}) for i in range(2000)))
+        client.shutdown(socket.SHUT_WR)
+        rounds, received = 0, b""
+        client.setblocking(False)
+        while server.connections or not rounds:
+            poller = select.poll()
+            for fd, events in server.fds():
+                poller.register(fd, events)
+            timeout = server.timeout()
+            before = len(calls)
+            server.serve(poller.poll(50 if timeout is None else int(timeout * 1000)))
+            assert len(calls) - before <= PER_ROUND
+            rounds += 1
+            try:
+                received += client.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            assert rounds < 5000
+        while True:
+            chunk = client.recv(1 << 20) if select.select([client], [], [], 1)[0] else b""
+            if not chunk:
+                break
+            received += chunk
+        answers = [json.loads(line)["result"]["n"] for line in received.splitlines()]
+        assert answers == list(range(2000)) and rounds >= 2000 // PER_ROUND
+    finally:
+        server.close()

@@ -269,6 +269,43 @@ def test_the_policy_path_is_set_once_for_every_command(admin):
     assert admin.probe("udp", 5001) and not admin.probe("udp", 5003)
 
 
+def test_metrics_textfile_for_node_exporter(admin):
+    """docs/control.md's recipe: the daemon keeps node_exporter's textfile,
+    in a folder the unit is allowed to write."""
+    from prometheus_client.parser import text_string_to_metric_families
+    folder = "/var/lib/prometheus/node-exporter"
+    admin.sb.run(["mkdir", "-p", folder])
+    admin.sb.run(["chgrp", "ipqd", folder])
+    admin.sb.run(["chmod", "0775", folder])
+    ipqd = admin.sb.run(["sh", "-c", "command -v ipqd"]).stdout.strip()
+    admin.sb.write_file("/etc/systemd/system/ipqd.service.d/metrics.conf",
+                        "[Service]\nExecStart=\n"
+                        f"ExecStart={ipqd} run --policy ${{IPQD_POLICY}} --no-hooks "
+                        f"--control-group ipqd-control --metrics-textfile {folder}/ipqd.prom "
+                        "--metrics-every 0.5\n"
+                        f"ReadWritePaths={folder}\n")
+    admin.sb.systemctl("daemon-reload")
+    admin.sb.systemctl("restart", "ipqd")
+    try:
+        assert admin.probe("udp", 5001)
+        deadline = time.monotonic() + 15
+        accepted = 0
+        while time.monotonic() < deadline and not accepted:
+            text = admin.sb.run(["cat", f"{folder}/ipqd.prom"], check=False).stdout
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "ipqd_rule_packets_total" and sample.labels == {
+                            "rule": "allowed-udp", "verdict": "accept"}:
+                        accepted = sample.value
+            time.sleep(0.3)
+        assert accepted >= 1
+        assert admin.sb.run(["ls", "-A", folder]).stdout.split() == ["ipqd.prom"]
+    finally:
+        admin.sb.run(["rm", "/etc/systemd/system/ipqd.service.d/metrics.conf"])
+        admin.sb.systemctl("daemon-reload")
+        admin.sb.systemctl("restart", "ipqd")
+
+
 def test_kill_9_restarts_and_enforces_again(admin):
     old = admin.main_pid()
     admin.sb.systemctl("kill", "--kill-who=main", "-s", "SIGKILL", "ipqd")

@@ -183,7 +183,9 @@ def test_ipqd_status_over_the_control_socket(admin):
     assert 'ipqd_kernel_user_dropped_total{queue="0"} 0.0' in metrics
     assert 'ipqd_rule_packets_total{rule="allowed-udp",verdict="accept"}' in metrics
     nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "ipqd"]
-    assert admin.sb.run(nobody + ["status"]).stdout.startswith("ipqd is running")
+    as_nobody = admin.sb.run(nobody + ["status"]).stdout
+    assert as_nobody.startswith("ipqd is running")
+    assert "kernel:   the queue counters are root's" in as_nobody
     refused = admin.sb.run(nobody + ["reload"], check=False)
     assert refused.returncode == 4 and "only root and members of the control group" in \
         refused.stderr

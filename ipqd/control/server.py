@@ -14,9 +14,10 @@ seconds of the connection or of the previous answer (else "too-slow" and
 closed), MAX_REQUEST bytes at most (else "too-large" and closed), and an
 answer left unread for REQUEST_WITHIN seconds closes the connection. A
 connection gets PER_ROUND answers per round of the loop, and none while
-UNSENT_HIGH bytes of its answers wait to be read, so a client that sends
-thousands of requests in one write cannot hold the loop (and with it the
-watchdog's ping). Every refusal is counted in `counts`.
+UNSENT_HIGH bytes of its answers wait to be read; a round answers for
+ROUND_BUDGET seconds at most (one answer at least), the connections taking
+turns to go first. So no client, however many requests it sends, holds the
+loop (and with it the watchdog's ping) longer than one answer takes. Every refusal is counted in `counts`.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from ipqd.errors import ControlError, StartupError
 MAX_CONNECTIONS = 16
 REQUEST_WITHIN = 5.0            # seconds for a whole request
 PER_ROUND = 4                   # requests of one connection answered per round of the loop
+ROUND_BUDGET = 0.1              # seconds of answering per round (at least one answer)
 UNSENT_HIGH = 1 << 20           # answers waiting to be read: no more are made meanwhile
 SOCKET_MODE = 0o666             # who may connect; who may change is SO_PEERCRED's (above)
 _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
@@ -112,6 +114,9 @@ class ControlServer:
         self.listener: Optional[socket.socket] = None
         self.connections: Dict[int, Connection] = {}
         self.counts: Dict[str, int] = {"connections": 0, "requests": 0}
+        self._turn = 0                      # which connection goes first this round
+        self._round_end = 0.0
+        self._round_answers = 0
 
     # ------------------------------------------------------------ life cycle
 
@@ -203,8 +208,14 @@ class ControlServer:
                     self._flush(fd)
                 if events & (POLLIN | POLLERR | POLLHUP) and fd in self.connections:
                     self._read(fd)
-        for fd in list(self.connections):
-            self._answer(fd)
+        fds = list(self.connections)
+        if fds:
+            self._turn = (self._turn + 1) % len(fds)
+            self._round_end = time.monotonic() + ROUND_BUDGET
+            self._round_answers = 0
+            for fd in fds[self._turn:] + fds[:self._turn]:
+                if fd in self.connections:
+                    self._answer(fd)
         self.tend()
 
     def tend(self) -> None:
@@ -268,9 +279,11 @@ class ControlServer:
         """Answer up to PER_ROUND of a connection's requests, then send."""
         conn = self.connections[fd]
         answered = 0
-        while conn.pending and answered < PER_ROUND and len(conn.unsent) < UNSENT_HIGH:
+        while conn.pending and answered < PER_ROUND and len(conn.unsent) < UNSENT_HIGH and \
+                (not self._round_answers or time.monotonic() < self._round_end):
             item = conn.pending.pop(0)
             answered += 1
+            self._round_answers += 1
             self.counts["requests"] += 1
             if isinstance(item, ControlError):
                 self._count(item.code)

@@ -525,3 +525,48 @@ def test_server_answers_a_burst_a_few_a_round(tmp_path):
         assert answers == list(range(2000)) and rounds >= 2000 // PER_ROUND
     finally:
         server.close()
+
+
+def test_server_answers_for_a_budget_per_round(tmp_path):
+    """Slow answers on many connections: a round stops answering once
+    ROUND_BUDGET is spent (after one answer at least), and every
+    connection is answered in the end."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import ROUND_BUDGET, ControlServer
+    import select
+
+    path = str(tmp_path / "control")
+    server = ControlServer(path, {"slow": Command(lambda c, a, p: time.sleep(0.06) or {}, False)},
+                           None)
+    server.open()
+    clients = []
+    try:
+        for _ in range(6):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)
+            c.sendall(encode_request("slow") * 3)
+            clients.append(c)
+        longest, answered = 0.0, 0
+        deadline = time.monotonic() + 20
+        while answered < 18 and time.monotonic() < deadline:
+            poller = select.poll()
+            for fd, events in server.fds():
+                poller.register(fd, events)
+            timeout = server.timeout()
+            ready = poller.poll(50 if timeout is None else int(timeout * 1000))
+            started = time.monotonic()
+            server.serve(ready)
+            longest = max(longest, time.monotonic() - started)
+            answered = server.counts["requests"]
+        assert answered == 18
+        assert longest < ROUND_BUDGET + 0.06 + 0.05, longest     # never all 18 x 60 ms
+        for c in clients:
+            c.settimeout(2)
+            got = b""
+            while got.count(b"\n") < 3:
+                got += c.recv(4096)
+            assert [json.loads(line)["ok"] for line in got.splitlines()] == [True] * 3
+    finally:
+        for c in clients:
+            c.close()
+        server.close()

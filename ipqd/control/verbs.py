@@ -8,6 +8,7 @@ request (a one-line reason on stderr).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import List
 
@@ -15,6 +16,9 @@ from ipqd.console import LOG_WARNING, error_line
 from ipqd.control.client import call
 from ipqd.errors import ControlError
 from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from ipqd.kernel.hooks import remembered
+from ipqd.kernel.offload_counters import read as read_offload_counts
+from ipqd.kernel.queue_socket import queue_counts
 
 RELOAD_TIMEOUT = 120.0      # the loading process has 60 s, the hand-over as long again
 
@@ -30,10 +34,25 @@ def _ask(args, command: str, request_args=None, timeout: float = 10.0):
         return error
 
 
+def own_kernel_rows(netns: str, queues) -> dict:
+    """The kernel's queue table for `queues`, read by this command: the
+    daemon under its unit cannot (the table is root's), a root client in
+    the same network namespace can. {} otherwise."""
+    try:
+        if not netns or os.readlink("/proc/self/ns/net") != netns:
+            return {}
+    except OSError:
+        return {}
+    return queue_counts(queues)
+
+
 def run_status(args) -> int:
     result = _ask(args, "status")
     if isinstance(result, ControlError):
         return EXIT_FAILED
+    if not result["kernel"]:
+        result["kernel"] = own_kernel_rows(result.get("netns", ""),
+                                           {q for w in result["workers"] for q in w["queues"]})
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -61,6 +80,9 @@ def status_lines(s: dict) -> List[str]:
     for queue, q in sorted(s["kernel"].items(), key=lambda item: int(item[0])):
         lines.append(f"kernel:   queue {queue}: {q['queued']} queued, {q['queue_dropped']} "
                      f"queue-dropped, {q['user_dropped']} user-dropped")
+    if not s["kernel"]:
+        lines.append("kernel:   the queue counters are root's: run `ipqd status` as root, in "
+                     "the daemon's network namespace")
     r = s["reloads"]
     last = r["last"]
     text = f"reloads:  {r['loaded']} loaded, {r['failed']} failed"
@@ -79,19 +101,46 @@ def run_counters(args) -> int:
     if isinstance(result, ControlError):
         return EXIT_FAILED if result.code != "bad-arguments" else EXIT_INVALID
     rules = result["rules"]
+    offloaded = [] if args.rule else offloaded_counts(result.get("netns", ""), args.state_dir)
     if args.json:
-        print(json.dumps(rules, indent=2))
+        print(json.dumps({"rules": rules, "offloaded": offloaded}, indent=2))
         return EXIT_OK
     width = max([len(r["name"]) for r in rules] + [4])
     print(f"{'rule':<{width}}  {'packets':>12}  {'accepted':>12}  {'dropped':>12}")
     for r in rules:
         print(f"{r['name']:<{width}}  {r['hits']:>12}  {r['accepted']:>12}  {r['dropped']:>12}")
+    if offloaded:
+        print("offloaded flows, decided by the kernel's rules (by hook, not by rule):")
+        for o in offloaded:
+            print(f"  {o['hook']} {o['verdict']} {o['direction']}: {o['packets']} packets, "
+                  f"{o['bytes']} bytes")
     return EXIT_OK
 
 
+def offloaded_counts(netns: str, state_dir: str) -> List[dict]:
+    """The kernel's counts of offloaded flows (ipqd.kernel.offload_counters),
+    when this command can read them: root, in the daemon's network
+    namespace, with the hooks' backend noted in `state_dir`."""
+    try:
+        if os.geteuid() != 0 or not netns or os.readlink("/proc/self/ns/net") != netns:
+            return []
+    except OSError:
+        return []
+    backend = remembered(state_dir)
+    if backend is None:
+        return []
+    return [c._asdict() for c in read_offload_counts(backend) if c.packets]
+
+
 def run_metrics(args) -> int:
-    result = _ask(args, "metrics", {"format": "openmetrics" if args.openmetrics
-                                    else "prometheus"})
+    request = {"format": "openmetrics" if args.openmetrics else "prometheus"}
+    status = _ask(args, "status")           # which queues, where, and whether it reads them
+    if isinstance(status, ControlError):
+        return EXIT_FAILED
+    if not status["kernel"]:
+        request["kernel"] = own_kernel_rows(status.get("netns", ""),
+                                            {q for w in status["workers"] for q in w["queues"]})
+    result = _ask(args, "metrics", request)
     if isinstance(result, ControlError):
         return EXIT_FAILED
     print(result["text"], end="")

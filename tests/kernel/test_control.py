@@ -84,7 +84,7 @@ def test_status_counters_and_metrics_agree_with_the_traffic(lab, ipqd):
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     rules = {r["name"]: r for r in json.loads(ipqd_command(
-        "counters", "--json", "--control", daemon.control).stdout)}
+        "counters", "--json", "--control", daemon.control).stdout)["rules"]}
     text = ipqd_command("metrics", "--control", daemon.control).stdout
     metrics = metrics_of(text)
 
@@ -128,6 +128,59 @@ def test_status_counters_and_metrics_agree_with_the_traffic(lab, ipqd):
     assert one.stdout.splitlines()[1].split() == ["block-udp", "5", "0", "5"]
     unknown = ipqd_command("counters", "nope", "--control", daemon.control)
     assert unknown.returncode == 1 and "no rule 'nope'" in unknown.stderr
+
+
+def test_counters_add_the_kernels_count_of_offloaded_flows(lab, ipqd, tmp_path):
+    """One flow of 10 datagrams: ipqd decides the first and hands the flow
+    to the kernel, whose offload rule counts the other 9."""
+    daemon = ipqd()
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5000))
+    rx.settimeout(1)
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(10):
+        tx.sendto(b"x" * 100, (lab.SERVER4, 5000))
+        assert rx.recv(200) == b"x" * 100
+    tx.close()
+    rx.close()
+    shown = subprocess.run(["ip", "netns", "exec", lab.server.name, IPQD, "counters", "--json",
+                            "--control", daemon.control, "--state-dir", str(tmp_path / "state")],
+                           capture_output=True, text=True, timeout=60)
+    counted = json.loads(shown.stdout)
+    assert {"name": "allow-udp", "hits": 1, "accepted": 1, "dropped": 0} in counted["rules"]
+    [kept] = [o for o in counted["offloaded"] if (o["hook"], o["verdict"], o["direction"])
+              == ("input", "accept", "original")]
+    assert kept["packets"] == 9 and kept["bytes"] == 9 * (20 + 8 + 100)
+    text = subprocess.run(["ip", "netns", "exec", lab.server.name, IPQD, "counters",
+                           "--control", daemon.control, "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "  input accept original: 9 packets, 1152 bytes" in text
+
+
+def test_a_large_policys_counters_come_fresh_and_fast(lab, tmp_path):
+    """10,000 rules: the worker's Counters are larger than the pipe; the
+    rest goes on between rounds, so status is fresh well within ASK_WITHIN
+    (it took the next once-a-second report to finish: 0.94 s)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % {"offload": "auto"} + "".join(
+        f"  - {{name: r{i}, proto: tcp, dport: {10000 + i}, action: accept}}\n"
+        for i in range(10000)))
+    os.chmod(policy, 0o644)
+    daemon = RunningIpqd(lab.server, str(policy), str(tmp_path / "state"))
+    try:
+        path = str(tmp_path / "state" / "control")
+        call(path, "status")
+        times = []
+        for _ in range(3):
+            time.sleep(0.3)                             # past ASK_AGAIN_AFTER: a new ask
+            started = time.monotonic()
+            status = call(path, "status")
+            times.append(time.monotonic() - started)
+            assert all(w["fresh"] for w in status["workers"])
+        assert max(times) < 0.5, times
+        assert len(call(path, "counters")["rules"]) == 10003 + 1
+    finally:
+        daemon.stop()
 
 
 def test_the_metrics_textfile_is_kept_up_to_date(lab, tmp_path):
@@ -262,6 +315,17 @@ def _exchange(path, data, read=True, timeout=10):
     return [json.loads(line) for line in received.splitlines()]
 
 
+def _until_not_busy(path, within=5.0):
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return call(path, "commands")
+        except ControlError as error:
+            if error.code != "busy" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _as_nobody(path, command):
     """`command` asked by uid 65534, from a forked child; its answer or error code."""
     read, write = os.pipe()
@@ -319,6 +383,7 @@ def test_hostile_clients_are_refused_and_cost_the_packets_nothing(lab, ipqd):
             s.close()
         busy = [json.loads(b) for b in busy if b]
         assert busy and all(b["error"]["code"] == "busy" for b in busy), busy
+        _until_not_busy(path)                   # the daemon has seen them go
 
         answers = _exchange(path, b"not json\n" + os.urandom(2000).replace(b"\n", b"") + b"\n"
                             + b'{"ipqd": 2, "command": "status"}\n'
@@ -367,3 +432,167 @@ def test_hostile_clients_are_refused_and_cost_the_packets_nothing(lab, ipqd):
     assert worst <= max(3 * usual, usual + 0.010), (usual, worst)
     kernel = status["kernel"]["3"]
     assert kernel["queue_dropped"] == kernel["user_dropped"] == 0
+
+
+# ---------------------------------------------------------------- the server alone
+
+def test_server_limits_with_a_clock_of_its_own(tmp_path):
+    """ControlServer driven by hand: a stale socket is replaced, a slow
+    client and one that never reads are cut off at the deadline, and the
+    17th connection is told busy."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import MAX_CONNECTIONS, REQUEST_WITHIN, ControlServer, control_group
+    import select
+
+    path = str(tmp_path / "sub" / "control")
+    os.makedirs(os.path.dirname(path))
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()                                   # a dead daemon's socket file
+    now = [100.0]
+    big = {"blob": "x" * (1 << 20)}
+    server = ControlServer(path, {"big": Command(lambda c, a, p: big, False)}, None,
+                           clock=lambda: now[0])
+    server.open()
+
+    def turn(wait=0.05):
+        poller = select.poll()
+        for fd, events in server.fds():
+            poller.register(fd, events)
+        server.serve(poller.poll(int(wait * 1000)))
+
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o666
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.connect(path)
+        slow.sendall(b'{"ipqd":1,')
+        lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lazy.connect(path)
+        lazy.sendall(encode_request("big") * 8)      # 8 MiB of answers it never reads
+        for _ in range(20):
+            turn()
+        others = []
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            others.append(s)
+        for _ in range(5):
+            turn()
+        busy = [s for s in others if _readable(s)]
+        assert len(busy) == 2 and all(json.loads(s.recv(4096))["error"]["code"] == "busy"
+                                      for s in busy)
+        assert len(server.connections) == MAX_CONNECTIONS
+        now[0] += REQUEST_WITHIN
+        turn()
+        slow.settimeout(2)
+        assert json.loads(slow.recv(4096))["error"]["code"] == "too-slow"
+        assert slow.recv(10) == b""
+        assert server.counts["unread"] == 1 and server.counts["too-slow"] >= 1
+        assert server.counts["busy"] == 2
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+    from ipqd.control.server import peer_of
+    assert peer_of((1, 0, 0), None).may_change                    # root
+    assert not peer_of((1, 65534, 65534), None).may_change        # nobody, no group
+    assert peer_of((1, 65534, 65534), 65534).may_change           # its primary group
+    assert not peer_of((1, 65534, 65534), 0).may_change           # not in root's group
+    assert control_group(None) == (None, "")
+    assert control_group("0") == (0, "")
+    gid, warning = control_group("no-such-group-ipqd")
+    assert gid is None and "no group 'no-such-group-ipqd'" in warning
+
+
+def _readable(sock):
+    import select
+    return bool(select.select([sock], [], [], 0.2)[0])
+
+
+def test_server_answers_a_burst_a_few_a_round(tmp_path):
+    """Thousands of requests in one write are answered a few per round of
+    the loop (the loop goes on meanwhile), all of them, in order, and a
+    client that shuts its side after writing still gets every answer."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import PER_ROUND, ControlServer
+    import select
+
+    path = str(tmp_path / "control")
+    calls = []
+    server = ControlServer(path, {"n": Command(lambda c, a, p: calls.append(1) or
+                                               {"n": a["n"]}, False)}, None)
+    server.open()
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        client.sendall(b"".join(encode_request("n", {"n": i}) for i in range(2000)))
+        client.shutdown(socket.SHUT_WR)
+        rounds, received = 0, b""
+        client.setblocking(False)
+        while server.connections or not rounds:
+            poller = select.poll()
+            for fd, events in server.fds():
+                poller.register(fd, events)
+            timeout = server.timeout()
+            before = len(calls)
+            server.serve(poller.poll(50 if timeout is None else int(timeout * 1000)))
+            assert len(calls) - before <= PER_ROUND
+            rounds += 1
+            try:
+                received += client.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            assert rounds < 5000
+        while True:
+            chunk = client.recv(1 << 20) if select.select([client], [], [], 1)[0] else b""
+            if not chunk:
+                break
+            received += chunk
+        answers = [json.loads(line)["result"]["n"] for line in received.splitlines()]
+        assert answers == list(range(2000)) and rounds >= 2000 // PER_ROUND
+    finally:
+        server.close()
+
+
+def test_server_answers_for_a_budget_per_round(tmp_path):
+    """Slow answers on many connections: a round stops answering once
+    ROUND_BUDGET is spent (after one answer at least), and every
+    connection is answered in the end."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import ROUND_BUDGET, ControlServer
+    import select
+
+    path = str(tmp_path / "control")
+    server = ControlServer(path, {"slow": Command(lambda c, a, p: time.sleep(0.06) or {}, False)},
+                           None)
+    server.open()
+    clients = []
+    try:
+        for _ in range(6):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)
+            c.sendall(encode_request("slow") * 3)
+            clients.append(c)
+        longest, answered = 0.0, 0
+        deadline = time.monotonic() + 20
+        while answered < 18 and time.monotonic() < deadline:
+            poller = select.poll()
+            for fd, events in server.fds():
+                poller.register(fd, events)
+            timeout = server.timeout()
+            ready = poller.poll(50 if timeout is None else int(timeout * 1000))
+            started = time.monotonic()
+            server.serve(ready)
+            longest = max(longest, time.monotonic() - started)
+            answered = server.counts["requests"]
+        assert answered == 18
+        assert longest < ROUND_BUDGET + 0.06 + 0.05, longest     # never all 18 x 60 ms
+        for c in clients:
+            c.settimeout(2)
+            got = b""
+            while got.count(b"\n") < 3:
+                got += c.recv(4096)
+            assert [json.loads(line)["ok"] for line in got.splitlines()] == [True] * 3
+    finally:
+        for c in clients:
+            c.close()
+        server.close()

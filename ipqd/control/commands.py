@@ -56,6 +56,10 @@ def dispatch(table: CommandTable, context: Any, request: Request,
         return encode_error(error), error.code
     except (IpqdError, OSError, ValueError, TypeError, KeyError) as error:
         return encode_error(ControlError("failed", f"{request.command}: {error}")), "failed"
+    except Exception as error:      # a handler's bug: one answer lost, never the daemon
+        return encode_error(ControlError(
+            "failed", f"{request.command}: internal error: {type(error).__name__}: {error}")), \
+            "internal-error"
 
 
 def _run(table: CommandTable, context: Any, request: Request, peer: Peer) -> dict:

@@ -109,6 +109,7 @@ class ControlServer:
         self._remove_stale()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o755, exist_ok=True)
             listener.bind(self.path)
             os.chmod(self.path, SOCKET_MODE)
             listener.listen(MAX_CONNECTIONS)

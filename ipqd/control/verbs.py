@@ -8,6 +8,7 @@ request (a one-line reason on stderr).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import List
 
@@ -15,6 +16,7 @@ from ipqd.console import LOG_WARNING, error_line
 from ipqd.control.client import call
 from ipqd.errors import ControlError
 from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from ipqd.kernel.queue_socket import queue_counts
 
 RELOAD_TIMEOUT = 120.0      # the loading process has 60 s, the hand-over as long again
 
@@ -30,10 +32,25 @@ def _ask(args, command: str, request_args=None, timeout: float = 10.0):
         return error
 
 
+def own_kernel_rows(netns: str, queues) -> dict:
+    """The kernel's queue table for `queues`, read by this command: the
+    daemon under its unit cannot (the table is root's), a root client in
+    the same network namespace can. {} otherwise."""
+    try:
+        if not netns or os.readlink("/proc/self/ns/net") != netns:
+            return {}
+    except OSError:
+        return {}
+    return queue_counts(queues)
+
+
 def run_status(args) -> int:
     result = _ask(args, "status")
     if isinstance(result, ControlError):
         return EXIT_FAILED
+    if not result["kernel"]:
+        result["kernel"] = own_kernel_rows(result.get("netns", ""),
+                                           {q for w in result["workers"] for q in w["queues"]})
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -90,8 +107,14 @@ def run_counters(args) -> int:
 
 
 def run_metrics(args) -> int:
-    result = _ask(args, "metrics", {"format": "openmetrics" if args.openmetrics
-                                    else "prometheus"})
+    request = {"format": "openmetrics" if args.openmetrics else "prometheus"}
+    status = _ask(args, "status")           # which queues, where, and whether it reads them
+    if isinstance(status, ControlError):
+        return EXIT_FAILED
+    if not status["kernel"]:
+        request["kernel"] = own_kernel_rows(status.get("netns", ""),
+                                            {q for w in status["workers"] for q in w["queues"]})
+    result = _ask(args, "metrics", request)
     if isinstance(result, ControlError):
         return EXIT_FAILED
     print(result["text"], end="")

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ipqd.control.commands import Command, CommandTable, Peer, argument, no_arguments
 from ipqd.daemon.messages import Counters
 from ipqd.daemon.sets import SET_COMMANDS
 from ipqd.decision.compiler import UNDECIDABLE_NAME
 from ipqd.errors import ControlError
-from ipqd.kernel.queue_socket import queue_states
+from ipqd.kernel.queue_socket import queue_counts
 
 ASK_WITHIN = 1.0        # seconds a status waits for the workers' own figures
 ASK_AGAIN_AFTER = 0.25  # readers within this share one ask: a flood of requests from
@@ -51,10 +51,22 @@ def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
     return rules
 
 
-def snapshot(daemon) -> dict:
+def netns() -> str:
+    """This process's network namespace, e.g. "net:[4026531840]"."""
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return ""
+
+
+def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
     """The daemon's figures now: policy, workers, packets, cache, log,
     kernel queues, reloads, control (the answer to `status`), plus "rules"
-    (per-rule counts) and "per_worker" (each worker's totals)."""
+    (per-rule counts) and "per_worker" (each worker's totals).
+
+    The kernel's queue table is readable by root only: under the unit the
+    daemon cannot read it, and "kernel" is {} unless a root client in the
+    same network namespace read it (`kernel`, a metrics request's)."""
     asked, answers = daemon.counters_asked
     if time.monotonic() - asked >= ASK_AGAIN_AFTER:
         answers = daemon.pool.ask_counters(ASK_WITHIN)
@@ -68,18 +80,15 @@ def snapshot(daemon) -> dict:
             totals[key] = totals.get(key, 0) + value
         workers.append({"slot": index, "pid": handle.process.pid,
                         "queues": sorted(handle.queues), "fresh": answer is not None})
-    kernel = {}
     bound = {q for h in daemon.workers.values() for q in h.queues}
-    for number, state in sorted(queue_states().items()):
-        if number in bound:
-            kernel[str(number)] = {"queued": state.total, "queue_dropped": state.queue_dropped,
-                                   "user_dropped": state.user_dropped, "portid": state.portid}
+    kernel = queue_counts(bound) or _given_kernel(kernel or {}, bound)
     hits, misses = totals.get("cache_hits", 0), totals.get("cache_misses", 0)
     now = time.monotonic()
     return {
         "policy": {"path": daemon.path, "digest": daemon.policy_digest, "rules": daemon.rules,
                    "loaded_at": daemon.policy_loaded_at},
         "pid": os.getpid(),
+        "netns": netns(),
         "started_at": daemon.started_at,
         "uptime": round(now - daemon.started, 3),
         "workers": workers,
@@ -127,12 +136,33 @@ def counters(daemon, args: dict, peer: Peer) -> dict:
 
 
 def metrics(daemon, args: dict, peer: Peer) -> dict:
+    """args: "format" (FORMATS), "kernel" (the kernel's queue table as read
+    by the client, used when the daemon cannot read it)."""
     from ipqd.daemon.metrics import FORMATS, exposition
     kind = argument(args, "format", str, "prometheus")
     if kind not in FORMATS:
         raise ControlError("bad-arguments", f"format {kind!r}: expected one of "
                            f"{', '.join(FORMATS)}")
-    return {"format": kind, "text": exposition(snapshot(daemon), kind)}
+    kernel = argument(args, "kernel", dict, {})
+    return {"format": kind, "text": exposition(snapshot(daemon, kernel), kind)}
+
+
+def _given_kernel(kernel: dict, bound) -> Dict[str, dict]:
+    """A client's reading of the kernel's queue table, checked: only the
+    daemon's queues, only the four counts, as integers."""
+    rows: Dict[str, dict] = {}
+    for queue, row in kernel.items():
+        if not (isinstance(queue, str) and queue.isdigit() and int(queue) in bound
+                and isinstance(row, dict)):
+            raise ControlError("bad-arguments", f"kernel: {queue!r} is not one of the "
+                               "daemon's queues")
+        try:
+            rows[queue] = {key: int(row[key]) for key in
+                           ("queued", "queue_dropped", "user_dropped", "portid")}
+        except (KeyError, TypeError, ValueError):
+            raise ControlError("bad-arguments", f"kernel: queue {queue}: expected queued, "
+                               "queue_dropped, user_dropped, portid as integers")
+    return rows
 
 
 def reload(daemon, args: dict, peer: Peer) -> dict:

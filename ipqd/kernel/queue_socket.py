@@ -105,6 +105,16 @@ def queue_states() -> Dict[int, QueueState]:
     return states
 
 
+def queue_counts(queues) -> Dict[str, Dict[str, int]]:
+    """The kernel's counters of `queues` (numbers), by number as text, for
+    `ipqd status`: queued, queue_dropped, user_dropped, portid. Empty when
+    the table cannot be read (it is root's: the daemon under its unit
+    cannot)."""
+    return {str(number): {"queued": state.total, "queue_dropped": state.queue_dropped,
+                          "user_dropped": state.user_dropped, "portid": state.portid}
+            for number, state in sorted(queue_states().items()) if number in queues}
+
+
 def queue_holder(queue: int) -> Optional[int]:
     """The netlink port id bound to `queue`, or None."""
     state = queue_states().get(queue)

@@ -103,8 +103,13 @@ def _broken(context, args, peer):
     raise KeyError("oops")
 
 
+def _buggy(context, args, peer):
+    return 1 / 0
+
+
 TABLE = {"echo": Command(_echo, False), "change": Command(_echo, True),
-         "strict": Command(_strict, False), "broken": Command(_broken, False)}
+         "strict": Command(_strict, False), "broken": Command(_broken, False),
+         "buggy": Command(_buggy, False)}
 
 
 def _answer(request, peer=ROOT):
@@ -121,7 +126,7 @@ def test_dispatch_runs_the_handler():
 
 
 @pytest.mark.parametrize("request_,peer,code,words", [
-    (Request("nope"), ROOT, "unknown-command", "known: broken, change, echo, strict"),
+    (Request("nope"), ROOT, "unknown-command", "known: broken, buggy, change, echo, strict"),
     (Request("change"), NOBODY, "not-permitted", "only root and members of the control group"),
     (Request("strict"), ROOT, "bad-arguments", "argument 'n' is missing"),
     (Request("strict", {"n": "3"}), ROOT, "bad-arguments", "must be a int, not str"),
@@ -132,6 +137,13 @@ def test_dispatch_refusals(request_, peer, code, words):
     answer, counted = _answer(request_, peer)
     assert counted == code and answer["ok"] is False and answer["error"]["code"] == code
     assert words in answer["error"]["message"]
+
+
+def test_a_handler_bug_costs_one_answer():
+    answer, counted = _answer(Request("buggy"))
+    assert counted == "internal-error" and answer["error"] == {
+        "code": "failed", "message": "buggy: internal error: ZeroDivisionError: division by zero",
+        "details": []}
 
 
 def test_a_change_is_allowed_to_who_may():

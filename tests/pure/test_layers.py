@@ -15,7 +15,7 @@ ALLOWED = {
     "policy": {"base", "wire"},       # wire: the kernel's limits (NFQNL_MAX_COPY_RANGE)
     "decision": {"base", "wire", "policy"},
     "kernel": {"base", "wire", "policy"},
-    "control": {"base"},              # the control socket's protocol, server and client
+    "control": {"base", "wire", "policy", "kernel"},   # kernel: the queue table, for verbs
     "tools": {"base", "wire", "policy", "decision", "kernel"},
     "daemon": {"base", "wire", "policy", "decision", "kernel", "control"},
     "cli": {"base", "wire", "policy", "decision", "kernel", "tools", "daemon", "control"},

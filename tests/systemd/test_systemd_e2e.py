@@ -8,6 +8,7 @@ sandbox by veth: the probes need no listener, since an accepted UDP datagram
 or TCP SYN to a closed port is answered (port unreachable, RST) and a dropped
 one is not.
 """
+import json
 import os
 import subprocess
 import sys
@@ -164,6 +165,34 @@ def test_status_shows_counts_and_policy(admin):
     assert "ipqd packet firewall" in admin.sb.systemctl("status", "--no-pager", "ipqd").stdout
 
 
+def test_ipqd_status_over_the_control_socket(admin):
+    """`ipqd status` asks the running daemon; any local user may look, only
+    root and members of ipqd-control may reload."""
+    shown = admin.sb.run(["ipqd", "status"])
+    assert shown.stdout.startswith("ipqd is running: pid ")
+    assert f"policy:   {POLICY} (4 rules)" in shown.stdout
+    assert "queue 0: 0 queued, 0 queue-dropped, 0 user-dropped" in shown.stdout
+    status = json.loads(admin.sb.run(["ipqd", "status", "--json"]).stdout)
+    assert status["pid"] == admin.main_pid() and status["packets"]["judged"] >= 4
+    assert [w["queues"] for w in status["workers"]] == [[0]]
+    assert admin.sb.run(["stat", "-c", "%A %U", "/run/ipqd/control"]).stdout.split() == \
+        ["srw-rw-rw-", "ipqd"]
+    # The kernel's queue table is root's: the daemon cannot read it under the
+    # unit, root's `ipqd metrics` reads it and hands it over.
+    metrics = admin.sb.run(["ipqd", "metrics"]).stdout
+    assert 'ipqd_kernel_user_dropped_total{queue="0"} 0.0' in metrics
+    assert 'ipqd_rule_packets_total{rule="allowed-udp",verdict="accept"}' in metrics
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "ipqd"]
+    assert admin.sb.run(nobody + ["status"]).stdout.startswith("ipqd is running")
+    refused = admin.sb.run(nobody + ["reload"], check=False)
+    assert refused.returncode == 4 and "only root and members of the control group" in \
+        refused.stderr
+    admin.sb.run(["useradd", "--no-create-home", "--groups", "ipqd-control", "alice"])
+    member = ["setpriv", "--reuid=alice", "--regid=alice", "--init-groups", "ipqd"]
+    reloaded = admin.sb.run(member + ["reload"])
+    assert reloaded.stdout.startswith("reloaded: 4 rules live in")
+
+
 def test_reload_changes_behaviour(admin):
     admin.write_policy(POLICY_TEXT % {"udp": 5001})
     admin.sb.systemctl("reload", "ipqd")
@@ -184,6 +213,15 @@ def test_broken_reload_keeps_the_old_policy_and_says_where(admin):
     assert error["MESSAGE"] == (f"{POLICY}:{line}:5: rule \"typo\": unknown field 'dprot' "
                                 "(did you mean 'dport'?)")
     assert error["PRIORITY"] == "3"                # `journalctl -p err` shows it
+    # `ipqd reload` (ExecReload) said why the reload failed, at err too: its
+    # exit status is what failed the systemctl command.
+    said = admin.sb.wait_journal(
+        lambda e: e.get("MESSAGE", "").startswith("ipqd reload: the policy was not loaded"),
+        unit="ipqd", since_cursor=cursor)
+    assert said["PRIORITY"] == "3"
+    status = json.loads(admin.sb.run(["ipqd", "status", "--json"]).stdout)
+    assert status["reloads"]["last"]["outcome"] == "refused"
+    assert status["reloads"]["last"]["errors"] == [error["MESSAGE"]]
     assert admin.sb.systemctl("is-active", "ipqd").stdout.strip() == "active"
     assert admin.probe("udp", 5001) and not admin.probe("udp", 5000)   # the old policy
     admin.write_policy(POLICY_TEXT % {"udp": 5001})

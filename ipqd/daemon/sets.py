@@ -93,7 +93,7 @@ class SetKeeper:
         if timeout is None:
             timeout = self.declared[name].timeout
         expires = now + timeout if timeout else None
-        fresh = sum(1 for e in dict.fromkeys(entries) if not _has(store, e))
+        fresh = sum(1 for e in dict.fromkeys(entries) if not store.has(e))
         if store.size + fresh > store.max_entries:
             raise SetError(f"set '{name}' has room for {store.max_entries - store.size} more "
                            f"entries (max {store.max_entries}), not {fresh}: delete entries, "
@@ -208,9 +208,16 @@ class SetKeeper:
                 continue
             store = self.stores[name]
             store.clear()
+            left_out = 0
             for entry, expires in restored.entries():
                 if store.size < store.max_entries:
                     store.add(entry, expires)
+                else:
+                    left_out += 1
+            if left_out:
+                self.log.event(f"set {name}: {left_out} entries not restored: past its max of "
+                               f"{store.max_entries} (raise it in the policy)", LOG_WARNING,
+                               IPQD_EVENT="set-restore", IPQD_SET=name, IPQD_COUNT=str(left_out))
             gone = store.expire(now)
             if gone:
                 self._event("set-expire", name, gone, None, "expired while ipqd was stopped")
@@ -282,6 +289,8 @@ class SetKeeper:
             return
         try:
             if self._journal is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
+                            exist_ok=True)
                 self._journal = open(os.open(self.path + ".log", os.O_WRONLY | os.O_CREAT |
                                              os.O_APPEND, 0o600), "a", encoding="utf-8")
             self._journal.write(json.dumps(change, separators=(",", ":")) + "\n")
@@ -346,14 +355,6 @@ def parse_entries(texts: Iterable[str]) -> List[Entry]:
         except SetError as error:
             raise SetError(f"entry {number}: {error.message}; nothing was changed") from None
     return out
-
-
-def _has(store: AddressSet, entry: Entry) -> bool:
-    try:
-        store.expires(entry)
-        return True
-    except KeyError:
-        return False
 
 
 def _who(uid: Optional[int]) -> str:

@@ -249,3 +249,22 @@ def test_a_reload_keeps_the_sets_it_still_declares(tmp_path):
     k.close()
     saved = json.loads((tmp_path / "sets.json").read_text())["sets"]
     assert set(saved) == {"banned"}
+
+
+def test_the_sets_file_goes_where_asked_and_its_folder_is_made(tmp_path):
+    k = keeper(tmp_path / "new" / "sets.json")
+    k.add("forever", ["192.0.2.1"], None, 0)
+    assert (tmp_path / "new" / "sets.json.log").stat().st_mode & 0o777 == 0o600
+    k.close()
+    assert (tmp_path / "new" / "sets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_entries_past_a_lowered_max_are_left_out_and_said(tmp_path):
+    k = keeper(tmp_path / "sets.json")
+    k.add("forever", ["192.0.2.1", "192.0.2.2", "192.0.2.3"], None, 0)
+    k.close()
+    k = SetKeeper(str(tmp_path / "sets.json"), Log())
+    k.adopt(loads(POLICY.replace("forever: {dynamic: true}", "forever: {dynamic: true, max: 2}")))
+    k.restore()
+    assert k.listing("forever")["size"] == 2
+    assert any("1 entries not restored: past its max of 2" in m for m, _ in k.log.events)

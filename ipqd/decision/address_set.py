@@ -186,6 +186,29 @@ class AddressSet:
         table = self._tables[version].get(prefix)
         return table is None or table.get(key, -1.0) != expiry
 
+    # -- whole tables (the supervisor's file) --
+
+    def tables(self) -> Iterator[Tuple[int, int, Dict[int, Optional[float]]]]:
+        """(version, prefixlen, {key: expiry}) of each prefix length present."""
+        for version in (4, 6):
+            for prefix, table in sorted(self._tables[version].items(), reverse=True):
+                yield version, prefix, table
+
+    def load_table(self, version: int, prefix: int, keys: List[int],
+                   expiries: List[Optional[float]]) -> None:
+        """Add many entries of one prefix length at once (a restore); they
+        replace equal entries. Call `settle_heap` after the last table."""
+        table = self._tables[version].setdefault(prefix, {})
+        before = len(table)
+        table.update(zip(keys, expiries))
+        self.size += len(table) - before
+        self._heap.extend((e, (version, prefix, k)) for k, e in zip(keys, expiries)
+                          if e is not None)
+        self._relink(version)
+
+    def settle_heap(self) -> None:
+        heapq.heapify(self._heap)
+
     # -- listing --
 
     def entries(self) -> Iterator[Tuple[Entry, Optional[float]]]:

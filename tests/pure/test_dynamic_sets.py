@@ -198,7 +198,7 @@ def test_a_change_is_sent_journaled_and_kept_across_a_restart(tmp_path):
         == [("192.0.2.7", 3540.0)]
     again.close()
     assert json.loads((tmp_path / "sets.json").read_text())["sets"]["banned"] == \
-        [[4, 32, int(ipaddress.ip_address("192.0.2.7")), 3700.0]]
+        [[4, 32, [int(ipaddress.ip_address("192.0.2.7"))], [3700.0]]]
     assert (tmp_path / "sets.json.log").read_text() == ""
 
 
@@ -268,3 +268,12 @@ def test_entries_past_a_lowered_max_are_left_out_and_said(tmp_path):
     k.restore()
     assert k.listing("forever")["size"] == 2
     assert any("1 entries not restored: past its max of 2" in m for m, _ in k.log.events)
+
+
+def test_a_damaged_snapshot_is_said_and_the_change_log_still_read(tmp_path):
+    (tmp_path / "sets.json").write_text('{"format": 1, "sets": {"forever": [[5, 1, [1], []]]}}')
+    (tmp_path / "sets.json.log").write_text(
+        '{"op":"add","set":"forever","entries":[[4,32,3221225985]],"expires":null}\n')
+    k = keeper(tmp_path / "sets.json")
+    assert [e["entry"] for e in k.listing("forever")["entries"]] == ["192.0.2.1"]
+    assert any("cannot read" in m and "damaged" in m for m, _ in k.log.events)

@@ -39,16 +39,18 @@ _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 POLLIN, POLLOUT, POLLERR, POLLHUP = 0x001, 0x004, 0x008, 0x010   # select.POLL*
 
 
-def control_group(name: Optional[str]) -> Optional[int]:
-    """The gid of `name` (a name or a number); None for no group. Raises
-    StartupError when there is no such group."""
+def control_group(name: Optional[str]) -> Tuple[Optional[int], str]:
+    """The gid of `name` (a name or a number; None for no group), and a
+    warning when there is no such group: then only root may change things
+    (a firewall does not refuse to start over its administrators' group)."""
     if not name:
-        return None
+        return None, ""
     try:
-        return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+        return (int(name) if name.isdigit() else grp.getgrnam(name).gr_gid), ""
     except KeyError:
-        raise StartupError(f"ipqd: no group {name!r} for --control-group: create it "
-                           f"(`groupadd --system {name}`) or name another")
+        return None, (f"ipqd: no group {name!r} for --control-group: only root may change the "
+                      f"daemon over its control socket until it exists (`groupadd --system "
+                      f"{name}`, then restart ipqd)")
 
 
 def peer_of(sock: socket.socket, change_gid: Optional[int]) -> Peer:

@@ -16,6 +16,8 @@ from ipqd.console import LOG_WARNING, error_line
 from ipqd.control.client import call
 from ipqd.errors import ControlError
 from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from ipqd.kernel.hooks import remembered
+from ipqd.kernel.offload_counters import read as read_offload_counts
 from ipqd.kernel.queue_socket import queue_counts
 
 RELOAD_TIMEOUT = 120.0      # the loading process has 60 s, the hand-over as long again
@@ -96,14 +98,35 @@ def run_counters(args) -> int:
     if isinstance(result, ControlError):
         return EXIT_FAILED if result.code != "bad-arguments" else EXIT_INVALID
     rules = result["rules"]
+    offloaded = [] if args.rule else offloaded_counts(result.get("netns", ""), args.state_dir)
     if args.json:
-        print(json.dumps(rules, indent=2))
+        print(json.dumps({"rules": rules, "offloaded": offloaded}, indent=2))
         return EXIT_OK
     width = max([len(r["name"]) for r in rules] + [4])
     print(f"{'rule':<{width}}  {'packets':>12}  {'accepted':>12}  {'dropped':>12}")
     for r in rules:
         print(f"{r['name']:<{width}}  {r['hits']:>12}  {r['accepted']:>12}  {r['dropped']:>12}")
+    if offloaded:
+        print("offloaded flows, decided by the kernel's rules (by hook, not by rule):")
+        for o in offloaded:
+            print(f"  {o['hook']} {o['verdict']} {o['direction']}: {o['packets']} packets, "
+                  f"{o['bytes']} bytes")
     return EXIT_OK
+
+
+def offloaded_counts(netns: str, state_dir: str) -> List[dict]:
+    """The kernel's counts of offloaded flows (ipqd.kernel.offload_counters),
+    when this command can read them: root, in the daemon's network
+    namespace, with the hooks' backend noted in `state_dir`."""
+    try:
+        if os.geteuid() != 0 or not netns or os.readlink("/proc/self/ns/net") != netns:
+            return []
+    except OSError:
+        return []
+    backend = remembered(state_dir)
+    if backend is None:
+        return []
+    return [c._asdict() for c in read_offload_counts(backend) if c.packets]
 
 
 def run_metrics(args) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from ipqd.control.commands import Command, CommandTable, Peer, argument, no_arguments
 from ipqd.daemon.messages import Counters
@@ -31,6 +31,11 @@ ASK_AGAIN_AFTER = 0.25  # readers within this share one ask: a flood of requests
                         # any local user costs the workers at most 4 asks a second
 
 _RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0}
+
+# More figures for status and metrics, by key: key -> figures(daemon). "sets"
+# ({set name: entries}) is shown by `ipqd status` and exported as
+# ipqd_set_entries{set=...}.
+EXTRA_FIGURES: Dict[str, Callable[[object], object]] = {}
 
 
 def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
@@ -84,7 +89,7 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
     kernel = queue_counts(bound) or _given_kernel(kernel or {}, bound)
     hits, misses = totals.get("cache_hits", 0), totals.get("cache_misses", 0)
     now = time.monotonic()
-    return {
+    figures = {
         "policy": {"path": daemon.path, "digest": daemon.policy_digest, "rules": daemon.rules,
                    "loaded_at": daemon.policy_loaded_at},
         "pid": os.getpid(),
@@ -110,6 +115,9 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
         "rules": merge_counters(answers),
         "per_worker": {str(k): v for k, v in per_worker.items()},
     }
+    for key, figure in EXTRA_FIGURES.items():
+        figures[key] = figure(daemon)
+    return figures
 
 
 # ---------------------------------------------------------------- handlers
@@ -132,7 +140,8 @@ def counters(daemon, args: dict, peer: Peer) -> dict:
             raise ControlError("bad-arguments", f"no rule {rule!r} in the running policy "
                                f"(rules: {', '.join(rules)})")
         rules = {rule: rules[rule]}
-    return {"rules": [dict(name=name, **entry) for name, entry in rules.items()]}
+    return {"rules": [dict(name=name, **entry) for name, entry in rules.items()],
+            "netns": netns()}
 
 
 def metrics(daemon, args: dict, peer: Peer) -> dict:

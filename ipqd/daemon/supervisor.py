@@ -142,8 +142,10 @@ class Daemon:
         if self.manage_hooks:
             self.install_hooks(self.policy)
         if self.control_path != NO_CONTROL:
-            self.control = ControlServer(self.control_path, COMMANDS, self,
-                                         control_group(self.control_group))
+            gid, warning = control_group(self.control_group)
+            if warning:
+                self.log.event(warning, LOG_WARNING, IPQD_EVENT="control-group-missing")
+            self.control = ControlServer(self.control_path, COMMANDS, self, gid)
             self.control.open()
         queues = sorted(q for w in self.workers.values() for q in w.queues)
         hooks = f"by {self.installed_backend}" if self.installed_backend else \

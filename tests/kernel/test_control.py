@@ -84,7 +84,7 @@ def test_status_counters_and_metrics_agree_with_the_traffic(lab, ipqd):
     assert shown.returncode == 0, shown.stderr
     status = json.loads(shown.stdout)
     rules = {r["name"]: r for r in json.loads(ipqd_command(
-        "counters", "--json", "--control", daemon.control).stdout)}
+        "counters", "--json", "--control", daemon.control).stdout)["rules"]}
     text = ipqd_command("metrics", "--control", daemon.control).stdout
     metrics = metrics_of(text)
 
@@ -128,6 +128,33 @@ def test_status_counters_and_metrics_agree_with_the_traffic(lab, ipqd):
     assert one.stdout.splitlines()[1].split() == ["block-udp", "5", "0", "5"]
     unknown = ipqd_command("counters", "nope", "--control", daemon.control)
     assert unknown.returncode == 1 and "no rule 'nope'" in unknown.stderr
+
+
+def test_counters_add_the_kernels_count_of_offloaded_flows(lab, ipqd, tmp_path):
+    """One flow of 10 datagrams: ipqd decides the first and hands the flow
+    to the kernel, whose offload rule counts the other 9."""
+    daemon = ipqd()
+    rx = lab.server.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("0.0.0.0", 5000))
+    rx.settimeout(1)
+    tx = lab.client.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(10):
+        tx.sendto(b"x" * 100, (lab.SERVER4, 5000))
+        assert rx.recv(200) == b"x" * 100
+    tx.close()
+    rx.close()
+    shown = subprocess.run(["ip", "netns", "exec", lab.server.name, IPQD, "counters", "--json",
+                            "--control", daemon.control, "--state-dir", str(tmp_path / "state")],
+                           capture_output=True, text=True, timeout=60)
+    counted = json.loads(shown.stdout)
+    assert {"name": "allow-udp", "hits": 1, "accepted": 1, "dropped": 0} in counted["rules"]
+    [kept] = [o for o in counted["offloaded"] if (o["hook"], o["verdict"], o["direction"])
+              == ("input", "accept", "original")]
+    assert kept["packets"] == 9 and kept["bytes"] == 9 * (20 + 8 + 100)
+    text = subprocess.run(["ip", "netns", "exec", lab.server.name, IPQD, "counters",
+                           "--control", daemon.control, "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "  input accept original: 9 packets, 1152 bytes" in text
 
 
 def test_the_metrics_textfile_is_kept_up_to_date(lab, tmp_path):
@@ -262,6 +289,17 @@ def _exchange(path, data, read=True, timeout=10):
     return [json.loads(line) for line in received.splitlines()]
 
 
+def _until_not_busy(path, within=5.0):
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return call(path, "commands")
+        except ControlError as error:
+            if error.code != "busy" or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _as_nobody(path, command):
     """`command` asked by uid 65534, from a forked child; its answer or error code."""
     read, write = os.pipe()
@@ -319,6 +357,7 @@ def test_hostile_clients_are_refused_and_cost_the_packets_nothing(lab, ipqd):
             s.close()
         busy = [json.loads(b) for b in busy if b]
         assert busy and all(b["error"]["code"] == "busy" for b in busy), busy
+        _until_not_busy(path)                   # the daemon has seen them go
 
         answers = _exchange(path, b"not json\n" + os.urandom(2000).replace(b"\n", b"") + b"\n"
                             + b'{"ipqd": 2, "command": "status"}\n'
@@ -367,3 +406,72 @@ def test_hostile_clients_are_refused_and_cost_the_packets_nothing(lab, ipqd):
     assert worst <= max(3 * usual, usual + 0.010), (usual, worst)
     kernel = status["kernel"]["3"]
     assert kernel["queue_dropped"] == kernel["user_dropped"] == 0
+
+
+# ---------------------------------------------------------------- the server alone
+
+def test_server_limits_with_a_clock_of_its_own(tmp_path):
+    """ControlServer driven by hand: a stale socket is replaced, a slow
+    client and one that never reads are cut off at the deadline, and the
+    17th connection is told busy."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import MAX_CONNECTIONS, REQUEST_WITHIN, ControlServer, control_group
+    import select
+
+    path = str(tmp_path / "sub" / "control")
+    os.makedirs(os.path.dirname(path))
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()                                   # a dead daemon's socket file
+    now = [100.0]
+    big = {"blob": "x" * (1 << 20)}
+    server = ControlServer(path, {"big": Command(lambda c, a, p: big, False)}, None,
+                           clock=lambda: now[0])
+    server.open()
+
+    def turn(wait=0.05):
+        poller = select.poll()
+        for fd, events in server.fds():
+            poller.register(fd, events)
+        server.serve(poller.poll(int(wait * 1000)))
+
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o666
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.connect(path)
+        slow.sendall(b'{"ipqd":1,')
+        lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lazy.connect(path)
+        lazy.sendall(encode_request("big") * 8)      # 8 MiB of answers it never reads
+        for _ in range(20):
+            turn()
+        others = []
+        for _ in range(MAX_CONNECTIONS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            others.append(s)
+        for _ in range(5):
+            turn()
+        busy = [s for s in others if _readable(s)]
+        assert len(busy) == 2 and all(json.loads(s.recv(4096))["error"]["code"] == "busy"
+                                      for s in busy)
+        assert len(server.connections) == MAX_CONNECTIONS
+        now[0] += REQUEST_WITHIN
+        turn()
+        slow.settimeout(2)
+        assert json.loads(slow.recv(4096))["error"]["code"] == "too-slow"
+        assert slow.recv(10) == b""
+        assert server.counts["unread"] == 1 and server.counts["too-slow"] >= 1
+        assert server.counts["busy"] == 2
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+    assert control_group(None) == (None, "")
+    assert control_group("0") == (0, "")
+    gid, warning = control_group("no-such-group-ipqd")
+    assert gid is None and "no group 'no-such-group-ipqd'" in warning
+
+
+def _readable(sock):
+    import select
+    return bool(select.select([sock], [], [], 0.2)[0])

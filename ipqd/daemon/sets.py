@@ -11,9 +11,10 @@ restart, a reload's successor) gets every set's entries with its start
 On disk, under the unit's StateDirectory (`--sets-file`, default
 /var/lib/ipqd/sets.json): the entries as a snapshot written atomically
 (a temporary file, fsync, rename), and each change since appended as one
-JSON line to SNAPSHOT.log (fsync'd before the change is answered). At
-start, and once the log grows past COMPACT_AFTER bytes, the snapshot is
-written anew and the log emptied. Entries are integers and expiry times
+JSON line to SNAPSHOT.log (fsync'd before the change is answered). At a
+stop, once the log grows past COMPACT_AFTER bytes, and at a start that
+found changes in the log (or expired entries), the snapshot is written
+anew and the log emptied. Entries are integers and expiry times
 wall-clock seconds, so a timeout runs on while ipqd is stopped: an entry
 due meanwhile is expired (and journaled) at start.
 """

@@ -277,3 +277,28 @@ def test_a_damaged_snapshot_is_said_and_the_change_log_still_read(tmp_path):
     k = keeper(tmp_path / "sets.json")
     assert [e["entry"] for e in k.listing("forever")["entries"]] == ["192.0.2.1"]
     assert any("cannot read" in m and "damaged" in m for m, _ in k.log.events)
+
+
+def test_a_set_file_others_could_change_is_refused_by_run_and_check(tmp_path):
+    from ipqd.errors import PolicyRefused
+    from ipqd.policy.check import examine
+    from ipqd.policy.checked import load_checked
+    (tmp_path / "block.txt").write_text("192.0.2.7\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        version: 1
+        hooks: [{chain: input}]
+        default: {action: accept, log: false}
+        sets: {block: {file: block.txt}}
+        rules: [{name: b, src: "@block", action: drop}]
+        """))
+    for name in ("p.yaml", "block.txt"):
+        (tmp_path / name).chmod(0o644)
+    tmp_path.chmod(0o755)
+    assert load_checked(str(tmp_path / "p.yaml")).rules[0].match.src.networks
+    (tmp_path / "block.txt").chmod(0o666)
+    with pytest.raises(PolicyRefused, match="block.txt is writable by group or others"):
+        load_checked(str(tmp_path / "p.yaml"))
+    problems, _ = examine(str(tmp_path / "p.yaml"))
+    assert [p.message for p in problems] == [
+        f"`ipqd run` refuses it: {tmp_path / 'block.txt'} is writable by group or others "
+        f"(mode 666): chmod go-w {tmp_path / 'block.txt'}"]

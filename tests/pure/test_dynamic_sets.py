@@ -302,3 +302,38 @@ def test_a_set_file_others_could_change_is_refused_by_run_and_check(tmp_path):
     assert [p.message for p in problems] == [
         f"`ipqd run` refuses it: {tmp_path / 'block.txt'} is writable by group or others "
         f"(mode 666): chmod go-w {tmp_path / 'block.txt'}"]
+
+
+# ---- the control commands -----------------------------------------------------
+
+def ask(daemon, command, args, may_change=True):
+    from ipqd.control.codec import Request
+    from ipqd.control.commands import Peer, dispatch
+    from ipqd.daemon.control import COMMANDS
+    line, code = dispatch(COMMANDS, daemon, Request(command, args),
+                          Peer(pid=1, uid=1000, gid=1000, may_change=may_change))
+    return json.loads(line), code
+
+
+def test_the_set_commands_through_the_daemons_table(tmp_path):
+    class Daemon:
+        sets = keeper(tmp_path / "sets.json")
+    answer, code = ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.7"],
+                                           "timeout": "10m"})
+    assert code is None and answer["result"]["added"] == 1 and answer["result"]["timeout"] == 600
+    assert Daemon.sets.log.events[-1][1]["IPQD_UID"] == "1000"
+    answer, code = ask(Daemon, "set-list", {"set": "banned"}, may_change=False)
+    assert code is None and answer["result"]["entries"][0]["entry"] == "192.0.2.7"
+    assert ask(Daemon, "set-list", {}, may_change=False)[0]["result"]["sets"][0] == \
+        {"set": "banned", "size": 1, "max": 3, "timeout": 3600.0}
+    for command in ("set-add", "set-del", "set-flush"):
+        assert ask(Daemon, command, {"set": "banned", "entries": ["192.0.2.7"]},
+                   may_change=False)[1] == "not-permitted"
+    assert ask(Daemon, "set-add", {"set": "banned", "entries": "192.0.2.8"})[1] == \
+        "bad-arguments"
+    assert ask(Daemon, "set-add", {"set": "banned", "entries": []})[1] == "bad-arguments"
+    assert ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.8"],
+                                   "timeout": "soon"})[1] == "bad-arguments"
+    answer, code = ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.8", 7]})
+    assert code == "refused" and "entry 2 is not text" in answer["error"]["message"]
+    assert ask(Daemon, "set-flush", {"set": "banned"})[0]["result"]["flushed"] == 1

@@ -31,7 +31,7 @@ from ipqd.daemon.decision_log import LOG_INFO, LOG_WARNING
 from ipqd.daemon.messages import SetChange
 from ipqd.decision.address_set import AddressSet, Entry, format_entry, parse_entry, snapshot
 from ipqd.errors import ControlError, InvalidValue, SetError
-from ipqd.policy._sets import format_duration, parse_duration
+from ipqd.policy._values import format_duration, parse_duration
 from ipqd.policy.model import DynamicSet, Policy
 
 DEFAULT_PATH = "/var/lib/ipqd/sets.json"

@@ -15,7 +15,7 @@ from ipqd.decision.address_set import (AddressSet, format_entry, load_snapshot, 
 from ipqd.decision.compiler import compile_policy
 from ipqd.errors import PolicyErrors, SetError
 from ipqd.policy.loader import load, loads
-from ipqd.policy._sets import format_duration, parse_duration
+from ipqd.policy._values import format_duration, parse_duration
 
 POLICY = """\
 version: 1
@@ -337,3 +337,14 @@ def test_the_set_commands_through_the_daemons_table(tmp_path):
     answer, code = ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.8", 7]})
     assert code == "refused" and "entry 2 is not text" in answer["error"]["message"]
     assert ask(Daemon, "set-flush", {"set": "banned"})[0]["result"]["flushed"] == 1
+
+
+def test_the_supervisor_keeps_sets_without_importing_yaml():
+    """The supervisor imports neither the loader nor YAML (docs/architecture.md):
+    the set commands read durations and entries without them."""
+    import subprocess
+    import sys
+    code = ("import sys, ipqd.daemon.supervisor, ipqd.control.set_verbs; "
+            "print(sorted(m for m in ('yaml', 'dpkt', 'ipqd.policy.loader') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

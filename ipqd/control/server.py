@@ -12,8 +12,12 @@ A connection is non-blocking and bounded: MAX_CONNECTIONS at once (more
 are told "busy" and closed), a request must be whole within REQUEST_WITHIN
 seconds of the connection or of the previous answer (else "too-slow" and
 closed), MAX_REQUEST bytes at most (else "too-large" and closed), and an
-answer left unread for REQUEST_WITHIN seconds closes the connection. Every
-refusal is counted in `counts`.
+answer left unread for REQUEST_WITHIN seconds closes the connection. A
+connection gets PER_ROUND answers per round of the loop, and none while
+UNSENT_HIGH bytes of its answers wait to be read; a round answers for
+ROUND_BUDGET seconds at most (one answer at least), the connections taking
+turns to go first. So no client, however many requests it sends, holds the
+loop (and with it the watchdog's ping) longer than one answer takes. Every refusal is counted in `counts`.
 """
 from __future__ import annotations
 
@@ -25,15 +29,17 @@ import socket
 import stat
 import struct
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ipqd.control.codec import MAX_REQUEST, RequestReader, encode_error
+from ipqd.control.codec import MAX_REQUEST, Request, RequestReader, encode_error
 from ipqd.control.commands import CommandTable, Peer, dispatch
 from ipqd.errors import ControlError, StartupError
 
 MAX_CONNECTIONS = 16
 REQUEST_WITHIN = 5.0            # seconds for a whole request
-UNSENT_LIMIT = 512 << 20        # answer bytes a client may leave unread before it is dropped
+PER_ROUND = 4                   # requests of one connection answered per round of the loop
+ROUND_BUDGET = 0.1              # seconds of answering per round (at least one answer)
+UNSENT_HIGH = 1 << 20           # answers waiting to be read: no more are made meanwhile
 SOCKET_MODE = 0o666             # who may connect; who may change is SO_PEERCRED's (above)
 _UCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 POLLIN, POLLOUT, POLLERR, POLLHUP = 0x001, 0x004, 0x008, 0x010   # select.POLL*
@@ -53,12 +59,16 @@ def control_group(name: Optional[str]) -> Tuple[Optional[int], str]:
                       f"{name}`, then restart ipqd)")
 
 
-def peer_of(sock: socket.socket, change_gid: Optional[int]) -> Peer:
-    """The connected peer's credentials, and whether it may change things:
-    root, or a member of `change_gid` (primary or supplementary group, as
-    the user database says)."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  _UCRED.size))
+def credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """The connected peer's pid, uid and gid (SO_PEERCRED: as it connected)."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+
+
+def peer_of(creds: Tuple[int, int, int], change_gid: Optional[int]) -> Peer:
+    """Who `creds` are, and whether they may change things: root, or a
+    member of `change_gid` (primary or supplementary group, as the user
+    database says)."""
+    pid, uid, gid = creds
     return Peer(pid, uid, gid, uid == 0 or _member(uid, gid, change_gid))
 
 
@@ -75,13 +85,16 @@ def _member(uid: int, gid: int, group: Optional[int]) -> bool:
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, peer: Peer, now: float):
+    def __init__(self, sock: socket.socket, creds: Tuple[int, int, int], now: float):
         self.sock = sock
-        self.peer = peer
+        self.creds = creds
+        self.peer: Optional[Peer] = None    # looked up at its first request, not before
         self.reader = RequestReader(MAX_REQUEST)
         self.unsent = bytearray()
+        self.pending: List[Union[Request, ControlError]] = []   # read, not yet answered
         self.deadline = now + REQUEST_WITHIN
         self.closing = False            # close once the unsent answer is out
+        self.ended = False              # the peer shut its side: nothing more to read
 
 
 class ControlServer:
@@ -101,6 +114,9 @@ class ControlServer:
         self.listener: Optional[socket.socket] = None
         self.connections: Dict[int, Connection] = {}
         self.counts: Dict[str, int] = {"connections": 0, "requests": 0}
+        self._turn = 0                      # which connection goes first this round
+        self._round_end = 0.0
+        self._round_answers = 0
 
     # ------------------------------------------------------------ life cycle
 
@@ -167,13 +183,19 @@ class ControlServer:
             return []
         watched = [(self.listener.fileno(), POLLIN)]
         for fd, conn in self.connections.items():
-            watched.append((fd, POLLOUT if conn.unsent else POLLIN))
+            if conn.unsent:
+                watched.append((fd, POLLOUT))
+            elif not conn.pending and not conn.ended:
+                watched.append((fd, POLLIN))
         return watched
 
     def timeout(self) -> Optional[float]:
-        """Seconds until the next deadline, None when no connection is open."""
+        """Seconds until there is something to do without any fd waking the
+        loop (0: requests are waiting for their turn), None for nothing."""
         if not self.connections:
             return None
+        if any(c.pending and len(c.unsent) < UNSENT_HIGH for c in self.connections.values()):
+            return 0.0
         return max(0.0, min(c.deadline for c in self.connections.values()) - self.clock())
 
     def serve(self, ready: List[Tuple[int, int]]) -> None:
@@ -186,6 +208,14 @@ class ControlServer:
                     self._flush(fd)
                 if events & (POLLIN | POLLERR | POLLHUP) and fd in self.connections:
                     self._read(fd)
+        fds = list(self.connections)
+        if fds:
+            self._turn = (self._turn + 1) % len(fds)
+            self._round_end = time.monotonic() + ROUND_BUDGET
+            self._round_answers = 0
+            for fd in fds[self._turn:] + fds[:self._turn]:
+                if fd in self.connections:
+                    self._answer(fd)
         self.tend()
 
     def tend(self) -> None:
@@ -221,12 +251,12 @@ class ControlServer:
                 sock.close()
                 continue
             try:
-                peer = peer_of(sock, self.change_gid)
+                creds = credentials(sock)
             except OSError:
                 self._count("accept-failed")
                 sock.close()
                 continue
-            self.connections[sock.fileno()] = Connection(sock, peer, self.clock())
+            self.connections[sock.fileno()] = Connection(sock, creds, self.clock())
 
     def _read(self, fd: int) -> None:
         conn = self.connections[fd]
@@ -236,25 +266,38 @@ class ControlServer:
             return
         except OSError:
             data = b""
-        if not data:
+        if not data:                        # it is done writing: answer what came, then close
             if conn.reader.partial:
                 self._count("truncated")
-            self._close(fd)
+            conn.ended = conn.closing = True
             return
-        for item in conn.reader.feed(data):
+        conn.pending += conn.reader.feed(data)
+        if conn.reader.closed:
+            conn.closing = True
+
+    def _answer(self, fd: int) -> None:
+        """Answer up to PER_ROUND of a connection's requests, then send."""
+        conn = self.connections[fd]
+        answered = 0
+        while conn.pending and answered < PER_ROUND and len(conn.unsent) < UNSENT_HIGH and \
+                (not self._round_answers or time.monotonic() < self._round_end):
+            item = conn.pending.pop(0)
+            answered += 1
+            self._round_answers += 1
             self.counts["requests"] += 1
             if isinstance(item, ControlError):
                 self._count(item.code)
                 answer = encode_error(item)
             else:
+                if conn.peer is None:       # the user database, once a request came
+                    conn.peer = peer_of(conn.creds, self.change_gid)
                 answer, code = dispatch(self.table, self.context, item, conn.peer)
                 if code:
                     self._count(code)
             conn.unsent += answer
             conn.deadline = self.clock() + REQUEST_WITHIN
-        if conn.reader.closed:
-            conn.closing = True
-        self._flush(fd)
+        if answered or conn.unsent or conn.closing:
+            self._flush(fd)
 
     def _flush(self, fd: int) -> None:
         conn = self.connections[fd]
@@ -267,10 +310,7 @@ class ControlServer:
                 self._close(fd)
                 return
             del conn.unsent[:sent]
-        if len(conn.unsent) > UNSENT_LIMIT:
-            self._count("unread")
-            self._close(fd)
-        elif conn.closing and not conn.unsent:
+        if conn.closing and not conn.unsent and not conn.pending:
             self._close(fd)
 
     def _refuse(self, fd: int, error: ControlError) -> None:

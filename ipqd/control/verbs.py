@@ -80,6 +80,9 @@ def status_lines(s: dict) -> List[str]:
     for queue, q in sorted(s["kernel"].items(), key=lambda item: int(item[0])):
         lines.append(f"kernel:   queue {queue}: {q['queued']} queued, {q['queue_dropped']} "
                      f"queue-dropped, {q['user_dropped']} user-dropped")
+    if not s["kernel"]:
+        lines.append("kernel:   the queue counters are root's: run `ipqd status` as root, in "
+                     "the daemon's network namespace")
     r = s["reloads"]
     last = r["last"]
     text = f"reloads:  {r['loaded']} loaded, {r['failed']} failed"

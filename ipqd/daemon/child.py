@@ -59,6 +59,15 @@ class Channel:
         self._write_nowait(_LENGTH.pack(len(data)) + data)
         return True
 
+    @property
+    def unsent(self) -> bool:
+        """Part of a send_nowait message still waits for room in the pipe."""
+        return bool(self._unsent)
+
+    def flush_nowait(self) -> bool:
+        """Send what fits of a message send_nowait began; whether all went."""
+        return not self._unsent or self._write_nowait(self._unsent)
+
     def _write_nowait(self, data: bytes) -> bool:
         """Write what fits of `data`, keeping the rest; whether all went."""
         if self._nowait is None:

@@ -231,11 +231,14 @@ class Daemon:
             poller.register(self.wake_r, select.POLLIN)
             for worker in self.workers.values():
                 poller.register(worker.conn.fileno(), select.POLLIN)
-            control = self.control.fds() if self.control else []
-            for fd, events in control:
-                poller.register(fd, events)
-            # At most until the next set entry expires.
-            ready = poller.poll(self.sets.wait_ms(500))
+            wait = self.sets.wait_ms(500)       # at most until the next set entry expires
+            if self.control is not None:
+                for fd, events in self.control.fds():
+                    poller.register(fd, events)
+                due = self.control.timeout()
+                if due is not None:
+                    wait = min(wait, int(due * 1000) + 1 if due else 0)
+            ready = poller.poll(wait)
             _drain(self.wake_r)
             self.sets.expire()
             # What came since the last round, each once: a stop first, and one

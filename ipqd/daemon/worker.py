@@ -46,6 +46,7 @@ from ipqd.decision.verdict_cache import KeyMaker
 STATS_EVERY = 1.0
 SETTLE_AT = 256                     # cache entries hit before the totals are brought up to date
 IDLE_WAIT = 0.5                     # seconds a receive waits for packets before looking at stats
+FLUSH_WAIT = 0.005                  # ... while a large report (Counters) still waits for the pipe
 
 
 def share_rate(rate: Optional[Rate], workers: int) -> Optional[Rate]:
@@ -169,7 +170,10 @@ class Worker:
         while not (self._stop or self.handing_over):
             if len(self._names) > 1:        # a lookup was made: the next round asks again
                 self._names.forget()
-            events = receive(IDLE_WAIT, 256, wake, shortcut)
+            # A report larger than the pipe (the Counters of thousands of
+            # rules) goes on between rounds, never waiting on the supervisor.
+            unsent = self.conn.unsent and not self.conn.flush_nowait()
+            events = receive(FLUSH_WAIT if unsent else IDLE_WAIT, 256, wake, shortcut)
             if events or self._round.batch or self._round.single:
                 self.answer(events)
             # The receive's own wait watched the pipe: look only when it was readable.

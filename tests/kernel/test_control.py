@@ -157,6 +157,32 @@ def test_counters_add_the_kernels_count_of_offloaded_flows(lab, ipqd, tmp_path):
     assert "  input accept original: 9 packets, 1152 bytes" in text
 
 
+def test_a_large_policys_counters_come_fresh_and_fast(lab, tmp_path):
+    """10,000 rules: the worker's Counters are larger than the pipe; the
+    rest goes on between rounds, so status is fresh well within ASK_WITHIN
+    (it took the next once-a-second report to finish: 0.94 s)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY % {"offload": "auto"} + "".join(
+        f"  - {{name: r{i}, proto: tcp, dport: {10000 + i}, action: accept}}\n"
+        for i in range(10000)))
+    os.chmod(policy, 0o644)
+    daemon = RunningIpqd(lab.server, str(policy), str(tmp_path / "state"))
+    try:
+        path = str(tmp_path / "state" / "control")
+        call(path, "status")
+        times = []
+        for _ in range(3):
+            time.sleep(0.3)                             # past ASK_AGAIN_AFTER: a new ask
+            started = time.monotonic()
+            status = call(path, "status")
+            times.append(time.monotonic() - started)
+            assert all(w["fresh"] for w in status["workers"])
+        assert max(times) < 0.5, times
+        assert len(call(path, "counters")["rules"]) == 10003 + 1
+    finally:
+        daemon.stop()
+
+
 def test_the_metrics_textfile_is_kept_up_to_date(lab, tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY % {"offload": "auto"})
@@ -466,6 +492,11 @@ def test_server_limits_with_a_clock_of_its_own(tmp_path):
     finally:
         server.close()
     assert not os.path.exists(path)
+    from ipqd.control.server import peer_of
+    assert peer_of((1, 0, 0), None).may_change                    # root
+    assert not peer_of((1, 65534, 65534), None).may_change        # nobody, no group
+    assert peer_of((1, 65534, 65534), 65534).may_change           # its primary group
+    assert not peer_of((1, 65534, 65534), 0).may_change           # not in root's group
     assert control_group(None) == (None, "")
     assert control_group("0") == (0, "")
     gid, warning = control_group("no-such-group-ipqd")
@@ -475,3 +506,93 @@ def test_server_limits_with_a_clock_of_its_own(tmp_path):
 def _readable(sock):
     import select
     return bool(select.select([sock], [], [], 0.2)[0])
+
+
+def test_server_answers_a_burst_a_few_a_round(tmp_path):
+    """Thousands of requests in one write are answered a few per round of
+    the loop (the loop goes on meanwhile), all of them, in order, and a
+    client that shuts its side after writing still gets every answer."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import PER_ROUND, ControlServer
+    import select
+
+    path = str(tmp_path / "control")
+    calls = []
+    server = ControlServer(path, {"n": Command(lambda c, a, p: calls.append(1) or
+                                               {"n": a["n"]}, False)}, None)
+    server.open()
+    try:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        client.sendall(b"".join(encode_request("n", {"n": i}) for i in range(2000)))
+        client.shutdown(socket.SHUT_WR)
+        rounds, received = 0, b""
+        client.setblocking(False)
+        while server.connections or not rounds:
+            poller = select.poll()
+            for fd, events in server.fds():
+                poller.register(fd, events)
+            timeout = server.timeout()
+            before = len(calls)
+            server.serve(poller.poll(50 if timeout is None else int(timeout * 1000)))
+            assert len(calls) - before <= PER_ROUND
+            rounds += 1
+            try:
+                received += client.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            assert rounds < 5000
+        while True:
+            chunk = client.recv(1 << 20) if select.select([client], [], [], 1)[0] else b""
+            if not chunk:
+                break
+            received += chunk
+        answers = [json.loads(line)["result"]["n"] for line in received.splitlines()]
+        assert answers == list(range(2000)) and rounds >= 2000 // PER_ROUND
+    finally:
+        server.close()
+
+
+def test_server_answers_for_a_budget_per_round(tmp_path):
+    """Slow answers on many connections: a round stops answering once
+    ROUND_BUDGET is spent (after one answer at least), and every
+    connection is answered in the end."""
+    from ipqd.control.commands import Command
+    from ipqd.control.server import ROUND_BUDGET, ControlServer
+    import select
+
+    path = str(tmp_path / "control")
+    server = ControlServer(path, {"slow": Command(lambda c, a, p: time.sleep(0.06) or {}, False)},
+                           None)
+    server.open()
+    clients = []
+    try:
+        for _ in range(6):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(path)
+            c.sendall(encode_request("slow") * 3)
+            clients.append(c)
+        longest, answered = 0.0, 0
+        deadline = time.monotonic() + 20
+        while answered < 18 and time.monotonic() < deadline:
+            poller = select.poll()
+            for fd, events in server.fds():
+                poller.register(fd, events)
+            timeout = server.timeout()
+            ready = poller.poll(50 if timeout is None else int(timeout * 1000))
+            started = time.monotonic()
+            server.serve(ready)
+            longest = max(longest, time.monotonic() - started)
+            answered = server.counts["requests"]
+        assert answered == 18
+        assert longest < ROUND_BUDGET + 0.06 + 0.05, longest     # never all 18 x 60 ms
+        for c in clients:
+            c.settimeout(2)
+            got = b""
+            while got.count(b"\n") < 3:
+                got += c.recv(4096)
+            assert [json.loads(line)["ok"] for line in got.splitlines()] == [True] * 3
+    finally:
+        for c in clients:
+            c.close()
+        server.close()

@@ -183,7 +183,9 @@ def test_ipqd_status_over_the_control_socket(admin):
     assert 'ipqd_kernel_user_dropped_total{queue="0"} 0.0' in metrics
     assert 'ipqd_rule_packets_total{rule="allowed-udp",verdict="accept"}' in metrics
     nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "ipqd"]
-    assert admin.sb.run(nobody + ["status"]).stdout.startswith("ipqd is running")
+    as_nobody = admin.sb.run(nobody + ["status"]).stdout
+    assert as_nobody.startswith("ipqd is running")
+    assert "kernel:   the queue counters are root's" in as_nobody
     refused = admin.sb.run(nobody + ["reload"], check=False)
     assert refused.returncode == 4 and "only root and members of the control group" in \
         refused.stderr
@@ -308,6 +310,43 @@ def test_dynamic_set_entries_survive_reload_and_restart(admin):
     assert admin.probe("udp", 5001)
     admin.write_policy(POLICY_TEXT % {"udp": 5001})
     admin.sb.systemctl("reload", "ipqd")
+
+
+def test_metrics_textfile_for_node_exporter(admin):
+    """docs/control.md's recipe: the daemon keeps node_exporter's textfile,
+    in a folder the unit is allowed to write."""
+    from prometheus_client.parser import text_string_to_metric_families
+    folder = "/var/lib/prometheus/node-exporter"
+    admin.sb.run(["mkdir", "-p", folder])
+    admin.sb.run(["chgrp", "ipqd", folder])
+    admin.sb.run(["chmod", "0775", folder])
+    ipqd = admin.sb.run(["sh", "-c", "command -v ipqd"]).stdout.strip()
+    admin.sb.write_file("/etc/systemd/system/ipqd.service.d/metrics.conf",
+                        "[Service]\nExecStart=\n"
+                        f"ExecStart={ipqd} run --policy ${{IPQD_POLICY}} --no-hooks "
+                        f"--control-group ipqd-control --metrics-textfile {folder}/ipqd.prom "
+                        "--metrics-every 0.5\n"
+                        f"ReadWritePaths={folder}\n")
+    admin.sb.systemctl("daemon-reload")
+    admin.sb.systemctl("restart", "ipqd")
+    try:
+        assert admin.probe("udp", 5001)
+        deadline = time.monotonic() + 15
+        accepted = 0
+        while time.monotonic() < deadline and not accepted:
+            text = admin.sb.run(["cat", f"{folder}/ipqd.prom"], check=False).stdout
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "ipqd_rule_packets_total" and sample.labels == {
+                            "rule": "allowed-udp", "verdict": "accept"}:
+                        accepted = sample.value
+            time.sleep(0.3)
+        assert accepted >= 1
+        assert admin.sb.run(["ls", "-A", folder]).stdout.split() == ["ipqd.prom"]
+    finally:
+        admin.sb.run(["rm", "/etc/systemd/system/ipqd.service.d/metrics.conf"])
+        admin.sb.systemctl("daemon-reload")
+        admin.sb.systemctl("restart", "ipqd")
 
 
 def test_kill_9_restarts_and_enforces_again(admin):

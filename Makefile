@@ -25,6 +25,10 @@ apt = missing=""; \
 
 deps:
 	@$(call apt,$(DEBS))
+	@# fail2ban for tests/kernel/test_fail2ban_kernel.py, which runs a server of its
+	@# own in a namespace: a fresh install's service is not left running on the host.
+	@dpkg -s fail2ban >/dev/null 2>&1 || { $(call apt,fail2ban); \
+		systemctl disable --now fail2ban >/dev/null 2>&1 || true; }
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -11,14 +11,16 @@ restart, a reload's successor) gets every set's entries with its start
 On disk, under the unit's StateDirectory (`--sets-file`, default
 /var/lib/ipqd/sets.json): the entries as a snapshot written atomically
 (a temporary file, fsync, rename), and each change since appended as one
-JSON line to SNAPSHOT.log (fsync'd before the change is answered). At
-start, and once the log grows past COMPACT_AFTER bytes, the snapshot is
-written anew and the log emptied. Entries are integers and expiry times
+JSON line to SNAPSHOT.log (fsync'd before the change is answered). At a
+stop, once the log grows past COMPACT_AFTER bytes, and at a start that
+found changes in the log (or expired entries), the snapshot is written
+anew and the log emptied. Entries are integers and expiry times
 wall-clock seconds, so a timeout runs on while ipqd is stopped: an entry
 due meanwhile is expired (and journaled) at start.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -29,7 +31,7 @@ from ipqd.daemon.decision_log import LOG_INFO, LOG_WARNING
 from ipqd.daemon.messages import SetChange
 from ipqd.decision.address_set import AddressSet, Entry, format_entry, parse_entry, snapshot
 from ipqd.errors import ControlError, InvalidValue, SetError
-from ipqd.policy._sets import format_duration, parse_duration
+from ipqd.policy._values import format_duration, parse_duration
 from ipqd.policy.model import DynamicSet, Policy
 
 DEFAULT_PATH = "/var/lib/ipqd/sets.json"
@@ -93,7 +95,7 @@ class SetKeeper:
         if timeout is None:
             timeout = self.declared[name].timeout
         expires = now + timeout if timeout else None
-        fresh = sum(1 for e in dict.fromkeys(entries) if not _has(store, e))
+        fresh = sum(1 for e in dict.fromkeys(entries) if not store.has(e))
         if store.size + fresh > store.max_entries:
             raise SetError(f"set '{name}' has room for {store.max_entries - store.size} more "
                            f"entries (max {store.max_entries}), not {fresh}: delete entries, "
@@ -188,35 +190,52 @@ class SetKeeper:
         try:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
-            for name, entries in data.get("sets", {}).items():
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
+            for name, tables in data["sets"].items():
                 store = kept.setdefault(name, AddressSet(name, 1 << 62))
-                for version, prefix, key, expires in entries:
-                    store.add((version, prefix, key), expires)
+                for version, prefix, keys, expiries in tables:
+                    if version not in (4, 6) or len(keys) != len(expiries):
+                        raise ValueError(f"set {name}: a damaged table")
+                    store.load_table(version, prefix, keys, expiries)
+                store.settle_heap()
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError, KeyError) as error:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+            kept = {}
             self.log.event(f"sets: cannot read {self.path} ({error}); dynamic sets start "
                            "from the change log alone", LOG_WARNING, IPQD_EVENT="set-restore")
         replayed = self._replay(kept)
+        changed = bool(replayed)
         for name, restored in kept.items():
             if name not in self.declared:
+                changed = True
                 if restored.size:
                     self.log.event(f"set {name}: {restored.size} entries not restored: the "
                                    "policy declares no dynamic set of that name", LOG_WARNING,
                                    IPQD_EVENT="set-restore", IPQD_SET=name,
                                    IPQD_COUNT=str(restored.size))
                 continue
-            store = self.stores[name]
-            store.clear()
-            for entry, expires in restored.entries():
-                if store.size < store.max_entries:
-                    store.add(entry, expires)
+            # The restored set becomes the set, within the policy's max.
+            store = self.stores[name] = restored
+            store.max_entries = self.declared[name].max
+            left_out = [entry for entry, _ in
+                        itertools.islice(store.entries(), max(0, store.size - store.max_entries))]
+            for entry in left_out:
+                store.discard(entry)
+            changed = changed or bool(left_out)
+            if left_out:
+                self.log.event(f"set {name}: {len(left_out)} entries not restored: past its "
+                               f"max of {store.max_entries} (raise it in the policy)",
+                               LOG_WARNING, IPQD_EVENT="set-restore", IPQD_SET=name,
+                               IPQD_COUNT=str(len(left_out)))
             gone = store.expire(now)
+            changed = changed or bool(gone)
             if gone:
                 self._event("set-expire", name, gone, None, "expired while ipqd was stopped")
             self.log.event(f"set {name}: {store.size} entries restored", LOG_INFO,
                            IPQD_EVENT="set-restore", IPQD_SET=name, IPQD_COUNT=str(store.size))
-        if kept or replayed:
+        if changed:                 # else the snapshot on disk is already this
             self.save()
 
     def _replay(self, kept: Dict[str, AddressSet]) -> int:
@@ -252,9 +271,11 @@ class SetKeeper:
         """The declared sets as a snapshot (atomically), and an empty change log."""
         if self.path is None or (not self.declared and not os.path.exists(self.path)):
             return
+        # Columns, not an object per entry: a million entries write and
+        # read back in about a second.
         data = {"format": FORMAT, "written": time.time(),
-                "sets": {name: [[v, p, k, expires] for (v, p, k), expires
-                                in self.stores[name].entries()]
+                "sets": {name: [[v, p, list(table), list(table.values())]
+                                for v, p, table in self.stores[name].tables()]
                          for name in self.declared}}
         try:
             directory = os.path.dirname(os.path.abspath(self.path))
@@ -282,6 +303,8 @@ class SetKeeper:
             return
         try:
             if self._journal is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700,
+                            exist_ok=True)
                 self._journal = open(os.open(self.path + ".log", os.O_WRONLY | os.O_CREAT |
                                              os.O_APPEND, 0o600), "a", encoding="utf-8")
             self._journal.write(json.dumps(change, separators=(",", ":")) + "\n")
@@ -346,14 +369,6 @@ def parse_entries(texts: Iterable[str]) -> List[Entry]:
         except SetError as error:
             raise SetError(f"entry {number}: {error.message}; nothing was changed") from None
     return out
-
-
-def _has(store: AddressSet, entry: Entry) -> bool:
-    try:
-        store.expires(entry)
-        return True
-    except KeyError:
-        return False
 
 
 def _who(uid: Optional[int]) -> str:

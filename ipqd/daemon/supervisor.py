@@ -231,7 +231,7 @@ class Daemon:
             poller.register(self.wake_r, select.POLLIN)
             for worker in self.workers.values():
                 poller.register(worker.conn.fileno(), select.POLLIN)
-            wait = self.sets.wait_ms(500)           # at most until the next set entry expires
+            wait = self.sets.wait_ms(500)       # at most until the next set entry expires
             if self.control is not None:
                 for fd, events in self.control.fds():
                     poller.register(fd, events)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+import re
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from ipqd.errors import SetError
@@ -25,9 +26,21 @@ Entry = Tuple[int, int, int]            # (version, prefixlen, address >> (bits 
 BITS = {4: 32, 6: 128}
 
 
+_BYTE = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# A dotted quad (no leading zeros) and an optional prefix length: the common
+# case, read by one regular expression (a bulk add reads 100,000 of them).
+_V4 = re.compile(r"\s*" + r"\.".join([_BYTE] * 4) + r"(?:/(3[0-2]|[12][0-9]|[0-9]))?\s*\Z")
+
+
 def parse_entry(text: str) -> Entry:
     """`192.0.2.1`, `10.0.0.0/8`, `2001:db8::/32` as an Entry; host bits
     beyond the prefix are dropped (10.1.2.3/8 is 10.0.0.0/8). Raises SetError."""
+    found = _V4.match(text)
+    if found is not None:
+        a, b, c, d, length = found.groups()
+        prefix = 32 if length is None else int(length)
+        value = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+        return 4, prefix, value >> (32 - prefix)
     written = text.strip()
     address, slash, length = written.partition("/")
     parts = address.split(".")
@@ -139,6 +152,11 @@ class AddressSet:
 
     # -- expiry (the supervisor's copy) --
 
+    def has(self, entry: Entry) -> bool:
+        version, prefix, key = entry
+        table = self._tables[version].get(prefix)
+        return table is not None and key in table
+
     def expires(self, entry: Entry) -> Optional[float]:
         """The entry's expiry; KeyError when it is not there."""
         version, prefix, key = entry
@@ -167,6 +185,29 @@ class AddressSet:
         expiry, (version, prefix, key) = item
         table = self._tables[version].get(prefix)
         return table is None or table.get(key, -1.0) != expiry
+
+    # -- whole tables (the supervisor's file) --
+
+    def tables(self) -> Iterator[Tuple[int, int, Dict[int, Optional[float]]]]:
+        """(version, prefixlen, {key: expiry}) of each prefix length present."""
+        for version in (4, 6):
+            for prefix, table in sorted(self._tables[version].items(), reverse=True):
+                yield version, prefix, table
+
+    def load_table(self, version: int, prefix: int, keys: List[int],
+                   expiries: List[Optional[float]]) -> None:
+        """Add many entries of one prefix length at once (a restore); they
+        replace equal entries. Call `settle_heap` after the last table."""
+        table = self._tables[version].setdefault(prefix, {})
+        before = len(table)
+        table.update(zip(keys, expiries))
+        self.size += len(table) - before
+        self._heap.extend((e, (version, prefix, k)) for k, e in zip(keys, expiries)
+                          if e is not None)
+        self._relink(version)
+
+    def settle_heap(self) -> None:
+        heapq.heapify(self._heap)
 
     # -- listing --
 

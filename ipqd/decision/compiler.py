@@ -64,6 +64,7 @@ EXACT_PORTS_MAX = 64
 # Lists longer than this get an address table.
 ADDRESS_TABLE_MIN = 16
 _OTHER = -1            # the protocol key of every protocol no rule names
+_UNBOUNDED = 1 << 62   # a worker's copy of a dynamic set: see Matcher
 _BITS = {4: 32, 6: 128}
 
 
@@ -435,10 +436,11 @@ class Matcher:
         exact = [_exact_dports(rule.match) for rule in rules]
         made: Dict[tuple, object] = {}
         # The dynamic sets, empty until their entries come (Engine.change_set).
-        self.sets: Dict[str, AddressSet] = {s.name: AddressSet(s.name, s.max)
-                                            for s in policy.sets}
-        for name in policy.dynamic_sets() - set(self.sets):     # a policy made without its sets
-            self.sets[name] = AddressSet(name)
+        # Unbounded here: the supervisor holds each set to its max, and a
+        # change it made must never fail in a worker.
+        self.sets: Dict[str, AddressSet] = {
+            name: AddressSet(name, _UNBOUNDED)
+            for name in {s.name for s in policy.sets} | policy.dynamic_sets()}
         self._compiled = [_Compiled(i, rule, default.log, exact[i] is not None, made, self.sets)
                           for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index

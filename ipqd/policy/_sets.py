@@ -20,6 +20,7 @@ import yaml
 from ipqd.errors import InvalidValue, PolicyError
 from ipqd.policy import _values as values
 from ipqd.policy._nodes import Where, boolean, describe, fields, text
+from ipqd.policy._values import parse_duration
 from ipqd.policy.model import DynamicSet, Position
 
 SET_FIELDS = ("type", "file", "dynamic", "timeout", "max")
@@ -27,47 +28,7 @@ SET_TYPES = ("address", "port")
 DYNAMIC_MAX = 1_000_000             # entries a dynamic set may be given room for
 DYNAMIC_MAX_DEFAULT = 65536
 FILE_ENTRIES_MAX = 1_000_000        # lines with an entry in one set file
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _PORT_TEXT = re.compile(r"^\d+(\s*-\s*\d+)?$")
-TIMEOUT_MAX = 365 * 86400.0         # a year: longer is a typo (write no timeout)
-
-
-def parse_duration(written: str) -> float:
-    """Seconds from `90`, `30s`, `10m`, `1h30m`, `7d`, `2w`; raises InvalidValue."""
-    t = written.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t)
-    else:
-        pos, seconds = 0, 0.0
-        for m in _DURATION.finditer(t):
-            if m.start() != pos and t[pos:m.start()].strip():
-                break
-            seconds += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos == 0 or t[pos:].strip():
-            raise InvalidValue(f"'{written}' is not a duration (write e.g. 90s, 10m, 1h or 7d)")
-    if seconds <= 0:
-        raise InvalidValue(f"duration '{written}' must be more than 0")
-    if seconds > TIMEOUT_MAX:
-        raise InvalidValue(f"duration '{written}' is longer than a year: leave the timeout out "
-                           "for entries that stay until deleted")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """`1h2m3s` for 3723: how `ipqd set list` shows a remaining time."""
-    if seconds < 1:
-        return f"{seconds:.3g}s"
-    whole = int(seconds + 0.5)
-    out = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if whole >= size:
-            out.append(f"{whole // size}{unit}")
-            whole %= size
-    if whole or not out:
-        out.append(f"{whole}s")
-    return "".join(out)
 
 
 class SetMapping:

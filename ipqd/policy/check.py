@@ -16,7 +16,8 @@ from typing import Callable, List, Optional, TextIO, Tuple
 from ipqd.errors import PolicyError, PolicyErrors
 from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE
 from ipqd.policy.cases import policy_cases
-from ipqd.policy.checked import safety_problems, service_read_problems
+from ipqd.policy.checked import (safety_problems, service_cannot_read, service_read_problems,
+                                 set_file_problems, set_files)
 from ipqd.policy.loader import load_with_sets
 from ipqd.printable import clean
 
@@ -65,6 +66,10 @@ def examine(path: str, verify: Verify = None) -> Tuple[List[PolicyError], Option
     try:
         policy, sets = load_with_sets(path, every_problem=True)
         problems, counts = list(policy.warnings), {"rules": len(policy.rules), "sets": len(sets)}
+        refusals += [PolicyError(path, 0, 0, f"`ipqd run` refuses it: {p}")
+                     for p in set_file_problems(path, policy)]
+        refusals += [PolicyError(path, 0, 0, p, severity="warning")
+                     for p in service_cannot_read(set_files(path, policy))]
     except PolicyErrors as e:
         problems, counts = list(e.errors), None
     finally:

@@ -35,12 +35,9 @@ def load_checked(path: str) -> Policy:
         raise PolicyRefused([str(e) for e in errors.errors]) from None
     # Set files (`sets: {name: {file: ...}}`) are found while reading: the
     # same rule holds for them, checked once they are known.
-    read_files = set(_policy_files(path))
-    from ipqd.policy.loader import check_file_safety
-    problems = [p for source in policy.sources if source not in read_files
-                for p in check_file_safety(source)]
+    problems = set_file_problems(path, policy)
     if problems:
-        raise PolicyRefused([f"refusing policy {path}: {p}" for p in dict.fromkeys(problems)])
+        raise PolicyRefused([f"refusing policy {path}: {p}" for p in problems])
     if before != _identities(_policy_files(path)):
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])
@@ -90,6 +87,19 @@ def safety_problems(path: str) -> List[str]:
     return list(dict.fromkeys(problems))
 
 
+def set_files(path: str, policy: Policy) -> List[str]:
+    """The files the policy's sets were read from (`{file: ...}`)."""
+    read = set(_policy_files(path))
+    return [source for source in policy.sources if source not in read]
+
+
+def set_file_problems(path: str, policy: Policy) -> List[str]:
+    """safety_problems for the policy's set files, once it is loaded."""
+    from ipqd.policy.loader import check_file_safety
+    return list(dict.fromkeys(p for name in set_files(path, policy)
+                              for p in check_file_safety(name)))
+
+
 SERVICE_GROUP = "ipqd"      # the group the shipped unit reads the policy through
 
 
@@ -97,14 +107,19 @@ def service_read_problems(path: str) -> List[str]:
     """Why the shipped unit's daemon (a dynamic user in group ipqd) could
     not read the policy's files: not readable by others, nor by a group
     ipqd that exists. Empty when there is no such group (no unit here)."""
+    from ipqd.policy.loader import FRAGMENT_DIR
+    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
+    targets = [path] + ([fragments] + _policy_files(path)[1:] if os.path.isdir(fragments) else [])
+    return service_cannot_read(targets)
+
+
+def service_cannot_read(targets: List[str]) -> List[str]:
+    """service_read_problems for these files (a policy's set files)."""
     import grp
     try:
         gid = grp.getgrnam(SERVICE_GROUP).gr_gid
     except KeyError:
         return []
-    from ipqd.policy.loader import FRAGMENT_DIR
-    fragments = os.path.join(os.path.dirname(os.path.abspath(path)), FRAGMENT_DIR)
-    targets = [path] + ([fragments] + _policy_files(path)[1:] if os.path.isdir(fragments) else [])
     problems = []
     for target in targets:
         info = os.stat(target)

@@ -15,7 +15,7 @@ from ipqd.decision.address_set import (AddressSet, format_entry, load_snapshot, 
 from ipqd.decision.compiler import compile_policy
 from ipqd.errors import PolicyErrors, SetError
 from ipqd.policy.loader import load, loads
-from ipqd.policy._sets import format_duration, parse_duration
+from ipqd.policy._values import format_duration, parse_duration
 
 POLICY = """\
 version: 1
@@ -198,7 +198,7 @@ def test_a_change_is_sent_journaled_and_kept_across_a_restart(tmp_path):
         == [("192.0.2.7", 3540.0)]
     again.close()
     assert json.loads((tmp_path / "sets.json").read_text())["sets"]["banned"] == \
-        [[4, 32, int(ipaddress.ip_address("192.0.2.7")), 3700.0]]
+        [[4, 32, [int(ipaddress.ip_address("192.0.2.7"))], [3700.0]]]
     assert (tmp_path / "sets.json.log").read_text() == ""
 
 
@@ -249,3 +249,102 @@ def test_a_reload_keeps_the_sets_it_still_declares(tmp_path):
     k.close()
     saved = json.loads((tmp_path / "sets.json").read_text())["sets"]
     assert set(saved) == {"banned"}
+
+
+def test_the_sets_file_goes_where_asked_and_its_folder_is_made(tmp_path):
+    k = keeper(tmp_path / "new" / "sets.json")
+    k.add("forever", ["192.0.2.1"], None, 0)
+    assert (tmp_path / "new" / "sets.json.log").stat().st_mode & 0o777 == 0o600
+    k.close()
+    assert (tmp_path / "new" / "sets.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_entries_past_a_lowered_max_are_left_out_and_said(tmp_path):
+    k = keeper(tmp_path / "sets.json")
+    k.add("forever", ["192.0.2.1", "192.0.2.2", "192.0.2.3"], None, 0)
+    k.close()
+    k = SetKeeper(str(tmp_path / "sets.json"), Log())
+    k.adopt(loads(POLICY.replace("forever: {dynamic: true}", "forever: {dynamic: true, max: 2}")))
+    k.restore()
+    assert k.listing("forever")["size"] == 2
+    assert any("1 entries not restored: past its max of 2" in m for m, _ in k.log.events)
+
+
+def test_a_damaged_snapshot_is_said_and_the_change_log_still_read(tmp_path):
+    (tmp_path / "sets.json").write_text('{"format": 1, "sets": {"forever": [[5, 1, [1], []]]}}')
+    (tmp_path / "sets.json.log").write_text(
+        '{"op":"add","set":"forever","entries":[[4,32,3221225985]],"expires":null}\n')
+    k = keeper(tmp_path / "sets.json")
+    assert [e["entry"] for e in k.listing("forever")["entries"]] == ["192.0.2.1"]
+    assert any("cannot read" in m and "damaged" in m for m, _ in k.log.events)
+
+
+def test_a_set_file_others_could_change_is_refused_by_run_and_check(tmp_path):
+    from ipqd.errors import PolicyRefused
+    from ipqd.policy.check import examine
+    from ipqd.policy.checked import load_checked
+    (tmp_path / "block.txt").write_text("192.0.2.7\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        version: 1
+        hooks: [{chain: input}]
+        default: {action: accept, log: false}
+        sets: {block: {file: block.txt}}
+        rules: [{name: b, src: "@block", action: drop}]
+        """))
+    for name in ("p.yaml", "block.txt"):
+        (tmp_path / name).chmod(0o644)
+    tmp_path.chmod(0o755)
+    assert load_checked(str(tmp_path / "p.yaml")).rules[0].match.src.networks
+    (tmp_path / "block.txt").chmod(0o666)
+    with pytest.raises(PolicyRefused, match="block.txt is writable by group or others"):
+        load_checked(str(tmp_path / "p.yaml"))
+    problems, _ = examine(str(tmp_path / "p.yaml"))
+    assert [p.message for p in problems] == [
+        f"`ipqd run` refuses it: {tmp_path / 'block.txt'} is writable by group or others "
+        f"(mode 666): chmod go-w {tmp_path / 'block.txt'}"]
+
+
+# ---- the control commands -----------------------------------------------------
+
+def ask(daemon, command, args, may_change=True):
+    from ipqd.control.codec import Request
+    from ipqd.control.commands import Peer, dispatch
+    from ipqd.daemon.control import COMMANDS
+    line, code = dispatch(COMMANDS, daemon, Request(command, args),
+                          Peer(pid=1, uid=1000, gid=1000, may_change=may_change))
+    return json.loads(line), code
+
+
+def test_the_set_commands_through_the_daemons_table(tmp_path):
+    class Daemon:
+        sets = keeper(tmp_path / "sets.json")
+    answer, code = ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.7"],
+                                           "timeout": "10m"})
+    assert code is None and answer["result"]["added"] == 1 and answer["result"]["timeout"] == 600
+    assert Daemon.sets.log.events[-1][1]["IPQD_UID"] == "1000"
+    answer, code = ask(Daemon, "set-list", {"set": "banned"}, may_change=False)
+    assert code is None and answer["result"]["entries"][0]["entry"] == "192.0.2.7"
+    assert ask(Daemon, "set-list", {}, may_change=False)[0]["result"]["sets"][0] == \
+        {"set": "banned", "size": 1, "max": 3, "timeout": 3600.0}
+    for command in ("set-add", "set-del", "set-flush"):
+        assert ask(Daemon, command, {"set": "banned", "entries": ["192.0.2.7"]},
+                   may_change=False)[1] == "not-permitted"
+    assert ask(Daemon, "set-add", {"set": "banned", "entries": "192.0.2.8"})[1] == \
+        "bad-arguments"
+    assert ask(Daemon, "set-add", {"set": "banned", "entries": []})[1] == "bad-arguments"
+    assert ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.8"],
+                                   "timeout": "soon"})[1] == "bad-arguments"
+    answer, code = ask(Daemon, "set-add", {"set": "banned", "entries": ["192.0.2.8", 7]})
+    assert code == "refused" and "entry 2 is not text" in answer["error"]["message"]
+    assert ask(Daemon, "set-flush", {"set": "banned"})[0]["result"]["flushed"] == 1
+
+
+def test_the_supervisor_keeps_sets_without_importing_yaml():
+    """The supervisor imports neither the loader nor YAML (docs/architecture.md):
+    the set commands read durations and entries without them."""
+    import subprocess
+    import sys
+    code = ("import sys, ipqd.daemon.supervisor, ipqd.control.set_verbs; "
+            "print(sorted(m for m in ('yaml', 'dpkt', 'ipqd.policy.loader') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

@@ -271,6 +271,47 @@ def test_the_policy_path_is_set_once_for_every_command(admin):
     assert admin.probe("udp", 5001) and not admin.probe("udp", 5003)
 
 
+def test_dynamic_set_entries_survive_reload_and_restart(admin):
+    """`ipqd set add` bans the peer at once; the entry is journaled with the
+    uid that asked, survives `systemctl reload` and `systemctl restart`
+    (the unit's StateDirectory), and `ipqd set del` lets the peer in again."""
+    banning = (POLICY_TEXT % {"udp": 5001}).replace("rules:\n", (
+        "sets:\n  banned: {type: address, dynamic: true, timeout: 1h}\nrules:\n"
+        "  - {name: banned, src: \"@banned\", action: drop, log: false}\n"))
+    admin.write_policy(banning)
+    admin.sb.systemctl("reload", "ipqd")
+    assert admin.probe("udp", 5001)
+    cursor = admin.sb.cursor()
+    added = admin.sb.run(["ipqd", "set", "add", "banned", OUTSIDE, "2001:db8::/32"])
+    assert added.stdout.startswith("set banned: 2 added")
+    assert not admin.probe("udp", 5001)
+    event = admin.sb.wait_journal(unit="ipqd", fields={"IPQD_EVENT": "set-add"},
+                                  since_cursor=cursor)
+    assert (event["IPQD_SET"], event["IPQD_UID"], event["IPQD_ENTRIES"]) == \
+        ("banned", "0", f"{OUTSIDE} 2001:db8::/32")
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "ipqd", "set"]
+    refused = admin.sb.run(nobody + ["del", "banned", OUTSIDE], check=False)
+    assert refused.returncode == 4 and "only root and members" in refused.stderr
+    assert OUTSIDE in admin.sb.run(nobody + ["list", "banned"]).stdout
+
+    admin.sb.systemctl("reload", "ipqd")
+    assert not admin.probe("udp", 5001)
+    old = admin.main_pid()
+    admin.sb.systemctl("restart", "ipqd")
+    assert admin.main_pid() != old
+    assert not admin.probe("udp", 5001)
+    listed = json.loads(admin.sb.run(["ipqd", "set", "list", "banned", "--json"]).stdout)
+    assert sorted(e["entry"] for e in listed["entries"]) == ["10.79.0.2", "2001:db8::/32"]
+    assert all(3000 < e["remaining"] <= 3600 for e in listed["entries"])
+    assert admin.sb.run(["stat", "-L", "-c", "%a %U", "/var/lib/ipqd/sets.json"]).stdout.split() \
+        == ["600", "ipqd"]
+
+    admin.sb.run(["ipqd", "set", "del", "banned", OUTSIDE])
+    assert admin.probe("udp", 5001)
+    admin.write_policy(POLICY_TEXT % {"udp": 5001})
+    admin.sb.systemctl("reload", "ipqd")
+
+
 def test_metrics_textfile_for_node_exporter(admin):
     """docs/control.md's recipe: the daemon keeps node_exporter's textfile,
     in a folder the unit is allowed to write."""

@@ -114,10 +114,13 @@ class Daemon:
         queues = sorted(q for w in self.workers.values() for q in w.queues)
         hooks = f"by {self.installed_backend}" if self.installed_backend else \
             "managed outside this process (--no-hooks)"
+        shadow = self.policy.shadow
         self.log.event(f"ipqd started: policy {self.path} ({self.rules} rules), "
-                       f"queues {_ranges(queues)}, hooks {hooks}",
+                       f"queues {_ranges(queues)}, hooks {hooks}" +
+                       (f", shadow policy {shadow.path} deciding beside it" if shadow else ""),
                        LOG_INFO, IPQD_EVENT="start", IPQD_POLICY=self.path,
-                       IPQD_RULES=str(self.rules), IPQD_POLICY_DIGEST=self.policy.digest)
+                       IPQD_RULES=str(self.rules), IPQD_POLICY_DIGEST=self.policy.digest,
+                       **({"IPQD_SHADOW_POLICY_DIGEST": shadow.digest} if shadow else {}))
         self.tell_systemd("READY=1\n" + self.status_line())
 
     def startup_waiting(self) -> None:

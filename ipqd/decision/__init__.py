@@ -7,6 +7,7 @@
   verdict_cache  verdicts kept per flow, read from the message in place
   checksum       checksums of rewritten packets
   conntrack      the ct_state conntrack gives each packet of a capture (explain)
+  shadow         a candidate policy deciding beside the enforced one
   verify         a policy's test cases decided (test, check, the daemon's load)
   described      a packet description as bytes and meta (explain, test, diff)
 """

@@ -36,7 +36,27 @@ def load_checked(path: str) -> Policy:
     if before != _identities(_policy_files(path)):
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])
-    return replace(policy, digest=_digest(path, before))
+    policy = replace(policy, digest=_digest(path, before))
+    if policy.shadow_path is not None:
+        policy = replace(policy, shadow=_shadow(path, policy.shadow_path))
+    return policy
+
+
+def _shadow(path: str, shadow_path: str) -> Policy:
+    """The candidate the policy names in `shadow:`, loaded with the same
+    checks; its problems refuse the policy (nothing would compare it)."""
+    refusal = f"refusing policy {path}: its shadow policy {shadow_path} is not loaded"
+    try:
+        shadow = load_checked(shadow_path)
+    except PolicyRefused as refused:
+        raise PolicyRefused(refused.lines + [refusal]) from None
+    except OSError as error:
+        raise PolicyRefused([f"cannot read {error.filename or shadow_path}: "
+                             f"{error.strerror or error}", refusal]) from None
+    if shadow.shadow_path is not None:
+        raise PolicyRefused([f"{shadow_path}: a shadow policy cannot name a shadow of its own "
+                             f"(remove its `shadow:`)", refusal])
+    return shadow
 
 
 def policy_digest(path: str) -> str:

@@ -27,6 +27,7 @@ from ipqd.policy._limits import MAX_LISTED_PROBLEMS, MAX_RULES, MAX_TOTAL_BYTES
 from ipqd.policy._offload import parse_offload
 from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
+from ipqd.policy._shadow import shadow_path
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
 from ipqd.policy._values import one_of
@@ -39,7 +40,8 @@ from ipqd.wire.nfqueue import NFQNL_MAX_COPY_RANGE
 __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
 FRAGMENT_DIR = "policy.d"
-TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules", "tests")
+TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules", "tests",
+              "shadow")
 FRAGMENT_FIELDS = ("sets", "rules")
 QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload",
                 "undecidable")
@@ -342,7 +344,8 @@ class _Loader:
         if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
             return None
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
-                      logging=logging, rules=tuple(p.rule for p in parsed))
+                      logging=logging, rules=tuple(p.rule for p in parsed),
+                      shadow_path=shadow_path(where, items.get("shadow")))
 
 
 # --- the main file's sections --------------------------------------------------

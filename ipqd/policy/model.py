@@ -253,6 +253,8 @@ class Policy:
     sources: Tuple[str, ...] = ()                   # every file read, main file first
     warnings: Tuple = ()                            # PolicyError objects of severity warning
     digest: str = ""                                # of the files' text (ipqd.policy.checked)
+    shadow_path: Optional[str] = None               # `shadow:` a candidate deciding beside it
+    shadow: Optional["Policy"] = None               # that candidate, loaded (load_checked)
 
     def fields(self) -> frozenset:
         """Every packet field some rule reads: what the packet view must parse."""

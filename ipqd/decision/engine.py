@@ -90,7 +90,8 @@ class Engine:
         self._request_drop = offload.request_drop if offload else 0
         # Cleared when a request comes back: nothing takes requests (--no-hooks
         # without ipqd's rules), and asking would send each packet through twice.
-        self.offloading = bool(self._offload_hooks)
+        # Never with a shadow: an offloaded flow's packets would not reach it.
+        self.offloading = bool(self._offload_hooks) and self.shadow is None
 
     def carry_over(self) -> dict:
         """What a successor worker takes over (`take_over`): the totals, the

@@ -117,3 +117,11 @@ def test_a_policy_names_its_shadow(tmp_path):
     policy = load_checked(str(main))
     assert policy.shadow.path == str(candidate) and policy.shadow.default.action == "accept"
     assert policy.shadow.digest and policy.shadow.digest != policy.digest
+
+
+def test_flows_are_not_offloaded_while_a_shadow_decides():
+    hooked = loads("version: 1\nhooks: [{chain: input}]\ndefault: {action: drop, log: false}\n"
+                   "rules:\n  - {name: ssh, proto: tcp, dport: 22, action: accept}\n", "p.yaml")
+    assert Engine(hooked).offloading
+    assert not Engine(replace(hooked, shadow=CANDIDATE)).offloading
+

@@ -213,6 +213,17 @@ class _Addresses(Axis):
         return ABSENT
 
     def describe(self, mask: int) -> str:
+        """Networks and ranges, or `not ...` the rest of the family when shorter."""
+        families = [v for v in (4, 6) if mask & self.family_mask[v]]
+        if len(families) == 1:
+            rest = self.family_mask[families[0]] & ~mask
+            if rest:
+                plain, other = self._text(mask & ~self.absent), self._text(rest)
+                if len(other) + 4 < len(plain):
+                    return "not " + other + (",none" if mask & self.absent else "")
+        return self._text(mask & ~self.absent) + (",none" if mask & self.absent else "")
+
+    def _text(self, mask: int) -> str:
         parts = []
         for i in _bits_of(mask & ~self.absent):
             version, low, high = self.atoms[i]
@@ -225,8 +236,6 @@ class _Addresses(Axis):
             cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
             nets = list(ipaddress.summarize_address_range(cls(low), cls(high)))
             words += [str(n) for n in nets] if len(nets) <= 3 else [f"{cls(low)}-{cls(high)}"]
-        if mask & self.absent:
-            words.append("none")
         return ",".join(words)
 
 

@@ -759,10 +759,11 @@ def effects(policy: Policy, outcome: Outcome) -> tuple:
             effect = (rule.action, rule.set_mark if rule.action == "accept" else None, log,
                       (rule.name, rule.rate) if rule.rate is not None else None)
         out.append(effect)
-    final = out[-1][:3]
-    # a rated rule that does what the rule after it does changes nothing
-    kept = [e for e in out[:-1] if e[:3] != final] + [out[-1]]
-    return tuple(kept)
+    # A rated rule just before the final one that does what it does changes
+    # nothing, within its rate or past it (and then the one before it, ...).
+    while len(out) > 1 and out[-2][:3] == out[-1][:3]:
+        del out[-2]
+    return tuple(out)
 
 
 class Change(NamedTuple):

@@ -137,3 +137,41 @@ def test_reach_finds_a_packet_for_every_rule_that_decides_one(seed, packets):
         if text is not None:
             payload, meta = build_packet(text, PacketMeta(hook=1))
             assert matcher.decide(parse(payload, meta, matcher.fields)).rule_index == index
+
+
+def with_rates(rng, policy):
+    """Some rules given a rate (the same rates by name in both policies of a pair)."""
+    from ipqd.policy.model import Rate
+    rules = tuple(replace(r, rate=Rate(1.0, 1, "1/second")) if int(r.name[1:]) % 3 == 0 and
+                  rng.random() < 0.7 else r for r in policy.rules)
+    return replace(policy, rules=rules)
+
+
+def effect_when(policy, view, within: bool):
+    """The effect with every rated rule within its rate, or every one past it."""
+    from reference import matches
+    for rule in policy.rules:
+        if rule.rate is not None and not within:
+            continue
+        if matches(rule.match, view):
+            log = rule.log if rule.log is not None else policy.default.log
+            return rule.action, rule.set_mark if rule.action == "accept" else None, log
+    d = policy.default
+    return d.action, d.set_mark if d.action == "accept" else None, d.log
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.lists(views(), min_size=1, max_size=40))
+def test_rates_are_compared_within_and_past_them(seed, packets):
+    """With rated rules, a packet the two decide differently with every
+    rated rule within its rate, or with every one past it, lies in a region."""
+    rng = random.Random(seed)
+    old = with_rates(rng, random_policy(rng, rng.randint(1, 8)))
+    new = with_rates(rng, random_policy(rng, rng.randint(1, 8)))
+    space, changes = regions.diff(old, new)
+    for view in packets:
+        if not real(view):
+            continue
+        if any(effect_when(old, view, w) != effect_when(new, view, w) for w in (True, False)):
+            atoms = space.atoms_of(view)
+            assert any(space.holds(c.cube, atoms) for c in changes), (view, old, new)

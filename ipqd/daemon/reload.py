@@ -68,7 +68,9 @@ class Reloader:
                              f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
                              IPQD_EVENT="reloaded", IPQD_RULES=str(daemon.rules),
                              IPQD_POLICY_DIGEST=loaded.outline.digest,
-                             IPQD_OLD_POLICY_DIGEST=old_digest)
+                             IPQD_OLD_POLICY_DIGEST=old_digest,
+                             **({"IPQD_SHADOW_POLICY_DIGEST": loaded.outline.shadow.digest}
+                                if loaded.outline.shadow is not None else {}))
         daemon.tell_systemd("READY=1\n" + daemon.status_line())
 
     def refuse(self, lines: List[str]) -> None:

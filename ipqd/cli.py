@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         from ipqd.tools.explain import run_explain
         return run_explain(args)
     if args.command == "hooks":
+        from ipqd.decision.verify import case_problems
         from ipqd.kernel.hooks import run_hooks_command
-        return run_hooks_command(args)
+        return run_hooks_command(args, verify=case_problems)
     if args.command == "completion":
         return print_completion(args.shell)
     raise AssertionError(args.command)

@@ -82,8 +82,8 @@ def load_policy_job(path: str, conn) -> None:
     # would walk the whole node tree again and again as it grows.
     gc.disable()
     try:
-        policy = load_checked(path)
-        _passes_its_tests(path, policy)
+        from ipqd.decision.verify import case_problems
+        policy = load_checked(path, verify=case_problems)
         conn.send(Loaded(transfer.pack(policy),
                          pickle.dumps(transfer.outline(policy), pickle.HIGHEST_PROTOCOL),
                          len(policy.rules)))
@@ -92,23 +92,6 @@ def load_policy_job(path: str, conn) -> None:
     except OSError as error:
         conn.send(Unreadable(error.errno, error.strerror, error.filename))
     conn.close()
-
-
-def _passes_its_tests(path: str, policy: Policy) -> None:
-    """Raises PolicyRefused, each failure a line, when the policy's own test
-    cases (its `tests:`, tests.d/) are invalid or one of them fails: a
-    policy that contradicts its own tests is not put in front of packets."""
-    from ipqd.decision.verify import case_problems
-    from ipqd.errors import PolicyErrors
-    from ipqd.policy.cases import policy_cases
-    try:
-        problems = case_problems(policy, policy_cases(path))
-    except PolicyErrors as errors:
-        problems = errors.errors
-    if problems:
-        raise PolicyRefused([str(p) for p in problems] +
-                            [f"refusing policy {path}: {len(problems)} of its test case(s) "
-                             f"failed or could not be read (`ipqd test {path}`)"])
 
 
 def read_hint(error: OSError) -> str:

@@ -150,7 +150,8 @@ class _Intervals(Axis):
                 parts[-1] = (parts[-1][0], high)
             else:
                 parts.append((low, high))
-        text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in parts)
+        shown = PROTOCOL_NAMES if self.name == "proto" else {}
+        text = ",".join(shown.get(lo, str(lo)) if lo == hi else f"{lo}-{hi}" for lo, hi in parts)
         return text + ("," if text and mask & self.absent else "") + \
             ("none" if mask & self.absent else "")
 
@@ -333,13 +334,25 @@ class _Masked(Axis):
         return self.classes[classes[0]][0][0]
 
     def describe(self, mask: int) -> str:
-        # a class as the tests it passes: readable where values are not
-        words = []
-        for c in _bits_of(mask & self.full(False)):
-            answers = next(a for a, i in self.by_answers.items() if i == c)
-            passed = [f"{v:#x}/{m:#x}" for (v, m), yes in zip(self.tests, answers) if yes]
-            words.append("&".join(passed) if passed else "other")
+        """Each class as the tests it passes (`0x10/0xff`; TCP flags by name,
+        `syn,!ack`), the class that passes none as `not ...` them all."""
+        words = self._words(mask & self.full(False))
         return ",".join(words + (["none"] if mask & self.absent else []))
+
+    def _words(self, mask: int) -> List[str]:
+        words = []
+        for c in _bits_of(mask):
+            answers = next(a for a, i in self.by_answers.items() if i == c)
+            passed = [self._test_text(v, m) for (v, m), yes in zip(self.tests, answers) if yes]
+            words.append("&".join(passed) if passed else
+                         "not " + "|".join(self._test_text(v, m) for v, m in self.tests))
+        return words
+
+    def _test_text(self, value: int, mask: int) -> str:
+        if self.name != "tcp_flags":
+            return f"{value:#x}/{mask:#x}"
+        return ",".join(("" if value & bit else "!") + name
+                        for name, bit in TCP_FLAGS.items() if mask & bit)
 
 
 class _Interfaces(Axis):
@@ -657,8 +670,10 @@ class Space:
     def _proto(self, mask: int, family: Optional[int]):
         """A protocol of the atoms, not an IPv6 extension header's number."""
         axis = self.axis("proto")
-        for p in (PROTO_TCP, PROTO_UDP, _ICMP_OF.get(family)):     # the familiar ones first
-            if p is not None and mask & (1 << axis.atom_of(p)):
+        familiar = (PROTO_TCP, PROTO_UDP, _ICMP_OF.get(family)) + tuple(PROTOCOL_NAMES)
+        for p in familiar:                  # the familiar ones first, then by number
+            if p is not None and mask & (1 << axis.atom_of(p)) and \
+                    p != _ICMP_OF[10 - family] and not (family == 6 and p in IPV6_EXT_HEADERS):
                 return p
         for i in _bits_of(mask & axis.full(False)):
             low, high = axis.span(i)

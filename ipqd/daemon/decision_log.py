@@ -60,6 +60,18 @@ def _address(family: Optional[int], value: Optional[int]) -> Optional[str]:
     return text
 
 
+_sources: Dict[Position, str] = {}        # a rule's position -> its `file:line`, made once
+
+
+def _source(position: Position) -> str:
+    text = _sources.get(position)
+    if text is None:
+        if len(_sources) >= 65536:
+            _sources.clear()
+        text = _sources[position] = clean(f"{position.path}:{position.line}")
+    return text
+
+
 def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
                     mark: Optional[int], position: Optional[Position] = None,
                     digest: str = "") -> Dict[str, str]:
@@ -67,7 +79,7 @@ def decision_fields(action: str, rule_name: str, view: Optional[PacketView], que
     `position`: where the deciding rule is written, `digest`: the policy's."""
     fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
     if position is not None:
-        fields["IPQD_RULE_SOURCE"] = clean(f"{position.path}:{position.line}")
+        fields["IPQD_RULE_SOURCE"] = _source(position)
     if digest:
         fields["IPQD_POLICY_DIGEST"] = digest
     if view is None:
@@ -113,7 +125,7 @@ def shadow_fields(enforced, shadow, view: Optional[PacketView], queue: int, dige
         fields["IPQD_SHADOW_MARK"] = f"{shadow.mark:#x}"
     position = shadow.rule.position if shadow.rule else None
     if position is not None:
-        fields["IPQD_SHADOW_RULE_SOURCE"] = clean(f"{position.path}:{position.line}")
+        fields["IPQD_SHADOW_RULE_SOURCE"] = _source(position)
     if shadow_digest:
         fields["IPQD_SHADOW_POLICY_DIGEST"] = shadow_digest
     return fields

@@ -442,10 +442,13 @@ FIELDS = ("family", "proto", "src", "dst", "sport", "dport", "in", "out", "hook"
 
 
 class Space:
-    """The atoms of every field for a set of Matches, and the shapes."""
+    """The atoms of every field for a set of Matches, and the shapes.
+    `conntrack`: whether packets carry a ct_state (True: always, as with
+    queue.conntrack; False: never; None: either, when it is not known)."""
 
-    def __init__(self, matches: Iterable[Match]):
+    def __init__(self, matches: Iterable[Match], conntrack: Optional[bool] = None):
         matches = list(matches)
+        self.conntrack = conntrack
 
         def values(attr):
             return [getattr(m, attr) for m in matches if getattr(m, attr) is not None]
@@ -507,6 +510,9 @@ class Space:
         return found[1]
 
     def _cube(self, **masks) -> tuple:
+        ct = self.axis("ct_state")
+        if self.conntrack is not None:
+            masks["ct_state"] = ct.full(False) if self.conntrack else ct.absent
         return tuple(masks[a.name] if a.name in masks else a.full() for a in self.axes)
 
     def _shapes(self) -> List[tuple]:
@@ -812,7 +818,10 @@ class Change(NamedTuple):
 def diff(old: Policy, new: Policy, limit: int = MAX_CUBES) -> Tuple[Space, List[Change]]:
     """Every cube of packet space that `old` and `new` treat differently
     (verdict, mark or log), merged where outcomes agree. Raises TooLarge."""
-    space = Space([r.match for r in old.rules] + [r.match for r in new.rules])
+    # ct_state is there when both track connections, never when neither does
+    both = {old.queue.conntrack, new.queue.conntrack}
+    space = Space([r.match for r in old.rules] + [r.match for r in new.rules],
+                  both.pop() if len(both) == 1 else None)
     budget = _Budget(limit)
     changes = []
     theirs = [space.constraint(rule.match) for rule in new.rules]
@@ -863,13 +872,14 @@ def _joined(cubes: List[tuple], budget: Optional[_Budget] = None) -> List[tuple]
 
 
 def reach(rules: Sequence[Rule], index: int, space: Optional[Space] = None,
-          limit: int = MAX_CUBES) -> Tuple[Space, Optional[tuple], List[int]]:
+          limit: int = MAX_CUBES,
+          conntrack: Optional[bool] = None) -> Tuple[Space, Optional[tuple], List[int]]:
     """A cube of packets rule `index` decides (earlier rules with a rate
     taken as spent), or None when no packet reaches it; and the earlier
     rules without a rate that share packets with it (together they take all
     its packets when the cube is None). `space`: one made from at least
     these rules. Raises TooLarge past `limit` cubes."""
-    space = space or Space(r.match for r in rules[:index + 1])
+    space = space or Space((r.match for r in rules[:index + 1]), conntrack)
     target = space.constraint(rules[index].match)
     budget = _Budget(limit)
     cubes = []

@@ -57,10 +57,24 @@ def decided(policy, matcher, text):
     return d.action, d.mark, d.log
 
 
+def tracked(policy):
+    """The policy as the loader makes it: conntrack on when a rule reads ct_state."""
+    reads = any(rule.match.ct_state is not None for rule in policy.rules)
+    return replace(policy, queue=replace(policy.queue, conntrack=reads))
+
+
+def given_to(old, new, view) -> bool:
+    """Whether the daemon running either policy could give it this view: a
+    ct_state with conntrack, none without."""
+    both = {old.queue.conntrack, new.queue.conntrack}
+    return len(both) == 2 or (view.ct_state is not None) == both.pop()
+
+
 def check(old, new, packets):
+    old, new = tracked(old), tracked(new)
     space, changes = regions.diff(old, new)
     for view in packets:
-        if not real(view) or effect(old, view) == effect(new, view):
+        if not real(view) or not given_to(old, new, view) or effect(old, view) == effect(new, view):
             continue
         atoms = space.atoms_of(view)
         assert atoms is not None, view
@@ -125,11 +139,12 @@ def test_reach_finds_a_packet_for_every_rule_that_decides_one(seed, packets):
     """A rule some drawn packet reaches has a witness (or only malformed
     packets reach it); every witness is decided by that rule."""
     rng = random.Random(seed)
-    policy = random_policy(rng, rng.randint(1, 10))
+    policy = tracked(random_policy(rng, rng.randint(1, 10)))
     matcher = compile_policy(policy)
-    reached = {Reference(policy).decide(v)[0] for v in packets if real(v)}
+    reached = {Reference(policy).decide(v)[0] for v in packets
+               if real(v) and given_to(policy, policy, v)}
     for index in range(len(policy.rules)):
-        space, cube, _ = regions.reach(policy.rules, index)
+        space, cube, _ = regions.reach(policy.rules, index, conntrack=policy.queue.conntrack)
         if cube is None:
             assert index not in reached
             continue
@@ -166,11 +181,11 @@ def test_rates_are_compared_within_and_past_them(seed, packets):
     """With rated rules, a packet the two decide differently with every
     rated rule within its rate, or with every one past it, lies in a region."""
     rng = random.Random(seed)
-    old = with_rates(rng, random_policy(rng, rng.randint(1, 8)))
-    new = with_rates(rng, random_policy(rng, rng.randint(1, 8)))
+    old = tracked(with_rates(rng, random_policy(rng, rng.randint(1, 8))))
+    new = tracked(with_rates(rng, random_policy(rng, rng.randint(1, 8))))
     space, changes = regions.diff(old, new)
     for view in packets:
-        if not real(view):
+        if not real(view) or not given_to(old, new, view):
             continue
         if any(effect_when(old, view, w) != effect_when(new, view, w) for w in (True, False)):
             atoms = space.atoms_of(view)

@@ -85,14 +85,16 @@ def examine(path: str, verify: Verify = None) -> Tuple[List[PolicyError], Option
 
 def _shadow_problems(path: str) -> List[PolicyError]:
     """The errors and warnings of the shadow policy the checked one names."""
+    # its queue, hooks and logging are not used: only warnings about its rules
+    def wanted(p: PolicyError) -> bool:
+        return p.severity == "error" or "can never match" in p.message
     try:
         shadow = load_with_sets(path, every_problem=True).policy
     except PolicyErrors as e:
-        return e.errors
+        return [p for p in e.errors if wanted(p)]
     except OSError as e:
         return [PolicyError(path, 0, 0, f"cannot read the shadow policy: {e.strerror or e}")]
-    # its queue, hooks and logging are not used: only warnings about its rules
-    problems = [w for w in shadow.warnings if "can never match" in w.message]
+    problems = [w for w in shadow.warnings if wanted(w)]
     if shadow.shadow_path is not None:
         problems.append(PolicyError(path, 0, 0, "a shadow policy cannot name a shadow of its "
                                                 "own (remove its `shadow:`)"))

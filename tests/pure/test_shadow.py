@@ -125,3 +125,25 @@ def test_flows_are_not_offloaded_while_a_shadow_decides():
     assert Engine(hooked).offloading
     assert not Engine(replace(hooked, shadow=CANDIDATE)).offloading
 
+
+
+def test_check_reports_the_shadows_errors(tmp_path):
+    import io
+    from argparse import Namespace
+    from ipqd.policy.check import run_check
+    main = tmp_path / "policy.yaml"
+    main.write_text("version: 1\nhooks: [{chain: input, family: ipv4}]\nshadow: candidate.yaml\n"
+                    "default: {action: accept}\n")
+    out = io.StringIO()
+    assert run_check(Namespace(policy=str(main)), out=out, err=out) == 1
+    assert f"{tmp_path}/candidate.yaml: cannot read the shadow policy" in out.getvalue()
+    (tmp_path / "candidate.yaml").write_text("version: 1\ndefault: {action: acept}\n")
+    out = io.StringIO()
+    assert run_check(Namespace(policy=str(main)), out=out, err=out) == 1
+    assert out.getvalue().splitlines() == [
+        f"{tmp_path}/candidate.yaml:2:19: default: unknown action 'acept' (expected accept or drop)",
+        "1 error"]
+    main.write_text("version: 1\nshadow: policy.yaml\ndefault: {action: accept}\n")
+    out = io.StringIO()
+    assert run_check(Namespace(policy=str(main)), out=out, err=out) == 1
+    assert "shadow names the policy itself" in out.getvalue()

@@ -46,6 +46,9 @@ def _add_run(sub) -> None:
                      help="one verdict message per packet instead of batch verdicts")
     run.add_argument("--no-cache", action="store_true",
                      help="decide every packet in full instead of using the verdict cache")
+    run.add_argument("--shadow", metavar="FILE",
+                     help="a candidate policy that decides every packet beside the policy, "
+                          "enforcing nothing (instead of the policy's own `shadow:`)")
 
 
 def _add_check(sub) -> None:

@@ -35,16 +35,17 @@ class LoadedPolicy:
 
 
 def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None,
-                  timeout: float = LOAD_TIMEOUT) -> LoadedPolicy:
+                  timeout: float = LOAD_TIMEOUT, shadow: Optional[str] = None) -> LoadedPolicy:
     """load_checked in a short-lived process (ipqd.daemon.child); `waiting`
     is called about twice a second until it answers, and may raise to call
     the load off (the process is killed). Raises as load_checked does,
     PolicyRefused when the load runs past `timeout` s, and StartupError when
     the loading process cannot start or dies without an answer (not the
-    policy's fault: the installation's, or the system's).
+    policy's fault: the installation's, or the system's). `shadow`: a
+    candidate's path, instead of the policy's own `shadow:` (ipqd run --shadow).
     """
     try:
-        loading = child.start("load", path)
+        loading = child.start("load", path, shadow)
     except OSError as error:
         raise StartupError(f"ipqd: cannot start the process that loads the policy ({error}): "
                            f"is the ipqd installation complete?") from None
@@ -75,7 +76,7 @@ def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None,
     raise PolicyRefused(answer.lines)
 
 
-def load_policy_job(path: str, conn) -> None:
+def load_policy_job(path: str, conn, shadow: Optional[str] = None) -> None:
     """What the loading process does: load_checked, its answer sent on `conn`."""
     from ipqd.policy import transfer
     # The process exits when done: nothing to collect, and the collector
@@ -83,7 +84,7 @@ def load_policy_job(path: str, conn) -> None:
     gc.disable()
     try:
         from ipqd.decision.verify import case_problems
-        policy = load_checked(path, verify=case_problems)
+        policy = load_checked(path, verify=case_problems, shadow=shadow)
         conn.send(Loaded(transfer.pack(policy),
                          pickle.dumps(transfer.outline(policy), pickle.HIGHEST_PROTOCOL),
                          len(policy.rules)))

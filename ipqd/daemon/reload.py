@@ -40,7 +40,8 @@ class Reloader:
         daemon.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            loaded = load_in_child(daemon.path, waiting=daemon.keep_alive)
+            loaded = load_in_child(daemon.path, waiting=daemon.keep_alive,
+                                   shadow=daemon.shadow_path)
         except ReloadCalledOff:
             daemon.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
             return

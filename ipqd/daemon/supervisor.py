@@ -41,6 +41,9 @@ STATUS_EVERY = 2.0
 class Daemon:
     def __init__(self, args):
         self.path = args.policy
+        # --shadow: a candidate deciding beside, instead of the policy's `shadow:`
+        shadow = getattr(args, "shadow", None)
+        self.shadow_path = os.path.abspath(shadow) if shadow else None
         self.manage_hooks = not args.no_hooks
         self.backend = args.backend
         self.state_dir = args.state_dir
@@ -90,7 +93,8 @@ class Daemon:
     def start(self) -> None:
         self.setup_signals()
         try:
-            loaded = load_in_child(self.path, waiting=self.startup_waiting)
+            loaded = load_in_child(self.path, waiting=self.startup_waiting,
+                                   shadow=self.shadow_path)
         except PolicyRefused as refused:
             raise StartupError("\n".join(refused.lines + [
                 f"ipqd: not started: fix the policy, then check it with `ipqd check {self.path}`"]),

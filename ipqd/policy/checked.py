@@ -11,7 +11,8 @@ from ipqd.errors import PolicyErrors, PolicyRefused
 from ipqd.policy.model import Policy
 
 
-def load_checked(path: str, verify: Optional[Callable] = None) -> Policy:
+def load_checked(path: str, verify: Optional[Callable] = None,
+                 shadow: Optional[str] = None) -> Policy:
     """Load a policy after checking that only root can change it.
 
     Fragments in policy.d must pass the same checks, and a symbolic link
@@ -24,7 +25,8 @@ def load_checked(path: str, verify: Optional[Callable] = None) -> Policy:
     and `ipqd hooks install` before it moves any hook: the same checks in
     the same order, so hooks never move for a policy the daemon refuses.
     Both pass `verify` (ipqd.decision.verify.case_problems), which runs the
-    policy's own test cases: one that fails refuses the policy.
+    policy's own test cases: one that fails refuses the policy. `shadow`:
+    a candidate's path that takes the place of the policy's `shadow:`.
     """
     from ipqd.policy.loader import load
     before = _identities(_policy_files(path))
@@ -39,6 +41,8 @@ def load_checked(path: str, verify: Optional[Callable] = None) -> Policy:
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])
     policy = replace(policy, digest=_digest(path, before))
+    if shadow is not None:
+        policy = replace(policy, shadow_path=shadow)
     if policy.shadow_path is not None:
         policy = replace(policy, shadow=_shadow(path, policy.shadow_path))
     if verify is not None:

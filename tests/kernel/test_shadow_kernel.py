@@ -49,14 +49,16 @@ def stats(ipqd) -> dict:
     return {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
 
 
-def test_a_shadow_decides_beside_and_enforces_nothing(lab, tmp_path):
+@pytest.mark.parametrize("named_by", ["policy", "option"])
+def test_a_shadow_decides_beside_and_enforces_nothing(lab, tmp_path, named_by):
     tmp_path.chmod(0o755)
-    policy = write(tmp_path / "policy.yaml",
-                   POLICY.format(shadow="shadow: candidate.yaml\n", tests=""))
-    write(tmp_path / "candidate.yaml", CANDIDATE)
-    ipqd = RunningIpqd(lab.server, policy, str(tmp_path / "state"))
+    in_policy = "shadow: candidate.yaml\n" if named_by == "policy" else ""
+    policy = write(tmp_path / "policy.yaml", POLICY.format(shadow=in_policy, tests=""))
+    candidate = write(tmp_path / "candidate.yaml", CANDIDATE)
+    option = ("--shadow", candidate) if named_by == "option" else ()
+    ipqd = RunningIpqd(lab.server, policy, str(tmp_path / "state"), *option)
     try:
-        assert "shadow policy" in ipqd.lines[-1] or any("shadow policy" in l for l in ipqd.lines)
+        assert any(f"shadow policy {candidate} deciding beside it" in l for l in ipqd.lines)
         for port in (5000, 5001):
             for _ in range(3):
                 assert udp_probe(lab, port), f"the enforced policy accepts {port}"
@@ -68,6 +70,10 @@ def test_a_shadow_decides_beside_and_enforces_nothing(lab, tmp_path):
         assert counts["shadow_decided"] == counts["packets"] >= 6
         assert counts["cache_hits"] >= 2        # the agreeing flow, answered from the cache
         assert sum(l.startswith("SHADOW ") for l in ipqd.lines) == 3
+        # a reload keeps the shadow, from the policy or from the option
+        assert ipqd.reload().startswith("reloaded policy")
+        assert udp_probe(lab, 5001)
+        assert stats(ipqd)["shadow_disagreed"] == 4         # the counts carried over, and one more
     finally:
         assert ipqd.stop() == 0
 

@@ -1,6 +1,7 @@
 """What ipqd's worker spends per packet between the socket and the verdict, without the kernel.
 
     .venv/bin/python bench/pipeline_cost.py [--rules N] [--packets N] [--batch N] [--profile]
+                                            [--shadow]
 
 Feeds the worker's receive path (QueueSocket.receive_events with its
 socket reads replaced by ready datagrams) and Worker.answer (with the send
@@ -10,7 +11,9 @@ per packet: decode only; decode + parse + decide + verdict encoding; and a
 verdict cache hit (key read + lookup + verdict encoding). Each receive
 drains --batch datagrams (256; 1 shows the cost of a wake-up with one packet,
 as with one packet in flight). --profile prints a cProfile of the cache-hit
-path (--no-cache: of the full path).
+path (--no-cache: of the full path). --shadow gives the policy a shadow
+policy (the same rules: a shadow that agrees, matching as much as the
+enforced one), to show what deciding beside costs.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import pstats
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,12 +82,14 @@ class ReplayReceiver:
 
 
 class Fixture:
-    def __init__(self, rules: int):
+    def __init__(self, rules: int, shadow: bool = False):
         directory = tempfile.mkdtemp()
         path = os.path.join(directory, "policy.yaml")
         with open(path, "w") as out:
             out.write(policy_yaml(rules, "1", False))
         policy = load(path)
+        if shadow:
+            policy = replace(policy, shadow=load(path))
         self.worker = Worker(WorkerConfig(0, 1, {1: None}, "stderr"), policy, conn=None)
         self.worker.qs.queues[1] = frozenset({2, 10})
         self.sent = []
@@ -125,11 +131,13 @@ def main() -> None:
                         help="decode every message with QueueProtocol (no fast path)")
     parser.add_argument("--no-cache", action="store_true",
                         help="profile the full path, not the verdict cache's hits")
+    parser.add_argument("--shadow", action="store_true",
+                        help="with a shadow policy (the same rules) deciding beside")
     args = parser.parse_args()
     BATCH = args.batch
     if args.reference_decode:
         queue_socket.decode_packet_datagram = lambda buf, n, view=None: None
-    fixture = Fixture(args.rules)
+    fixture = Fixture(args.rules, args.shadow)
     fixture.full()
     assert fixture.worker.engine.counters.accepted == BATCH, "the packets must hit the last rule"
     rounds = max(1, args.packets // BATCH)
@@ -146,7 +154,7 @@ def main() -> None:
     fixture.worker.engine.settle()
     hits = fixture.worker.engine.cache.hits
     assert hits >= rounds * BATCH, f"the cache must answer: {fixture.worker.engine.cache.stats()}"
-    print(f"rules {args.rules}: decode {decode:,.0f} ns/packet, "
+    print(f"rules {args.rules}{' with a shadow' if args.shadow else ''}: decode {decode:,.0f} ns/packet, "
           f"decode+parse+decide+verdict {full:,.0f} ns/packet, "
           f"verdict cache hit {cached:,.0f} ns/packet")
 

@@ -50,6 +50,9 @@ def _add_run(sub) -> None:
                      help="one verdict message per packet instead of batch verdicts")
     run.add_argument("--no-cache", action="store_true",
                      help="decide every packet in full instead of using the verdict cache")
+    run.add_argument("--shadow", metavar="FILE",
+                     help="a candidate policy that decides every packet beside the policy, "
+                          "enforcing nothing (instead of the policy's own `shadow:`)")
     run.add_argument("--control", metavar="PATH",
                      help="the control socket (default: STATE_DIR/control, /run/ipqd/control; "
                           "`none`: no control socket)")
@@ -263,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         from ipqd.tools.explain import run_explain
         return run_explain(args)
     if args.command == "hooks":
+        from ipqd.decision.verify import case_problems
         from ipqd.kernel.hooks import run_hooks_command
-        return run_hooks_command(args)
+        return run_hooks_command(args, verify=case_problems)
     if args.command in ("status", "counters", "metrics", "reload"):
         from ipqd.control import verbs
         return getattr(verbs, f"run_{args.command}")(args)

@@ -206,7 +206,7 @@ def _worker(conn: Channel, config, sock_fd: int, mode: str) -> None:
     worker_main(config, conn.recv_bytes(), conn, sock_fd, mode)
 
 
-def _load(conn: Channel, path: str) -> None:
+def _load(conn: Channel, path: str, shadow=None) -> None:
     # Background work: on a busy core the workers' packet loops come first.
     # For good: the process exits when done. Best effort, as in schedule().
     try:
@@ -214,7 +214,7 @@ def _load(conn: Channel, path: str) -> None:
     except OSError:
         pass
     from ipqd.daemon.loading import load_policy_job
-    load_policy_job(path, conn)
+    load_policy_job(path, conn, shadow)
 
 
 _JOBS = {"worker": _worker, "load": _load}

@@ -60,6 +60,18 @@ def _address(family: Optional[int], value: Optional[int]) -> Optional[str]:
     return text
 
 
+_sources: Dict[Position, str] = {}        # a rule's position -> its `file:line`, made once
+
+
+def _source(position: Position) -> str:
+    text = _sources.get(position)
+    if text is None:
+        if len(_sources) >= 65536:
+            _sources.clear()
+        text = _sources[position] = clean(f"{position.path}:{position.line}")
+    return text
+
+
 def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
                     mark: Optional[int], position: Optional[Position] = None,
                     digest: str = "") -> Dict[str, str]:
@@ -67,7 +79,7 @@ def decision_fields(action: str, rule_name: str, view: Optional[PacketView], que
     `position`: where the deciding rule is written, `digest`: the policy's."""
     fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
     if position is not None:
-        fields["IPQD_RULE_SOURCE"] = clean(f"{position.path}:{position.line}")
+        fields["IPQD_RULE_SOURCE"] = _source(position)
     if digest:
         fields["IPQD_POLICY_DIGEST"] = digest
     if view is None:
@@ -97,6 +109,34 @@ def decision_fields(action: str, rule_name: str, view: Optional[PacketView], que
     elif view.hidden:       # the copy hid fields the rules read (see ipqd.decision.packet)
         fields["IPQD_CUT"] = clean(view.reason)
     return fields
+
+
+def shadow_fields(enforced, shadow, view: Optional[PacketView], queue: int, digest: str,
+                  shadow_digest: str) -> Dict[str, str]:
+    """A disagreement's fields: the enforced decision's (decision_fields)
+    and the shadow policy's verdict, rule, its file:line and digest."""
+    rule = enforced.rule
+    fields = decision_fields(enforced.action, rule.name if rule else "default", view, queue,
+                             enforced.mark, rule.position if rule else None, digest)
+    fields["IPQD_EVENT"] = "shadow-disagreement"
+    fields["IPQD_SHADOW_VERDICT"] = shadow.action
+    fields["IPQD_SHADOW_RULE"] = clean(shadow.rule.name if shadow.rule else "default")
+    if shadow.mark is not None:
+        fields["IPQD_SHADOW_MARK"] = f"{shadow.mark:#x}"
+    position = shadow.rule.position if shadow.rule else None
+    if position is not None:
+        fields["IPQD_SHADOW_RULE_SOURCE"] = _source(position)
+    if shadow_digest:
+        fields["IPQD_SHADOW_POLICY_DIGEST"] = shadow_digest
+    return fields
+
+
+def shadow_message(fields: Dict[str, str]) -> str:
+    """`SHADOW accept -> drop tcp 10.0.0.2:51514 -> 10.0.0.1:22 rule=ssh shadow-rule=default`."""
+    text = decision_message(fields)
+    verdict, _, rest = text.partition(" ")
+    return (f"SHADOW {fields['IPQD_VERDICT']} -> {fields['IPQD_SHADOW_VERDICT']} {rest} "
+            f"shadow-rule={fields['IPQD_SHADOW_RULE']}")
 
 
 def decision_message(fields: Dict[str, str]) -> str:
@@ -129,9 +169,11 @@ class DecisionLog:
 
     def __init__(self, target: str = "stderr", rate: Optional[Rate] = None, capacity: int = 4096,
                  identifier: str = "ipqd", send: Optional[Callable] = None,
-                 clock: Callable[[], float] = time.monotonic, digest: str = ""):
+                 clock: Callable[[], float] = time.monotonic, digest: str = "",
+                 shadow_digest: str = ""):
         self.target = target
         self.digest = digest            # of the policy whose decisions this log writes
+        self.shadow_digest = shadow_digest      # of its shadow policy, if it has one
         self.identifier = identifier
         self.clock = clock
         # journald takes an entry per datagram, stderr a batch in one write
@@ -163,6 +205,15 @@ class DecisionLog:
             self.suppressed += 1
             return
         self._put(("decision", action, rule_name, view, queue, mark, position))
+
+    def disagreement(self, enforced, shadow, view: Optional[PacketView], queue: int) -> None:
+        """Queue the entry of a packet a shadow policy decides otherwise
+        (`enforced` and `shadow` are the two Decisions), under the same rate
+        as decisions."""
+        if self._bucket is not None and not self._bucket.take(self.clock()):
+            self.suppressed += 1
+            return
+        self._put(("shadow", enforced, shadow, view, queue))
 
     def wants_entry(self) -> bool:
         """Whether a logged decision made now would be written. When the
@@ -224,6 +275,10 @@ class DecisionLog:
             fields = decision_fields(action, rule_name, view, queue, mark, position, self.digest)
             return (decision_message(fields), LOG_NOTICE if action == "drop" else LOG_INFO,
                     fields)
+        if item[0] == "shadow":
+            _, enforced, shadow, view, queue = item
+            fields = shadow_fields(enforced, shadow, view, queue, self.digest, self.shadow_digest)
+            return shadow_message(fields), LOG_NOTICE, fields
         _, message, priority, fields = item
         return clean(message), priority, {k: clean(v) for k, v in fields.items()}
 

@@ -35,16 +35,17 @@ class LoadedPolicy:
 
 
 def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None,
-                  timeout: float = LOAD_TIMEOUT) -> LoadedPolicy:
+                  timeout: float = LOAD_TIMEOUT, shadow: Optional[str] = None) -> LoadedPolicy:
     """load_checked in a short-lived process (ipqd.daemon.child); `waiting`
     is called about twice a second until it answers, and may raise to call
     the load off (the process is killed). Raises as load_checked does,
     PolicyRefused when the load runs past `timeout` s, and StartupError when
     the loading process cannot start or dies without an answer (not the
-    policy's fault: the installation's, or the system's).
+    policy's fault: the installation's, or the system's). `shadow`: a
+    candidate's path, instead of the policy's own `shadow:` (ipqd run --shadow).
     """
     try:
-        loading = child.start("load", path)
+        loading = child.start("load", path, shadow)
     except OSError as error:
         raise StartupError(f"ipqd: cannot start the process that loads the policy ({error}): "
                            f"is the ipqd installation complete?") from None
@@ -75,15 +76,15 @@ def load_in_child(path: str, waiting: Optional[Callable[[], None]] = None,
     raise PolicyRefused(answer.lines)
 
 
-def load_policy_job(path: str, conn) -> None:
+def load_policy_job(path: str, conn, shadow: Optional[str] = None) -> None:
     """What the loading process does: load_checked, its answer sent on `conn`."""
     from ipqd.policy import transfer
     # The process exits when done: nothing to collect, and the collector
     # would walk the whole node tree again and again as it grows.
     gc.disable()
     try:
-        policy = load_checked(path)
-        _passes_its_tests(path, policy)
+        from ipqd.decision.verify import case_problems
+        policy = load_checked(path, verify=case_problems, shadow=shadow)
         conn.send(Loaded(transfer.pack(policy),
                          pickle.dumps(transfer.outline(policy), pickle.HIGHEST_PROTOCOL),
                          len(policy.rules)))
@@ -92,23 +93,6 @@ def load_policy_job(path: str, conn) -> None:
     except OSError as error:
         conn.send(Unreadable(error.errno, error.strerror, error.filename))
     conn.close()
-
-
-def _passes_its_tests(path: str, policy: Policy) -> None:
-    """Raises PolicyRefused, each failure a line, when the policy's own test
-    cases (its `tests:`, tests.d/) are invalid or one of them fails: a
-    policy that contradicts its own tests is not put in front of packets."""
-    from ipqd.decision.verify import case_problems
-    from ipqd.errors import PolicyErrors
-    from ipqd.policy.cases import policy_cases
-    try:
-        problems = case_problems(policy, policy_cases(path))
-    except PolicyErrors as errors:
-        problems = errors.errors
-    if problems:
-        raise PolicyRefused([str(p) for p in problems] +
-                            [f"refusing policy {path}: {len(problems)} of its test case(s) "
-                             f"failed or could not be read (`ipqd test {path}`)"])
 
 
 def read_hint(error: OSError) -> str:

@@ -40,7 +40,8 @@ class Reloader:
         daemon.tell_systemd(f"RELOADING=1\nMONOTONIC_USEC={int(time.monotonic() * 1e6)}")
         started = time.monotonic()
         try:
-            loaded = load_in_child(daemon.path, waiting=daemon.keep_alive)
+            loaded = load_in_child(daemon.path, waiting=daemon.keep_alive,
+                                   shadow=daemon.shadow_path)
         except ReloadCalledOff:
             daemon.log.event("reload called off: stopping", LOG_INFO, IPQD_EVENT="reload-failed")
             return
@@ -68,7 +69,9 @@ class Reloader:
                              f"{(time.monotonic() - started) * 1000:.0f} ms", LOG_INFO,
                              IPQD_EVENT="reloaded", IPQD_RULES=str(daemon.rules),
                              IPQD_POLICY_DIGEST=loaded.outline.digest,
-                             IPQD_OLD_POLICY_DIGEST=old_digest)
+                             IPQD_OLD_POLICY_DIGEST=old_digest,
+                             **({"IPQD_SHADOW_POLICY_DIGEST": loaded.outline.shadow.digest}
+                                if loaded.outline.shadow is not None else {}))
         daemon.tell_systemd("READY=1\n" + daemon.status_line())
 
     def refuse(self, lines: List[str]) -> None:

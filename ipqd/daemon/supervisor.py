@@ -52,6 +52,9 @@ NO_CONTROL = "none"         # --control none: no control socket
 class Daemon:
     def __init__(self, args):
         self.path = args.policy
+        # --shadow: a candidate deciding beside, instead of the policy's `shadow:`
+        shadow = getattr(args, "shadow", None)
+        self.shadow_path = os.path.abspath(shadow) if shadow else None
         self.manage_hooks = not args.no_hooks
         self.backend = args.backend
         self.state_dir = args.state_dir
@@ -118,7 +121,8 @@ class Daemon:
     def start(self) -> None:
         self.setup_signals()
         try:
-            loaded = load_in_child(self.path, waiting=self.startup_waiting)
+            loaded = load_in_child(self.path, waiting=self.startup_waiting,
+                                   shadow=self.shadow_path)
         except PolicyRefused as refused:
             raise StartupError("\n".join(refused.lines + [
                 f"ipqd: not started: fix the policy, then check it with `ipqd check {self.path}`"]),
@@ -150,10 +154,13 @@ class Daemon:
         queues = sorted(q for w in self.workers.values() for q in w.queues)
         hooks = f"by {self.installed_backend}" if self.installed_backend else \
             "managed outside this process (--no-hooks)"
+        shadow = self.policy.shadow
         self.log.event(f"ipqd started: policy {self.path} ({self.rules} rules), "
-                       f"queues {_ranges(queues)}, hooks {hooks}",
+                       f"queues {_ranges(queues)}, hooks {hooks}" +
+                       (f", shadow policy {shadow.path} deciding beside it" if shadow else ""),
                        LOG_INFO, IPQD_EVENT="start", IPQD_POLICY=self.path,
-                       IPQD_RULES=str(self.rules), IPQD_POLICY_DIGEST=self.policy.digest)
+                       IPQD_RULES=str(self.rules), IPQD_POLICY_DIGEST=self.policy.digest,
+                       **({"IPQD_SHADOW_POLICY_DIGEST": shadow.digest} if shadow else {}))
         self.tell_systemd("READY=1\n" + self.status_line())
 
     def startup_waiting(self) -> None:

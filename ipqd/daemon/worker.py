@@ -81,7 +81,8 @@ class Worker:
         for name, entries in (config.sets or {}).items():
             engine.change_set(name, "load", entries)
         self.log = DecisionLog(config.log_target, share_rate(policy.logging.rate, config.workers),
-                               digest=policy.digest)
+                               digest=policy.digest,
+                               shadow_digest=policy.shadow.digest if policy.shadow else "")
         # What the engine cannot decide and what the socket cannot hand it
         # (undecodable, foreign family) get the same verdict.
         self.qs = QueueSocket(rcvbuf=config.rcvbuf, no_enobufs=False, sock=sock,
@@ -257,6 +258,8 @@ class Worker:
                     log.decision(decision.action, rule.name if rule else "default",
                                  verdict.view, event.queue, verdict.mark,
                                  rule.position if rule else None)
+                if engine.disagreement is not None:     # a shadow policy decided otherwise
+                    log.disagreement(decision, engine.disagreement, verdict.view, event.queue)
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
             # Undecodable packets with an id were answered by the socket (fallback_verdict).

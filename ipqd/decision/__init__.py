@@ -8,6 +8,7 @@
   address_set    a dynamic set's entries, looked up per packet at any size
   checksum       checksums of rewritten packets
   conntrack      the ct_state conntrack gives each packet of a capture (explain)
+  shadow         a candidate policy deciding beside the enforced one
   verify         a policy's test cases decided (test, check, the daemon's load)
   described      a packet description as bytes and meta (explain, test, diff)
 """

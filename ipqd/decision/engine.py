@@ -27,6 +27,7 @@ from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.policy.offload import layout as offload_layout
 from ipqd.decision.packet import PacketMeta, PacketView, parse
 from ipqd.policy.model import Policy
+from ipqd.decision.shadow import Shadow, disagree
 from ipqd.decision.verdict_cache import CachedVerdict, VerdictCache
 
 _FAMILY = {NFPROTO_IPV4: 4, NFPROTO_IPV6: 6}
@@ -50,10 +51,11 @@ class Verdict(NamedTuple):
 class Counters:
     """What the engine decided, in total."""
     __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
-                 "offload_returned", "undecidable")
+                 "offload_returned", "undecidable", "shadow_decided", "shadow_disagreed")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+        self.shadow_decided = self.shadow_disagreed = 0     # by a shadow policy, beside
         self.undecidable = 0     # given queue.undecidable: the copy hid what the rules needed
         self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
         self.offload_returned = 0    # requests that came back: no hook rules took them
@@ -70,7 +72,10 @@ class Engine:
                  counters: Optional[Counters] = None, caching: bool = True):
         self.caching = caching            # False: decide stores nothing (ipqd run --no-cache)
         self.matcher = matcher or compile_policy(policy)
-        self.needs = self.matcher.fields
+        # A candidate deciding beside (ipqd.decision.shadow): the view has what both read.
+        self.shadow = Shadow(policy.shadow) if policy.shadow is not None else None
+        self.needs = self.matcher.fields | (self.shadow.matcher.fields if self.shadow else set())
+        self.disagreement: Optional[Decision] = None    # the last decide's, for the log
         self.counters = counters or Counters()
         self.cache = VerdictCache()       # per compiled policy: a reload starts empty
         # The answer to what cannot be decided: for the socket owner too (see the worker).
@@ -86,7 +91,8 @@ class Engine:
         self._request_drop = offload.request_drop if offload else 0
         # Cleared when a request comes back: nothing takes requests (--no-hooks
         # without ipqd's rules), and asking would send each packet through twice.
-        self.offloading = bool(self._offload_hooks)
+        # Never with a shadow: an offloaded flow's packets would not reach it.
+        self.offloading = bool(self._offload_hooks) and self.shadow is None
 
     def carry_over(self) -> dict:
         """What a successor worker takes over (`take_over`): the totals, the
@@ -112,12 +118,20 @@ class Engine:
         decision when it may be cached."""
         counters = self.counters
         counters.packets += 1
+        self.disagreement = None
         try:
             meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), packet.mark,
                               packet.uid, packet.gid, ct_state, packet.cap_len,
                               _FAMILY.get(packet.family))
             view = parse(packet.payload or b"", meta, self.needs)
             decision = self.matcher.decide(view, now)
+            shadow = self.shadow
+            if shadow is not None:
+                seen = shadow.decide(view, now)
+                counters.shadow_decided += 1
+                if disagree(decision, seen):
+                    counters.shadow_disagreed += 1
+                    self.disagreement = seen
         except Exception:       # the per-packet boundary: the default, counted
             return self.fallback()
         if view.malformed:
@@ -130,8 +144,15 @@ class Engine:
         verdict = self._finish(decision, view)
         if key is not None and self.caching and not self.matcher.rated \
                 and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
-            self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
-                                                decision.rule_index, decision.log))
+            if shadow is None:
+                self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
+                                                    decision.rule_index, decision.log))
+            elif not shadow.matcher.rated:
+                # the pair: a disagreement is logged like a logged decision
+                disagrees = self.disagreement is not None
+                self.cache.store(key, CachedVerdict(
+                    verdict.verdict, verdict.mark, decision.rule_index,
+                    decision.log or disagrees, seen.rule_index, disagrees))
         return verdict
 
     def change_set(self, name: str, op: str, entries=()) -> None:
@@ -167,6 +188,7 @@ class Engine:
             return
         counters = self.counters
         tally = self.matcher.tally
+        shadow_tally = self.shadow.matcher.tally if self.shadow is not None else None
         for entry in cache.touched:
             hits, entry.hits = entry.hits, 0
             cache.hits += hits
@@ -176,6 +198,11 @@ class Engine:
             else:
                 counters.dropped += hits
             tally(entry.rule_index, hits)
+            if shadow_tally is not None:
+                counters.shadow_decided += hits
+                if entry.disagrees:
+                    counters.shadow_disagreed += hits
+                shadow_tally(entry.shadow_index, hits)
         cache.touched.clear()
 
     def fallback(self) -> Verdict:

@@ -397,13 +397,19 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
 
 class CachedVerdict:
     """What a cache hit needs: the verdict, its mark, and whom to count."""
-    __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits")
+    __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits",
+                 "shadow_index", "disagrees")
 
-    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False):
+    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False,
+                 shadow_index: int = -1, disagrees: bool = False):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
         self.log = log                        # the decision is logged: see KeyMaker.log_gate
+        # With a shadow policy (ipqd.decision.shadow): its rule, and whether its
+        # verdict differs (then `log` is set: a disagreement is written like a decision).
+        self.shadow_index = shadow_index
+        self.disagrees = disagrees
         self.hits = 0                         # since Engine.settle last counted them
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict

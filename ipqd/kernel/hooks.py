@@ -322,8 +322,9 @@ def lock_holder() -> Optional[int]:
 
 # ---------------------------------------------------------------- `ipqd hooks`
 
-def run_hooks_command(args) -> int:
-    """`ipqd hooks install|remove|show|detect`; the exit status (ipqd.exits)."""
+def run_hooks_command(args, verify=None) -> int:
+    """`ipqd hooks install|remove|show|detect`; the exit status (ipqd.exits).
+    `verify`: runs the policy's own test cases, as `ipqd run` does (load_checked)."""
     import sys
     from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE
     from ipqd.policy.checked import load_checked
@@ -344,7 +345,7 @@ def run_hooks_command(args) -> int:
             return EXIT_OK
         # The same checks, in the same order, as `ipqd run` makes: hooks are
         # never moved for a policy the daemon would refuse.
-        policy = load_checked(args.policy)
+        policy = load_checked(args.policy, verify)
         backend = _chosen_backend(args)
         if args.action == "show":
             for argv, stdin in plan(policy.hooks, policy.queue, backend).scripts:

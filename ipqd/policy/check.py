@@ -75,6 +75,8 @@ def examine(path: str, verify: Verify = None) -> Tuple[List[PolicyError], Option
     finally:
         if collecting:
             gc.enable()
+    if counts is not None and policy.shadow_path is not None:
+        problems += _shadow_problems(policy.shadow_path)
     if verify is not None and counts is not None:
         try:
             cases = policy_cases(path)
@@ -84,6 +86,24 @@ def examine(path: str, verify: Verify = None) -> Tuple[List[PolicyError], Option
             problems += e.errors
             counts = None
     return refusals + problems, counts
+
+
+def _shadow_problems(path: str) -> List[PolicyError]:
+    """The errors and warnings of the shadow policy the checked one names."""
+    # its queue, hooks and logging are not used: only warnings about its rules
+    def wanted(p: PolicyError) -> bool:
+        return p.severity == "error" or "can never match" in p.message
+    try:
+        shadow = load_with_sets(path, every_problem=True).policy
+    except PolicyErrors as e:
+        return [p for p in e.errors if wanted(p)]
+    except OSError as e:
+        return [PolicyError(path, 0, 0, f"cannot read the shadow policy: {e.strerror or e}")]
+    problems = [w for w in shadow.warnings if wanted(w)]
+    if shadow.shadow_path is not None:
+        problems.append(PolicyError(path, 0, 0, "a shadow policy cannot name a shadow of its "
+                                                "own (remove its `shadow:`)"))
+    return problems
 
 
 def _print_text(path: str, problems: List[PolicyError], counts: Optional[dict], valid: bool,

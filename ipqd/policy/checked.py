@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import replace
-from typing import List
+from typing import Callable, List, Optional
 
 from ipqd.errors import PolicyErrors, PolicyRefused
 from ipqd.policy.model import Policy
 
 
-def load_checked(path: str) -> Policy:
+def load_checked(path: str, verify: Optional[Callable] = None,
+                 shadow: Optional[str] = None) -> Policy:
     """Load a policy after checking that only root can change it.
 
     Fragments in policy.d must pass the same checks, and a symbolic link
@@ -23,6 +24,9 @@ def load_checked(path: str) -> Policy:
     `ipqd run` calls it in its loading process (ipqd.daemon.load_in_child),
     and `ipqd hooks install` before it moves any hook: the same checks in
     the same order, so hooks never move for a policy the daemon refuses.
+    Both pass `verify` (ipqd.decision.verify.case_problems), which runs the
+    policy's own test cases: one that fails refuses the policy. `shadow`:
+    a candidate's path that takes the place of the policy's `shadow:`.
     """
     from ipqd.policy.loader import load
     before = _identities(_policy_files(path))
@@ -41,7 +45,46 @@ def load_checked(path: str) -> Policy:
     if before != _identities(_policy_files(path)):
         raise PolicyRefused([f"refusing policy {path}: its files changed while they were read; "
                              f"reload again"])
-    return replace(policy, digest=_digest(path, before))
+    policy = replace(policy, digest=_digest(path, before))
+    if shadow is not None:
+        policy = replace(policy, shadow_path=shadow)
+    if policy.shadow_path is not None:
+        policy = replace(policy, shadow=_shadow(path, policy.shadow_path))
+    if verify is not None:
+        _passes_its_tests(path, policy, verify)
+    return policy
+
+
+def _passes_its_tests(path: str, policy: Policy, verify: Callable) -> None:
+    """Raises PolicyRefused, each failure a line, when the policy's own test
+    cases (its `tests:`, tests.d/) are invalid or one of them fails: a
+    policy that contradicts its own tests is not put in front of packets."""
+    from ipqd.policy.cases import policy_cases
+    try:
+        problems = verify(policy, policy_cases(path))
+    except PolicyErrors as errors:
+        problems = errors.errors
+    if problems:
+        raise PolicyRefused([str(p) for p in problems] +
+                            [f"refusing policy {path}: {len(problems)} of its test case(s) "
+                             f"failed or could not be read (`ipqd test {path}`)"])
+
+
+def _shadow(path: str, shadow_path: str) -> Policy:
+    """The candidate the policy names in `shadow:`, loaded with the same
+    checks; its problems refuse the policy (nothing would compare it)."""
+    refusal = f"refusing policy {path}: its shadow policy {shadow_path} is not loaded"
+    try:
+        shadow = load_checked(shadow_path)
+    except PolicyRefused as refused:
+        raise PolicyRefused(refused.lines + [refusal]) from None
+    except OSError as error:
+        raise PolicyRefused([f"cannot read {error.filename or shadow_path}: "
+                             f"{error.strerror or error}", refusal]) from None
+    if shadow.shadow_path is not None:
+        raise PolicyRefused([f"{shadow_path}: a shadow policy cannot name a shadow of its own "
+                             f"(remove its `shadow:`)", refusal])
+    return shadow
 
 
 def policy_digest(path: str) -> str:

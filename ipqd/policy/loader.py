@@ -28,6 +28,7 @@ from ipqd.policy._limits import MAX_LISTED_PROBLEMS, MAX_RULES, MAX_TOTAL_BYTES
 from ipqd.policy._offload import parse_offload
 from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
+from ipqd.policy._shadow import shadow_path
 from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
     parse_set_mark
 from ipqd.policy._sets import parse_set_file, read_mapping
@@ -41,7 +42,8 @@ from ipqd.wire.nfqueue import NFQNL_MAX_COPY_RANGE
 __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
 FRAGMENT_DIR = "policy.d"
-TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules", "tests")
+TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules", "tests",
+              "shadow")
 FRAGMENT_FIELDS = ("sets", "rules")
 QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload",
                 "undecidable")
@@ -372,7 +374,8 @@ class _Loader:
             return None
         dynamic = tuple(s.dynamic for s in self.sets.values() if s.dynamic is not None)
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
-                      logging=logging, rules=tuple(p.rule for p in parsed), sets=dynamic)
+                      logging=logging, rules=tuple(p.rule for p in parsed), sets=dynamic,
+                      shadow_path=shadow_path(where, items.get("shadow")))
 
 
 # --- the main file's sections --------------------------------------------------

@@ -271,6 +271,8 @@ class Policy:
     sources: Tuple[str, ...] = ()                   # every file read, main file first
     warnings: Tuple = ()                            # PolicyError objects of severity warning
     digest: str = ""                                # of the files' text (ipqd.policy.checked)
+    shadow_path: Optional[str] = None               # `shadow:` a candidate deciding beside it
+    shadow: Optional["Policy"] = None               # that candidate, loaded (load_checked)
 
     def dynamic_sets(self) -> frozenset:
         """The names of the dynamic sets some rule reads."""

@@ -27,5 +27,6 @@ def unpack(data: bytes) -> Policy:
 
 
 def outline(policy: Policy) -> Policy:
-    """The policy without its rules: what the supervisor keeps."""
-    return replace(policy, rules=())
+    """The policy without its rules (and its shadow's): what the supervisor keeps."""
+    shadow = replace(policy.shadow, rules=()) if policy.shadow is not None else None
+    return replace(policy, rules=(), shadow=shadow)

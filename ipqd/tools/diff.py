@@ -17,6 +17,7 @@ the capture cannot be read; 4 the regions are too many to compute.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import List, Optional, TextIO
 
@@ -36,6 +37,19 @@ __all__ = ["run_diff", "describe_outcome"]
 
 def run_diff(args, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
+    try:
+        return _run(args, out)
+    except BrokenPipeError:         # `| head`: the reader has what it wanted
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())      # the interpreter's last flush stays quiet
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_OK
+
+
+def _run(args, out: TextIO) -> int:
     from ipqd.policy.loader import load
     policies = []
     for path in (args.old, args.new):
@@ -71,16 +85,20 @@ def run_diff(args, out: Optional[TextIO] = None) -> int:
             "regions": [_region_json(space, old, new, c, conntrack) for c in changes],
             "inexact": notes, "pcap": counts}) + "\n")
     else:
-        for change in changes:
-            witness = space.witness(change.cube, conntrack) or "malformed packets"
+        groups = _grouped(space, changes, conntrack)
+        for group in groups:
+            witness, where, change, kinds = group
             out.write(clean(f"{witness}: {describe_outcome(old, change.old)} -> "
                             f"{describe_outcome(new, change.new)}") + "\n")
-            out.write(clean(f"    where {space.describe(change.cube, change.shape)}") + "\n")
+            also = f" (packets of {', '.join(kinds)})" if len(kinds) > 1 else ""
+            out.write(clean(f"    where {where}{also}") + "\n")
         if not changes:
             out.write(clean(f"{old.path} -> {new.path}: no packet is decided differently") + "\n")
         else:
+            shown = f", shown as {len(groups)}" if len(groups) != len(changes) else ""
             out.write(clean(f"{old.path} -> {new.path}: {len(changes)} region"
-                            f"{'s' if len(changes) != 1 else ''} decided differently") + "\n")
+                            f"{'s' if len(changes) != 1 else ''} decided differently"
+                            f"{shown}") + "\n")
         for note in notes:
             out.write(clean(f"not exact: {note}") + "\n")
         if counts is not None:
@@ -89,6 +107,31 @@ def run_diff(args, out: Optional[TextIO] = None) -> int:
                             f"connections would be decided differently") + "\n")
     changed = bool(changes) or bool(counts and counts["packets_changed"])
     return EXIT_CHANGED if changed else EXIT_OK
+
+
+def _grouped(space: regions.Space, changes, conntrack: bool) -> list:
+    """The regions with the same outcomes and the same narrowing, one line
+    each: the first one's witness, and the kinds of packet (family and
+    protocol, from each one's witness) they span. Ordered as `changes`."""
+    groups: dict = {}
+    for change in changes:
+        where = space.describe(change.cube, change.shape)
+        witness = space.witness(change.cube, conntrack)
+        key = (change.old, change.new, where)
+        if key not in groups:
+            groups[key] = [witness or "malformed packets", where, change, []]
+        kind = _kind(witness)
+        if kind not in groups[key][3]:
+            groups[key][3].append(kind)
+    return list(groups.values())
+
+
+def _kind(witness: Optional[str]) -> str:
+    """`tcp over ipv4` from a witness; `malformed` without one."""
+    if witness is None:
+        return "malformed"
+    words = witness.split()
+    return f"{words[0]} over ipv{6 if '::' in words[1] or words[1].count(':') > 1 else 4}"
 
 
 def describe_outcome(policy: Policy, outcome: regions.Outcome) -> str:

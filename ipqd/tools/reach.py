@@ -32,7 +32,8 @@ def explain_reach(policy: Policy, name: str, out: TextIO,
     rule = policy.rules[index]
     where = f" ({rule.position})" if rule.position else ""
     try:
-        space, cube, earlier = regions.reach(policy.rules, index)
+        space, cube, earlier = regions.reach(policy.rules, index,
+                                             conntrack=policy.queue.conntrack)
     except regions.TooLarge as error:
         error_line(f"ipqd explain: {error}")
         return EXIT_FAILED

@@ -53,11 +53,8 @@ def test_a_narrowed_rule_shows_the_region_it_gave_up(tmp_path, capsys, monkeypat
     assert out == (
         "tcp 192.0.2.1:40000 -> 198.51.100.1:23 syn: accept (web at old.yaml:8) -> "
         "drop (no-telnet at new.yaml:12)\n"
-        "    where dport 23\n"
-        "tcp [2001:db8::1]:40000 -> [2001:db8::2]:23 syn: accept (web at old.yaml:8) -> "
-        "drop (no-telnet at new.yaml:12)\n"
-        "    where dport 23\n"
-        "old.yaml -> new.yaml: 2 regions decided differently\n")
+        "    where dport 23 (packets of tcp over ipv4, tcp over ipv6)\n"
+        "old.yaml -> new.yaml: 2 regions decided differently, shown as 1\n")
 
 
 def test_the_same_policy_changes_nothing(tmp_path, capsys, monkeypatch):

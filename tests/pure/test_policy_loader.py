@@ -406,7 +406,7 @@ def test_errors_carry_warnings_too():
      "p.yaml:5:32: rule \"rule-1\": unknown icmpv6 type 'echo'"),
     (HEAD + "default: {action: drop, set_mark: 1}\n".replace("default", "x") ,
      "p.yaml:4:1: unknown field 'x' (expected version, queue, hooks, default, logging, "
-     "sets, rules or tests)"),
+     "sets, rules, tests or shadow)"),
 ])
 def test_single_problems(text, message):
     assert errors_of(text) == [message]

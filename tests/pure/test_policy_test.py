@@ -159,3 +159,15 @@ def test_the_daemons_load_refuses_a_policy_failing_its_tests(tmp_path):
     assert refused.lines[0].startswith(f'{path}:15:5: test "telnet" failed: expected accept')
     assert refused.lines[-1] == (f"refusing policy {path}: 1 of its test case(s) failed or "
                                  f"could not be read (`ipqd test {path}`)")
+
+
+def test_hooks_are_not_moved_for_a_policy_failing_its_tests(tmp_path, capsys):
+    """`ipqd hooks` loads as `ipqd run` does (systemd's reload runs `hooks
+    install` first): a policy failing its own tests moves no hook."""
+    tmp_path.chmod(0o755)
+    path = write(tmp_path, POLICY + PASSING)
+    assert main(["hooks", "show", "--policy", str(path), "--backend", "nft"]) == 0
+    path = write(tmp_path, POLICY + PASSING + FAILING)
+    capsys.readouterr()
+    assert main(["hooks", "show", "--policy", str(path), "--backend", "nft"]) == 1
+    assert 'test "telnet" failed' in capsys.readouterr().err

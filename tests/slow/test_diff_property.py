@@ -57,10 +57,24 @@ def decided(policy, matcher, text):
     return d.action, d.mark, d.log
 
 
+def tracked(policy):
+    """The policy as the loader makes it: conntrack on when a rule reads ct_state."""
+    reads = any(rule.match.ct_state is not None for rule in policy.rules)
+    return replace(policy, queue=replace(policy.queue, conntrack=reads))
+
+
+def given_to(old, new, view) -> bool:
+    """Whether the daemon running either policy could give it this view: a
+    ct_state with conntrack, none without."""
+    both = {old.queue.conntrack, new.queue.conntrack}
+    return len(both) == 2 or (view.ct_state is not None) == both.pop()
+
+
 def check(old, new, packets):
+    old, new = tracked(old), tracked(new)
     space, changes = regions.diff(old, new)
     for view in packets:
-        if not real(view) or effect(old, view) == effect(new, view):
+        if not real(view) or not given_to(old, new, view) or effect(old, view) == effect(new, view):
             continue
         atoms = space.atoms_of(view)
         assert atoms is not None, view
@@ -125,11 +139,12 @@ def test_reach_finds_a_packet_for_every_rule_that_decides_one(seed, packets):
     """A rule some drawn packet reaches has a witness (or only malformed
     packets reach it); every witness is decided by that rule."""
     rng = random.Random(seed)
-    policy = random_policy(rng, rng.randint(1, 10))
+    policy = tracked(random_policy(rng, rng.randint(1, 10)))
     matcher = compile_policy(policy)
-    reached = {Reference(policy).decide(v)[0] for v in packets if real(v)}
+    reached = {Reference(policy).decide(v)[0] for v in packets
+               if real(v) and given_to(policy, policy, v)}
     for index in range(len(policy.rules)):
-        space, cube, _ = regions.reach(policy.rules, index)
+        space, cube, _ = regions.reach(policy.rules, index, conntrack=policy.queue.conntrack)
         if cube is None:
             assert index not in reached
             continue
@@ -137,3 +152,41 @@ def test_reach_finds_a_packet_for_every_rule_that_decides_one(seed, packets):
         if text is not None:
             payload, meta = build_packet(text, PacketMeta(hook=1))
             assert matcher.decide(parse(payload, meta, matcher.fields)).rule_index == index
+
+
+def with_rates(rng, policy):
+    """Some rules given a rate (the same rates by name in both policies of a pair)."""
+    from ipqd.policy.model import Rate
+    rules = tuple(replace(r, rate=Rate(1.0, 1, "1/second")) if int(r.name[1:]) % 3 == 0 and
+                  rng.random() < 0.7 else r for r in policy.rules)
+    return replace(policy, rules=rules)
+
+
+def effect_when(policy, view, within: bool):
+    """The effect with every rated rule within its rate, or every one past it."""
+    from reference import matches
+    for rule in policy.rules:
+        if rule.rate is not None and not within:
+            continue
+        if matches(rule.match, view):
+            log = rule.log if rule.log is not None else policy.default.log
+            return rule.action, rule.set_mark if rule.action == "accept" else None, log
+    d = policy.default
+    return d.action, d.set_mark if d.action == "accept" else None, d.log
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1), st.lists(views(), min_size=1, max_size=40))
+def test_rates_are_compared_within_and_past_them(seed, packets):
+    """With rated rules, a packet the two decide differently with every
+    rated rule within its rate, or with every one past it, lies in a region."""
+    rng = random.Random(seed)
+    old = tracked(with_rates(rng, random_policy(rng, rng.randint(1, 8))))
+    new = tracked(with_rates(rng, random_policy(rng, rng.randint(1, 8))))
+    space, changes = regions.diff(old, new)
+    for view in packets:
+        if not real(view) or not given_to(old, new, view):
+            continue
+        if any(effect_when(old, view, w) != effect_when(new, view, w) for w in (True, False)):
+            atoms = space.atoms_of(view)
+            assert any(space.holds(c.cube, atoms) for c in changes), (view, old, new)

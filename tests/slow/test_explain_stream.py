@@ -68,7 +68,8 @@ def test_first_line_at_once_and_memory_bounded(big_capture, tmp_path):
     assert first_after < FIRST_LINE_WITHIN, f"first line after {first_after:.2f} s"
     peak_kib = int(peak.read_text())
     assert peak_kib * 1024 < PEAK_RSS_BELOW, f"peak RSS {peak_kib // 1024} MB"
-    assert lines == PACKETS + 12        # a blank line, the table (header, 8 rules, default), conntrack
+    # a blank line, the table (header, 8 rules, default), the policy's digest, conntrack
+    assert lines == PACKETS + 13
     assert b"established       100000    100000        0" in tail
     assert b"conntrack: 65536 connection(s) tracked at the end, 34464 forgotten" in tail
 

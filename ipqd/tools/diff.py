@@ -170,6 +170,14 @@ def inexact(old: Policy, new: Policy, space: regions.Space, changes) -> List[str
                 notes.append(f"{policy.path}: rule \"{rule.name}\" matches only within its rate "
                              f"({rule.rate.text or rule.rate.per_second}): regions where it may "
                              f"decide show it first, with what decides past its rate")
+            dynamic = sorted({name for addr in (rule.match.src, rule.match.dst)
+                              if addr is not None for name in addr.dynamic})
+            if dynamic:
+                notes.append(f"{policy.path}: rule \"{rule.name}\" reads the dynamic set"
+                             f"{'s' if len(dynamic) > 1 else ''} "
+                             f"{', '.join('@' + n for n in dynamic)}, whose entries change "
+                             f"at run time (`ipqd set`): the regions take "
+                             f"{'them' if len(dynamic) > 1 else 'it'} as empty")
     notes += space.approximate
     if old.hooks != new.hooks:
         notes.append("hooks: the packets queued to ipqd change (the kernel decides the others); "

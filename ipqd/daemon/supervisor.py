@@ -23,7 +23,6 @@ SIGHUP's, answered once it is done.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import signal
@@ -85,7 +84,7 @@ class Daemon:
         self.metrics_every = getattr(args, "metrics_every", 15.0)
         self.started = time.monotonic()
         self.started_at = time.time()
-        self.policy_digest = ""                       # sha256 of the loaded policy's pickle
+        self.policy_digest = ""                       # of its files (ipqd.policy.checked)
         self.policy_loaded_at = 0.0
         self.last_reload: Optional[dict] = None       # the last reload's outcome (status)
         self.last_reload_errors: List[str] = []       # set by the Reloader when it refuses
@@ -170,7 +169,7 @@ class Daemon:
     def keep(self, loaded: LoadedPolicy) -> None:
         self.policy, self.pool.pickled, self.rules = loaded.outline, loaded.pickled, loaded.rules
         self.sets.adopt(loaded.outline)
-        self.policy_digest = hashlib.sha256(loaded.pickled).hexdigest()
+        self.policy_digest = loaded.outline.digest
 
     def current(self) -> LoadedPolicy:
         return LoadedPolicy(self.pool.pickled, self.policy, self.rules)

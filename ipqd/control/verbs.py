@@ -91,6 +91,10 @@ def status_lines(s: dict) -> List[str]:
     lines.append(text)
     if last and last["errors"]:
         lines += [f"          {line}" for line in last["errors"]]
+    shadow = s.get("shadow")
+    if shadow:
+        lines.append(f"shadow:   {shadow['path']} (digest sha256:{shadow['digest'][:16]}): "
+                     f"{shadow['disagreed']} of {shadow['decided']} decisions differ")
     for name, size in sorted(s.get("sets", {}).items()):
         lines.append(f"set:      {name}: {size} entries")
     return lines

@@ -115,6 +115,11 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
         "rules": merge_counters(answers),
         "per_worker": {str(k): v for k, v in per_worker.items()},
     }
+    shadow = daemon.policy.shadow if daemon.policy is not None else None
+    if shadow is not None:
+        figures["shadow"] = {"path": shadow.path, "digest": shadow.digest,
+                             "decided": totals.get("shadow_decided", 0),
+                             "disagreed": totals.get("shadow_disagreed", 0)}
     for key, figure in EXTRA_FIGURES.items():
         figures[key] = figure(daemon)
     return figures

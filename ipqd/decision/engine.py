@@ -160,23 +160,14 @@ class Engine:
         these entries, `flush` the set, `load` it whole (a snapshot, see
         ipqd.decision.address_set.snapshot). Every cached verdict is
         forgotten, since the set may have decided it. A set this policy
-        does not have is ignored (its change raced a reload)."""
-        store = self.matcher.sets.get(name)
-        if store is None:
-            return
-        if op == "add":
-            for entry in entries:
-                store.add(entry)
-        elif op == "del":
-            for entry in entries:
-                store.discard(entry)
-        elif op == "flush":
-            store.clear()
-        elif op == "load":
-            store.clear()
-            load_snapshot(store, entries)
-        else:
-            raise ValueError(f"unknown set change {op!r}")
+        does not have is ignored (its change raced a reload). A shadow
+        policy's set of the same name gets the same change."""
+        stores = [self.matcher.sets.get(name)]
+        if self.shadow is not None:
+            stores.append(self.shadow.matcher.sets.get(name))
+        for store in stores:
+            if store is not None:
+                _change(store, op, entries)
         self.cache.invalidate()
 
     def settle(self, at_least: int = 0) -> None:
@@ -244,3 +235,19 @@ class Engine:
             return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
         self.counters.dropped += 1
         return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)
+
+
+def _change(store, op: str, entries) -> None:
+    if op == "add":
+        for entry in entries:
+            store.add(entry)
+    elif op == "del":
+        for entry in entries:
+            store.discard(entry)
+    elif op == "flush":
+        store.clear()
+    elif op == "load":
+        store.clear()
+        load_snapshot(store, entries)
+    else:
+        raise ValueError(f"unknown set change {op!r}")

@@ -5,11 +5,13 @@ to a policy that fails its own test cases is refused and the running one
 stays; every logged decision names its policy's digest and rule line."""
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 
 import pytest
 
-from daemon_harness import RunningIpqd, udp_probe
+from daemon_harness import IPQD, RunningIpqd, udp_probe
 from ipqd.policy.checked import policy_digest
 
 pytestmark = pytest.mark.kernel
@@ -70,6 +72,13 @@ def test_a_shadow_decides_beside_and_enforces_nothing(lab, tmp_path, named_by):
         assert counts["shadow_decided"] == counts["packets"] >= 6
         assert counts["cache_hits"] >= 2        # the agreeing flow, answered from the cache
         assert sum(l.startswith("SHADOW ") for l in ipqd.lines) == 3
+        shown = subprocess.run([IPQD, "status", "--json", "--control",
+                                str(tmp_path / "state" / "control")],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        shadow = json.loads(shown.stdout)["shadow"]
+        assert shadow == {"path": candidate, "digest": policy_digest(candidate),
+                          "decided": counts["shadow_decided"], "disagreed": 3}
         # a reload keeps the shadow, from the policy or from the option
         assert ipqd.reload().startswith("reloaded policy")
         assert udp_probe(lab, 5001)

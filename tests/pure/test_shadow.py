@@ -3,11 +3,13 @@ both verdicts and rules, never enforced, and the verdict cache keeps the pair.""
 from __future__ import annotations
 
 from dataclasses import replace
+from ipaddress import IPv4Address
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipqd.daemon.decision_log import DecisionLog, shadow_fields, shadow_message
+from ipqd.decision.address_set import parse_entry
 from ipqd.decision.compiler import compile_policy
 from ipqd.decision.described import build_packet
 from ipqd.decision.engine import Engine
@@ -147,3 +149,20 @@ def test_check_reports_the_shadows_errors(tmp_path):
     out = io.StringIO()
     assert run_check(Namespace(policy=str(main)), out=out, err=out) == 1
     assert "shadow names the policy itself" in out.getvalue()
+
+
+def test_a_set_change_reaches_the_shadows_set_of_that_name():
+    sets = "sets:\n  banned: {type: address, dynamic: true}\n"
+    enforced = loads("version: 1\ndefault: {action: accept, log: false}\n" + sets +
+                     "rules: []\n", "policy.yaml")
+    candidate = loads("version: 1\ndefault: {action: accept, log: false}\n" + sets +
+                      "rules:\n  - {name: bans, src: '@banned', action: drop}\n", "candidate.yaml")
+    engine = cached_engine(replace(enforced, shadow=candidate))
+    assert decide_cached(engine, udp(53), 0.0)[0] == nfq.NF_ACCEPT
+    assert engine.disagreement is None
+    engine.change_set("banned", "add", [parse_entry(str(IPv4Address(V4[0])))])
+    assert decide_cached(engine, udp(53), 0.0)[0] == nfq.NF_ACCEPT     # enforced: no rule
+    assert engine.disagreement.rule.name == "bans"
+    engine.change_set("banned", "flush")
+    decide_cached(engine, udp(53), 0.0)
+    assert engine.disagreement is None

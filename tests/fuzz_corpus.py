@@ -44,6 +44,9 @@ rules:
   - {name: nd, proto: icmpv6, icmp_type: [neighbour-solicitation, 136], action: accept}
   - {name: v6-out, family: ipv6, out: "!eth9", dst: "!fd00::/8", action: accept}
   - {name: gre, proto: [gre, esp, ah, 255], action: drop}
+  - {name: ident, proto: tcp, dport: 113, action: reject}
+  - {name: snmp, proto: udp, dport: 161-162, action: reject, reject_with: admin-prohibited}
+  - {name: other-udp, proto: udp, hook: [input, output], action: reject}
 """
 
 

@@ -12,6 +12,7 @@ from ipqd.decision.compiler import compile_policy
 from ipqd.decision.packet import PacketView
 from ipqd.policy.model import (CT_STATES, FRAGMENTS, AddrMatch, Default, IfaceMatch, MarkMatch,
                                Match, Policy, RangeMatch, Rule, TcpFlagsMatch)
+from ipqd.policy.reject import reject_kind
 from reference import Reference
 
 # A small universe, so that rules and packets collide often.
@@ -85,21 +86,42 @@ MATCH_FIELDS = dict(
 MATCHES = st.builds(Match, **MATCH_FIELDS)
 # Most rules test src: long lists get address tables.
 MATCHES_BY_ADDRESS = st.builds(Match, **dict(MATCH_FIELDS, src=maybe(addr_matches, 1)))
-ACTIONS = st.sampled_from(["accept", "drop"])
+ACTIONS = st.sampled_from(["accept", "drop", "reject"])
+# tcp-reset only where the loader allows it (proto tcp alone); see _reject_with.
+ICMP_REFUSALS = [None, "port-unreachable", "admin-prohibited", "host-unreachable"]
 SET_MARKS = st.sampled_from([None, 7])
 LOGS = st.sampled_from([None, True, False])
-DEFAULTS = st.builds(Default, action=ACTIONS, log=st.booleans())
+DEFAULTS = st.builds(Default, action=ACTIONS, log=st.booleans(),
+                     reject_with=st.sampled_from(ICMP_REFUSALS))
+
+
+def _reject_with(choose, match: Match, action: str):
+    """A reject_with the loader would take for this rule (None unless reject)."""
+    if action != "reject":
+        return None
+    kinds = ICMP_REFUSALS + (["tcp-reset"] if match.proto == frozenset({6}) else [])
+    return choose(kinds)
+
+
+def _rule(i: int, match: Match, action: str, set_mark, log, choose) -> Rule:
+    return Rule(name=f"r{i}", match=match, action=action, set_mark=set_mark, log=log,
+                reject_with=_reject_with(choose, match, action))
 
 
 @st.composite
 def policies(draw, max_rules: int = 50, address_bias: bool = False):
     count = draw(st.integers(0, max_rules))
     match_strategy = MATCHES_BY_ADDRESS if address_bias else MATCHES
-    rules = tuple(
-        Rule(name=f"r{i}", match=draw(match_strategy), action=draw(ACTIONS),
-             set_mark=draw(SET_MARKS), log=draw(LOGS))
-        for i in range(count))
-    return Policy(path="property.yaml", rules=rules, default=draw(DEFAULTS))
+
+    def choose(kinds):
+        return draw(st.sampled_from(kinds))
+    rules = tuple(_rule(i, draw(match_strategy), draw(ACTIONS), draw(SET_MARKS), draw(LOGS),
+                        choose)
+                  for i in range(count))
+    default = draw(DEFAULTS)
+    if default.action != "reject":
+        default = Default(default.action, default.log)
+    return Policy(path="property.yaml", rules=rules, default=default)
 
 
 @st.composite
@@ -185,13 +207,12 @@ def random_match(rng: random.Random, address_bias: bool = False) -> Match:
     )
 
 
-def random_policy(rng: random.Random, count: int, address_bias: bool = False) -> Policy:
-    rules = tuple(Rule(name=f"r{i}", match=random_match(rng, address_bias),
-                       action=rng.choice(["accept", "drop"]), set_mark=rng.choice([None, 7]),
-                       log=rng.choice([None, True, False]))
+def random_policy(rng: random.Random, count: int, address_bias: bool = False,
+                  actions=("accept", "drop")) -> Policy:
+    rules = tuple(_rule(i, random_match(rng, address_bias), rng.choice(actions),
+                        rng.choice([None, 7]), rng.choice([None, True, False]), rng.choice)
                   for i in range(count))
-    return Policy(path="random.yaml", rules=rules,
-                  default=Default(action=rng.choice(["accept", "drop"])))
+    return Policy(path="random.yaml", rules=rules, default=Default(action=rng.choice(actions)))
 
 
 def assert_agrees(policy, packets):
@@ -202,5 +223,8 @@ def assert_agrees(policy, packets):
         expected_index, expected_action = reference.decide(view, now=float(n))
         assert decision.rule_index == expected_index, (view, policy.rules[:expected_index + 1])
         assert decision.action == expected_action
+        if expected_action == "reject":
+            assert reject_kind(decision.reject_with, view.proto) == \
+                reference.refusal(expected_index, view)
     total = sum(c["hits"] for c in matcher.counters()["rules"].values())
     assert total + matcher.counters()["default"]["hits"] == len(packets)

@@ -53,6 +53,16 @@ class Reference:
         return -1, self.policy.default.action
 
 
+    def refusal(self, index: int, view) -> str:
+        """How a packet rule `index` (-1: the default) rejects is refused:
+        the reject_with written, else a reset for TCP, port-unreachable for
+        every other protocol."""
+        written = (self.policy.rules[index] if index >= 0 else self.policy.default).reject_with
+        if written is not None:
+            return written
+        return "tcp-reset" if view.proto == 6 else "port-unreachable"
+
+
 def matches(m, view) -> bool:
     """Whether Match `m` matches the packet view, field by field."""
     if m.malformed != view.malformed:

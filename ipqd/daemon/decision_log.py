@@ -215,7 +215,7 @@ class DecisionLog:
         if item[0] == "decision":
             _, action, rule_name, view, queue, mark = item
             fields = decision_fields(action, rule_name, view, queue, mark)
-            return (decision_message(fields), LOG_NOTICE if action == "drop" else LOG_INFO,
+            return (decision_message(fields), LOG_NOTICE if action in ("drop", "reject") else LOG_INFO,
                     fields)
         _, message, priority, fields = item
         return clean(message), priority, {k: clean(v) for k, v in fields.items()}

@@ -86,6 +86,9 @@ class Decision(NamedTuple):
     # Conntrack states of the deciding packet from which this verdict holds for
     # the rest of its flow (see offload_states); empty: never offload.
     offload: frozenset = frozenset()
+    # With action reject: the rule's reject_with, None for the protocol's own
+    # refusal (ipqd.policy.reject.reject_kind).
+    reject_with: Optional[str] = None
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -308,7 +311,7 @@ class _Compiled:
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
         self.decision = Decision(RuleRef(rule.name, rule.action, rule.rate, rule.position),
-                                 index, rule.action, mark, log)
+                                 index, rule.action, mark, log, reject_with=rule.reject_with)
 
     @property
     def rule(self) -> RuleRef:
@@ -415,7 +418,7 @@ class Matcher:
         self._bucketed = tuple(c for c in self._compiled if c.bucket is not None)
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
-                                 default.log)
+                                 default.log, reject_with=default.reject_with)
         action = self.undecidable = policy.queue.undecidable
         self._undecidable = Decision(RuleRef(UNDECIDABLE_NAME, action, None, None),
                                      UNDECIDABLE, action, None, default.log)
@@ -548,7 +551,8 @@ class Matcher:
         decisions = [self._default if i == self._none else compiled[i].decision
                      for i in possible]
         last = decisions[-1]
-        if any(d.action != last.action or d.mark != last.mark for d in decisions):
+        if any(d.action != last.action or d.mark != last.mark or d.reject_with != last.reject_with
+               for d in decisions):
             self._undecidable_hits += 1
             return self._undecidable
         # Counted for the rule that matches on the fields the view has (or the default).
@@ -672,7 +676,7 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
         for state, later in _LATER.items():
             if not _stable(rule, later):
                 unsafe[state].append(rule.match)
-    plain = not default.log and default.set_mark is None
+    plain = not default.log and default.set_mark is None and default.action != "reject"
     default_states = frozenset(s for s in _LATER if plain and not unsafe[s])
     return tuple(out), default_states
 
@@ -680,8 +684,9 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
 def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     m = rule.match
     logs = rule.log if rule.log is not None else default_log
+    # A reject is answered per packet: the kernel's REJECT sends each refusal.
     return (rule.offload and rule.rate is None and not logs and rule.set_mark is None
-            and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
+            and rule.action != "reject" and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
 
 
 def _holds_for(ct_state: Optional[frozenset], later: frozenset) -> bool:

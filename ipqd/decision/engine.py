@@ -15,6 +15,13 @@ Flow offload: a decision whose verdict holds for the rest of the flow
 (`Decision.offload`) is answered NF_REPEAT with a request bit in the packet
 mark; ipqd's hook rules then write it into the flow's conntrack mark and
 accept or drop the packet (see ipqd.policy.offload).
+
+Reject: a decision with action reject is answered NF_REPEAT with a reject
+request in the packet mark; ipqd's hook rules hand the packet to the
+kernel's REJECT (see ipqd.policy.reject). At a hook where the kernel cannot
+reject, or once a request has come back (no hook rules took it), it is a
+drop. Rejects are neither cached nor offloaded: each packet is decided, so
+every later packet of a rejected flow is refused in turn.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.policy.offload import layout as offload_layout
 from ipqd.decision.packet import PacketMeta, PacketView, parse
-from ipqd.policy.model import Policy
+from ipqd.policy.model import HOOKS, Policy
+from ipqd.policy.reject import REJECT_HOOKS, reject_bits, reject_kind
 from ipqd.decision.verdict_cache import CachedVerdict, VerdictCache
 
 _FAMILY = {NFPROTO_IPV4: 4, NFPROTO_IPV6: 6}
@@ -49,10 +57,12 @@ class Verdict(NamedTuple):
 class Counters:
     """What the engine decided, in total."""
     __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
-                 "offload_returned", "undecidable")
+                 "offload_returned", "undecidable", "rejected", "reject_returned")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+        self.rejected = 0        # of the dropped: handed to the kernel's REJECT
+        self.reject_returned = 0     # reject requests that came back: dropped instead
         self.undecidable = 0     # given queue.undecidable: the copy hid what the rules needed
         self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
         self.offload_returned = 0    # requests that came back: no hook rules took them
@@ -86,6 +96,14 @@ class Engine:
         # Cleared when a request comes back: nothing takes requests (--no-hooks
         # without ipqd's rules), and asking would send each packet through twice.
         self.offloading = bool(self._offload_hooks)
+        # The hooks where ipqd's own chain can reject (its hook rules hold the
+        # REJECT rules when the policy rejects); elsewhere a reject is a drop.
+        bits = reject_bits(policy.queue.offload) if policy.queue.reject else None
+        self._reject_bits = bits
+        self._reject_request = bits.request if bits else 0
+        self._reject_hooks = frozenset(HOOKS[hook.chain] for hook in policy.hooks) & REJECT_HOOKS \
+            if bits else frozenset()
+        self.rejecting = bool(self._reject_hooks)
 
     def carry_over(self) -> dict:
         """What a successor worker takes over (`take_over`): the totals, the
@@ -128,7 +146,8 @@ class Engine:
             return self._finish(decision, view)
         verdict = self._finish(decision, view)
         if key is not None and self.caching and not self.matcher.rated \
-                and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
+                and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP) \
+                and decision.action != "reject":
             self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                 decision.rule_index, decision.log))
         return verdict
@@ -160,6 +179,8 @@ class Engine:
         return self._finish(self._fallback_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        if decision.action == "reject":
+            return self._rejected(decision, view)
         if decision.offload and self.offloading and view is not None \
                 and view.hook in self._offload_hooks:
             offloaded = self._offloaded(decision, view)
@@ -192,3 +213,19 @@ class Engine:
             return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
         self.counters.dropped += 1
         return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)
+
+    def _rejected(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        """NF_REPEAT with a reject request, or a drop where ipqd cannot reject."""
+        self.counters.dropped += 1
+        if view is None or not self.rejecting or view.hook not in self._reject_hooks:
+            return Verdict(NF_DROP, None, decision, view)
+        if (view.mark or 0) & self._reject_request:
+            # Back from NF_REPEAT without meeting ipqd's rules, which would have
+            # taken any request (--no-hooks, the administrator's own queue
+            # rules): asking again would loop it.
+            self.counters.reject_returned += 1
+            self.rejecting = False
+            return Verdict(NF_DROP, None, decision, view)
+        self.counters.rejected += 1
+        kind = reject_kind(decision.reject_with, view.proto)
+        return Verdict(NF_REPEAT, self._reject_bits.mark(kind), decision, view)

@@ -18,11 +18,13 @@ from ipqd.errors import PolicyError
 from ipqd.policy._limits import MAX_SHADOW_STEPS
 from ipqd.policy._undecidable import undecidable_accepted
 from ipqd.policy.model import PROTO_ICMPV6, AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
+from ipqd.policy.reject import rejects_as_drop
 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
     return list(shadowed(policy.rules)) + cut_off(policy, default_node) + \
-        ipv6_cut_off(policy, default_node) + undecidable_accepted(policy)
+        ipv6_cut_off(policy, default_node) + undecidable_accepted(policy) + \
+        rejects_as_drop(policy, default_node)
 
 
 # --- shadowed rules ------------------------------------------------------------------
@@ -301,7 +303,7 @@ def _drop_default_warning(policy: Policy, default_node: yaml.Node, hooked, accep
                           message: str) -> List[PolicyError]:
     """`message` as a warning at `default`, when it drops, some hook is
     `hooked` and no rule `accepts` what must get through."""
-    if policy.default.action != "drop" or not any(hooked(hook) for hook in policy.hooks):
+    if policy.default.action == "accept" or not any(hooked(hook) for hook in policy.hooks):
         return []
     if any(accepts(rule) for rule in policy.rules):
         return []

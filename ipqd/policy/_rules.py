@@ -17,11 +17,11 @@ import yaml
 
 from ipqd.errors import InvalidValue
 from ipqd.policy import _values as values
-from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scalars, text, words
+from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text, words
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
     ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTOCOL_NAMES, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
+    PROTO_TCP, PROTOCOL_NAMES, REJECT_WITH, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
 )
 
 ID_MAX = 0xFFFFFFFE                 # (uid_t)-1 means "no id" to the kernel
@@ -361,13 +361,51 @@ MATCH_FIELDS = {
 # --- what the rule does ---------------------------------------------------------
 
 def parse_action(where: Where, node: yaml.Node) -> Optional[str]:
-    word = text(where, node, "action", "accept or drop")
+    word = text(where, node, "action", one_of(ACTIONS))
     if word is None:
         return None
     if word.strip().lower() not in ACTIONS:
-        where.error(node, f"unknown action '{word}' (expected accept or drop)")
+        hint = suggest(word.strip().lower(), ACTIONS) or f" (expected {one_of(ACTIONS)})"
+        where.error(node, f"unknown action '{word}'{hint}")
         return None
     return word.strip().lower()
+
+
+def parse_reject_with(where: Where, node: yaml.Node) -> Optional[str]:
+    return choice(where, node, "reject_with", REJECT_WITH)
+
+
+def check_reject(where: Where, keys: Dict[str, yaml.Node], done: dict,
+                 proto: Optional[frozenset], default: bool = False) -> bool:
+    """reject_with and set_mark against the action (rule or default); `proto`
+    is the rule's (None: any protocol). False when something was reported."""
+    action = done.get("action")
+    ok = True
+    if action in ("drop", "reject") and done.get("set_mark") is not None:
+        where.error(keys["set_mark"], "set_mark only works with action accept "
+                                      f"(a {_DONE[action]} packet keeps no mark)")
+        ok = False
+    kind = done.get("reject_with")
+    if kind is None or action is None:
+        return ok
+    if action != "reject":
+        where.error(keys["reject_with"], f"reject_with only works with action reject, "
+                                         f"not {action} (write 'action: reject')")
+        return False
+    if kind == "tcp-reset" and default:
+        where.error(keys["reject_with"], "reject_with tcp-reset cannot answer every protocol "
+                                         "the default decides: leave reject_with out (TCP then "
+                                         "gets a reset, the rest port-unreachable)")
+        return False
+    if kind == "tcp-reset" and proto != frozenset((PROTO_TCP,)):
+        where.error(keys["reject_with"], "reject_with tcp-reset needs proto tcp (only TCP has a "
+                                         "reset): add 'proto: tcp', or reject with an ICMP "
+                                         "error such as port-unreachable")
+        return False
+    return ok
+
+
+_DONE = {"drop": "dropped", "reject": "rejected"}
 
 
 def parse_set_mark(where: Where, node: yaml.Node) -> Optional[int]:
@@ -400,6 +438,7 @@ RULE_FIELDS = {
     "set_mark": parse_set_mark,
     "rate": parse_rate,
     "offload": lambda where, node: boolean(where, node, "offload"),
+    "reject_with": parse_reject_with,
 }
 ALL_FIELDS = list(RULE_FIELDS) + list(MATCH_FIELDS)
 
@@ -447,10 +486,8 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
     if "action" not in found:
         where.error(node, "missing 'action' (add action: accept or action: drop)")
     _check_families(ctx, keys, found, matched)
-    if done.get("action") == "drop" and done.get("set_mark") is not None:
-        where.error(keys["set_mark"], "set_mark only works with action accept "
-                                      "(a dropped packet keeps no mark)")
-    if ctx.failed or None in done.values() or "action" not in found:
+    consistent = "proto" in ctx.failed or check_reject(where, keys, done, matched.get("proto"))
+    if not consistent or ctx.failed or None in done.values() or "action" not in found:
         return ParsedRule(name, None, keys, where, name_node)
     def one(value):
         return shared.setdefault((type(value), value), value)
@@ -458,7 +495,7 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
     match = Match(**{("in_" if f == "in" else f): one(v) for f, v in matched.items()})
     rule = Rule(name=name, match=match, action=one(done["action"]),
                 set_mark=done.get("set_mark"), log=done.get("log"), rate=done.get("rate"),
-                offload=done.get("offload", True),
+                offload=done.get("offload", True), reject_with=done.get("reject_with"),
                 position=Position(file.path, node.start_mark.line + 1,
                                   node.start_mark.column + 1))
     return ParsedRule(name, rule, keys, where, name_node)

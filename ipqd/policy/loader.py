@@ -27,8 +27,8 @@ from ipqd.policy._limits import MAX_LISTED_PROBLEMS, MAX_RULES, MAX_TOTAL_BYTES
 from ipqd.policy._offload import parse_offload
 from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
-from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
-    parse_set_mark
+from ipqd.policy._rules import ParsedRule, SetDef, check_reject, parse_action, parse_rate, \
+    parse_reject_with, parse_rule, parse_set_mark
 from ipqd.policy._values import one_of
 from ipqd.policy._yamlsafe import TAG_PROBLEM_STARTS, compose, read_text
 from ipqd.policy.model import (
@@ -45,7 +45,7 @@ QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack
                 "undecidable")
 HOOK_FIELDS = ("chain", "family", "proto")
 HOOK_FAMILIES = ("ipv4", "ipv6", "both")
-DEFAULT_FIELDS = ("action", "log", "set_mark")
+DEFAULT_FIELDS = ("action", "log", "set_mark", "reject_with")
 LOGGING_FIELDS = ("rate",)
 
 CT_QUEUE_BLOCKS = len(CT_STATES)     # one block of queues per conntrack state
@@ -341,6 +341,8 @@ class _Loader:
         queue = _conntrack(where, queue, items.get("queue"), parsed)
         if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
             return None
+        rejects = default.action == "reject" or any(p.rule.action == "reject" for p in parsed)
+        queue = replace(queue, reject=rejects)
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
                       logging=logging, rules=tuple(p.rule for p in parsed))
 
@@ -424,17 +426,13 @@ def _default(where: Where, root, item) -> Optional[Default]:
     if found is None:
         return None
     parsers = {"action": parse_action, "set_mark": parse_set_mark,
-               "log": lambda w, n: boolean(w, n, "log")}
+               "log": lambda w, n: boolean(w, n, "log"), "reject_with": parse_reject_with}
     out = {name: parsers[name](where, node) for _, name, node in found}
     keys = {name: key for key, name, _ in found}
     if "action" not in out:
         where.error(item[1], "missing 'action' (add action: accept or action: drop)")
         return None
-    if out["action"] == "drop" and out.get("set_mark") is not None:
-        where.error(keys["set_mark"], "set_mark only works with action accept "
-                                      "(a dropped packet keeps no mark)")
-        return None
-    if None in out.values():
+    if not check_reject(where, keys, out, None, default=True) or None in out.values():
         return None
     return Default(**out)
 

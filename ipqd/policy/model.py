@@ -57,7 +57,10 @@ PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
 # Conntrack states, in the order ipqd lays out their queues (ipqd.kernel.hooks.queue_layout).
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
 FRAGMENTS = ("first", "not-first", "none")
-ACTIONS = ("accept", "drop")
+ACTIONS = ("accept", "drop", "reject")
+# How a rejected packet is refused (ipqd.policy.reject): a TCP reset or an
+# ICMP/ICMPv6 destination-unreachable of one of three codes.
+REJECT_WITH = ("tcp-reset", "port-unreachable", "admin-prohibited", "host-unreachable")
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -179,12 +182,13 @@ class Match:
 class Rule:
     name: str
     match: Match
-    action: str                                     # "accept" or "drop"
+    action: str                                     # "accept", "drop" or "reject"
     set_mark: Optional[int] = None                  # only with accept
     log: Optional[bool] = None                      # None: follow the default's log
     rate: Optional[Rate] = None                     # above the rate the rule does not match
     position: Optional[Position] = None
     offload: bool = True                            # false: never offload this rule's flows
+    reject_with: Optional[str] = None               # with reject; None: per protocol (REJECT_WITH)
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -192,6 +196,7 @@ class Default:
     action: str = "drop"
     log: bool = True
     set_mark: Optional[int] = None
+    reject_with: Optional[str] = None               # with reject; None: per protocol
 
 
 OFFLOAD_MODES = ("auto", "off")
@@ -222,6 +227,9 @@ class QueueConfig:
     # The verdict for a packet whose copy hides a field the rules need to
     # tell its verdict (a transport header past copy_range): accept or drop.
     undecidable: str = "drop"
+    # Loader: on when a rule or the default rejects; the hooks then hold the
+    # rules that refuse what ipqd marks for rejection (ipqd.policy.reject).
+    reject: bool = False
 
 
 @dataclass(frozen=True, **_SLOTS)

@@ -41,6 +41,7 @@ from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
 from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES, TCP_FLAGS
 from ipqd.policy.model import (CT_STATES, HOOKS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
                                PROTO_UDP, PROTO_UDPLITE, PROTOCOL_NAMES, PROTOCOLS)
+from ipqd.policy.reject import REJECT_HOOKS, reject_kind
 from ipqd.printable import clean
 from ipqd.tools.grammar import EXPECTED_FORM
 from ipqd.tools.pcap import Frame, ip_payload, read_capture
@@ -198,6 +199,10 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
         "rule_index": decision.rule_index,
         "position": str(rule.position) if rule is not None and rule.position else None,
         "set_mark": decision.mark,
+        # How a reject is refused, as the daemon's hook rules would; None at
+        # prerouting and postrouting, where the kernel cannot and it is a drop.
+        "reject_with": reject_kind(decision.reject_with, view.proto)
+        if decision.action == "reject" and view.hook in REJECT_HOOKS else None,
         "log": decision.log,
         "malformed": view.malformed,
         "hidden": sorted(view.hidden),          # fields the rules read that the copy cut off
@@ -273,6 +278,11 @@ class _Report:
             state = r["packet"]["ct_state"]
             ct = f" ct={state}" if state else ""
             extra = f"  (set mark {r['set_mark']:#x})" if r["set_mark"] is not None else ""
+            if r["reject_with"] is not None:
+                extra += f"  (with {r['reject_with']})"
+            elif r["verdict"] == "reject":
+                extra += "  (a drop at this hook: the kernel rejects only at input, " \
+                         "forward and output)"
             self.out.write(f"{r['number']:>5}  {r['verdict'].upper():<6}  {rule:<20}  "
                            f"{clean(r['summary'])}{ct}{extra}\n")
 

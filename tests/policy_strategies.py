@@ -86,7 +86,7 @@ MATCH_FIELDS = dict(
 MATCHES = st.builds(Match, **MATCH_FIELDS)
 # Most rules test src: long lists get address tables.
 MATCHES_BY_ADDRESS = st.builds(Match, **dict(MATCH_FIELDS, src=maybe(addr_matches, 1)))
-ACTIONS = st.sampled_from(["accept", "drop", "reject"])
+ACTIONS = st.sampled_from(["accept", "drop", "reject", "log"])
 # tcp-reset only where the loader allows it (proto tcp alone); see _reject_with.
 ICMP_REFUSALS = [None, "port-unreachable", "admin-prohibited", "host-unreachable"]
 SET_MARKS = st.sampled_from([None, 7])
@@ -119,7 +119,9 @@ def policies(draw, max_rules: int = 50, address_bias: bool = False):
                         choose)
                   for i in range(count))
     default = draw(DEFAULTS)
-    if default.action != "reject":
+    if default.action == "log":
+        default = Default("drop", default.log)
+    elif default.action != "reject":
         default = Default(default.action, default.log)
     return Policy(path="property.yaml", rules=rules, default=default)
 
@@ -212,19 +214,23 @@ def random_policy(rng: random.Random, count: int, address_bias: bool = False,
     rules = tuple(_rule(i, random_match(rng, address_bias), rng.choice(actions),
                         rng.choice([None, 7]), rng.choice([None, True, False]), rng.choice)
                   for i in range(count))
-    return Policy(path="random.yaml", rules=rules, default=Default(action=rng.choice(actions)))
+    default = rng.choice([a for a in actions if a != "log"])
+    return Policy(path="random.yaml", rules=rules, default=Default(action=default))
 
 
 def assert_agrees(policy, packets):
     matcher = compile_policy(policy)
     reference = Reference(policy)
+    logged = 0                      # log rules' hits: counted, but decide nothing
     for n, view in enumerate(packets):
         decision = matcher.decide(view, now=float(n))
         expected_index, expected_action = reference.decide(view, now=float(n))
         assert decision.rule_index == expected_index, (view, policy.rules[:expected_index + 1])
         assert decision.action == expected_action
+        assert decision.log_rules == tuple(policy.rules[j].name for j in reference.logged)
+        logged += len(reference.logged)
         if expected_action == "reject":
             assert reject_kind(decision.reject_with, view.proto) == \
                 reference.refusal(expected_index, view)
     total = sum(c["hits"] for c in matcher.counters()["rules"].values())
-    assert total + matcher.counters()["default"]["hits"] == len(packets)
+    assert total + matcher.counters()["default"]["hits"] == len(packets) + logged

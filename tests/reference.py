@@ -41,6 +41,9 @@ class Reference:
                         for r in policy.rules]
 
     def decide(self, view, now: float = 0.0):
+        """(rule index or -1, action); `logged` then holds the indexes of the
+        `action: log` rules that matched on the way (they decide nothing)."""
+        self.logged = []
         for index, rule in enumerate(self.policy.rules):
             if not matches(rule.match, view):
                 continue
@@ -49,6 +52,9 @@ class Reference:
                 if bucket.level(now) < 1.0:
                     continue
                 bucket.take(now)
+            if rule.action == "log":
+                self.logged.append(index)
+                continue
             return index, rule.action
         return -1, self.policy.default.action
 

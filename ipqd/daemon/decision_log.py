@@ -20,7 +20,7 @@ import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional, Tuple
 
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import HOOK_NAMES, PROTOCOL_NAMES, Rate
@@ -61,9 +61,14 @@ def _address(family: Optional[int], value: Optional[int]) -> Optional[str]:
 
 
 def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
-                    mark: Optional[int]) -> Dict[str, str]:
+                    mark: Optional[int], enforced: bool = True,
+                    log_rules: Tuple[str, ...] = ()) -> Dict[str, str]:
     """The journal fields of one decision (headers only: never payload)."""
     fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
+    if not enforced:        # monitor mode: accepted, though the policy says otherwise
+        fields["IPQD_ENFORCED"] = "no"
+    if log_rules:
+        fields["IPQD_LOG_RULES"] = clean(",".join(log_rules))
     if view is None:
         return fields
     if view.family:
@@ -96,6 +101,8 @@ def decision_fields(action: str, rule_name: str, view: Optional[PacketView], que
 def decision_message(fields: Dict[str, str]) -> str:
     """`DROP tcp 10.0.0.2:51514 -> 10.0.0.1:23 in=veth0 rule=no-telnet`."""
     parts = [fields["IPQD_VERDICT"].upper()]
+    if fields.get("IPQD_ENFORCED") == "no":
+        parts.append("(not enforced)")
     if "IPQD_MALFORMED" in fields:
         parts.append(f"malformed ({fields['IPQD_MALFORMED']})")
     elif "IPQD_CUT" in fields:
@@ -115,6 +122,8 @@ def decision_message(fields: Dict[str, str]) -> str:
         if key in fields:
             parts.append(f"{word}={fields[key]}")
     parts.append(f"rule={fields['IPQD_RULE']}")
+    if "IPQD_LOG_RULES" in fields:
+        parts.append(f"logged-by={fields['IPQD_LOG_RULES']}")
     return " ".join(parts)
 
 
@@ -148,13 +157,14 @@ class DecisionLog:
     # -- the packet path: cheap, never blocks
 
     def decision(self, action: str, rule_name: str, view: Optional[PacketView], queue: int,
-                 mark: Optional[int]) -> None:
+                 mark: Optional[int], enforced: bool = True,
+                 log_rules: Tuple[str, ...] = ()) -> None:
         """Queue a decision's entry; the writer wakes at the next `flush`
         (or within a second)."""
         if self._bucket is not None and not self._bucket.take(self.clock()):
             self.suppressed += 1
             return
-        self._put(("decision", action, rule_name, view, queue, mark))
+        self._put(("decision", action, rule_name, view, queue, mark, enforced, log_rules))
 
     def wants_entry(self) -> bool:
         """Whether a logged decision made now would be written. When the
@@ -213,10 +223,10 @@ class DecisionLog:
     def _entry(item):
         """(message, priority, fields) of a queued decision or event."""
         if item[0] == "decision":
-            _, action, rule_name, view, queue, mark = item
-            fields = decision_fields(action, rule_name, view, queue, mark)
-            return (decision_message(fields), LOG_NOTICE if action in ("drop", "reject") else LOG_INFO,
-                    fields)
+            _, action, rule_name, view, queue, mark, enforced, log_rules = item
+            fields = decision_fields(action, rule_name, view, queue, mark, enforced, log_rules)
+            notice = action in ("drop", "reject") and enforced
+            return decision_message(fields), LOG_NOTICE if notice else LOG_INFO, fields
         _, message, priority, fields = item
         return clean(message), priority, {k: clean(v) for k, v in fields.items()}
 

@@ -247,7 +247,8 @@ class Worker:
                 if decision.log:
                     log.decision(decision.action,
                                  decision.rule.name if decision.rule else "default",
-                                 verdict.view, event.queue, verdict.mark)
+                                 verdict.view, event.queue, verdict.mark,
+                                 verdict.enforced, decision.log_rules)
             elif isinstance(event, nfq.KernelError):
                 self.kernel_errors += 1
             # Undecodable packets with an id were answered by the socket (fallback_verdict).

@@ -89,6 +89,9 @@ class Decision(NamedTuple):
     # With action reject: the rule's reject_with, None for the protocol's own
     # refusal (ipqd.policy.reject.reject_kind).
     reject_with: Optional[str] = None
+    # The names of the `action: log` rules above the decider that matched the
+    # packet (the decision is then logged).
+    log_rules: Tuple[str, ...] = ()
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -423,9 +426,17 @@ class Matcher:
         self._undecidable = Decision(RuleRef(UNDECIDABLE_NAME, action, None, None),
                                      UNDECIDABLE, action, None, default.log)
         self._undecidable_hits = 0
-        plain = [i for i, rule in enumerate(rules) if not rule.match.malformed]
+        # `action: log` rules decide nothing: they stay out of the lookup, and
+        # those above the decider are checked one by one (_logged).
+        plain = [i for i, rule in enumerate(rules)
+                 if not rule.match.malformed and rule.action != "log"]
         self._plain = tuple(plain)
-        self._malformed = tuple(i for i, rule in enumerate(rules) if rule.match.malformed)
+        self._malformed = tuple(i for i, rule in enumerate(rules)
+                                if rule.match.malformed and rule.action != "log")
+        self._log_plain = tuple(i for i, rule in enumerate(rules)
+                                if not rule.match.malformed and rule.action == "log")
+        self._log_malformed = tuple(i for i, rule in enumerate(rules)
+                                    if rule.match.malformed and rule.action == "log")
         self._by_family = {family: _index_family(family, plain, rules, exact) for family in (4, 6)}
         self._offload(policy)
         fields = set(policy.fields())
@@ -465,12 +476,43 @@ class Matcher:
                 i = self._lookup(by_proto.get(view.proto) or by_proto[_OTHER], view, now)
         if i == self._none:
             self._default_hits += 1
-            return self._default
-        c = self._compiled[i]
-        if c.bucket is not None:
-            c.bucket.take(now)
-        self._hits[i] += 1
-        return c.decision
+            decision = self._default
+        else:
+            c = self._compiled[i]
+            if c.bucket is not None:
+                c.bucket.take(now)
+            self._hits[i] += 1
+            decision = c.decision
+        logs = self._log_malformed if view.malformed else self._log_plain
+        if logs and logs[0] < i:
+            return self._logged(logs, i, view, now, decision)
+        return decision
+
+    def _logged(self, logs: Sequence[int], limit: int, view, now: float,
+                decision: Decision) -> Decision:
+        """`decision`, logged and naming the log rules below `limit` that match.
+        Such a decision is not cached (`rated`): each packet counts its log rules."""
+        compiled = self._compiled
+        names = []
+        for j in logs:
+            if j >= limit:
+                break
+            c = compiled[j]
+            for check in c.full_checks:
+                if not check(view):
+                    break
+            else:
+                if c.bucket is not None:
+                    self.rated = True
+                    if not c.bucket.available(now):
+                        continue
+                    c.bucket.take(now)
+                self._hits[j] += 1
+                names.append(c.rule.name)
+        if not names:
+            return decision
+        self.rated = True
+        return decision._replace(log=True, log_rules=tuple(names))
 
     def _lookup(self, index: _ProtoIndex, view, now: float) -> int:
         dport = view.dport
@@ -534,6 +576,7 @@ class Matcher:
         hidden = view.hidden
         compiled = self._compiled
         possible: List[int] = []            # rule indexes, self._none for the default
+        logs = self._log_plain
         for i in self._plain:
             c = compiled[i]
             certain = c.bucket is None
@@ -550,15 +593,26 @@ class Matcher:
             possible.append(self._none)
         decisions = [self._default if i == self._none else compiled[i].decision
                      for i in possible]
+        if logs and logs[0] < possible[0]:
+            # Only the log rules above every possible decider, and only where
+            # they certainly match: a rule reading a hidden field might not.
+            certain_logs = [j for j in logs if j < possible[0] and compiled[j].bucket is None
+                            and hidden.isdisjoint(compiled[j].fields)]
+            logged = self._logged(certain_logs, possible[0], view, 0.0, decisions[0])
+            decisions[0] = logged
         last = decisions[-1]
         if any(d.action != last.action or d.mark != last.mark or d.reject_with != last.reject_with
                for d in decisions):
             self._undecidable_hits += 1
+            if decisions[0].log_rules:
+                return self._undecidable._replace(log=True, log_rules=decisions[0].log_rules)
             return self._undecidable
         # Counted for the rule that matches on the fields the view has (or the default).
         self.tally(possible[-1] if possible[-1] != self._none else -1)
         if len(decisions) == 1:
             return last                     # no rule before it could match: exact
+        if decisions[0].log_rules:
+            last = last._replace(log_rules=decisions[0].log_rules)
         # Which rule decided is not known: nothing that rests on it (offload),
         # and logged if any of them logs.
         return last._replace(offload=frozenset(), log=any(d.log for d in decisions))
@@ -622,7 +676,10 @@ class Matcher:
 
 def _add_hits(entry: dict, action: str, hits: int) -> None:
     entry["hits"] += hits
-    entry["accepted" if action == "accept" else "dropped"] += hits
+    if action == "accept":
+        entry["accepted"] += hits
+    elif action != "log":           # drop or reject; a log rule's hits decide nothing
+        entry["dropped"] += hits
 
 
 # ---- flow offload -----------------------------------------------------------
@@ -674,7 +731,8 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
                     states.add(state)
         out.append(frozenset(states))
         for state, later in _LATER.items():
-            if not _stable(rule, later):
+            # A log rule that a later packet matches would log it.
+            if not _stable(rule, later) or rule.action == "log":
                 unsafe[state].append(rule.match)
     plain = not default.log and default.set_mark is None and default.action != "reject"
     default_states = frozenset(s for s in _LATER if plain and not unsafe[s])
@@ -686,7 +744,7 @@ def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     logs = rule.log if rule.log is not None else default_log
     # A reject is answered per packet: the kernel's REJECT sends each refusal.
     return (rule.offload and rule.rate is None and not logs and rule.set_mark is None
-            and rule.action != "reject" and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
+            and rule.action not in ("reject", "log") and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
 
 
 def _holds_for(ct_state: Optional[frozenset], later: frozenset) -> bool:

@@ -43,7 +43,10 @@ def fallback_verdict(policy: Policy) -> int:
     """The verdict (NF_ACCEPT or NF_DROP) of a packet ipqd cannot decide:
     the decision code failed on it, its message does not decode, or it is
     of a family its queue was not bound for. The policy has no key of its
-    own for these: its default's action answers them (docs/policy.md)."""
+    own for these: its default's action answers them (docs/policy.md), and
+    in monitor mode every packet is accepted."""
+    if policy.mode == "monitor":
+        return NF_ACCEPT
     return NF_ACCEPT if policy.default.action == "accept" else NF_DROP
 
 
@@ -52,17 +55,22 @@ class Verdict(NamedTuple):
     mark: Optional[int]          # a new packet mark, or None to leave it
     decision: Decision
     view: Optional[PacketView]   # None only when the decision code failed
+    # False: monitor mode accepted a packet the policy would drop or reject
+    # (decision.action says what it would have done).
+    enforced: bool = True
 
 
 class Counters:
     """What the engine decided, in total."""
     __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
-                 "offload_returned", "undecidable", "rejected", "reject_returned")
+                 "offload_returned", "undecidable", "rejected", "reject_returned",
+                 "not_enforced")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
         self.rejected = 0        # of the dropped: handed to the kernel's REJECT
         self.reject_returned = 0     # reject requests that came back: dropped instead
+        self.not_enforced = 0    # of the accepted: would-be drops and rejects (monitor mode)
         self.undecidable = 0     # given queue.undecidable: the copy hid what the rules needed
         self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
         self.offload_returned = 0    # requests that came back: no hook rules took them
@@ -104,6 +112,8 @@ class Engine:
         self._reject_hooks = frozenset(HOOKS[hook.chain] for hook in policy.hooks) & REJECT_HOOKS \
             if bits else frozenset()
         self.rejecting = bool(self._reject_hooks)
+        # Monitor mode: every packet accepted, what the policy would do logged.
+        self.monitor = policy.mode == "monitor"
 
     def carry_over(self) -> dict:
         """What a successor worker takes over (`take_over`): the totals, the
@@ -147,7 +157,7 @@ class Engine:
         verdict = self._finish(decision, view)
         if key is not None and self.caching and not self.matcher.rated \
                 and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP) \
-                and decision.action != "reject":
+                and decision.action != "reject" and verdict.enforced:
             self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                 decision.rule_index, decision.log))
         return verdict
@@ -179,6 +189,13 @@ class Engine:
         return self._finish(self._fallback_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        if self.monitor and decision.action != "accept":
+            # Accepted, not offloaded, not cached, and always logged: each
+            # would-be drop is seen and counted.
+            self.counters.accepted += 1
+            self.counters.not_enforced += 1
+            return Verdict(NF_ACCEPT, None, decision._replace(log=True, offload=frozenset()),
+                           view, False)
         if decision.action == "reject":
             return self._rejected(decision, view)
         if decision.offload and self.offloading and view is not None \

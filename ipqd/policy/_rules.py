@@ -21,7 +21,7 @@ from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scal
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
     ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTOCOL_NAMES, REJECT_WITH, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
+    PROTO_TCP, PROTOCOL_NAMES, REJECT_WITH, RULE_ACTIONS, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
 )
 
 ID_MAX = 0xFFFFFFFE                 # (uid_t)-1 means "no id" to the kernel
@@ -360,15 +360,21 @@ MATCH_FIELDS = {
 
 # --- what the rule does ---------------------------------------------------------
 
-def parse_action(where: Where, node: yaml.Node) -> Optional[str]:
-    word = text(where, node, "action", one_of(ACTIONS))
+def parse_action(where: Where, node: yaml.Node, actions=ACTIONS) -> Optional[str]:
+    word = text(where, node, "action", one_of(actions))
     if word is None:
         return None
-    if word.strip().lower() not in ACTIONS:
-        hint = suggest(word.strip().lower(), ACTIONS) or f" (expected {one_of(ACTIONS)})"
+    if word.strip().lower() not in actions:
+        hint = suggest(word.strip().lower(), actions) or f" (expected {one_of(actions)})"
+        if word.strip().lower() == "log":
+            hint = " (a default decides: write action: accept, drop or reject, and log: true)"
         where.error(node, f"unknown action '{word}'{hint}")
         return None
     return word.strip().lower()
+
+
+def parse_rule_action(where: Where, node: yaml.Node) -> Optional[str]:
+    return parse_action(where, node, RULE_ACTIONS)
 
 
 def parse_reject_with(where: Where, node: yaml.Node) -> Optional[str]:
@@ -381,9 +387,14 @@ def check_reject(where: Where, keys: Dict[str, yaml.Node], done: dict,
     is the rule's (None: any protocol). False when something was reported."""
     action = done.get("action")
     ok = True
-    if action in ("drop", "reject") and done.get("set_mark") is not None:
-        where.error(keys["set_mark"], "set_mark only works with action accept "
-                                      f"(a {_DONE[action]} packet keeps no mark)")
+    if action == "log" and done.get("log") is False:
+        where.error(keys["log"], "log: false contradicts action log (a log rule only logs): "
+                                 "remove one of them")
+        ok = False
+    if action in ("drop", "reject", "log") and done.get("set_mark") is not None:
+        why = "a log rule decides nothing" if action == "log" else \
+            f"a {_DONE[action]} packet keeps no mark"
+        where.error(keys["set_mark"], f"set_mark only works with action accept ({why})")
         ok = False
     kind = done.get("reject_with")
     if kind is None or action is None:
@@ -433,7 +444,7 @@ def parse_rate(where: Where, node: yaml.Node) -> Optional[Rate]:
 RULE_FIELDS = {
     "name": lambda where, node: node.value,          # read before the others
     "comment": lambda where, node: text(where, node, "comment", "text"),
-    "action": parse_action,
+    "action": parse_rule_action,
     "log": lambda where, node: boolean(where, node, "log"),
     "set_mark": parse_set_mark,
     "rate": parse_rate,

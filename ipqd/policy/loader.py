@@ -32,14 +32,14 @@ from ipqd.policy._rules import ParsedRule, SetDef, check_reject, parse_action, p
 from ipqd.policy._values import one_of
 from ipqd.policy._yamlsafe import TAG_PROBLEM_STARTS, compose, read_text
 from ipqd.policy.model import (
-    CT_STATES, HOOKS, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
+    CT_STATES, HOOKS, MODES, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
 )
 from ipqd.wire.nfqueue import NFQNL_MAX_COPY_RANGE
 
 __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
 FRAGMENT_DIR = "policy.d"
-TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules")
+TOP_FIELDS = ("version", "mode", "queue", "hooks", "default", "logging", "sets", "rules")
 FRAGMENT_FIELDS = ("sets", "rules")
 QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload",
                 "undecidable")
@@ -339,12 +339,17 @@ class _Loader:
         default = _default(where, main.root, items.get("default"))
         logging = _logging(where, items.get("logging"))
         queue = _conntrack(where, queue, items.get("queue"), parsed)
-        if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
+        mode = "enforce" if "mode" not in items else choice(where, items["mode"][1], "mode", MODES)
+        if mode == "monitor":
+            where.warn(items["mode"][1], "mode: monitor: every packet is accepted; what the "
+                                         "policy would drop or reject is only logged (write "
+                                         "mode: enforce once the log shows it is right)")
+        if None in (queue, hooks, default, logging, mode) or any(p.rule is None for p in parsed):
             return None
         rejects = default.action == "reject" or any(p.rule.action == "reject" for p in parsed)
         queue = replace(queue, reject=rejects)
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
-                      logging=logging, rules=tuple(p.rule for p in parsed))
+                      logging=logging, rules=tuple(p.rule for p in parsed), mode=mode)
 
 
 # --- the main file's sections --------------------------------------------------

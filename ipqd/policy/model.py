@@ -57,7 +57,12 @@ PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE})
 # Conntrack states, in the order ipqd lays out their queues (ipqd.kernel.hooks.queue_layout).
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
 FRAGMENTS = ("first", "not-first", "none")
-ACTIONS = ("accept", "drop", "reject")
+ACTIONS = ("accept", "drop", "reject")              # verdicts: a rule's or the default's
+# A rule may also only log: the packet is logged and the next rules decide.
+RULE_ACTIONS = ACTIONS + ("log",)
+# `mode`: enforce the verdicts, or accept every packet and log and count
+# what the policy would have done.
+MODES = ("enforce", "monitor")
 # How a rejected packet is refused (ipqd.policy.reject): a TCP reset or an
 # ICMP/ICMPv6 destination-unreachable of one of three codes.
 REJECT_WITH = ("tcp-reset", "port-unreachable", "admin-prohibited", "host-unreachable")
@@ -182,7 +187,7 @@ class Match:
 class Rule:
     name: str
     match: Match
-    action: str                                     # "accept", "drop" or "reject"
+    action: str                                     # "accept", "drop", "reject" or "log"
     set_mark: Optional[int] = None                  # only with accept
     log: Optional[bool] = None                      # None: follow the default's log
     rate: Optional[Rate] = None                     # above the rate the rule does not match
@@ -256,6 +261,7 @@ class Policy:
     rules: Tuple[Rule, ...] = ()
     sources: Tuple[str, ...] = ()                   # every file read, main file first
     warnings: Tuple = ()                            # PolicyError objects of severity warning
+    mode: str = "enforce"                           # or "monitor" (MODES)
 
     def fields(self) -> frozenset:
         """Every packet field some rule reads: what the packet view must parse."""

@@ -204,6 +204,7 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
         "reject_with": reject_kind(decision.reject_with, view.proto)
         if decision.action == "reject" and view.hook in REJECT_HOOKS else None,
         "log": decision.log,
+        "log_rules": list(decision.log_rules),      # `action: log` rules met on the way
         "malformed": view.malformed,
         "hidden": sorted(view.hidden),          # fields the rules read that the copy cut off
         "reason": view.reason or None,
@@ -278,6 +279,8 @@ class _Report:
             state = r["packet"]["ct_state"]
             ct = f" ct={state}" if state else ""
             extra = f"  (set mark {r['set_mark']:#x})" if r["set_mark"] is not None else ""
+            if r["log_rules"]:
+                extra += f"  (logged by {clean(', '.join(r['log_rules']))})"
             if r["reject_with"] is not None:
                 extra += f"  (with {r['reject_with']})"
             elif r["verdict"] == "reject":

@@ -350,7 +350,7 @@ def test_every_problem_is_reported_sorted():
         'p.yaml:5:34: rule "b": port 99999 is outside 0-65535',
         "p.yaml:6:20: rule \"a\": '300.0.0.1' is not an IP address or network "
         "(write e.g. 192.0.2.1, 10.0.0.0/8 or fd00::/8)",
-        "p.yaml:6:39: rule \"a\": unknown action 'maybe' (expected accept, drop or reject)",
+        "p.yaml:6:39: rule \"a\": unknown action 'maybe' (expected accept, drop, reject or log)",
         'p.yaml:6:51: rule "a": log must be true or false, not the number 3',
     ]
 
@@ -405,7 +405,7 @@ def test_errors_carry_warnings_too():
     (HEAD + "rules:\n  - {proto: icmpv6, icmp_type: echo, action: accept}\n",
      "p.yaml:5:32: rule \"rule-1\": unknown icmpv6 type 'echo'"),
     (HEAD + "default: {action: drop, set_mark: 1}\n".replace("default", "x") ,
-     "p.yaml:4:1: unknown field 'x' (expected version, queue, hooks, default, logging, "
+     "p.yaml:4:1: unknown field 'x' (expected version, mode, queue, hooks, default, logging, "
      "sets or rules)"),
 ])
 def test_single_problems(text, message):

@@ -25,7 +25,7 @@ def test_compiled_matches_reference(policy, packets):
 # Big policies come from a seed: drawing 50 rules field by field through
 # hypothesis is slow and its choices lean towards the simplest values.
 SEEDS = st.integers(0, 2**32 - 1)
-ALL_ACTIONS = ("accept", "drop", "reject")
+ALL_ACTIONS = ("accept", "drop", "reject", "log")
 
 
 @settings(max_examples=150, deadline=None)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ipqd.decision.compiler import compile_policy
 from ipqd.decision.packet import PacketView
 from ipqd.policy.model import (CT_STATES, FRAGMENTS, AddrMatch, Default, IfaceMatch, MarkMatch,
-                               Match, Policy, RangeMatch, Rule, TcpFlagsMatch)
+                               Match, Policy, RangeMatch, Rate, Rule, TcpFlagsMatch)
 from ipqd.policy.reject import reject_kind
 from reference import Reference
 
@@ -103,20 +103,30 @@ def _reject_with(choose, match: Match, action: str):
     return choose(kinds)
 
 
-def _rule(i: int, match: Match, action: str, set_mark, log, choose) -> Rule:
+# Rates, one bucket or one per key; few keys, so that the tables evict.
+RATES = [None] * 8 + [
+    Rate(2.0, 2, "2/second burst 2"),
+    Rate(1.0, 2, "1/second burst 2 per src", per=(("src", 32, 128),), keys=3),
+    Rate(1.0, 1, "1/second per src/24/64,dport", per=(("src", 24, 64), ("dport", 0, 0)), keys=2),
+    Rate(0.5, 2, "1/2s per dst/8/16", per=(("dst", 8, 16),), keys=4),
+]
+
+
+def _rule(i: int, match: Match, action: str, set_mark, log, choose, rates: bool = False) -> Rule:
     return Rule(name=f"r{i}", match=match, action=action, set_mark=set_mark, log=log,
-                reject_with=_reject_with(choose, match, action))
+                reject_with=_reject_with(choose, match, action),
+                rate=choose(RATES) if rates else None)
 
 
 @st.composite
-def policies(draw, max_rules: int = 50, address_bias: bool = False):
+def policies(draw, max_rules: int = 50, address_bias: bool = False, rates: bool = False):
     count = draw(st.integers(0, max_rules))
     match_strategy = MATCHES_BY_ADDRESS if address_bias else MATCHES
 
     def choose(kinds):
         return draw(st.sampled_from(kinds))
     rules = tuple(_rule(i, draw(match_strategy), draw(ACTIONS), draw(SET_MARKS), draw(LOGS),
-                        choose)
+                        choose, rates)
                   for i in range(count))
     default = draw(DEFAULTS)
     if default.action == "log":
@@ -210,21 +220,22 @@ def random_match(rng: random.Random, address_bias: bool = False) -> Match:
 
 
 def random_policy(rng: random.Random, count: int, address_bias: bool = False,
-                  actions=("accept", "drop")) -> Policy:
+                  actions=("accept", "drop"), rates: bool = False) -> Policy:
     rules = tuple(_rule(i, random_match(rng, address_bias), rng.choice(actions),
-                        rng.choice([None, 7]), rng.choice([None, True, False]), rng.choice)
+                        rng.choice([None, 7]), rng.choice([None, True, False]), rng.choice,
+                        rates)
                   for i in range(count))
     default = rng.choice([a for a in actions if a != "log"])
     return Policy(path="random.yaml", rules=rules, default=Default(action=default))
 
 
-def assert_agrees(policy, packets):
+def assert_agrees(policy, packets, step: float = 1.0):
     matcher = compile_policy(policy)
     reference = Reference(policy)
     logged = 0                      # log rules' hits: counted, but decide nothing
     for n, view in enumerate(packets):
-        decision = matcher.decide(view, now=float(n))
-        expected_index, expected_action = reference.decide(view, now=float(n))
+        decision = matcher.decide(view, now=n * step)
+        expected_index, expected_action = reference.decide(view, now=n * step)
         assert decision.rule_index == expected_index, (view, policy.rules[:expected_index + 1])
         assert decision.action == expected_action
         assert decision.log_rules == tuple(policy.rules[j].name for j in reference.logged)

@@ -32,13 +32,51 @@ class Bucket:
             self.stamp = now
 
 
+class KeyedBuckets:
+    """A Bucket per key, as the docs state it: a key's bucket starts full;
+    a take makes its key the most recently used; past `keys` keys the least
+    recently used is forgotten."""
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.buckets = {}               # key -> Bucket, least recently used first
+
+    def key(self, view) -> tuple:
+        parts = [view.family]
+        for field, v4, v6 in self.rate.per:
+            value = getattr(view, field)
+            if field in ("src", "dst") and value is not None:
+                if view.family == 4:
+                    value = int(ipaddress.ip_network((value, v4), strict=False).network_address)
+                elif view.family == 6:
+                    value = int(ipaddress.ip_network((value, v6), strict=False).network_address)
+                else:
+                    value = None
+            parts.append(value)
+        return tuple(parts)
+
+    def level(self, now: float, view) -> float:
+        bucket = self.buckets.get(self.key(view))
+        return float(self.rate.burst) if bucket is None else bucket.level(now)
+
+    def take(self, now: float, view) -> None:
+        key = self.key(view)
+        bucket = self.buckets.pop(key, None)
+        if bucket is None:
+            bucket = Bucket(self.rate.per_second, self.rate.burst)
+            if len(self.buckets) >= self.rate.keys:
+                del self.buckets[next(iter(self.buckets))]
+        self.buckets[key] = bucket
+        bucket.take(now)
+
+
 class Reference:
     """Evaluates a policy rule by rule. `decide` returns (rule index or -1, action)."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
-        self.buckets = [Bucket(r.rate.per_second, r.rate.burst) if r.rate else None
-                        for r in policy.rules]
+        self.buckets = [None if not r.rate else KeyedBuckets(r.rate) if r.rate.per
+                        else Bucket(r.rate.per_second, r.rate.burst) for r in policy.rules]
 
     def decide(self, view, now: float = 0.0):
         """(rule index or -1, action); `logged` then holds the indexes of the
@@ -48,7 +86,11 @@ class Reference:
             if not matches(rule.match, view):
                 continue
             bucket = self.buckets[index]
-            if bucket is not None:
+            if isinstance(bucket, KeyedBuckets):
+                if bucket.level(now, view) < 1.0:
+                    continue
+                bucket.take(now, view)
+            elif bucket is not None:
                 if bucket.level(now) < 1.0:
                     continue
                 bucket.take(now)

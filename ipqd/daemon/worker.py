@@ -295,6 +295,7 @@ class Worker:
         stats["kernel_errors"] = self.kernel_errors
         stats["reports_dropped"] = getattr(self.conn, "dropped", 0)
         stats.update(self.engine.cache.stats())
+        stats.update(self.engine.matcher.rate_stats())
         stats.update(log_logged=self.log.logged, log_suppressed=self.log.suppressed,
                      log_overflowed=self.log.overflowed, log_failed=self.log.failed)
         return stats

@@ -48,6 +48,7 @@ from operator import attrgetter
 from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ipqd.decision.packet import MALFORMED
+from ipqd.decision.rate_table import RateTable
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
                                Match, Policy, Position, RangeMatch, Rate, Rule)
@@ -310,7 +311,9 @@ class _Compiled:
         m = rule.match
         self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made)[0]
         self.full_checks, self.fields = _checks(m, frozenset(), made)
-        self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
+        # A rate kept per key is a RateTable: the same available/take, by the view's key.
+        rate = rule.rate
+        self.bucket = None if rate is None else RateTable(rate) if rate.per else TokenBucket(rate)
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
         self.decision = Decision(RuleRef(rule.name, rule.action, rule.rate, rule.position),
@@ -418,7 +421,9 @@ class Matcher:
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
         self._names = tuple(rule.name for rule in rules)     # by index: for carry_over
-        self._bucketed = tuple(c for c in self._compiled if c.bucket is not None)
+        # Single buckets carry over a reload; tables by key start empty.
+        self._bucketed = tuple(c for c in self._compiled if type(c.bucket) is TokenBucket)
+        self._tables = tuple(c.bucket for c in self._compiled if type(c.bucket) is RateTable)
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
                                  default.log, reject_with=default.reject_with)
@@ -480,7 +485,7 @@ class Matcher:
         else:
             c = self._compiled[i]
             if c.bucket is not None:
-                c.bucket.take(now)
+                c.bucket.take(now, view)
             self._hits[i] += 1
             decision = c.decision
         logs = self._log_malformed if view.malformed else self._log_plain
@@ -504,9 +509,9 @@ class Matcher:
             else:
                 if c.bucket is not None:
                     self.rated = True
-                    if not c.bucket.available(now):
+                    if not c.bucket.available(now, view):
                         continue
-                    c.bucket.take(now)
+                    c.bucket.take(now, view)
                 self._hits[j] += 1
                 names.append(c.rule.name)
         if not names:
@@ -549,7 +554,7 @@ class Matcher:
                 if c.bucket is None:
                     return i
                 self.rated = True
-                if c.bucket.available(now):
+                if c.bucket.available(now, view):
                     return i
         return limit
 
@@ -565,7 +570,7 @@ class Matcher:
                 if c.bucket is None:
                     return i
                 self.rated = True
-                if c.bucket.available(now):
+                if c.bucket.available(now, view):
                     return i
         return self._none
 
@@ -618,6 +623,13 @@ class Matcher:
         return last._replace(offload=frozenset(), log=any(d.log for d in decisions))
 
     # -- counters --
+
+    def rate_stats(self) -> Dict[str, int]:
+        """The rates kept per key: keys tracked now, and keys forgotten to
+        stay within `keys` (early: before their bucket had refilled)."""
+        return {"rate_keys": sum(len(t) for t in self._tables),
+                "rate_evicted": sum(t.evicted for t in self._tables),
+                "rate_evicted_early": sum(t.evicted_early for t in self._tables)}
 
     def tally(self, rule_index: int, count: int = 1) -> None:
         """Count decisions made without `decide` (verdict cache hits); -1 is the default."""

@@ -17,6 +17,7 @@ import yaml
 
 from ipqd.errors import InvalidValue
 from ipqd.policy import _values as values
+from ipqd.policy._rate import parse_rule_rate
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text, words
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
@@ -430,6 +431,8 @@ def parse_set_mark(where: Where, node: yaml.Node) -> Optional[int]:
         return None
 
 
+
+
 def parse_rate(where: Where, node: yaml.Node) -> Optional[Rate]:
     written = text(where, node, "rate", "text such as 10/second")
     if written is None:
@@ -447,7 +450,7 @@ RULE_FIELDS = {
     "action": parse_rule_action,
     "log": lambda where, node: boolean(where, node, "log"),
     "set_mark": parse_set_mark,
-    "rate": parse_rate,
+    "rate": parse_rule_rate,
     "offload": lambda where, node: boolean(where, node, "offload"),
     "reject_with": parse_reject_with,
 }

@@ -131,12 +131,24 @@ class MarkMatch:
     mask: int = 0xFFFFFFFF
 
 
+# A rate kept per key tracks at most this many keys unless `keys:` says
+# otherwise (ipqd.decision.rate_table), and never more than RATE_KEYS_MAX.
+RATE_KEYS_DEFAULT = 16384
+RATE_KEYS_MAX = 1_000_000
+RATE_KEY_FIELDS = ("src", "dst", "sport", "dport")
+
+
 @dataclass(frozen=True, **_SLOTS)
 class Rate:
-    """A token bucket: `per_second` tokens a second, at most `burst` saved up."""
+    """A token bucket: `per_second` tokens a second, at most `burst` saved up.
+
+    With `per`, one bucket per key: ((field, IPv4 prefix, IPv6 prefix), ...)
+    of RATE_KEY_FIELDS (prefixes 0 for ports), at most `keys` keys tracked."""
     per_second: float
     burst: int
     text: str = ""
+    per: Tuple[Tuple[str, int, int], ...] = ()
+    keys: int = 0
 
 
 @dataclass(frozen=True, **_SLOTS)

@@ -17,7 +17,7 @@ PACKETS = st.lists(views(), min_size=1, max_size=30)
 
 
 @SETTINGS
-@given(policies(max_rules=12), PACKETS)
+@given(policies(max_rules=12, rates=True), PACKETS)
 def test_compiled_matches_reference(policy, packets):
     assert_agrees(policy, packets)
 
@@ -32,7 +32,7 @@ ALL_ACTIONS = ("accept", "drop", "reject", "log")
 @given(SEEDS, PACKETS)
 def test_compiled_matches_reference_up_to_50_rules(seed, packets):
     rng = random.Random(seed)
-    assert_agrees(random_policy(rng, rng.randint(0, 50), actions=ALL_ACTIONS), packets)
+    assert_agrees(random_policy(rng, rng.randint(0, 50), actions=ALL_ACTIONS, rates=True), packets)
 
 
 @settings(max_examples=100, deadline=None)
@@ -44,7 +44,7 @@ def test_compiled_matches_reference_with_address_tables_everywhere(seed, packets
         patch.setattr(compiler, "ADDRESS_TABLE_MIN", 0)
         patch.setattr(compiler, "EXACT_PORTS_MAX", 2)
         assert_agrees(random_policy(rng, rng.randint(0, 50), address_bias=True,
-                                    actions=ALL_ACTIONS), packets)
+                                    actions=ALL_ACTIONS, rates=True), packets)
 
 
 @settings(max_examples=30, deadline=None)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ipqd.decision.compiler import compile_policy
 from ipqd.decision.packet import PacketView
 from ipqd.policy.model import (CT_STATES, FRAGMENTS, AddrMatch, Default, IfaceMatch, MarkMatch,
-                               Match, Policy, RangeMatch, Rate, Rule, TcpFlagsMatch)
+                               Match, Policy, RangeMatch, Rate, Rule, TcpFlagsMatch, TimeWindow)
 from ipqd.policy.reject import reject_kind
 from reference import Reference
 
@@ -112,10 +112,19 @@ RATES = [None] * 8 + [
 ]
 
 
+# Time windows: office hours in two zones, a night across midnight, weekends.
+WINDOWS = [None] * 6 + [
+    TimeWindow(frozenset(range(5)), 9 * 60, 17 * 60, "Europe/Paris"),
+    TimeWindow(frozenset({4, 5}), 22 * 60, 6 * 60, "UTC"),
+    TimeWindow(frozenset({5, 6}), 0, 24 * 60, "America/New_York"),
+    TimeWindow(frozenset(range(7)), 12 * 60 + 30, 13 * 60, "Asia/Kathmandu"),
+]
+
+
 def _rule(i: int, match: Match, action: str, set_mark, log, choose, rates: bool = False) -> Rule:
     return Rule(name=f"r{i}", match=match, action=action, set_mark=set_mark, log=log,
                 reject_with=_reject_with(choose, match, action),
-                rate=choose(RATES) if rates else None)
+                rate=choose(RATES) if rates else None, time=choose(WINDOWS) if rates else None)
 
 
 @st.composite
@@ -229,13 +238,13 @@ def random_policy(rng: random.Random, count: int, address_bias: bool = False,
     return Policy(path="random.yaml", rules=rules, default=Default(action=default))
 
 
-def assert_agrees(policy, packets, step: float = 1.0):
+def assert_agrees(policy, packets, step: float = 1.0, start: float = 0.0):
     matcher = compile_policy(policy)
     reference = Reference(policy)
     logged = 0                      # log rules' hits: counted, but decide nothing
     for n, view in enumerate(packets):
-        decision = matcher.decide(view, now=n * step)
-        expected_index, expected_action = reference.decide(view, now=n * step)
+        decision = matcher.decide(view, now=start + n * step)
+        expected_index, expected_action = reference.decide(view, now=start + n * step)
         assert decision.rule_index == expected_index, (view, policy.rules[:expected_index + 1])
         assert decision.action == expected_action
         assert decision.log_rules == tuple(policy.rules[j].name for j in reference.logged)

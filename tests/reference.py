@@ -5,8 +5,10 @@ so the compiled matcher can be checked against it. Speed does not matter.
 """
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import ipaddress
+import zoneinfo
 from typing import Optional
 
 from ipqd.policy.model import Policy
@@ -85,6 +87,8 @@ class Reference:
         for index, rule in enumerate(self.policy.rules):
             if not matches(rule.match, view):
                 continue
+            if rule.time is not None and not in_window(rule.time, now):
+                continue
             bucket = self.buckets[index]
             if isinstance(bucket, KeyedBuckets):
                 if bucket.level(now, view) < 1.0:
@@ -109,6 +113,20 @@ class Reference:
         if written is not None:
             return written
         return "tcp-reset" if view.proto == 6 else "port-unreachable"
+
+
+def in_window(window, now: float) -> bool:
+    """`now` (Unix time) on one of the window's days, at a minute from its
+    start (included) to its end (excluded), wrapping past midnight; the day
+    is `now`'s own date in the window's zone (None: the host's)."""
+    zone = zoneinfo.ZoneInfo(window.tz) if window.tz else None
+    moment = datetime.datetime.fromtimestamp(now, zone)
+    minute = moment.hour * 60 + moment.minute
+    if moment.weekday() not in window.days:
+        return False
+    if window.start < window.end:
+        return window.start <= minute < window.end
+    return minute >= window.start or minute < window.end
 
 
 def matches(m, view) -> bool:

@@ -225,6 +225,8 @@ class Worker:
         ifname = self._ifname
         log = self.log
         now = time.monotonic()
+        # `time:` windows need the wall clock, which may be set while running.
+        engine.matcher.clock_offset = time.time() - now
         single = self._single
         batch = self._round.batch
         use_batch = self.config.batch

@@ -49,6 +49,7 @@ from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Seque
 
 from ipqd.decision.packet import MALFORMED
 from ipqd.decision.rate_table import RateTable
+from ipqd.policy._time import within
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
                                Match, Policy, Position, RangeMatch, Rate, Rule)
@@ -304,7 +305,8 @@ class _Compiled:
     """One rule, ready to verify: the checks left after the lookup, every check
     (for views the lookup cannot place) with the field each reads, its bucket
     and its decision."""
-    __slots__ = ("checks", "full_checks", "fields", "bucket", "decision")
+    __slots__ = ("checks", "full_checks", "fields", "bucket", "decision", "window",
+                 "window_until", "window_open")
 
     def __init__(self, index: int, rule: Rule, default_log: bool, exact: bool,
                  made: Dict[tuple, object]):
@@ -314,6 +316,10 @@ class _Compiled:
         # A rate kept per key is a RateTable: the same available/take, by the view's key.
         rate = rule.rate
         self.bucket = None if rate is None else RateTable(rate) if rate.per else TokenBucket(rate)
+        # `time:`: whether the window is open, known until `window_until`
+        # (Unix time: the next minute, the window's own granularity).
+        self.window = rule.time
+        self.window_until = self.window_open = None
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
         self.decision = Decision(RuleRef(rule.name, rule.action, rule.rate, rule.position),
@@ -418,6 +424,9 @@ class Matcher:
                           for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
         self.rated = False                           # see decide
+        # Added to `now` to give Unix time, for `time:` windows: the daemon's
+        # clock is monotonic (the worker sets it); explain passes Unix time.
+        self.clock_offset = 0.0
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
         self._names = tuple(rule.name for rule in rules)     # by index: for carry_over
@@ -507,6 +516,10 @@ class Matcher:
                 if not check(view):
                     break
             else:
+                if c.window is not None:
+                    self.rated = True
+                    if not self._open(c, now):
+                        continue
                 if c.bucket is not None:
                     self.rated = True
                     if not c.bucket.available(now, view):
@@ -551,10 +564,11 @@ class Matcher:
                 if not check(view):
                     break
             else:
-                if c.bucket is None:
+                if c.bucket is None and c.window is None:
                     return i
                 self.rated = True
-                if c.bucket.available(now, view):
+                if (c.window is None or self._open(c, now)) and \
+                        (c.bucket is None or c.bucket.available(now, view)):
                     return i
         return limit
 
@@ -567,12 +581,24 @@ class Matcher:
                 if not check(view):
                     break
             else:
-                if c.bucket is None:
+                if c.bucket is None and c.window is None:
                     return i
                 self.rated = True
-                if c.bucket.available(now, view):
+                if (c.window is None or self._open(c, now)) and \
+                        (c.bucket is None or c.bucket.available(now, view)):
                     return i
         return self._none
+
+    def _open(self, c: _Compiled, now: float) -> bool:
+        """Whether rule `c`'s time window is open at `now` (+ clock_offset:
+        Unix time). Worked out once a minute: windows are in whole minutes,
+        and so are the offsets of the time zones in use."""
+        wall = now + self.clock_offset
+        until = c.window_until
+        if until is None or wall >= until or wall < until - 60.0:
+            c.window_open = within(c.window, wall)
+            c.window_until = (wall // 60.0 + 1.0) * 60.0
+        return c.window_open
 
     def _decide_hidden(self, view) -> Decision:
         """The decision for a view missing fields some rule reads (see the
@@ -584,7 +610,7 @@ class Matcher:
         logs = self._log_plain
         for i in self._plain:
             c = compiled[i]
-            certain = c.bucket is None
+            certain = c.bucket is None and c.window is None
             for check, field in zip(c.full_checks, c.fields):
                 if field in hidden:
                     certain = False
@@ -602,6 +628,7 @@ class Matcher:
             # Only the log rules above every possible decider, and only where
             # they certainly match: a rule reading a hidden field might not.
             certain_logs = [j for j in logs if j < possible[0] and compiled[j].bucket is None
+                            and compiled[j].window is None
                             and hidden.isdisjoint(compiled[j].fields)]
             logged = self._logged(certain_logs, possible[0], view, 0.0, decisions[0])
             decisions[0] = logged
@@ -755,8 +782,10 @@ def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     m = rule.match
     logs = rule.log if rule.log is not None else default_log
     # A reject is answered per packet: the kernel's REJECT sends each refusal.
-    return (rule.offload and rule.rate is None and not logs and rule.set_mark is None
-            and rule.action not in ("reject", "log") and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"})
+    return (rule.offload and rule.rate is None and rule.time is None and not logs
+            and rule.set_mark is None
+            and rule.action not in ("reject", "log") and not m.malformed
+            and m.fields() <= FLOW_FIELDS | {"ct_state"})
 
 
 def _holds_for(ct_state: Optional[frozenset], later: frozenset) -> bool:
@@ -768,7 +797,8 @@ def _stable(rule: Rule, later: frozenset) -> bool:
     m = rule.match
     if m.malformed:
         return True             # later packets are well formed (conntrack checks them)
-    if rule.rate is not None or not m.fields() <= FLOW_FIELDS | {"ct_state"}:
+    if rule.rate is not None or rule.time is not None or \
+            not m.fields() <= FLOW_FIELDS | {"ct_state"}:
         return False
     ct = m.ct_state
     return ct is None or later <= ct or not later & ct

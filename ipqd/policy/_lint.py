@@ -71,7 +71,7 @@ def shadowed(rules: Tuple[Rule, ...], max_steps: int = MAX_SHADOW_STEPS) -> Iter
             return
         if shadow is not None:
             yield _shadow_warning(rules[shadow], b)
-        elif b.rate is None and b.action != "log":      # a log rule lets packets through
+        elif b.rate is None and b.time is None and b.action != "log":   # these let packets by
             items[later] = _tested(b.match)
             group = groups.get(shape)
             if group is None:

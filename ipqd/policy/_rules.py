@@ -18,6 +18,7 @@ import yaml
 from ipqd.errors import InvalidValue
 from ipqd.policy import _values as values
 from ipqd.policy._rate import parse_rule_rate
+from ipqd.policy._time import parse_time
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text, words
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
@@ -453,6 +454,7 @@ RULE_FIELDS = {
     "rate": parse_rule_rate,
     "offload": lambda where, node: boolean(where, node, "offload"),
     "reject_with": parse_reject_with,
+    "time": parse_time,
 }
 ALL_FIELDS = list(RULE_FIELDS) + list(MATCH_FIELDS)
 
@@ -510,6 +512,7 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
     rule = Rule(name=name, match=match, action=one(done["action"]),
                 set_mark=done.get("set_mark"), log=done.get("log"), rate=done.get("rate"),
                 offload=done.get("offload", True), reject_with=done.get("reject_with"),
+                time=done.get("time"),
                 position=Position(file.path, node.start_mark.line + 1,
                                   node.start_mark.column + 1))
     return ParsedRule(name, rule, keys, where, name_node)

@@ -151,6 +151,22 @@ class Rate:
     keys: int = 0
 
 
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")     # datetime.weekday() order
+
+
+@dataclass(frozen=True, **_SLOTS)
+class TimeWindow:
+    """`time:` a rule matches only on `days` (0 = Monday), between minute
+    `start` (included) and minute `end` (excluded) of the day, in zone `tz`
+    (None: the host's local time). `end` <= `start` wraps past midnight; the
+    day is always the packet's own (ipqd.policy._time)."""
+    days: frozenset = frozenset(range(7))
+    start: int = 0
+    end: int = 24 * 60
+    tz: Optional[str] = None
+    text: str = ""
+
+
 @dataclass(frozen=True, **_SLOTS)
 class Match:
     """Everything a rule tests. None means "not tested" (matches anything).
@@ -206,6 +222,7 @@ class Rule:
     position: Optional[Position] = None
     offload: bool = True                            # false: never offload this rule's flows
     reject_with: Optional[str] = None               # with reject; None: per protocol (REJECT_WITH)
+    time: Optional[TimeWindow] = None               # outside the window the rule does not match
 
 
 @dataclass(frozen=True, **_SLOTS)

@@ -23,11 +23,14 @@ to stderr through ipqd.console.error_line; JSON escapes itself.
 """
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
 import struct
 import sys
+import time
+import zoneinfo
 from typing import BinaryIO, Iterator, List, Optional, TextIO
 
 import dpkt
@@ -78,6 +81,16 @@ def run_explain(args) -> int:
         error_line("ipqd explain: --ct-state goes with a described packet; a capture's "
                    "packets get the states of their connections")
         return EXIT_USAGE
+    at = getattr(args, "at", None)
+    if args.pcap and at:
+        error_line("ipqd explain: --at goes with a described packet; a capture's packets "
+                   "are decided at the times they were captured")
+        return EXIT_USAGE
+    try:
+        now = moment(at) if at else time.time()
+    except ValueError as error:
+        error_line(f"ipqd explain: --at: {error}")
+        return EXIT_USAGE
     matcher = compile_policy(policy)
     base = PacketMeta(hook=hook, indev=args.indev, outdev=args.outdev)
     out = sys.stdout
@@ -87,7 +100,7 @@ def run_explain(args) -> int:
             code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json))
         elif args.packet:
             code = _explain_described(matcher, args.packet, base, ct_state,
-                                      policy.queue.conntrack, _Report(out, args.json))
+                                      policy.queue.conntrack, _Report(out, args.json), now)
         else:
             error_line("ipqd explain: give a packet description or --pcap FILE")
             print(EXPECTED_FORM, file=sys.stderr)
@@ -110,8 +123,32 @@ def _silence(out: TextIO) -> None:
         pass
 
 
+def moment(text: str) -> float:
+    """The Unix time of `--at`: an ISO date and time, with an offset, a tz
+    database name after a space, or neither (the host's local time)."""
+    written, _, zone_name = text.strip().rpartition(" ")
+    zone = None
+    if written and ("/" in zone_name or zone_name.upper() == "UTC"):
+        try:
+            zone = zoneinfo.ZoneInfo(zone_name)
+        except (ValueError, LookupError, OSError):
+            raise ValueError(f"unknown time zone '{zone_name}' (e.g. Europe/Paris or UTC)")
+    else:
+        written = text.strip()
+    try:
+        when = datetime.datetime.fromisoformat(written)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a date and time (write e.g. \"2026-12-07 09:30\", "
+                         "\"2026-12-07 09:30+01:00\" or \"2026-12-07 09:30 Europe/Paris\")")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=zone) if zone else when.astimezone()
+    elif zone is not None:
+        raise ValueError(f"'{text}' gives both an offset and a time zone: give one")
+    return when.timestamp()
+
+
 def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: Optional[str],
-                       conntrack: bool, report: "_Report") -> int:
+                       conntrack: bool, report: "_Report", now: float) -> int:
     try:
         payload, meta = build_packet(text, base)
     except DescriptionError as error:
@@ -126,7 +163,7 @@ def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: 
     # The daemon knows a state only with conntrack; a lone packet is the
     # first of its connection, as the tracker says (new, invalid, untracked).
     tracker = Tracker() if conntrack and not given else None
-    report.packet(decide(matcher, 1, payload, meta._replace(ct_state=given), 0.0, tracker))
+    report.packet(decide(matcher, 1, payload, meta._replace(ct_state=given), now, tracker))
     report.finish(matcher, capture=None)
     return EXIT_OK
 

@@ -33,6 +33,7 @@ IFACE_PATTERNS = ["eth0", "eth*", "wlan?", "lo", "e[t]h1", "ppp*"]
 MARKS = [0, 0x10, 0x11, 0xFF, 0x100]
 LENGTHS = [20, 40, 64, 100, 576, 1200, 1500, 9000]
 ICMP_TYPES = [0, 3, 8, 11, 128, 129, 135]
+CGROUPS = ["system.slice", "system.slice/nginx.service", "system.slice/nginx", "user.slice"]
 
 
 def maybe(strategy, none_weight: int = 3):
@@ -81,6 +82,7 @@ MATCH_FIELDS = dict(
     mark=maybe(marks, 6),
     length=maybe(lengths, 6),
     fragment=maybe(small_set(FRAGMENTS), 6),
+    cgroup=maybe(small_set(CGROUPS), 8),
     malformed=st.sampled_from([False] * 9 + [True]),
 )
 MATCHES = st.builds(Match, **MATCH_FIELDS)
@@ -156,6 +158,7 @@ def views(draw):
         uid=draw(st.sampled_from([None, 0, 1000, 500])),
         gid=draw(st.sampled_from([None, 0, 100])),
         ct_state=draw(st.sampled_from((None,) + CT_STATES)),
+        cgroup=draw(st.sampled_from([None] + CGROUPS + ["system.slice/nginx.service/x"])),
     )
     family = draw(st.sampled_from([4, 6]))
     addresses = V4 if family == 4 else V6
@@ -224,6 +227,7 @@ def random_match(rng: random.Random, address_bias: bool = False) -> Match:
         mark=some(0.12, lambda: MarkMatch(*rng.choice(MARK_MATCHES))),
         length=some(0.12, lambda: rng.choice(LENGTH_RANGES)),
         fragment=some(0.12, lambda: pick_set(list(FRAGMENTS))),
+        cgroup=some(0.06, lambda: pick_set(CGROUPS)),
         malformed=rng.random() < 0.1,
     )
 
@@ -250,7 +254,7 @@ def assert_agrees(policy, packets, step: float = 1.0, start: float = 0.0):
         assert decision.log_rules == tuple(policy.rules[j].name for j in reference.logged)
         logged += len(reference.logged)
         if expected_action == "reject":
-            assert reject_kind(decision.reject_with, view.proto) == \
+            assert reject_kind(decision.reject_with, view.proto, view.hook) == \
                 reference.refusal(expected_index, view)
     total = sum(c["hits"] for c in matcher.counters()["rules"].values())
     assert total + matcher.counters()["default"]["hits"] == len(packets) + logged

@@ -107,12 +107,13 @@ class Reference:
 
     def refusal(self, index: int, view) -> str:
         """How a packet rule `index` (-1: the default) rejects is refused:
-        the reject_with written, else a reset for TCP, port-unreachable for
-        every other protocol."""
+        the reject_with written, else a reset for TCP (but at output),
+        port-unreachable for every other protocol."""
         written = (self.policy.rules[index] if index >= 0 else self.policy.default).reject_with
         if written is not None:
             return written
-        return "tcp-reset" if view.proto == 6 else "port-unreachable"
+        # at output (hook 3) the kernel's reset does not reach the host's own socket
+        return "tcp-reset" if view.proto == 6 and view.hook != 3 else "port-unreachable"
 
 
 def in_window(window, now: float) -> bool:
@@ -169,6 +170,10 @@ def matches(m, view) -> bool:
             return False
     if m.mark is not None:
         if view.mark is None or (view.mark & m.mark.mask) != m.mark.value:
+            return False
+    if m.cgroup is not None:
+        path = view.cgroup          # the deepest cgroup path the packet was marked with
+        if path is None or not any(path == a or path.startswith(a + "/") for a in m.cgroup):
             return False
     if m.length is not None:
         lo, hi = m.length

@@ -50,6 +50,7 @@ from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Seque
 from ipqd.decision.packet import MALFORMED
 from ipqd.decision.rate_table import RateTable
 from ipqd.policy._time import within
+from ipqd.policy.cgroup import cgroup_layout, under
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
                                Match, Policy, Position, RangeMatch, Rate, Rule)
@@ -230,6 +231,20 @@ def _length(lo: int, hi: int) -> Check:
     return check
 
 
+def _cgroup(paths: frozenset) -> Check:
+    answers: Dict[str, bool] = {}   # the policy's paths are few: remember each answer
+
+    def check(view) -> bool:
+        path = view.cgroup
+        if path is None:
+            return False
+        answer = answers.get(path)
+        if answer is None:
+            answer = answers[path] = any(under(path, a) for a in paths)
+        return answer
+    return check
+
+
 def _families(match: Match) -> frozenset:
     """The families a packet must have for the match to be possible at all."""
     families = frozenset({4, 6}) if match.family is None else frozenset({match.family})
@@ -281,6 +296,8 @@ def _checks(match: Match, skip: frozenset,
     for attr in ("uid", "gid"):
         if getattr(m, attr) is not None:
             add(attr, _in_ranges, attr, getattr(m, attr))
+    if m.cgroup is not None:
+        add("cgroup", _cgroup, m.cgroup)
     for field, attr, value in (("in", "indev", m.in_), ("out", "outdev", m.out)):
         if value is not None:
             add(field, _iface, attr, value)
@@ -424,6 +441,8 @@ class Matcher:
                           for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
         self.rated = False                           # see decide
+        # `cgroup:` rules: how the output hook numbers cgroups in the mark.
+        self.cgroups = cgroup_layout(policy.queue.offload, policy.queue.cgroups)
         # Added to `now` to give Unix time, for `time:` windows: the daemon's
         # clock is monotonic (the worker sets it); explain passes Unix time.
         self.clock_offset = 0.0
@@ -454,6 +473,8 @@ class Matcher:
         self._by_family = {family: _index_family(family, plain, rules, exact) for family in (4, 6)}
         self._offload(policy)
         fields = set(policy.fields())
+        if "cgroup" in fields:
+            fields.add("mark")      # the cgroup is in the mark: cache keys must hold it
         if self._malformed:
             fields.add(MALFORMED)
         self.fields = frozenset(fields)

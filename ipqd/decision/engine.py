@@ -33,6 +33,7 @@ from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.policy.offload import layout as offload_layout
 from ipqd.decision.packet import PacketMeta, PacketView, parse
 from ipqd.policy.model import HOOKS, Policy
+from ipqd.policy.cgroup import split_mark
 from ipqd.policy.reject import REJECT_HOOKS, reject_bits, reject_kind
 from ipqd.decision.verdict_cache import CachedVerdict, VerdictCache
 
@@ -112,6 +113,8 @@ class Engine:
         self._reject_hooks = frozenset(HOOKS[hook.chain] for hook in policy.hooks) & REJECT_HOOKS \
             if bits else frozenset()
         self.rejecting = bool(self._reject_hooks)
+        # cgroup rules: the output hook wrote the packet's cgroup into the mark.
+        self._cgroups = self.matcher.cgroups
         # Monitor mode: every packet accepted, what the policy would do logged.
         self.monitor = policy.mode == "monitor"
 
@@ -140,10 +143,15 @@ class Engine:
         counters = self.counters
         counters.packets += 1
         try:
-            meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), packet.mark,
+            mark, cgroups = packet.mark, self._cgroups
+            if cgroups is not None:
+                cgroup, mark = split_mark(cgroups, mark)
+            meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), mark,
                               packet.uid, packet.gid, ct_state, packet.cap_len,
                               _FAMILY.get(packet.family))
             view = parse(packet.payload or b"", meta, self.needs)
+            if cgroups is not None:
+                view.cgroup = cgroup
             decision = self.matcher.decide(view, now)
         except Exception:       # the per-packet boundary: the default, counted
             return self.fallback()
@@ -244,5 +252,5 @@ class Engine:
             self.rejecting = False
             return Verdict(NF_DROP, None, decision, view)
         self.counters.rejected += 1
-        kind = reject_kind(decision.reject_with, view.proto)
+        kind = reject_kind(decision.reject_with, view.proto, view.hook)
         return Verdict(NF_REPEAT, self._reject_bits.mark(kind), decision, view)

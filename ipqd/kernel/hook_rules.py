@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ipqd.errors import HookError
 from ipqd.policy.model import CT_STATES, Hook, QueueConfig
 from ipqd.policy.offload import Layout, layout as offload_layout
+from ipqd.policy.cgroup import cgroup_layout, depth
 from ipqd.policy.reject import IPTABLES_REJECT, NFT_REJECT, REJECT_CHAINS, reject_bits
 
 BACKENDS = ("nft", "iptables-nft", "iptables-legacy")
@@ -192,6 +193,28 @@ def _reject_nft(hook_chain: str, queue: QueueConfig) -> List[str]:
     return rules
 
 
+def _cgroup_marks(hook_chain: str, queue: QueueConfig, nft: bool) -> List[str]:
+    """Rule bodies that write each cgroup path's number into the packet mark,
+    shallowest first (the deepest path a packet lies under wins): output only,
+    where packets have the socket that sent them."""
+    layout = cgroup_layout(queue.offload, queue.cgroups)
+    if layout is None or hook_chain != "output":
+        return []
+    mask = layout.mask
+    keep = ~mask & 0xFFFFFFFF
+    # first cleared: only these rules may say a packet's cgroup
+    rules = ["meta mark set meta mark and {keep:#x}".format(keep=keep) if nft
+             else f"-j MARK --set-xmark 0x0/{mask:#x}"]
+    for number, path in enumerate(layout.paths, 1):
+        value = layout.mark(number)
+        if nft:
+            rules.append(f'socket cgroupv2 level {depth(path)} "{path}" '
+                         f"meta mark set meta mark and {keep:#x} or {value:#x}")
+        else:
+            rules.append(f"-m cgroup --path {path} -j MARK --set-xmark {value:#x}/{mask:#x}")
+    return rules
+
+
 def _ipt_proto(proto: Optional[str], family: int) -> Optional[str]:
     """The -p argument for a hook's proto in one family; None: skip this family."""
     if proto is None:
@@ -224,6 +247,8 @@ def plan_iptables(hooks: Sequence[Hook], queue: QueueConfig, variant: str) -> Pl
                         f"-A {OFFLOAD_CHAIN} -j MARK --set-xmark 0x0/{bits.request:#x}",
                         f"-A {OFFLOAD_CHAIN} -j ACCEPT"]
             chain_rules = chains[name]
+            marks = [f"-A {name} {proto}{body}" for body in _cgroup_marks(hook.chain, queue, False)]
+            chain_rules += [rule for rule in marks if rule not in chain_rules]
             for match, target in _queue_targets(queue):
                 chain_rules.append(f"-A {chain_name(hook.chain)} {proto}{match}{target}")
             tool = ("iptables" if family == 4 else "ip6tables") + f"-{variant}"
@@ -253,6 +278,9 @@ def plan_nft(hooks: Sequence[Hook], queue: QueueConfig) -> Plan:
         if hook.proto:
             proto = {"icmpv6": "ipv6-icmp"}.get(hook.proto, hook.proto)
             match += f"meta l4proto {proto} "
+        for body in _cgroup_marks(hook.chain, queue, True):
+            if f"{match}{body}" not in chains[hook.chain]:
+                chains[hook.chain].append(f"{match}{body}")
         for ct_match, target in _queue_targets(queue, nft=True):
             chains.setdefault(hook.chain, []).append(f"{match}{ct_match}{target}")
     lines = [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}", f"table inet {NFT_TABLE} {{"]

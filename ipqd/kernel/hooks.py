@@ -176,6 +176,17 @@ def detect_backend() -> Tuple[str, List[str]]:
                       "--no-hooks and add the NFQUEUE rules yourself")
 
 
+def cgroup_note(backend: str) -> str:
+    """Whether `cgroup:` and `unit:` rules can be enforced here, in one line."""
+    from ipqd.policy.loader import cgroup2_root
+    root = cgroup2_root()
+    if root is None:
+        return ("cgroup: no cgroup v2 hierarchy is mounted: rules with cgroup or unit "
+                "cannot be enforced here")
+    match = "socket cgroupv2" if backend == "nft" else "iptables cgroup --path"
+    return f"cgroup: cgroup v2 at {root}; rules with cgroup or unit use {match} (output only)"
+
+
 def require_privilege(doing: str) -> None:
     """Raise HookError saying that `doing` needs root, unless it has CAP_NET_ADMIN."""
     from ipqd.kernel.queue_socket import has_cap_net_admin
@@ -338,6 +349,7 @@ def run_hooks_command(args) -> int:
             for note in notes:
                 print(f"passed over {note}")
             print(chosen)
+            print(cgroup_note(chosen))
             return EXIT_OK
         if args.action == "remove":
             _remove_command(args)

@@ -332,6 +332,47 @@ def _length(ctx, key, node):
         return None
 
 
+_CGROUP_PATH = re.compile(r"^[^/\s]+(/[^/\s]+)*$")
+_UNIT = re.compile(r"^[A-Za-z0-9:_.\\@-]+$")
+
+
+def _cgroup(ctx, key, node):
+    items = scalars(ctx.where, node, key.value, "a cgroup path such as system.slice/nginx.service, "
+                                                 "or a list of them")
+    if items is None:
+        return None
+    out = set()
+    for item in items:
+        path = item.value.strip().strip("/")
+        if not _CGROUP_PATH.match(path) or any(part in (".", "..") for part in path.split("/")):
+            ctx.where.error(item, f"'{item.value}' is not a cgroup path (write it from the "
+                                  "cgroup v2 root, e.g. system.slice/nginx.service)")
+            return None
+        out.add(path)
+    return frozenset(out)
+
+
+def _unit(ctx, key, node):
+    items = scalars(ctx.where, node, "unit", "a systemd unit such as nginx.service, or a list")
+    if items is None:
+        return None
+    out = set()
+    for item in items:
+        name = item.value.strip()
+        if not _UNIT.match(name) or name.startswith("."):
+            ctx.where.error(item, f"'{item.value}' is not a systemd unit name "
+                                  "(e.g. nginx.service)")
+            return None
+        if "." not in name:
+            name += ".service"
+        if not name.endswith((".service", ".scope")):
+            ctx.where.error(item, f"unit '{name}': only services and scopes run processes "
+                                  "(write e.g. nginx.service, or use cgroup: for a slice)")
+            return None
+        out.add("system.slice/" + name)     # where systemd runs system units
+    return frozenset(out)
+
+
 def _malformed(ctx, key, node):
     return boolean(ctx.where, node, "malformed")
 
@@ -356,6 +397,8 @@ MATCH_FIELDS = {
     "mark": _mark,
     "length": _length,
     "fragment": _fragment,
+    "cgroup": _cgroup,
+    "unit": _unit,
     "malformed": _malformed,
 }
 
@@ -503,11 +546,14 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
         where.error(node, "missing 'action' (add action: accept or action: drop)")
     _check_families(ctx, keys, found, matched)
     consistent = "proto" in ctx.failed or check_reject(where, keys, done, matched.get("proto"))
+    consistent = _check_cgroup(ctx, keys, matched) and consistent
     if not consistent or ctx.failed or None in done.values() or "action" not in found:
         return ParsedRule(name, None, keys, where, name_node)
     def one(value):
         return shared.setdefault((type(value), value), value)
 
+    if "unit" in matched:           # a unit is its cgroup path
+        matched["cgroup"] = matched.pop("unit") | matched.get("cgroup", frozenset())
     match = Match(**{("in_" if f == "in" else f): one(v) for f, v in matched.items()})
     rule = Rule(name=name, match=match, action=one(done["action"]),
                 set_mark=done.get("set_mark"), log=done.get("log"), rate=done.get("rate"),
@@ -516,6 +562,20 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
                 position=Position(file.path, node.start_mark.line + 1,
                                   node.start_mark.column + 1))
     return ParsedRule(name, rule, keys, where, name_node)
+
+
+def _check_cgroup(ctx: _Context, keys, matched) -> bool:
+    """cgroup and unit rules read what the kernel tells of locally sent packets only."""
+    field = next((f for f in ("cgroup", "unit") if f in keys), None)
+    if field is None or "hook" in ctx.failed:
+        return True
+    hooks = matched.get("hook")
+    if hooks is None or hooks != frozenset({HOOKS["output"]}):
+        ctx.where.error(keys[field], f"{field} needs hook: output: the kernel tells a packet's "
+                                     "cgroup only for packets this host sends (add "
+                                     "'hook: output')")
+        return False
+    return True
 
 
 def _fields(where: Where, node: yaml.MappingNode):

@@ -31,6 +31,7 @@ from ipqd.policy._rules import ParsedRule, SetDef, check_reject, parse_action, p
     parse_reject_with, parse_rule, parse_set_mark
 from ipqd.policy._values import one_of
 from ipqd.policy._yamlsafe import TAG_PROBLEM_STARTS, compose, read_text
+from ipqd.policy.cgroup import capacity, ordered
 from ipqd.policy.model import (
     CT_STATES, HOOKS, MODES, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
 )
@@ -347,9 +348,60 @@ class _Loader:
         if None in (queue, hooks, default, logging, mode) or any(p.rule is None for p in parsed):
             return None
         rejects = default.action == "reject" or any(p.rule.action == "reject" for p in parsed)
-        queue = replace(queue, reject=rejects)
+        cgroups = _cgroups(where, queue, hooks, parsed)
+        if cgroups is None:
+            return None
+        queue = replace(queue, reject=rejects, cgroups=cgroups)
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
                       logging=logging, rules=tuple(p.rule for p in parsed), mode=mode)
+
+
+def _cgroups(where: Where, queue: QueueConfig, hooks, parsed: List[ParsedRule]):
+    """Every cgroup path the rules name, in the order the hooks mark them;
+    None (reported) when the mask cannot number them all."""
+    using = [p for p in parsed if p.rule.match.cgroup]
+    paths = ordered([path for p in using for path in p.rule.match.cgroup])
+    if not paths:
+        return ()
+    first = using[0]
+    key = first.keys.get("cgroup") or first.keys.get("unit")
+    if len(paths) > capacity(queue.offload):
+        first.where.error(key, f"the rules name {len(paths)} cgroups, but queue.offload.mask "
+                               f"numbers at most {capacity(queue.offload)}: widen the mask "
+                               "or name fewer")
+        return None
+    if not any(hook.chain == "output" for hook in hooks):
+        first.where.warn(key, "no hook on chain output: cgroup and unit rules see no packet "
+                              "(add '- {chain: output}' under hooks)")
+    root = cgroup2_root()
+    for p in using:
+        for path in sorted(p.rule.match.cgroup):
+            if root is None:
+                p.where.warn(p.keys.get("cgroup") or p.keys.get("unit"),
+                             "no cgroup v2 hierarchy is mounted here: ipqd cannot check "
+                             "that the cgroups exist, and where the kernel has no cgroup v2 "
+                             "the hooks cannot be installed")
+                return paths
+            if not os.path.isdir(os.path.join(root, path)):
+                p.where.warn(p.keys.get("cgroup") or p.keys.get("unit"),
+                             f"cgroup '{path}' does not exist now: the kernel refuses rules "
+                             "naming it, so ipqd cannot install its hooks until it does "
+                             "(start the unit first)")
+    return paths
+
+
+def cgroup2_root() -> Optional[str]:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on hybrid systems), or None."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return None
 
 
 # --- the main file's sections --------------------------------------------------

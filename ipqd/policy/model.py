@@ -197,6 +197,7 @@ class Match:
     mark: Optional[MarkMatch] = None
     length: Optional[Tuple[int, int]] = None        # inclusive, whole IP packet length
     fragment: Optional[frozenset] = None            # names from FRAGMENTS
+    cgroup: Optional[frozenset] = None              # cgroup v2 paths (`cgroup`, `unit`); output only
     malformed: bool = False
 
     def fields(self) -> frozenset:
@@ -264,6 +265,9 @@ class QueueConfig:
     # Loader: on when a rule or the default rejects; the hooks then hold the
     # rules that refuse what ipqd marks for rejection (ipqd.policy.reject).
     reject: bool = False
+    # Loader: every cgroup path a rule names; the output hook marks them
+    # (ipqd.policy.cgroup).
+    cgroups: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, **_SLOTS)

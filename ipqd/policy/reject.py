@@ -69,12 +69,16 @@ def reject_bits(offload: Offload) -> Optional[RejectBits]:
     return RejectBits(free[0] | free[1], tuple(zip(REJECT_WITH, free[2:6])))
 
 
-def reject_kind(reject_with: Optional[str], proto: Optional[int]) -> str:
+def reject_kind(reject_with: Optional[str], proto: Optional[int],
+                hook: Optional[int] = None) -> str:
     """The refusal a packet gets: the rule's `reject_with`, else a TCP reset
-    for TCP and port-unreachable for everything else."""
+    for TCP and port-unreachable for everything else. At output a TCP
+    packet gets port-unreachable too: the kernel's reset for a packet this
+    host sends does not reach its own socket, its ICMP error does (and
+    connect() fails with ECONNREFUSED either way)."""
     if reject_with is not None:
         return reject_with
-    return "tcp-reset" if proto == PROTO_TCP else "port-unreachable"
+    return "tcp-reset" if proto == PROTO_TCP and hook != NF_INET_LOCAL_OUT else "port-unreachable"
 
 
 def describe(bits: RejectBits) -> Dict[str, int]:

@@ -44,6 +44,7 @@ from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
 from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES, TCP_FLAGS
 from ipqd.policy.model import (CT_STATES, HOOKS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
                                PROTO_UDP, PROTO_UDPLITE, PROTOCOL_NAMES, PROTOCOLS)
+from ipqd.policy.cgroup import mark_for, split_mark
 from ipqd.policy.reject import REJECT_HOOKS, reject_kind
 from ipqd.printable import clean
 from ipqd.tools.grammar import EXPECTED_FORM
@@ -150,7 +151,7 @@ def moment(text: str) -> float:
 def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: Optional[str],
                        conntrack: bool, report: "_Report", now: float) -> int:
     try:
-        payload, meta = build_packet(text, base)
+        payload, meta = build_packet(text, base, matcher.cgroups)
     except DescriptionError as error:
         error_line(f"ipqd explain: cannot read packet description: {error}")
         print(EXPECTED_FORM, file=sys.stderr)
@@ -208,11 +209,15 @@ def decide(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta, now:
            tracker: Optional[Tracker] = None) -> dict:
     """One packet through parse and decide, as a record for the report. With
     a tracker, the packet gets the ct_state it gives (and the tracker moves on)."""
+    cgroup, mark = split_mark(matcher.cgroups, meta.mark)    # as the daemon's engine
+    meta = meta._replace(mark=mark)
     shown = parse(payload, meta)            # every field: for the tracker and the summary
+    shown.cgroup = cgroup
     if tracker is not None:
         meta = meta._replace(ct_state=tracker.track(shown, payload, now))
         shown.ct_state = meta.ct_state
     view = parse(payload, meta, matcher.fields)
+    view.cgroup = cgroup
     return _record(number, view, shown, matcher.decide(view, now))
 
 
@@ -238,7 +243,7 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
         "set_mark": decision.mark,
         # How a reject is refused, as the daemon's hook rules would; None at
         # prerouting and postrouting, where the kernel cannot and it is a drop.
-        "reject_with": reject_kind(decision.reject_with, view.proto)
+        "reject_with": reject_kind(decision.reject_with, view.proto, view.hook)
         if decision.action == "reject" and view.hook in REJECT_HOOKS else None,
         "log": decision.log,
         "log_rules": list(decision.log_rules),      # `action: log` rules met on the way
@@ -253,7 +258,8 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
 def _fields(view: PacketView, addresses: tuple) -> dict:
     fields = {name: getattr(view, name) for name in (
         "family", "proto", "sport", "dport", "icmp_type", "icmp_code", "tcp_flags",
-        "length", "fragment", "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state")}
+        "length", "fragment", "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state",
+        "cgroup")}
     fields["src"], fields["dst"] = addresses
     return fields
 
@@ -360,7 +366,7 @@ class _Report:
 
 # ---- packet descriptions ----------------------------------------------------
 
-def build_packet(text: str, base: PacketMeta = PacketMeta()) -> tuple:
+def build_packet(text: str, base: PacketMeta = PacketMeta(), cgroups=None) -> tuple:
     """Bytes and meta for a description like "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn".
 
     Raises DescriptionError saying what is wrong.
@@ -376,6 +382,8 @@ def build_packet(text: str, base: PacketMeta = PacketMeta()) -> tuple:
     family = src.version
     opts = _options(words[4:], proto, family)
     meta = base._replace(**{k: v for k, v in opts.items() if k in PacketMeta._fields})
+    if "cgroup" in opts:        # as the output hook marks it for the policy's `cgroups`
+        meta = meta._replace(mark=(meta.mark or 0) | mark_for(cgroups, opts["cgroup"]))
     if proto in (PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, PROTO_SCTP):
         if (sport is None or dport is None) and opts.get("frag") != "not-first":
             raise DescriptionError(f"{words[0]} needs ports: SRC:PORT -> DST:PORT")
@@ -442,6 +450,9 @@ def _options(words: List[str], proto: int, family: int) -> dict:
             opts["len"] = _number(key, value, 65535)
         elif key in ("mark", "uid", "gid"):
             opts[key] = _number(key, value, 0xFFFFFFFF)
+        elif key in ("cgroup", "unit"):
+            opts["cgroup"] = value if key == "cgroup" else \
+                "system.slice/" + (value if "." in value else value + ".service")
         elif key == "ct":
             if value not in CT_STATES:
                 raise DescriptionError(f"ct={value}: expected one of {', '.join(CT_STATES)}")

@@ -178,11 +178,14 @@ def detect_backend() -> Tuple[str, List[str]]:
 
 def cgroup_note(backend: str) -> str:
     """Whether `cgroup:` and `unit:` rules can be enforced here, in one line."""
-    from ipqd.policy.loader import cgroup2_root
+    from ipqd.policy.loader import cgroup2_root, has_cgroup2
     root = cgroup2_root()
     if root is None:
-        return ("cgroup: no cgroup v2 hierarchy is mounted: rules with cgroup or unit "
-                "cannot be enforced here")
+        if has_cgroup2():
+            return ("cgroup: this kernel has cgroup v2, not mounted here: rules with cgroup "
+                    "or unit work if their cgroups exist; ipqd cannot check that they do")
+        return ("cgroup: this kernel has no cgroup v2: rules with cgroup or unit cannot be "
+                "enforced here")
     match = "socket cgroupv2" if backend == "nft" else "iptables cgroup --path"
     return f"cgroup: cgroup v2 at {root}; rules with cgroup or unit use {match} (output only)"
 
@@ -348,8 +351,8 @@ def run_hooks_command(args) -> int:
             chosen, notes = detect_backend()
             for note in notes:
                 print(f"passed over {note}")
-            print(chosen)
             print(cgroup_note(chosen))
+            print(chosen)
             return EXIT_OK
         if args.action == "remove":
             _remove_command(args)

@@ -378,9 +378,10 @@ def _cgroups(where: Where, queue: QueueConfig, hooks, parsed: List[ParsedRule]):
         for path in sorted(p.rule.match.cgroup):
             if root is None:
                 p.where.warn(p.keys.get("cgroup") or p.keys.get("unit"),
-                             "no cgroup v2 hierarchy is mounted here: ipqd cannot check "
-                             "that the cgroups exist, and where the kernel has no cgroup v2 "
-                             "the hooks cannot be installed")
+                             "no cgroup v2 hierarchy is mounted here: ipqd cannot check that "
+                             "the cgroups exist" if has_cgroup2() else
+                             "this kernel has no cgroup v2: cgroup and unit rules cannot be "
+                             "enforced, and ipqd's hooks cannot be installed")
                 return paths
             if not os.path.isdir(os.path.join(root, path)):
                 p.where.warn(p.keys.get("cgroup") or p.keys.get("unit"),
@@ -388,6 +389,15 @@ def _cgroups(where: Where, queue: QueueConfig, hooks, parsed: List[ParsedRule]):
                              "naming it, so ipqd cannot install its hooks until it does "
                              "(start the unit first)")
     return paths
+
+
+def has_cgroup2() -> bool:
+    """Whether the kernel has cgroup v2 (mounted here or not)."""
+    try:
+        with open("/proc/filesystems") as filesystems:
+            return any(line.split()[-1:] == ["cgroup2"] for line in filesystems)
+    except OSError:
+        return False
 
 
 def cgroup2_root() -> Optional[str]:

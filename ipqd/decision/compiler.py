@@ -49,7 +49,7 @@ from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Seque
 
 from ipqd.decision.packet import MALFORMED
 from ipqd.decision.rate_table import RateTable
-from ipqd.policy._time import within
+from ipqd.policy.windows import within
 from ipqd.policy.cgroup import cgroup_layout, under
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,

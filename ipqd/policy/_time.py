@@ -12,9 +12,7 @@ standard library's zoneinfo.
 """
 from __future__ import annotations
 
-import datetime
 import re
-from functools import lru_cache
 from typing import Optional
 
 import yaml
@@ -22,6 +20,7 @@ import yaml
 from ipqd.policy._nodes import Where, fields, scalars, text
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import DAYS, TimeWindow
+from ipqd.policy.windows import zone
 
 TIME_FIELDS = ("days", "hours", "tz")
 _HOURS = re.compile(r"^(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})$")
@@ -109,23 +108,3 @@ def _tz(where: Where, node: yaml.Node) -> Optional[str]:
                           "e.g. Europe/Paris or UTC; see timedatectl list-timezones)")
         return None
     return name
-
-
-@lru_cache(maxsize=None)
-def zone(name: Optional[str]):
-    """The tzinfo of `name` (None: the host's local time, read once)."""
-    if name is None:
-        return datetime.datetime.now().astimezone().tzinfo
-    import zoneinfo                 # 3.9+: the standard library's tz database
-    return zoneinfo.ZoneInfo(name)
-
-
-def within(window: TimeWindow, moment: float) -> bool:
-    """Whether the Unix time `moment` lies in `window`."""
-    local = datetime.datetime.fromtimestamp(moment, zone(window.tz))
-    minute = local.hour * 60 + local.minute
-    if window.start < window.end:
-        inside = window.start <= minute < window.end
-    else:
-        inside = minute >= window.start or minute < window.end
-    return inside and local.weekday() in window.days

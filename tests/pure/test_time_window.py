@@ -12,7 +12,7 @@ import pytest
 from ipqd.decision.compiler import compile_policy, offload_states
 from ipqd.decision.packet import PacketView
 from ipqd.errors import PolicyErrors
-from ipqd.policy._time import within
+from ipqd.policy.windows import within
 from ipqd.policy.loader import loads
 from ipqd.policy.model import Default, Match, Policy, Rule, TimeWindow
 from policy_strategies import assert_agrees

@@ -19,11 +19,13 @@ from ipqd.errors import InvalidValue
 from ipqd.policy import _values as values
 from ipqd.policy._rate import parse_rule_rate
 from ipqd.policy._time import parse_time
-from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text, words
+from ipqd.policy._nodes import (Where, boolean, choice, describe, fields, is_scalar, scalars,
+                                text, words)
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
     ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTOCOL_NAMES, REJECT_WITH, RULE_ACTIONS, AddrMatch, IfaceMatch, Match, Position, RangeMatch, Rate, Rule,
+    PROTO_TCP, PROTOCOL_NAMES, REJECT_WITH, RULE_ACTIONS, AddrMatch, IfaceMatch, Match, Position,
+    RangeMatch, Rate, Rule,
 )
 
 ID_MAX = 0xFFFFFFFE                 # (uid_t)-1 means "no id" to the kernel

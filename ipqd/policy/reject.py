@@ -88,11 +88,24 @@ def describe(bits: RejectBits) -> Dict[str, int]:
 
 def rejects_as_drop(policy: Policy, default_node) -> List[PolicyError]:
     """A warning for each rejecting rule (and the default) that can decide
-    packets at a hooked chain where the kernel cannot reject: there it drops."""
-    chains = sorted({hook.chain for hook in policy.hooks} - set(REJECT_CHAINS))
-    if not chains:
-        return []
+    packets at a hooked chain where the kernel cannot reject: there it drops;
+    and for each TCP reset at output, which its own socket never sees."""
+    hooked = {hook.chain for hook in policy.hooks}
     out = []
+    if "output" in hooked:
+        for rule in policy.rules:
+            hooks = rule.match.hook
+            if rule.reject_with == "tcp-reset" and rule.position is not None and \
+                    (hooks is None or NF_INET_LOCAL_OUT in hooks):
+                out.append(PolicyError(
+                    rule.position.path, rule.position.line, rule.position.column,
+                    f'rule "{rule.name}": at hook output the kernel\'s TCP reset does not reach '
+                    "this host's own socket, which waits for its timeout: leave reject_with "
+                    "out (port-unreachable refuses it at once) or add 'hook: input'",
+                    severity="warning"))
+    chains = sorted(hooked - set(REJECT_CHAINS))
+    if not chains:
+        return out
     for rule in policy.rules:
         if rule.action != "reject" or rule.position is None:
             continue

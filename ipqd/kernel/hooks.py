@@ -186,6 +186,10 @@ def cgroup_note(backend: str) -> str:
                     "or unit work if their cgroups exist; ipqd cannot check that they do")
         return ("cgroup: this kernel has no cgroup v2: rules with cgroup or unit cannot be "
                 "enforced here")
+    if backend == "nft" and root != "/sys/fs/cgroup":
+        # nft looks cgroup paths up under /sys/fs/cgroup only
+        return (f"cgroup: cgroup v2 at {root}, where nft cannot find cgroups (it looks under "
+                "/sys/fs/cgroup): for rules with cgroup or unit use --backend iptables-nft")
     match = "socket cgroupv2" if backend == "nft" else "iptables cgroup --path"
     return f"cgroup: cgroup v2 at {root}; rules with cgroup or unit use {match} (output only)"
 

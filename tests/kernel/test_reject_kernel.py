@@ -105,6 +105,28 @@ def _outcomes(lab) -> dict:
     return out
 
 
+def _same_flow(lab, family: int, times: int = 4) -> list:
+    """One connected UDP socket to 5201 sending `times` datagrams: each answer."""
+    target = lab.SERVER4 if family == 4 else lab.SERVER6
+    s = lab.client.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+    s.settimeout(WAIT)
+    s.connect((target, 5201))
+    answers = []
+    try:
+        for n in range(times):
+            try:
+                s.send(b"again %d" % n)
+                s.recv(100)
+                answers.append("ok")
+            except socket.timeout:
+                answers.append("timeout")
+            except OSError as e:
+                answers.append(errno.errorcode[e.errno])
+    finally:
+        s.close()
+    return answers
+
+
 def _stats(ipqd) -> dict:
     mark = len(ipqd.lines)
     ipqd.signal(signal.SIGUSR1)
@@ -124,6 +146,9 @@ def test_reject_refuses_at_once_as_the_kernels_reject_does(lab, tmp_path, backen
         ipqd = RunningIpqd(lab.server, str(path), str(tmp_path / "state"), "--backend", backend)
         try:
             got = _outcomes(lab)
+            # later packets of a rejected flow are refused too: nothing cached
+            # or offloaded lets them through
+            again = {family: _same_flow(lab, family) for family in (4, 6)}
             stats = _stats(ipqd)
         finally:
             assert ipqd.stop() == 0
@@ -152,3 +177,4 @@ def test_reject_refuses_at_once_as_the_kernels_reject_does(lab, tmp_path, backen
     # SYN before the reset; 5103's dropped SYNs are not rejects).
     assert stats["rejected"] >= 2 * 5, stats
     assert stats["reject_returned"] == 0, stats
+    assert again == {4: ["ECONNREFUSED"] * 4, 6: ["ECONNREFUSED"] * 4}, again

@@ -15,6 +15,7 @@ seen.
 from __future__ import annotations
 
 from collections import OrderedDict
+from operator import attrgetter
 from typing import Callable, List, Optional, Tuple
 
 from ipqd.policy.model import Rate
@@ -29,6 +30,10 @@ def key_reader(per: Tuple[Tuple[str, int, int], ...]) -> Callable[[object], tupl
     prefix, IPv6 prefix), ...), the prefixes for addresses only. A field the
     packet does not carry (ports on ICMP) is None in the key: such packets
     share one bucket per value of the other fields."""
+    if len(per) == 1 and (per[0][0] in ("sport", "dport") or per[0][1:] == (32, 128)):
+        # one field read whole (`per: src`, `per: dport`): no shift, one getter
+        get = attrgetter("family", per[0][0])
+        return get
     parts: List[Callable[[object], object]] = []
     for field, v4, v6 in per:
         if field in ("src", "dst"):
@@ -82,7 +87,9 @@ class RateTable:
         return min(self.burst, tokens + (now - stamp) * self.per_second)
 
     def available(self, now: float, view=None) -> bool:
-        entry = self.entries.get(self._key_of(view))
+        key = self.key(view)
+        self._last = (view, key)
+        entry = self.entries.get(key)
         return entry is None or self._level(entry, now) >= 1.0
 
     def take(self, now: float, view=None) -> bool:

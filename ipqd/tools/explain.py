@@ -98,10 +98,10 @@ def run_explain(args) -> int:
     try:
         if args.pcap:
             tracker = Tracker() if policy.queue.conntrack else None
-            code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json))
+            code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json, policy.mode == "monitor"))
         elif args.packet:
             code = _explain_described(matcher, args.packet, base, ct_state,
-                                      policy.queue.conntrack, _Report(out, args.json), now)
+                                      policy.queue.conntrack, _Report(out, args.json, policy.mode == "monitor"), now)
         else:
             error_line("ipqd explain: give a packet description or --pcap FILE")
             print(EXPECTED_FORM, file=sys.stderr)
@@ -304,15 +304,18 @@ class _Report:
     """Writes each record as it comes, then the summary: text lines, or JSON
     Lines (an object per packet, "type": "packet", then "type": "summary")."""
 
-    def __init__(self, out: TextIO, as_json: bool):
+    def __init__(self, out: TextIO, as_json: bool, monitor: bool = False):
         self.out = out
         self.as_json = as_json
+        self.monitor = monitor          # mode: monitor: drops and rejects are not enforced
         self.packets = self.skipped = 0
 
     def packet(self, r: dict) -> None:
         self.packets += 1
         if r["verdict"] is None:
             self.skipped += 1
+        if r["verdict"] is not None:
+            r["enforced"] = not (self.monitor and r["verdict"] != "accept")
         if self.as_json:
             self.out.write(json.dumps({"type": "packet", **r}) + "\n")
         elif r["verdict"] is None:
@@ -322,6 +325,8 @@ class _Report:
             state = r["packet"]["ct_state"]
             ct = f" ct={state}" if state else ""
             extra = f"  (set mark {r['set_mark']:#x})" if r["set_mark"] is not None else ""
+            if not r["enforced"]:
+                extra += "  (not enforced: mode monitor accepts it)"
             if r["log_rules"]:
                 extra += f"  (logged by {clean(', '.join(r['log_rules']))})"
             if r["reject_with"] is not None:

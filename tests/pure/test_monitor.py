@@ -98,3 +98,15 @@ def test_the_journal_tells_would_be_decisions_and_log_rules():
     assert decision_message(fields).startswith("REJECT (not enforced) tcp 10.0.0.1:40000")
     assert decision_message(fields).endswith("rule=telnet logged-by=watch,all")
     assert "IPQD_ENFORCED" not in decision_fields("drop", "x", view, 0, None)
+
+
+def test_explain_marks_what_monitor_mode_would_not_enforce(capsys, tmp_path):
+    from ipqd.cli import main
+    path = tmp_path / "p.yaml"
+    path.write_text(POLICY)
+    assert main(["explain", str(path), "tcp 10.0.0.5:40000 -> 10.0.0.1:23 syn"]) == 0
+    line = capsys.readouterr().out
+    assert "REJECT" in line and "(not enforced: mode monitor accepts it)" in line
+    assert "(logged by watch)" in line
+    assert main(["explain", str(path), "tcp 10.0.0.5:40000 -> 10.0.0.1:80 syn", "--json"]) == 0
+    assert '"enforced": true' in capsys.readouterr().out

@@ -31,7 +31,10 @@ def test_one_input(data: bytes) -> None:
     counters = ENGINE.counters
     before = counters.accepted + counters.dropped
     verdict = ENGINE.decide(packet, NAMES.get, ct_state, clock[0])
-    assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP)
+    assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP, nfq.NF_REPEAT)
+    if verdict.verdict == nfq.NF_REPEAT:        # a reject request (the policy logs: no offload)
+        assert verdict.decision.action == "reject" and verdict.mark & 0xC0000000 == 0xC0000000
+        assert packet.mark & 0xC0000000 == 0, "a request that came back was asked again"
     assert counters.accepted + counters.dropped == before + 1
     assert counters.errors == 0, "the matcher raised"
 

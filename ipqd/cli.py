@@ -105,6 +105,11 @@ def _add_explain(sub) -> None:
                          help="hook the packets are taken to arrive at (default: input)")
     explain.add_argument("--in", dest="indev", metavar="IFACE", help="input interface name")
     explain.add_argument("--out", dest="outdev", metavar="IFACE", help="output interface name")
+    explain.add_argument("--at", metavar="TIME",
+                         help='decide the described packet as at TIME, e.g. "2026-12-07 09:30" '
+                              "(the host's local time), \"2026-12-07 09:30+01:00\" or "
+                              '"2026-12-07 09:30 Europe/Paris" (default: now), for rules '
+                              "with time windows")
 
 
 def _add_test(sub) -> None:

@@ -44,6 +44,13 @@ rules:
   - {name: nd, proto: icmpv6, icmp_type: [neighbour-solicitation, 136], action: accept}
   - {name: v6-out, family: ipv6, out: "!eth9", dst: "!fd00::/8", action: accept}
   - {name: gre, proto: [gre, esp, ah, 255], action: drop}
+  - {name: flood, proto: udp, dport: 9999, rate: {limit: 5/second, per: [src/24, dport], keys: 64}, action: accept}
+  - {name: watch, proto: tcp, dport: [25, 113], action: log}
+  - {name: office, proto: tcp, dport: 8080, time: {days: [mon, fri], hours: "22:00-06:00", tz: Europe/Paris}, action: drop}
+  - {name: svc, hook: output, cgroup: [system.slice, system.slice/x.service], proto: tcp, action: accept}
+  - {name: ident, proto: tcp, dport: 113, action: reject}
+  - {name: snmp, proto: udp, dport: 161-162, action: reject, reject_with: admin-prohibited}
+  - {name: other-udp, proto: udp, hook: [input, output], action: reject}
 """
 
 

@@ -12,7 +12,8 @@ from ipqd.decision.address_set import parse_entry
 from ipqd.decision.compiler import compile_policy
 from ipqd.decision.packet import PacketView
 from ipqd.policy.model import (CT_STATES, FRAGMENTS, AddrMatch, Default, IfaceMatch, MarkMatch,
-                               Match, Policy, RangeMatch, Rule, TcpFlagsMatch)
+                               Match, Policy, RangeMatch, Rate, Rule, TcpFlagsMatch, TimeWindow)
+from ipqd.policy.reject import reject_kind
 from reference import Reference
 
 # A small universe, so that rules and packets collide often.
@@ -33,6 +34,7 @@ IFACE_PATTERNS = ["eth0", "eth*", "wlan?", "lo", "e[t]h1", "ppp*"]
 MARKS = [0, 0x10, 0x11, 0xFF, 0x100]
 LENGTHS = [20, 40, 64, 100, 576, 1200, 1500, 9000]
 ICMP_TYPES = [0, 3, 8, 11, 128, 129, 135]
+CGROUPS = ["system.slice", "system.slice/nginx.service", "system.slice/nginx", "user.slice"]
 
 
 def maybe(strategy, none_weight: int = 3):
@@ -89,26 +91,69 @@ MATCH_FIELDS = dict(
     mark=maybe(marks, 6),
     length=maybe(lengths, 6),
     fragment=maybe(small_set(FRAGMENTS), 6),
+    cgroup=maybe(small_set(CGROUPS), 8),
     malformed=st.sampled_from([False] * 9 + [True]),
 )
 MATCHES = st.builds(Match, **MATCH_FIELDS)
 # Most rules test src: long lists get address tables.
 MATCHES_BY_ADDRESS = st.builds(Match, **dict(MATCH_FIELDS, src=maybe(addr_matches, 1)))
-ACTIONS = st.sampled_from(["accept", "drop"])
+ACTIONS = st.sampled_from(["accept", "drop", "reject", "log"])
+# tcp-reset only where the loader allows it (proto tcp alone); see _reject_with.
+ICMP_REFUSALS = [None, "port-unreachable", "admin-prohibited", "host-unreachable"]
 SET_MARKS = st.sampled_from([None, 7])
 LOGS = st.sampled_from([None, True, False])
-DEFAULTS = st.builds(Default, action=ACTIONS, log=st.booleans())
+DEFAULTS = st.builds(Default, action=ACTIONS, log=st.booleans(),
+                     reject_with=st.sampled_from(ICMP_REFUSALS))
+
+
+def _reject_with(choose, match: Match, action: str):
+    """A reject_with the loader would take for this rule (None unless reject)."""
+    if action != "reject":
+        return None
+    kinds = ICMP_REFUSALS + (["tcp-reset"] if match.proto == frozenset({6}) else [])
+    return choose(kinds)
+
+
+# Rates, one bucket or one per key; few keys, so that the tables evict.
+RATES = [None] * 8 + [
+    Rate(2.0, 2, "2/second burst 2"),
+    Rate(1.0, 2, "1/second burst 2 per src", per=(("src", 32, 128),), keys=3),
+    Rate(1.0, 1, "1/second per src/24/64,dport", per=(("src", 24, 64), ("dport", 0, 0)), keys=2),
+    Rate(0.5, 2, "1/2s per dst/8/16", per=(("dst", 8, 16),), keys=4),
+]
+
+
+# Time windows: office hours in two zones, a night across midnight, weekends.
+WINDOWS = [None] * 6 + [
+    TimeWindow(frozenset(range(5)), 9 * 60, 17 * 60, "Europe/Paris"),
+    TimeWindow(frozenset({4, 5}), 22 * 60, 6 * 60, "UTC"),
+    TimeWindow(frozenset({5, 6}), 0, 24 * 60, "America/New_York"),
+    TimeWindow(frozenset(range(7)), 12 * 60 + 30, 13 * 60, "Asia/Kathmandu"),
+]
+
+
+def _rule(i: int, match: Match, action: str, set_mark, log, choose, rates: bool = False) -> Rule:
+    return Rule(name=f"r{i}", match=match, action=action, set_mark=set_mark, log=log,
+                reject_with=_reject_with(choose, match, action),
+                rate=choose(RATES) if rates else None, time=choose(WINDOWS) if rates else None)
 
 
 @st.composite
-def policies(draw, max_rules: int = 50, address_bias: bool = False):
+def policies(draw, max_rules: int = 50, address_bias: bool = False, rates: bool = False):
     count = draw(st.integers(0, max_rules))
     match_strategy = MATCHES_BY_ADDRESS if address_bias else MATCHES
-    rules = tuple(
-        Rule(name=f"r{i}", match=draw(match_strategy), action=draw(ACTIONS),
-             set_mark=draw(SET_MARKS), log=draw(LOGS))
-        for i in range(count))
-    return Policy(path="property.yaml", rules=rules, default=draw(DEFAULTS))
+
+    def choose(kinds):
+        return draw(st.sampled_from(kinds))
+    rules = tuple(_rule(i, draw(match_strategy), draw(ACTIONS), draw(SET_MARKS), draw(LOGS),
+                        choose, rates)
+                  for i in range(count))
+    default = draw(DEFAULTS)
+    if default.action == "log":
+        default = Default("drop", default.log)
+    elif default.action != "reject":
+        default = Default(default.action, default.log)
+    return Policy(path="property.yaml", rules=rules, default=default)
 
 
 @st.composite
@@ -122,6 +167,7 @@ def views(draw):
         uid=draw(st.sampled_from([None, 0, 1000, 500])),
         gid=draw(st.sampled_from([None, 0, 100])),
         ct_state=draw(st.sampled_from((None,) + CT_STATES)),
+        cgroup=draw(st.sampled_from([None] + CGROUPS + ["system.slice/nginx.service/x"])),
     )
     family = draw(st.sampled_from([4, 6]))
     addresses = V4 if family == 4 else V6
@@ -193,26 +239,29 @@ def random_match(rng: random.Random, address_bias: bool = False) -> Match:
         mark=some(0.12, lambda: MarkMatch(*rng.choice(MARK_MATCHES))),
         length=some(0.12, lambda: rng.choice(LENGTH_RANGES)),
         fragment=some(0.12, lambda: pick_set(list(FRAGMENTS))),
+        cgroup=some(0.06, lambda: pick_set(CGROUPS)),
         malformed=rng.random() < 0.1,
     )
 
 
-def random_policy(rng: random.Random, count: int, address_bias: bool = False) -> Policy:
-    rules = tuple(Rule(name=f"r{i}", match=random_match(rng, address_bias),
-                       action=rng.choice(["accept", "drop"]), set_mark=rng.choice([None, 7]),
-                       log=rng.choice([None, True, False]))
+def random_policy(rng: random.Random, count: int, address_bias: bool = False,
+                  actions=("accept", "drop"), rates: bool = False) -> Policy:
+    rules = tuple(_rule(i, random_match(rng, address_bias), rng.choice(actions),
+                        rng.choice([None, 7]), rng.choice([None, True, False]), rng.choice,
+                        rates)
                   for i in range(count))
-    return Policy(path="random.yaml", rules=rules,
-                  default=Default(action=rng.choice(["accept", "drop"])))
+    default = rng.choice([a for a in actions if a != "log"])
+    return Policy(path="random.yaml", rules=rules, default=Default(action=default))
 
 
-def assert_agrees(policy, packets, seed: int = 0):
+def assert_agrees(policy, packets, seed: int = 0, step: float = 1.0, start: float = 0.0):
     """The matcher and the reference agree on every packet, while the
     dynamic sets' entries change between packets (the same on both sides)."""
     matcher = compile_policy(policy)
     contents = {name: set() for name in DYNAMIC}
     reference = Reference(policy, contents)
     rng = random.Random(seed)
+    logged = 0                      # log rules' hits: counted, but decide nothing
     for n, view in enumerate(packets):
         for _ in range(rng.choice([0, 0, 1, 2])):
             name, net = rng.choice(DYNAMIC), rng.choice(NETWORKS)
@@ -226,9 +275,14 @@ def assert_agrees(policy, packets, seed: int = 0):
                 contents[name].add(net)
                 if store is not None:
                     store.add(entry)
-        decision = matcher.decide(view, now=float(n))
-        expected_index, expected_action = reference.decide(view, now=float(n))
+        decision = matcher.decide(view, now=start + n * step)
+        expected_index, expected_action = reference.decide(view, now=start + n * step)
         assert decision.rule_index == expected_index, (view, policy.rules[:expected_index + 1])
         assert decision.action == expected_action
+        assert decision.log_rules == tuple(policy.rules[j].name for j in reference.logged)
+        logged += len(reference.logged)
+        if expected_action == "reject":
+            assert reject_kind(decision.reject_with, view.proto, view.hook) == \
+                reference.refusal(expected_index, view)
     total = sum(c["hits"] for c in matcher.counters()["rules"].values())
-    assert total + matcher.counters()["default"]["hits"] == len(packets)
+    assert total + matcher.counters()["default"]["hits"] == len(packets) + logged

@@ -5,8 +5,10 @@ so the compiled matcher can be checked against it. Speed does not matter.
 """
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import ipaddress
+import zoneinfo
 from typing import Optional
 
 from ipqd.policy.model import Policy
@@ -32,6 +34,44 @@ class Bucket:
             self.stamp = now
 
 
+class KeyedBuckets:
+    """A Bucket per key, as the docs state it: a key's bucket starts full;
+    a take makes its key the most recently used; past `keys` keys the least
+    recently used is forgotten."""
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.buckets = {}               # key -> Bucket, least recently used first
+
+    def key(self, view) -> tuple:
+        parts = [view.family]
+        for field, v4, v6 in self.rate.per:
+            value = getattr(view, field)
+            if field in ("src", "dst") and value is not None:
+                if view.family == 4:
+                    value = int(ipaddress.ip_network((value, v4), strict=False).network_address)
+                elif view.family == 6:
+                    value = int(ipaddress.ip_network((value, v6), strict=False).network_address)
+                else:
+                    value = None
+            parts.append(value)
+        return tuple(parts)
+
+    def level(self, now: float, view) -> float:
+        bucket = self.buckets.get(self.key(view))
+        return float(self.rate.burst) if bucket is None else bucket.level(now)
+
+    def take(self, now: float, view) -> None:
+        key = self.key(view)
+        bucket = self.buckets.pop(key, None)
+        if bucket is None:
+            bucket = Bucket(self.rate.per_second, self.rate.burst)
+            if len(self.buckets) >= self.rate.keys:
+                del self.buckets[next(iter(self.buckets))]
+        self.buckets[key] = bucket
+        bucket.take(now)
+
+
 class Reference:
     """Evaluates a policy rule by rule. `decide` returns (rule index or -1, action)."""
 
@@ -39,20 +79,57 @@ class Reference:
         self.policy = policy
         # The dynamic sets' entries: name -> ipaddress networks (the caller changes them).
         self.sets = sets if sets is not None else {}
-        self.buckets = [Bucket(r.rate.per_second, r.rate.burst) if r.rate else None
-                        for r in policy.rules]
+        self.buckets = [None if not r.rate else KeyedBuckets(r.rate) if r.rate.per
+                        else Bucket(r.rate.per_second, r.rate.burst) for r in policy.rules]
 
     def decide(self, view, now: float = 0.0):
+        """(rule index or -1, action); `logged` then holds the indexes of the
+        `action: log` rules that matched on the way (they decide nothing)."""
+        self.logged = []
         for index, rule in enumerate(self.policy.rules):
             if not matches(rule.match, view, self.sets):
                 continue
+            if rule.time is not None and not in_window(rule.time, now):
+                continue
             bucket = self.buckets[index]
-            if bucket is not None:
+            if isinstance(bucket, KeyedBuckets):
+                if bucket.level(now, view) < 1.0:
+                    continue
+                bucket.take(now, view)
+            elif bucket is not None:
                 if bucket.level(now) < 1.0:
                     continue
                 bucket.take(now)
+            if rule.action == "log":
+                self.logged.append(index)
+                continue
             return index, rule.action
         return -1, self.policy.default.action
+
+
+    def refusal(self, index: int, view) -> str:
+        """How a packet rule `index` (-1: the default) rejects is refused:
+        the reject_with written, else a reset for TCP (but at output),
+        port-unreachable for every other protocol."""
+        written = (self.policy.rules[index] if index >= 0 else self.policy.default).reject_with
+        if written is not None:
+            return written
+        # at output (hook 3) the kernel's reset does not reach the host's own socket
+        return "tcp-reset" if view.proto == 6 and view.hook != 3 else "port-unreachable"
+
+
+def in_window(window, now: float) -> bool:
+    """`now` (Unix time) on one of the window's days, at a minute from its
+    start (included) to its end (excluded), wrapping past midnight; the day
+    is `now`'s own date in the window's zone (None: the host's)."""
+    zone = zoneinfo.ZoneInfo(window.tz) if window.tz else None
+    moment = datetime.datetime.fromtimestamp(now, zone)
+    minute = moment.hour * 60 + moment.minute
+    if moment.weekday() not in window.days:
+        return False
+    if window.start < window.end:
+        return window.start <= minute < window.end
+    return minute >= window.start or minute < window.end
 
 
 def matches(m, view, sets=None) -> bool:
@@ -96,6 +173,10 @@ def matches(m, view, sets=None) -> bool:
             return False
     if m.mark is not None:
         if view.mark is None or (view.mark & m.mark.mask) != m.mark.value:
+            return False
+    if m.cgroup is not None:
+        path = view.cgroup          # the deepest cgroup path the packet was marked with
+        if path is None or not any(path == a or path.startswith(a + "/") for a in m.cgroup):
             return False
     if m.length is not None:
         lo, hi = m.length

@@ -20,7 +20,7 @@ import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Deque, Dict, Optional, Tuple
 
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import HOOK_NAMES, PROTOCOL_NAMES, Position, Rate
@@ -74,14 +74,21 @@ def _source(position: Position) -> str:
 
 def decision_fields(action: str, rule_name: str, view: Optional[PacketView], queue: int,
                     mark: Optional[int], position: Optional[Position] = None,
-                    digest: str = "") -> Dict[str, str]:
+                    digest: str = "", enforced: bool = True,
+                    log_rules: Tuple[str, ...] = ()) -> Dict[str, str]:
     """The journal fields of one decision (headers only: never payload);
-    `position`: where the deciding rule is written, `digest`: the policy's."""
+    `position`: where the deciding rule is written, `digest`: the policy's,
+    `enforced` false for what monitor mode only logs, `log_rules`: the
+    `action: log` rules the packet matched on the way."""
     fields = {"IPQD_VERDICT": action, "IPQD_RULE": clean(rule_name), "IPQD_QUEUE": str(queue)}
     if position is not None:
         fields["IPQD_RULE_SOURCE"] = _source(position)
     if digest:
         fields["IPQD_POLICY_DIGEST"] = digest
+    if not enforced:        # monitor mode: accepted, though the policy says otherwise
+        fields["IPQD_ENFORCED"] = "no"
+    if log_rules:
+        fields["IPQD_LOG_RULES"] = clean(",".join(log_rules))
     if view is None:
         return fields
     if view.family:
@@ -142,6 +149,8 @@ def shadow_message(fields: Dict[str, str]) -> str:
 def decision_message(fields: Dict[str, str]) -> str:
     """`DROP tcp 10.0.0.2:51514 -> 10.0.0.1:23 in=veth0 rule=no-telnet`."""
     parts = [fields["IPQD_VERDICT"].upper()]
+    if fields.get("IPQD_ENFORCED") == "no":
+        parts.append("(not enforced)")
     if "IPQD_MALFORMED" in fields:
         parts.append(f"malformed ({fields['IPQD_MALFORMED']})")
     elif "IPQD_CUT" in fields:
@@ -161,6 +170,8 @@ def decision_message(fields: Dict[str, str]) -> str:
         if key in fields:
             parts.append(f"{word}={fields[key]}")
     parts.append(f"rule={fields['IPQD_RULE']}")
+    if "IPQD_LOG_RULES" in fields:
+        parts.append(f"logged-by={fields['IPQD_LOG_RULES']}")
     return " ".join(parts)
 
 
@@ -197,14 +208,16 @@ class DecisionLog:
     # -- the packet path: cheap, never blocks
 
     def decision(self, action: str, rule_name: str, view: Optional[PacketView], queue: int,
-                 mark: Optional[int], position: Optional[Position] = None) -> None:
+                 mark: Optional[int], position: Optional[Position] = None,
+                 enforced: bool = True, log_rules: Tuple[str, ...] = ()) -> None:
         """Queue a decision's entry; the writer wakes at the next `flush`
         (or within a second). `position`: where the deciding rule is written
         (formatted by the writer, off the packet path)."""
         if self._bucket is not None and not self._bucket.take(self.clock()):
             self.suppressed += 1
             return
-        self._put(("decision", action, rule_name, view, queue, mark, position))
+        self._put(("decision", action, rule_name, view, queue, mark, position, enforced,
+                   log_rules))
 
     def disagreement(self, enforced, shadow, view: Optional[PacketView], queue: int) -> None:
         """Queue the entry of a packet a shadow policy decides otherwise
@@ -271,10 +284,11 @@ class DecisionLog:
     def _entry(self, item):
         """(message, priority, fields) of a queued decision or event."""
         if item[0] == "decision":
-            _, action, rule_name, view, queue, mark, position = item
-            fields = decision_fields(action, rule_name, view, queue, mark, position, self.digest)
-            return (decision_message(fields), LOG_NOTICE if action == "drop" else LOG_INFO,
-                    fields)
+            _, action, rule_name, view, queue, mark, position, enforced, log_rules = item
+            fields = decision_fields(action, rule_name, view, queue, mark, position, self.digest,
+                                     enforced, log_rules)
+            notice = action in ("drop", "reject") and enforced
+            return decision_message(fields), LOG_NOTICE if notice else LOG_INFO, fields
         if item[0] == "shadow":
             _, enforced, shadow, view, queue = item
             fields = shadow_fields(enforced, shadow, view, queue, self.digest, self.shadow_digest)

@@ -365,7 +365,10 @@ class Daemon:
     def status_line(self) -> str:
         t = self.pool.totals()
         text = (f"STATUS={t.get('packets', 0)} packets, {t.get('accepted', 0)} accepted, "
-                f"{t.get('dropped', 0)} dropped; policy {self.path} ({self.rules} rules)")
+                f"{t.get('dropped', 0)} dropped")
+        if t.get("not_enforced"):
+            text += f" ({t['not_enforced']} of the accepted not enforced: monitor mode)"
+        text += f"; policy {self.path} ({self.rules} rules)"
         if self.last_reload_error:
             text += f"; last failed reload: {self.last_reload_error}"
         return text

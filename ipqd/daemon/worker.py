@@ -234,6 +234,8 @@ class Worker:
         ifname = self._ifname
         log = self.log
         now = time.monotonic()
+        # `time:` windows need the wall clock, which may be set while running.
+        engine.matcher.clock_offset = time.time() - now
         single = self._single
         batch = self._round.batch
         use_batch = self.config.batch
@@ -257,7 +259,8 @@ class Worker:
                     rule = decision.rule
                     log.decision(decision.action, rule.name if rule else "default",
                                  verdict.view, event.queue, verdict.mark,
-                                 rule.position if rule else None)
+                                 rule.position if rule else None,
+                                 verdict.enforced, decision.log_rules)
                 if engine.disagreement is not None:     # a shadow policy decided otherwise
                     log.disagreement(decision, engine.disagreement, verdict.view, event.queue)
             elif isinstance(event, nfq.KernelError):
@@ -308,6 +311,7 @@ class Worker:
         stats["kernel_errors"] = self.kernel_errors
         stats["reports_dropped"] = getattr(self.conn, "dropped", 0)
         stats.update(self.engine.cache.stats())
+        stats.update(self.engine.matcher.rate_stats())
         stats.update(log_logged=self.log.logged, log_suppressed=self.log.suppressed,
                      log_overflowed=self.log.overflowed, log_failed=self.log.failed)
         return stats

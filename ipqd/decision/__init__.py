@@ -4,6 +4,7 @@
   compiler       rules compiled into a first-match matcher
   engine         decide: packet in, verdict out, counters; fallback_verdict
   token_bucket   a Rate as a token bucket (rule rates, the log rate)
+  rate_table     a rule's rate kept per key (source, network, port), bounded
   verdict_cache  verdicts kept per flow, read from the message in place
   address_set    a dynamic set's entries, looked up per packet at any size
   checksum       checksums of rewritten packets

@@ -49,6 +49,9 @@ from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Seque
 
 from ipqd.decision.address_set import AddressSet
 from ipqd.decision.packet import MALFORMED
+from ipqd.decision.rate_table import RateTable
+from ipqd.policy.windows import within
+from ipqd.policy.cgroup import cgroup_layout, under
 from ipqd.decision.token_bucket import TokenBucket
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
                                Match, Policy, Position, RangeMatch, Rate, Rule)
@@ -88,6 +91,12 @@ class Decision(NamedTuple):
     # Conntrack states of the deciding packet from which this verdict holds for
     # the rest of its flow (see offload_states); empty: never offload.
     offload: frozenset = frozenset()
+    # With action reject: the rule's reject_with, None for the protocol's own
+    # refusal (ipqd.policy.reject.reject_kind).
+    reject_with: Optional[str] = None
+    # The names of the `action: log` rules above the decider that matched the
+    # packet (the decision is then logged).
+    log_rules: Tuple[str, ...] = ()
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -246,6 +255,20 @@ def _length(lo: int, hi: int) -> Check:
     return check
 
 
+def _cgroup(paths: frozenset) -> Check:
+    answers: Dict[str, bool] = {}   # the policy's paths are few: remember each answer
+
+    def check(view) -> bool:
+        path = view.cgroup
+        if path is None:
+            return False
+        answer = answers.get(path)
+        if answer is None:
+            answer = answers[path] = any(under(path, a) for a in paths)
+        return answer
+    return check
+
+
 def _families(match: Match) -> frozenset:
     """The families a packet must have for the match to be possible at all."""
     families = frozenset({4, 6}) if match.family is None else frozenset({match.family})
@@ -298,6 +321,8 @@ def _checks(match: Match, skip: frozenset, made: Dict[tuple, object],
     for attr in ("uid", "gid"):
         if getattr(m, attr) is not None:
             add(attr, _in_ranges, attr, getattr(m, attr))
+    if m.cgroup is not None:
+        add("cgroup", _cgroup, m.cgroup)
     for field, attr, value in (("in", "indev", m.in_), ("out", "outdev", m.out)):
         if value is not None:
             add(field, _iface, attr, value)
@@ -326,18 +351,25 @@ class _Compiled:
     """One rule, ready to verify: the checks left after the lookup, every check
     (for views the lookup cannot place) with the field each reads, its bucket
     and its decision."""
-    __slots__ = ("checks", "full_checks", "fields", "bucket", "decision")
+    __slots__ = ("checks", "full_checks", "fields", "bucket", "decision", "window",
+                 "window_until", "window_open")
 
     def __init__(self, index: int, rule: Rule, default_log: bool, exact: bool,
                  made: Dict[tuple, object], stores: Dict[str, AddressSet]):
         m = rule.match
         self.checks = _checks(m, _PROVEN_EXACT if exact else _PROVEN, made, stores)[0]
         self.full_checks, self.fields = _checks(m, frozenset(), made, stores)
-        self.bucket = TokenBucket(rule.rate) if rule.rate is not None else None
+        # A rate kept per key is a RateTable: the same available/take, by the view's key.
+        rate = rule.rate
+        self.bucket = None if rate is None else RateTable(rate) if rate.per else TokenBucket(rate)
+        # `time:`: whether the window is open, known until `window_until`
+        # (Unix time: the next minute, the window's own granularity).
+        self.window = rule.time
+        self.window_until = self.window_open = None
         log = rule.log if rule.log is not None else default_log
         mark = rule.set_mark if rule.action == "accept" else None
         self.decision = Decision(RuleRef(rule.name, rule.action, rule.rate, rule.position),
-                                 index, rule.action, mark, log)
+                                 index, rule.action, mark, log, reject_with=rule.reject_with)
 
     @property
     def rule(self) -> RuleRef:
@@ -445,23 +477,40 @@ class Matcher:
                           for i, rule in enumerate(rules)]
         self._none = len(self._compiled)             # "no rule matched" as an index
         self.rated = False                           # see decide
+        # `cgroup:` rules: how the output hook numbers cgroups in the mark.
+        self.cgroups = cgroup_layout(policy.queue.offload, policy.queue.cgroups)
+        # Added to `now` to give Unix time, for `time:` windows: the daemon's
+        # clock is monotonic (the worker sets it); explain passes Unix time.
+        self.clock_offset = 0.0
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
         self._names = tuple(rule.name for rule in rules)     # by index: for carry_over
-        self._bucketed = tuple(c for c in self._compiled if c.bucket is not None)
+        # Single buckets carry over a reload; tables by key start empty.
+        self._bucketed = tuple(c for c in self._compiled if type(c.bucket) is TokenBucket)
+        self._tables = tuple(c.bucket for c in self._compiled if type(c.bucket) is RateTable)
         self._default = Decision(None, -1, default.action,
                                  default.set_mark if default.action == "accept" else None,
-                                 default.log)
+                                 default.log, reject_with=default.reject_with)
         action = self.undecidable = policy.queue.undecidable
         self._undecidable = Decision(RuleRef(UNDECIDABLE_NAME, action, None, None),
                                      UNDECIDABLE, action, None, default.log)
         self._undecidable_hits = 0
-        plain = [i for i, rule in enumerate(rules) if not rule.match.malformed]
+        # `action: log` rules decide nothing: they stay out of the lookup, and
+        # those above the decider are checked one by one (_logged).
+        plain = [i for i, rule in enumerate(rules)
+                 if not rule.match.malformed and rule.action != "log"]
         self._plain = tuple(plain)
-        self._malformed = tuple(i for i, rule in enumerate(rules) if rule.match.malformed)
+        self._malformed = tuple(i for i, rule in enumerate(rules)
+                                if rule.match.malformed and rule.action != "log")
+        self._log_plain = tuple(i for i, rule in enumerate(rules)
+                                if not rule.match.malformed and rule.action == "log")
+        self._log_malformed = tuple(i for i, rule in enumerate(rules)
+                                    if rule.match.malformed and rule.action == "log")
         self._by_family = {family: _index_family(family, plain, rules, exact) for family in (4, 6)}
         self._offload(policy)
         fields = set(policy.fields())
+        if "cgroup" in fields:
+            fields.add("mark")      # the cgroup is in the mark: cache keys must hold it
         if self._malformed:
             fields.add(MALFORMED)
         self.fields = frozenset(fields)
@@ -498,12 +547,47 @@ class Matcher:
                 i = self._lookup(by_proto.get(view.proto) or by_proto[_OTHER], view, now)
         if i == self._none:
             self._default_hits += 1
-            return self._default
-        c = self._compiled[i]
-        if c.bucket is not None:
-            c.bucket.take(now)
-        self._hits[i] += 1
-        return c.decision
+            decision = self._default
+        else:
+            c = self._compiled[i]
+            if c.bucket is not None:
+                c.bucket.take(now, view)
+            self._hits[i] += 1
+            decision = c.decision
+        logs = self._log_malformed if view.malformed else self._log_plain
+        if logs and logs[0] < i:
+            return self._logged(logs, i, view, now, decision)
+        return decision
+
+    def _logged(self, logs: Sequence[int], limit: int, view, now: float,
+                decision: Decision) -> Decision:
+        """`decision`, logged and naming the log rules below `limit` that match.
+        Such a decision is not cached (`rated`): each packet counts its log rules."""
+        compiled = self._compiled
+        names = []
+        for j in logs:
+            if j >= limit:
+                break
+            c = compiled[j]
+            for check in c.full_checks:
+                if not check(view):
+                    break
+            else:
+                if c.window is not None:
+                    self.rated = True
+                    if not self._open(c, now):
+                        continue
+                if c.bucket is not None:
+                    self.rated = True
+                    if not c.bucket.available(now, view):
+                        continue
+                    c.bucket.take(now, view)
+                self._hits[j] += 1
+                names.append(c.rule.name)
+        if not names:
+            return decision
+        self.rated = True
+        return decision._replace(log=True, log_rules=tuple(names))
 
     def _lookup(self, index: _ProtoIndex, view, now: float) -> int:
         dport = view.dport
@@ -537,10 +621,11 @@ class Matcher:
                 if not check(view):
                     break
             else:
-                if c.bucket is None:
+                if c.bucket is None and c.window is None:
                     return i
                 self.rated = True
-                if c.bucket.available(now):
+                if (c.window is None or self._open(c, now)) and \
+                        (c.bucket is None or c.bucket.available(now, view)):
                     return i
         return limit
 
@@ -553,12 +638,24 @@ class Matcher:
                 if not check(view):
                     break
             else:
-                if c.bucket is None:
+                if c.bucket is None and c.window is None:
                     return i
                 self.rated = True
-                if c.bucket.available(now):
+                if (c.window is None or self._open(c, now)) and \
+                        (c.bucket is None or c.bucket.available(now, view)):
                     return i
         return self._none
+
+    def _open(self, c: _Compiled, now: float) -> bool:
+        """Whether rule `c`'s time window is open at `now` (+ clock_offset:
+        Unix time). Worked out once a minute: windows are in whole minutes,
+        and so are the offsets of the time zones in use."""
+        wall = now + self.clock_offset
+        until = c.window_until
+        if until is None or wall >= until or wall < until - 60.0:
+            c.window_open = within(c.window, wall)
+            c.window_until = (wall // 60.0 + 1.0) * 60.0
+        return c.window_open
 
     def _decide_hidden(self, view) -> Decision:
         """The decision for a view missing fields some rule reads (see the
@@ -567,9 +664,10 @@ class Matcher:
         hidden = view.hidden
         compiled = self._compiled
         possible: List[int] = []            # rule indexes, self._none for the default
+        logs = self._log_plain
         for i in self._plain:
             c = compiled[i]
-            certain = c.bucket is None
+            certain = c.bucket is None and c.window is None
             for check, field in zip(c.full_checks, c.fields):
                 if field in hidden:
                     certain = False
@@ -583,19 +681,39 @@ class Matcher:
             possible.append(self._none)
         decisions = [self._default if i == self._none else compiled[i].decision
                      for i in possible]
+        if logs and logs[0] < possible[0]:
+            # Only the log rules above every possible decider, and only where
+            # they certainly match: a rule reading a hidden field might not.
+            certain_logs = [j for j in logs if j < possible[0] and compiled[j].bucket is None
+                            and compiled[j].window is None
+                            and hidden.isdisjoint(compiled[j].fields)]
+            logged = self._logged(certain_logs, possible[0], view, 0.0, decisions[0])
+            decisions[0] = logged
         last = decisions[-1]
-        if any(d.action != last.action or d.mark != last.mark for d in decisions):
+        if any(d.action != last.action or d.mark != last.mark or d.reject_with != last.reject_with
+               for d in decisions):
             self._undecidable_hits += 1
+            if decisions[0].log_rules:
+                return self._undecidable._replace(log=True, log_rules=decisions[0].log_rules)
             return self._undecidable
         # Counted for the rule that matches on the fields the view has (or the default).
         self.tally(possible[-1] if possible[-1] != self._none else -1)
         if len(decisions) == 1:
             return last                     # no rule before it could match: exact
+        if decisions[0].log_rules:
+            last = last._replace(log_rules=decisions[0].log_rules)
         # Which rule decided is not known: nothing that rests on it (offload),
         # and logged if any of them logs.
         return last._replace(offload=frozenset(), log=any(d.log for d in decisions))
 
     # -- counters --
+
+    def rate_stats(self) -> Dict[str, int]:
+        """The rates kept per key: keys tracked now, and keys forgotten to
+        stay within `keys` (early: before their bucket had refilled)."""
+        return {"rate_keys": sum(len(t) for t in self._tables),
+                "rate_evicted": sum(t.evicted for t in self._tables),
+                "rate_evicted_early": sum(t.evicted_early for t in self._tables)}
 
     def tally(self, rule_index: int, count: int = 1) -> None:
         """Count decisions made without `decide` (verdict cache hits); -1 is the default."""
@@ -654,7 +772,10 @@ class Matcher:
 
 def _add_hits(entry: dict, action: str, hits: int) -> None:
     entry["hits"] += hits
-    entry["accepted" if action == "accept" else "dropped"] += hits
+    if action == "accept":
+        entry["accepted"] += hits
+    elif action != "log":           # drop or reject; a log rule's hits decide nothing
+        entry["dropped"] += hits
 
 
 # ---- flow offload -----------------------------------------------------------
@@ -706,9 +827,10 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
                     states.add(state)
         out.append(frozenset(states))
         for state, later in _LATER.items():
-            if not _stable(rule, later):
+            # A log rule that a later packet matches would log it.
+            if not _stable(rule, later) or rule.action == "log":
                 unsafe[state].append(rule.match)
-    plain = not default.log and default.set_mark is None
+    plain = not default.log and default.set_mark is None and default.action != "reject"
     default_states = frozenset(s for s in _LATER if plain and not unsafe[s])
     return tuple(out), default_states
 
@@ -716,9 +838,11 @@ def offload_states(rules: Sequence[Rule], default) -> Tuple[Tuple[frozenset, ...
 def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     m = rule.match
     logs = rule.log if rule.log is not None else default_log
-    return (rule.offload and rule.rate is None and not logs and rule.set_mark is None
-            and not m.malformed and m.fields() <= FLOW_FIELDS | {"ct_state"}
-            and not reads_dynamic(m))
+    # A reject is answered per packet: the kernel's REJECT sends each refusal.
+    return (rule.offload and rule.rate is None and rule.time is None and not logs
+            and rule.set_mark is None
+            and rule.action not in ("reject", "log") and not m.malformed
+            and m.fields() <= FLOW_FIELDS | {"ct_state"} and not reads_dynamic(m))
 
 
 def reads_dynamic(match: Match) -> bool:
@@ -736,8 +860,8 @@ def _stable(rule: Rule, later: frozenset) -> bool:
     m = rule.match
     if m.malformed:
         return True             # later packets are well formed (conntrack checks them)
-    if rule.rate is not None or not m.fields() <= FLOW_FIELDS | {"ct_state"} \
-            or reads_dynamic(m):
+    if rule.rate is not None or rule.time is not None or \
+            not m.fields() <= FLOW_FIELDS | {"ct_state"} or reads_dynamic(m):
         return False
     ct = m.ct_state
     return ct is None or later <= ct or not later & ct

@@ -13,6 +13,7 @@ import dpkt
 
 from ipqd.decision.packet import PacketMeta
 from ipqd.errors import DescriptionError
+from ipqd.policy.cgroup import mark_for
 from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES, TCP_FLAGS
 from ipqd.policy.model import (CT_STATES, HOOKS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
                                PROTO_UDP, PROTO_UDPLITE, PROTOCOLS)
@@ -20,8 +21,9 @@ from ipqd.policy.model import (CT_STATES, HOOKS, PROTO_ICMP, PROTO_ICMPV6, PROTO
 __all__ = ["build_packet"]
 
 
-def build_packet(text: str, base: PacketMeta = PacketMeta()) -> tuple:
-    """Bytes and meta for a description like "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn".
+def build_packet(text: str, base: PacketMeta = PacketMeta(), cgroups=None) -> tuple:
+    """Bytes and meta for a description like "tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn";
+    `cgroups`: the compiled policy's (Matcher.cgroups), for `cgroup=` and `unit=`.
 
     Raises DescriptionError saying what is wrong.
     """
@@ -36,6 +38,8 @@ def build_packet(text: str, base: PacketMeta = PacketMeta()) -> tuple:
     family = src.version
     opts = _options(words[4:], proto, family)
     meta = base._replace(**{k: v for k, v in opts.items() if k in PacketMeta._fields})
+    if "cgroup" in opts:        # as the output hook marks it for the policy's `cgroups`
+        meta = meta._replace(mark=(meta.mark or 0) | mark_for(cgroups, opts["cgroup"]))
     if proto in (PROTO_TCP, PROTO_UDP, PROTO_UDPLITE, PROTO_SCTP):
         if (sport is None or dport is None) and opts.get("frag") != "not-first":
             raise DescriptionError(f"{words[0]} needs ports: SRC:PORT -> DST:PORT")
@@ -102,6 +106,9 @@ def _options(words: List[str], proto: int, family: int) -> dict:
             opts["len"] = _number(key, value, 65535)
         elif key in ("mark", "uid", "gid"):
             opts[key] = _number(key, value, 0xFFFFFFFF)
+        elif key in ("cgroup", "unit"):
+            opts["cgroup"] = value if key == "cgroup" else \
+                "system.slice/" + (value if "." in value else value + ".service")
         elif key == "ct":
             if value not in CT_STATES:
                 raise DescriptionError(f"ct={value}: expected one of {', '.join(CT_STATES)}")

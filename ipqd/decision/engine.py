@@ -15,6 +15,13 @@ Flow offload: a decision whose verdict holds for the rest of the flow
 (`Decision.offload`) is answered NF_REPEAT with a request bit in the packet
 mark; ipqd's hook rules then write it into the flow's conntrack mark and
 accept or drop the packet (see ipqd.policy.offload).
+
+Reject: a decision with action reject is answered NF_REPEAT with a reject
+request in the packet mark; ipqd's hook rules hand the packet to the
+kernel's REJECT (see ipqd.policy.reject). At a hook where the kernel cannot
+reject, or once a request has come back (no hook rules took it), it is a
+drop. Rejects are neither cached nor offloaded: each packet is decided, so
+every later packet of a rejected flow is refused in turn.
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
 from ipqd.policy.offload import layout as offload_layout
 from ipqd.decision.packet import PacketMeta, PacketView, parse
-from ipqd.policy.model import Policy
+from ipqd.policy.model import HOOKS, Policy
+from ipqd.policy.cgroup import split_mark
+from ipqd.policy.reject import REJECT_HOOKS, reject_bits, reject_kind
 from ipqd.decision.shadow import Shadow, disagree
 from ipqd.decision.verdict_cache import CachedVerdict, VerdictCache
 
@@ -37,7 +46,10 @@ def fallback_verdict(policy: Policy) -> int:
     """The verdict (NF_ACCEPT or NF_DROP) of a packet ipqd cannot decide:
     the decision code failed on it, its message does not decode, or it is
     of a family its queue was not bound for. The policy has no key of its
-    own for these: its default's action answers them (docs/policy.md)."""
+    own for these: its default's action answers them (docs/policy.md), and
+    in monitor mode every packet is accepted."""
+    if policy.mode == "monitor":
+        return NF_ACCEPT
     return NF_ACCEPT if policy.default.action == "accept" else NF_DROP
 
 
@@ -46,15 +58,22 @@ class Verdict(NamedTuple):
     mark: Optional[int]          # a new packet mark, or None to leave it
     decision: Decision
     view: Optional[PacketView]   # None only when the decision code failed
+    # False: monitor mode accepted a packet the policy would drop or reject
+    # (decision.action says what it would have done).
+    enforced: bool = True
 
 
 class Counters:
     """What the engine decided, in total."""
     __slots__ = ("packets", "accepted", "dropped", "malformed", "errors", "offloaded",
-                 "offload_returned", "undecidable", "shadow_decided", "shadow_disagreed")
+                 "offload_returned", "undecidable", "rejected", "reject_returned",
+                 "not_enforced", "shadow_decided", "shadow_disagreed")
 
     def __init__(self) -> None:
         self.packets = self.accepted = self.dropped = self.malformed = self.errors = 0
+        self.rejected = 0        # of the dropped: handed to the kernel's REJECT
+        self.reject_returned = 0     # reject requests that came back: dropped instead
+        self.not_enforced = 0    # of the accepted: would-be drops and rejects (monitor mode)
         self.shadow_decided = self.shadow_disagreed = 0     # by a shadow policy, beside
         self.undecidable = 0     # given queue.undecidable: the copy hid what the rules needed
         self.offloaded = 0       # verdicts handed to the kernel for the rest of a flow
@@ -93,6 +112,18 @@ class Engine:
         # without ipqd's rules), and asking would send each packet through twice.
         # Never with a shadow: an offloaded flow's packets would not reach it.
         self.offloading = bool(self._offload_hooks) and self.shadow is None
+        # The hooks where ipqd's own chain can reject (its hook rules hold the
+        # REJECT rules when the policy rejects); elsewhere a reject is a drop.
+        bits = reject_bits(policy.queue.offload) if policy.queue.reject else None
+        self._reject_bits = bits
+        self._reject_request = bits.request if bits else 0
+        self._reject_hooks = frozenset(HOOKS[hook.chain] for hook in policy.hooks) & REJECT_HOOKS \
+            if bits else frozenset()
+        self.rejecting = bool(self._reject_hooks)
+        # cgroup rules: the output hook wrote the packet's cgroup into the mark.
+        self._cgroups = self.matcher.cgroups
+        # Monitor mode: every packet accepted, what the policy would do logged.
+        self.monitor = policy.mode == "monitor"
 
     def carry_over(self) -> dict:
         """What a successor worker takes over (`take_over`): the totals, the
@@ -120,10 +151,15 @@ class Engine:
         counters.packets += 1
         self.disagreement = None
         try:
-            meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), packet.mark,
+            mark, cgroups = packet.mark, self._cgroups
+            if cgroups is not None:
+                cgroup, mark = split_mark(cgroups, mark)
+            meta = PacketMeta(packet.hook, ifname(packet.indev), ifname(packet.outdev), mark,
                               packet.uid, packet.gid, ct_state, packet.cap_len,
                               _FAMILY.get(packet.family))
             view = parse(packet.payload or b"", meta, self.needs)
+            if cgroups is not None:
+                view.cgroup = cgroup
             decision = self.matcher.decide(view, now)
             shadow = self.shadow
             if shadow is not None:
@@ -143,7 +179,8 @@ class Engine:
             return self._finish(decision, view)
         verdict = self._finish(decision, view)
         if key is not None and self.caching and not self.matcher.rated \
-                and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
+                and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP) \
+                and decision.action != "reject" and verdict.enforced:
             if shadow is None:
                 self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                     decision.rule_index, decision.log))
@@ -203,6 +240,15 @@ class Engine:
         return self._finish(self._fallback_decision, None)
 
     def _finish(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        if self.monitor and decision.action != "accept":
+            # Accepted, not offloaded, not cached, and always logged: each
+            # would-be drop is seen and counted.
+            self.counters.accepted += 1
+            self.counters.not_enforced += 1
+            return Verdict(NF_ACCEPT, None, decision._replace(log=True, offload=frozenset()),
+                           view, False)
+        if decision.action == "reject":
+            return self._rejected(decision, view)
         if decision.offload and self.offloading and view is not None \
                 and view.hook in self._offload_hooks:
             offloaded = self._offloaded(decision, view)
@@ -235,6 +281,22 @@ class Engine:
             return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
         self.counters.dropped += 1
         return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)
+
+    def _rejected(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
+        """NF_REPEAT with a reject request, or a drop where ipqd cannot reject."""
+        self.counters.dropped += 1
+        if view is None or not self.rejecting or view.hook not in self._reject_hooks:
+            return Verdict(NF_DROP, None, decision, view)
+        if (view.mark or 0) & self._reject_request:
+            # Back from NF_REPEAT without meeting ipqd's rules, which would have
+            # taken any request (--no-hooks, the administrator's own queue
+            # rules): asking again would loop it.
+            self.counters.reject_returned += 1
+            self.rejecting = False
+            return Verdict(NF_DROP, None, decision, view)
+        self.counters.rejected += 1
+        kind = reject_kind(decision.reject_with, view.proto, view.hook)
+        return Verdict(NF_REPEAT, self._reject_bits.mark(kind), decision, view)
 
 
 def _change(store, op: str, entries) -> None:

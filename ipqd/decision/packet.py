@@ -110,7 +110,7 @@ class PacketView:
     __slots__ = ("family", "proto", "src", "dst", "sport", "dport",
                  "icmp_type", "icmp_code", "tcp_flags", "length", "fragment",
                  "malformed", "reason", "hidden",
-                 "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state")
+                 "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state", "cgroup")
 
     def __init__(self, meta: PacketMeta = PacketMeta()):
         self.family = self.proto = self.src = self.dst = None
@@ -121,6 +121,7 @@ class PacketView:
         self.reason = ""
         (self.hook, self.indev, self.outdev, self.mark, self.uid, self.gid,
          self.ct_state) = meta[:7]
+        self.cgroup = None      # the engine's, from the mark the output hook wrote
 
     @classmethod
     def build(cls, **fields) -> "PacketView":

@@ -27,10 +27,12 @@ class TokenBucket:
             return self.tokens
         return min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
 
-    def available(self, now: float) -> bool:
+    # `view` is for RateTable's sake (ipqd.decision.rate_table): one bucket
+    # for every packet needs none.
+    def available(self, now: float, view=None) -> bool:
         return self.level(now) >= 1.0
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, view=None) -> bool:
         """Spend a token if one is there at `now`; whether one was."""
         level = self.level(now)
         if level < 1.0:

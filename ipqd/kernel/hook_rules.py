@@ -9,7 +9,10 @@ show`) without touching the kernel; ipqd.kernel.hooks runs them.
 
 With flow offload (ipqd.policy.offload), each chain starts with the rules
 that turn ipqd's NF_REPEAT requests into conntrack marks and accept or drop
-the flows already marked, before any queue rule.
+the flows already marked, before any queue rule. When the policy rejects
+(ipqd.policy.reject), the input, forward and output chains start, before
+those, with the rules that hand packets marked for rejection to the
+kernel's REJECT.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ipqd.errors import HookError
 from ipqd.policy.model import CT_STATES, Hook, QueueConfig
 from ipqd.policy.offload import Layout, layout as offload_layout
+from ipqd.policy.cgroup import cgroup_layout, depth
+from ipqd.policy.reject import IPTABLES_REJECT, NFT_REJECT, REJECT_CHAINS, reject_bits
 
 BACKENDS = ("nft", "iptables-nft", "iptables-legacy")
 NFT_TABLE = "ipqd"
@@ -164,6 +169,52 @@ def _offload_nft(hook_chain: str, bits: Layout) -> List[str]:
     return rules
 
 
+def _reject_iptables(chain: str, hook_chain: str, queue: QueueConfig, family: int) -> List[str]:
+    bits = reject_bits(queue.offload) if queue.reject else None
+    if bits is None or hook_chain not in REJECT_CHAINS:
+        return []
+    rules = []
+    for kind, bit in bits.kinds:
+        tcp = "-p tcp " if kind == "tcp-reset" else ""
+        rules.append(f"-A {chain} -m mark --mark {bits.request | bit:#x}/{bits.mask:#x} {tcp}"
+                     f"-j REJECT --reject-with {IPTABLES_REJECT[family][kind]}")
+    # A request no rule above took (never sent by ipqd): dropped, not queued again.
+    rules.append(f"-A {chain} -m mark --mark {bits.request:#x}/{bits.request:#x} -j DROP")
+    return rules
+
+
+def _reject_nft(hook_chain: str, queue: QueueConfig) -> List[str]:
+    bits = reject_bits(queue.offload) if queue.reject else None
+    if bits is None or hook_chain not in REJECT_CHAINS:
+        return []
+    rules = [f"meta mark and {bits.mask:#x} == {bits.request | bit:#x} {NFT_REJECT[kind]}"
+             for kind, bit in bits.kinds]
+    rules.append(f"meta mark and {bits.request:#x} == {bits.request:#x} drop")
+    return rules
+
+
+def _cgroup_marks(hook_chain: str, queue: QueueConfig, nft: bool) -> List[str]:
+    """Rule bodies that write each cgroup path's number into the packet mark,
+    shallowest first (the deepest path a packet lies under wins): output only,
+    where packets have the socket that sent them."""
+    layout = cgroup_layout(queue.offload, queue.cgroups)
+    if layout is None or hook_chain != "output":
+        return []
+    mask = layout.mask
+    keep = ~mask & 0xFFFFFFFF
+    # first cleared: only these rules may say a packet's cgroup
+    rules = ["meta mark set meta mark and {keep:#x}".format(keep=keep) if nft
+             else f"-j MARK --set-xmark 0x0/{mask:#x}"]
+    for number, path in enumerate(layout.paths, 1):
+        value = layout.mark(number)
+        if nft:
+            rules.append(f'socket cgroupv2 level {depth(path)} "{path}" '
+                         f"meta mark set meta mark and {keep:#x} or {value:#x}")
+        else:
+            rules.append(f"-m cgroup --path {path} -j MARK --set-xmark {value:#x}/{mask:#x}")
+    return rules
+
+
 def _ipt_proto(proto: Optional[str], family: int) -> Optional[str]:
     """The -p argument for a hook's proto in one family; None: skip this family."""
     if proto is None:
@@ -190,12 +241,14 @@ def plan_iptables(hooks: Sequence[Hook], queue: QueueConfig, variant: str) -> Pl
             name = chain_name(hook.chain)
             if name not in chains:
                 offload = _offload_iptables(name, hook.chain, bits) if bits else []
-                chains[name] = offload
+                chains[name] = _reject_iptables(name, hook.chain, queue, family) + offload
                 if offload:
                     chains[OFFLOAD_CHAIN] = [
                         f"-A {OFFLOAD_CHAIN} -j MARK --set-xmark 0x0/{bits.request:#x}",
                         f"-A {OFFLOAD_CHAIN} -j ACCEPT"]
             chain_rules = chains[name]
+            marks = [f"-A {name} {proto}{body}" for body in _cgroup_marks(hook.chain, queue, False)]
+            chain_rules += [rule for rule in marks if rule not in chain_rules]
             for match, target in _queue_targets(queue):
                 chain_rules.append(f"-A {chain_name(hook.chain)} {proto}{match}{target}")
             tool = ("iptables" if family == 4 else "ip6tables") + f"-{variant}"
@@ -219,11 +272,15 @@ def plan_nft(hooks: Sequence[Hook], queue: QueueConfig) -> Plan:
     bits = _offload_layout(hooks, queue)
     for hook in hooks:
         if hook.chain not in chains:
-            chains[hook.chain] = _offload_nft(hook.chain, bits) if bits else []
+            chains[hook.chain] = _reject_nft(hook.chain, queue) + \
+                (_offload_nft(hook.chain, bits) if bits else [])
         match = {"ipv4": "meta nfproto ipv4 ", "ipv6": "meta nfproto ipv6 ", "both": ""}[hook.family]
         if hook.proto:
             proto = {"icmpv6": "ipv6-icmp"}.get(hook.proto, hook.proto)
             match += f"meta l4proto {proto} "
+        for body in _cgroup_marks(hook.chain, queue, True):
+            if f"{match}{body}" not in chains[hook.chain]:
+                chains[hook.chain].append(f"{match}{body}")
         for ct_match, target in _queue_targets(queue, nft=True):
             chains.setdefault(hook.chain, []).append(f"{match}{ct_match}{target}")
     lines = [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}", f"table inet {NFT_TABLE} {{"]

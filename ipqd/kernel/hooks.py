@@ -176,6 +176,24 @@ def detect_backend() -> Tuple[str, List[str]]:
                       "--no-hooks and add the NFQUEUE rules yourself")
 
 
+def cgroup_note(backend: str) -> str:
+    """Whether `cgroup:` and `unit:` rules can be enforced here, in one line."""
+    from ipqd.policy.loader import cgroup2_root, has_cgroup2
+    root = cgroup2_root()
+    if root is None:
+        if has_cgroup2():
+            return ("cgroup: this kernel has cgroup v2, not mounted here: rules with cgroup "
+                    "or unit work if their cgroups exist; ipqd cannot check that they do")
+        return ("cgroup: this kernel has no cgroup v2: rules with cgroup or unit cannot be "
+                "enforced here")
+    if backend == "nft" and root != "/sys/fs/cgroup":
+        # nft looks cgroup paths up under /sys/fs/cgroup only
+        return (f"cgroup: cgroup v2 at {root}, where nft cannot find cgroups (it looks under "
+                "/sys/fs/cgroup): for rules with cgroup or unit use --backend iptables-nft")
+    match = "socket cgroupv2" if backend == "nft" else "iptables cgroup --path"
+    return f"cgroup: cgroup v2 at {root}; rules with cgroup or unit use {match} (output only)"
+
+
 def require_privilege(doing: str) -> None:
     """Raise HookError saying that `doing` needs root, unless it has CAP_NET_ADMIN."""
     from ipqd.kernel.queue_socket import has_cap_net_admin
@@ -338,6 +356,7 @@ def run_hooks_command(args, verify=None) -> int:
             chosen, notes = detect_backend()
             for note in notes:
                 print(f"passed over {note}")
+            print(cgroup_note(chosen))
             print(chosen)
             return EXIT_OK
         if args.action == "remove":

@@ -18,12 +18,14 @@ from ipqd.errors import PolicyError
 from ipqd.policy._limits import MAX_SHADOW_STEPS, MAX_TOGETHER_CUBES, MAX_TOGETHER_RULES
 from ipqd.policy._undecidable import undecidable_accepted
 from ipqd.policy.model import PROTO_ICMPV6, AddrMatch, IfaceMatch, Match, Policy, RangeMatch, Rule
+from ipqd.policy.reject import rejects_as_drop
 
 
 def lint(policy: Policy, default_node: yaml.Node) -> List[PolicyError]:
     alone = list(shadowed(policy.rules))
     return alone + shadowed_together(policy.rules, alone) + cut_off(policy, default_node) + \
-        ipv6_cut_off(policy, default_node) + undecidable_accepted(policy)
+        ipv6_cut_off(policy, default_node) + undecidable_accepted(policy) + \
+        rejects_as_drop(policy, default_node)
 
 
 # --- rules that several earlier rules shadow together ---------------------------
@@ -116,7 +118,7 @@ def shadowed(rules: Tuple[Rule, ...], max_steps: int = MAX_SHADOW_STEPS) -> Iter
             return
         if shadow is not None:
             yield _shadow_warning(rules[shadow], b)
-        elif b.rate is None:
+        elif b.rate is None and b.time is None and b.action != "log":   # these let packets by
             items[later] = _tested(b.match)
             group = groups.get(shape)
             if group is None:
@@ -350,7 +352,7 @@ def _drop_default_warning(policy: Policy, default_node: yaml.Node, hooked, accep
                           message: str) -> List[PolicyError]:
     """`message` as a warning at `default`, when it drops, some hook is
     `hooked` and no rule `accepts` what must get through."""
-    if policy.default.action != "drop" or not any(hooked(hook) for hook in policy.hooks):
+    if policy.default.action == "accept" or not any(hooked(hook) for hook in policy.hooks):
         return []
     if any(accepts(rule) for rule in policy.rules):
         return []

@@ -17,12 +17,15 @@ import yaml
 
 from ipqd.errors import InvalidValue
 from ipqd.policy import _values as values
-from ipqd.policy._nodes import Where, boolean, describe, fields, is_scalar, scalars, text, words
+from ipqd.policy._rate import parse_rule_rate
+from ipqd.policy._time import parse_time
+from ipqd.policy._nodes import (Where, boolean, choice, describe, fields, is_scalar, scalars,
+                                text, words)
 from ipqd.policy._values import one_of, suggest
 from ipqd.policy.model import (
     ACTIONS, CT_STATES, FAMILIES, FRAGMENTS, HOOKS, PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTOCOL_NAMES, AddrMatch, DynamicSet, IfaceMatch, Match, Position, RangeMatch,
-    Rate, Rule,
+    PROTO_TCP, PROTOCOL_NAMES, REJECT_WITH, RULE_ACTIONS, AddrMatch, DynamicSet, IfaceMatch,
+    Match, Position, RangeMatch, Rate, Rule,
 )
 
 ID_MAX = 0xFFFFFFFE                 # (uid_t)-1 means "no id" to the kernel
@@ -335,6 +338,47 @@ def _length(ctx, key, node):
         return None
 
 
+_CGROUP_PATH = re.compile(r"^[^/\s]+(/[^/\s]+)*$")
+_UNIT = re.compile(r"^[A-Za-z0-9:_.\\@-]+$")
+
+
+def _cgroup(ctx, key, node):
+    items = scalars(ctx.where, node, key.value, "a cgroup path such as system.slice/nginx.service, "
+                                                 "or a list of them")
+    if items is None:
+        return None
+    out = set()
+    for item in items:
+        path = item.value.strip().strip("/")
+        if not _CGROUP_PATH.match(path) or any(part in (".", "..") for part in path.split("/")):
+            ctx.where.error(item, f"'{item.value}' is not a cgroup path (write it from the "
+                                  "cgroup v2 root, e.g. system.slice/nginx.service)")
+            return None
+        out.add(path)
+    return frozenset(out)
+
+
+def _unit(ctx, key, node):
+    items = scalars(ctx.where, node, "unit", "a systemd unit such as nginx.service, or a list")
+    if items is None:
+        return None
+    out = set()
+    for item in items:
+        name = item.value.strip()
+        if not _UNIT.match(name) or name.startswith("."):
+            ctx.where.error(item, f"'{item.value}' is not a systemd unit name "
+                                  "(e.g. nginx.service)")
+            return None
+        if "." not in name:
+            name += ".service"
+        if not name.endswith((".service", ".scope")):
+            ctx.where.error(item, f"unit '{name}': only services and scopes run processes "
+                                  "(write e.g. nginx.service, or use cgroup: for a slice)")
+            return None
+        out.add("system.slice/" + name)     # where systemd runs system units
+    return frozenset(out)
+
+
 def _malformed(ctx, key, node):
     return boolean(ctx.where, node, "malformed")
 
@@ -359,20 +403,71 @@ MATCH_FIELDS = {
     "mark": _mark,
     "length": _length,
     "fragment": _fragment,
+    "cgroup": _cgroup,
+    "unit": _unit,
     "malformed": _malformed,
 }
 
 
 # --- what the rule does ---------------------------------------------------------
 
-def parse_action(where: Where, node: yaml.Node) -> Optional[str]:
-    word = text(where, node, "action", "accept or drop")
+def parse_action(where: Where, node: yaml.Node, actions=ACTIONS) -> Optional[str]:
+    word = text(where, node, "action", one_of(actions))
     if word is None:
         return None
-    if word.strip().lower() not in ACTIONS:
-        where.error(node, f"unknown action '{word}' (expected accept or drop)")
+    if word.strip().lower() not in actions:
+        hint = suggest(word.strip().lower(), actions) or f" (expected {one_of(actions)})"
+        if word.strip().lower() == "log":
+            hint = " (a default decides: write action: accept, drop or reject, and log: true)"
+        where.error(node, f"unknown action '{word}'{hint}")
         return None
     return word.strip().lower()
+
+
+def parse_rule_action(where: Where, node: yaml.Node) -> Optional[str]:
+    return parse_action(where, node, RULE_ACTIONS)
+
+
+def parse_reject_with(where: Where, node: yaml.Node) -> Optional[str]:
+    return choice(where, node, "reject_with", REJECT_WITH)
+
+
+def check_reject(where: Where, keys: Dict[str, yaml.Node], done: dict,
+                 proto: Optional[frozenset], default: bool = False) -> bool:
+    """reject_with and set_mark against the action (rule or default); `proto`
+    is the rule's (None: any protocol). False when something was reported."""
+    action = done.get("action")
+    ok = True
+    if action == "log" and done.get("log") is False:
+        where.error(keys["log"], "log: false contradicts action log (a log rule only logs): "
+                                 "remove one of them")
+        ok = False
+    if action in ("drop", "reject", "log") and done.get("set_mark") is not None:
+        why = "a log rule decides nothing" if action == "log" else \
+            f"a {_DONE[action]} packet keeps no mark"
+        where.error(keys["set_mark"], f"set_mark only works with action accept ({why})")
+        ok = False
+    kind = done.get("reject_with")
+    if kind is None or action is None:
+        return ok
+    if action != "reject":
+        where.error(keys["reject_with"], f"reject_with only works with action reject, "
+                                         f"not {action} (write 'action: reject')")
+        return False
+    if kind == "tcp-reset" and default:
+        where.error(keys["reject_with"], "reject_with tcp-reset cannot answer every protocol "
+                                         "the default decides: leave reject_with out (TCP then "
+                                         "gets a reset, the rest port-unreachable)")
+        return False
+    if kind == "tcp-reset" and proto != frozenset((PROTO_TCP,)):
+        where.error(keys["reject_with"], "reject_with tcp-reset needs proto tcp (only TCP has a "
+                                         "reset): add 'proto: tcp', or reject with an ICMP "
+                                         "error such as port-unreachable")
+        return False
+    return ok
+
+
+_DONE = {"drop": "dropped", "reject": "rejected"}
 
 
 def parse_set_mark(where: Where, node: yaml.Node) -> Optional[int]:
@@ -384,6 +479,8 @@ def parse_set_mark(where: Where, node: yaml.Node) -> Optional[int]:
     except InvalidValue as e:
         where.error(node, e.message)
         return None
+
+
 
 
 def parse_rate(where: Where, node: yaml.Node) -> Optional[Rate]:
@@ -400,11 +497,13 @@ def parse_rate(where: Where, node: yaml.Node) -> Optional[Rate]:
 RULE_FIELDS = {
     "name": lambda where, node: node.value,          # read before the others
     "comment": lambda where, node: text(where, node, "comment", "text"),
-    "action": parse_action,
+    "action": parse_rule_action,
     "log": lambda where, node: boolean(where, node, "log"),
     "set_mark": parse_set_mark,
-    "rate": parse_rate,
+    "rate": parse_rule_rate,
     "offload": lambda where, node: boolean(where, node, "offload"),
+    "reject_with": parse_reject_with,
+    "time": parse_time,
 }
 ALL_FIELDS = list(RULE_FIELDS) + list(MATCH_FIELDS)
 
@@ -452,21 +551,37 @@ def parse_rule(file: Where, node: yaml.Node, index: int, sets: Dict[str, SetDef]
     if "action" not in found:
         where.error(node, "missing 'action' (add action: accept or action: drop)")
     _check_families(ctx, keys, found, matched)
-    if done.get("action") == "drop" and done.get("set_mark") is not None:
-        where.error(keys["set_mark"], "set_mark only works with action accept "
-                                      "(a dropped packet keeps no mark)")
-    if ctx.failed or None in done.values() or "action" not in found:
+    consistent = "proto" in ctx.failed or check_reject(where, keys, done, matched.get("proto"))
+    consistent = _check_cgroup(ctx, keys, matched) and consistent
+    if not consistent or ctx.failed or None in done.values() or "action" not in found:
         return ParsedRule(name, None, keys, where, name_node)
     def one(value):
         return shared.setdefault((type(value), value), value)
 
+    if "unit" in matched:           # a unit is its cgroup path
+        matched["cgroup"] = matched.pop("unit") | matched.get("cgroup", frozenset())
     match = Match(**{("in_" if f == "in" else f): one(v) for f, v in matched.items()})
     rule = Rule(name=name, match=match, action=one(done["action"]),
                 set_mark=done.get("set_mark"), log=done.get("log"), rate=done.get("rate"),
-                offload=done.get("offload", True),
+                offload=done.get("offload", True), reject_with=done.get("reject_with"),
+                time=done.get("time"),
                 position=Position(file.path, node.start_mark.line + 1,
                                   node.start_mark.column + 1))
     return ParsedRule(name, rule, keys, where, name_node)
+
+
+def _check_cgroup(ctx: _Context, keys, matched) -> bool:
+    """cgroup and unit rules read what the kernel tells of locally sent packets only."""
+    field = next((f for f in ("cgroup", "unit") if f in keys), None)
+    if field is None or "hook" in ctx.failed:
+        return True
+    hooks = matched.get("hook")
+    if hooks is None or hooks != frozenset({HOOKS["output"]}):
+        ctx.where.error(keys[field], f"{field} needs hook: output: the kernel tells a packet's "
+                                     "cgroup only for packets this host sends (add "
+                                     "'hook: output')")
+        return False
+    return True
 
 
 def _fields(where: Where, node: yaml.MappingNode):

@@ -29,27 +29,28 @@ from ipqd.policy._offload import parse_offload
 from ipqd.policy._undecidable import parse_undecidable
 from ipqd.policy._nodes import Where, boolean, choice, describe, fields, is_scalar, scalars, text
 from ipqd.policy._shadow import shadow_path
-from ipqd.policy._rules import ParsedRule, SetDef, parse_action, parse_rate, parse_rule, \
-    parse_set_mark
+from ipqd.policy._rules import ParsedRule, SetDef, check_reject, parse_action, parse_rate, \
+    parse_reject_with, parse_rule, parse_set_mark
 from ipqd.policy._sets import parse_set_file, read_mapping
 from ipqd.policy._values import one_of
 from ipqd.policy._yamlsafe import TAG_PROBLEM_STARTS, compose, read_text
+from ipqd.policy.cgroup import capacity, ordered
 from ipqd.policy.model import (
-    CT_STATES, HOOKS, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
+    CT_STATES, HOOKS, MODES, PROTOCOL_NAMES, Default, Hook, LoggingConfig, Policy, QueueConfig,
 )
 from ipqd.wire.nfqueue import NFQNL_MAX_COPY_RANGE
 
 __all__ = ["load", "loads", "load_with_sets", "check_file_safety", "fragment_paths", "Loaded"]
 
 FRAGMENT_DIR = "policy.d"
-TOP_FIELDS = ("version", "queue", "hooks", "default", "logging", "sets", "rules", "tests",
-              "shadow")
+TOP_FIELDS = ("version", "mode", "queue", "hooks", "default", "logging", "sets", "rules",
+              "tests", "shadow")
 FRAGMENT_FIELDS = ("sets", "rules")
 QUEUE_FIELDS = ("num", "copy_range", "fail_open", "bypass", "maxlen", "conntrack", "offload",
                 "undecidable")
 HOOK_FIELDS = ("chain", "family", "proto")
 HOOK_FAMILIES = ("ipv4", "ipv6", "both")
-DEFAULT_FIELDS = ("action", "log", "set_mark")
+DEFAULT_FIELDS = ("action", "log", "set_mark", "reject_with")
 LOGGING_FIELDS = ("rate",)
 
 CT_QUEUE_BLOCKS = len(CT_STATES)     # one block of queues per conntrack state
@@ -370,12 +371,80 @@ class _Loader:
         default = _default(where, main.root, items.get("default"))
         logging = _logging(where, items.get("logging"))
         queue = _conntrack(where, queue, items.get("queue"), parsed)
-        if None in (queue, hooks, default, logging) or any(p.rule is None for p in parsed):
+        mode = "enforce" if "mode" not in items else choice(where, items["mode"][1], "mode", MODES)
+        if mode == "monitor":
+            where.warn(items["mode"][1], "mode: monitor: every packet is accepted; what the "
+                                         "policy would drop or reject is only logged (write "
+                                         "mode: enforce once the log shows it is right)")
+        if None in (queue, hooks, default, logging, mode) or any(p.rule is None for p in parsed):
             return None
+        rejects = default.action == "reject" or any(p.rule.action == "reject" for p in parsed)
+        cgroups = _cgroups(where, queue, hooks, parsed)
+        if cgroups is None:
+            return None
+        queue = replace(queue, reject=rejects, cgroups=cgroups)
         dynamic = tuple(s.dynamic for s in self.sets.values() if s.dynamic is not None)
         return Policy(path=where.path, version=1, queue=queue, hooks=hooks, default=default,
                       logging=logging, rules=tuple(p.rule for p in parsed), sets=dynamic,
-                      shadow_path=shadow_path(where, items.get("shadow")))
+                      shadow_path=shadow_path(where, items.get("shadow")), mode=mode)
+
+
+def _cgroups(where: Where, queue: QueueConfig, hooks, parsed: List[ParsedRule]):
+    """Every cgroup path the rules name, in the order the hooks mark them;
+    None (reported) when the mask cannot number them all."""
+    using = [p for p in parsed if p.rule.match.cgroup]
+    paths = ordered([path for p in using for path in p.rule.match.cgroup])
+    if not paths:
+        return ()
+    first = using[0]
+    key = first.keys.get("cgroup") or first.keys.get("unit")
+    if len(paths) > capacity(queue.offload):
+        first.where.error(key, f"the rules name {len(paths)} cgroups, but queue.offload.mask "
+                               f"numbers at most {capacity(queue.offload)}: widen the mask "
+                               "or name fewer")
+        return None
+    if not any(hook.chain == "output" for hook in hooks):
+        first.where.warn(key, "no hook on chain output: cgroup and unit rules see no packet "
+                              "(add '- {chain: output}' under hooks)")
+    root = cgroup2_root()
+    for p in using:
+        for path in sorted(p.rule.match.cgroup):
+            if root is None:
+                p.where.warn(p.keys.get("cgroup") or p.keys.get("unit"),
+                             "no cgroup v2 hierarchy is mounted here: ipqd cannot check that "
+                             "the cgroups exist" if has_cgroup2() else
+                             "this kernel has no cgroup v2: cgroup and unit rules cannot be "
+                             "enforced, and ipqd's hooks cannot be installed")
+                return paths
+            if not os.path.isdir(os.path.join(root, path)):
+                p.where.warn(p.keys.get("cgroup") or p.keys.get("unit"),
+                             f"cgroup '{path}' does not exist now: the kernel refuses rules "
+                             "naming it, so ipqd cannot install its hooks until it does "
+                             "(start the unit first)")
+    return paths
+
+
+def has_cgroup2() -> bool:
+    """Whether the kernel has cgroup v2 (mounted here or not)."""
+    try:
+        with open("/proc/filesystems") as filesystems:
+            return any(line.split()[-1:] == ["cgroup2"] for line in filesystems)
+    except OSError:
+        return False
+
+
+def cgroup2_root() -> Optional[str]:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or
+    /sys/fs/cgroup/unified on hybrid systems), or None."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) > 2 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return None
 
 
 # --- the main file's sections --------------------------------------------------
@@ -457,17 +526,13 @@ def _default(where: Where, root, item) -> Optional[Default]:
     if found is None:
         return None
     parsers = {"action": parse_action, "set_mark": parse_set_mark,
-               "log": lambda w, n: boolean(w, n, "log")}
+               "log": lambda w, n: boolean(w, n, "log"), "reject_with": parse_reject_with}
     out = {name: parsers[name](where, node) for _, name, node in found}
     keys = {name: key for key, name, _ in found}
     if "action" not in out:
         where.error(item[1], "missing 'action' (add action: accept or action: drop)")
         return None
-    if out["action"] == "drop" and out.get("set_mark") is not None:
-        where.error(keys["set_mark"], "set_mark only works with action accept "
-                                      "(a dropped packet keeps no mark)")
-        return None
-    if None in out.values():
+    if not check_reject(where, keys, out, None, default=True) or None in out.values():
         return None
     return Default(**out)
 

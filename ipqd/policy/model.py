@@ -61,7 +61,15 @@ IPV6_EXT_HEADERS = frozenset({0, 43, 44, 51, 60, 135})
 # Conntrack states, in the order ipqd lays out their queues (ipqd.kernel.hooks.queue_layout).
 CT_STATES = ("new", "established", "related", "invalid", "untracked")
 FRAGMENTS = ("first", "not-first", "none")
-ACTIONS = ("accept", "drop")
+ACTIONS = ("accept", "drop", "reject")              # verdicts: a rule's or the default's
+# A rule may also only log: the packet is logged and the next rules decide.
+RULE_ACTIONS = ACTIONS + ("log",)
+# `mode`: enforce the verdicts, or accept every packet and log and count
+# what the policy would have done.
+MODES = ("enforce", "monitor")
+# How a rejected packet is refused (ipqd.policy.reject): a TCP reset or an
+# ICMP/ICMPv6 destination-unreachable of one of three codes.
+REJECT_WITH = ("tcp-reset", "port-unreachable", "admin-prohibited", "host-unreachable")
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -132,11 +140,39 @@ class MarkMatch:
     mask: int = 0xFFFFFFFF
 
 
+# A rate kept per key tracks at most this many keys unless `keys:` says
+# otherwise (ipqd.decision.rate_table), and never more than RATE_KEYS_MAX.
+RATE_KEYS_DEFAULT = 16384
+RATE_KEYS_MAX = 1_000_000
+RATE_KEY_FIELDS = ("src", "dst", "sport", "dport")
+
+
 @dataclass(frozen=True, **_SLOTS)
 class Rate:
-    """A token bucket: `per_second` tokens a second, at most `burst` saved up."""
+    """A token bucket: `per_second` tokens a second, at most `burst` saved up.
+
+    With `per`, one bucket per key: ((field, IPv4 prefix, IPv6 prefix), ...)
+    of RATE_KEY_FIELDS (prefixes 0 for ports), at most `keys` keys tracked."""
     per_second: float
     burst: int
+    text: str = ""
+    per: Tuple[Tuple[str, int, int], ...] = ()
+    keys: int = 0
+
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")     # datetime.weekday() order
+
+
+@dataclass(frozen=True, **_SLOTS)
+class TimeWindow:
+    """`time:` a rule matches only on `days` (0 = Monday), between minute
+    `start` (included) and minute `end` (excluded) of the day, in zone `tz`
+    (None: the host's local time). `end` <= `start` wraps past midnight; the
+    day is always the packet's own (ipqd.policy._time)."""
+    days: frozenset = frozenset(range(7))
+    start: int = 0
+    end: int = 24 * 60
+    tz: Optional[str] = None
     text: str = ""
 
 
@@ -170,6 +206,7 @@ class Match:
     mark: Optional[MarkMatch] = None
     length: Optional[Tuple[int, int]] = None        # inclusive, whole IP packet length
     fragment: Optional[frozenset] = None            # names from FRAGMENTS
+    cgroup: Optional[frozenset] = None              # cgroup v2 paths (`cgroup`, `unit`); output only
     malformed: bool = False
 
     def fields(self) -> frozenset:
@@ -188,12 +225,14 @@ class Match:
 class Rule:
     name: str
     match: Match
-    action: str                                     # "accept" or "drop"
+    action: str                                     # "accept", "drop", "reject" or "log"
     set_mark: Optional[int] = None                  # only with accept
     log: Optional[bool] = None                      # None: follow the default's log
     rate: Optional[Rate] = None                     # above the rate the rule does not match
     position: Optional[Position] = None
     offload: bool = True                            # false: never offload this rule's flows
+    reject_with: Optional[str] = None               # with reject; None: per protocol (REJECT_WITH)
+    time: Optional[TimeWindow] = None               # outside the window the rule does not match
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -201,6 +240,7 @@ class Default:
     action: str = "drop"
     log: bool = True
     set_mark: Optional[int] = None
+    reject_with: Optional[str] = None               # with reject; None: per protocol
 
 
 OFFLOAD_MODES = ("auto", "off")
@@ -231,6 +271,12 @@ class QueueConfig:
     # The verdict for a packet whose copy hides a field the rules need to
     # tell its verdict (a transport header past copy_range): accept or drop.
     undecidable: str = "drop"
+    # Loader: on when a rule or the default rejects; the hooks then hold the
+    # rules that refuse what ipqd marks for rejection (ipqd.policy.reject).
+    reject: bool = False
+    # Loader: every cgroup path a rule names; the output hook marks them
+    # (ipqd.policy.cgroup).
+    cgroups: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, **_SLOTS)
@@ -273,6 +319,7 @@ class Policy:
     digest: str = ""                                # of the files' text (ipqd.policy.checked)
     shadow_path: Optional[str] = None               # `shadow:` a candidate deciding beside it
     shadow: Optional["Policy"] = None               # that candidate, loaded (load_checked)
+    mode: str = "enforce"                           # or "monitor" (MODES)
 
     def dynamic_sets(self) -> frozenset:
         """The names of the dynamic sets some rule reads."""

@@ -23,9 +23,12 @@ to stderr through ipqd.console.error_line; JSON escapes itself.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
+import time
+import zoneinfo
 from typing import BinaryIO, Iterator, Optional, TextIO
 
 from ipqd.console import error_line
@@ -37,6 +40,8 @@ from ipqd.errors import CaptureError, DescriptionError, NotIP, PolicyErrors
 from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
 from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES
 from ipqd.policy.model import HOOKS, PROTOCOL_NAMES
+from ipqd.policy.cgroup import split_mark
+from ipqd.policy.reject import REJECT_HOOKS, reject_kind
 from ipqd.printable import clean
 from ipqd.tools.grammar import EXPECTED_FORM
 from ipqd.tools.pcap import Frame, ip_payload, read_capture
@@ -78,6 +83,16 @@ def run_explain(args) -> int:
         digest = policy_digest(args.policy)
     except OSError:
         digest = ""                         # a fragment went meanwhile: the policy has loaded
+    at = getattr(args, "at", None)
+    if args.pcap and at:
+        error_line("ipqd explain: --at goes with a described packet; a capture's packets "
+                   "are decided at the times they were captured")
+        return EXIT_USAGE
+    try:
+        now = moment(at) if at else time.time()
+    except ValueError as error:
+        error_line(f"ipqd explain: --at: {error}")
+        return EXIT_USAGE
     matcher = compile_policy(policy)
     base = PacketMeta(hook=hook, indev=args.indev, outdev=args.outdev)
     out = sys.stdout
@@ -85,13 +100,17 @@ def run_explain(args) -> int:
         if getattr(args, "reach", None):
             from ipqd.tools.reach import explain_reach
             return explain_reach(policy, args.reach, out, lambda text: _explain_described(
-                matcher, text, base, None, policy.queue.conntrack, _Report(out, args.json, digest)))
+                matcher, text, base, None, policy.queue.conntrack,
+                _Report(out, args.json, digest, policy.mode == "monitor"), now))
         if args.pcap:
             tracker = Tracker() if policy.queue.conntrack else None
-            code = _explain_capture(matcher, args.pcap, base, tracker, _Report(out, args.json, digest))
+            code = _explain_capture(matcher, args.pcap, base, tracker,
+                                    _Report(out, args.json, digest, policy.mode == "monitor"))
         elif args.packet:
             code = _explain_described(matcher, args.packet, base, ct_state,
-                                      policy.queue.conntrack, _Report(out, args.json, digest))
+                                      policy.queue.conntrack,
+                                      _Report(out, args.json, digest, policy.mode == "monitor"),
+                                      now)
         else:
             error_line("ipqd explain: give a packet description or --pcap FILE")
             print(EXPECTED_FORM, file=sys.stderr)
@@ -114,10 +133,34 @@ def _silence(out: TextIO) -> None:
         pass
 
 
-def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: Optional[str],
-                       conntrack: bool, report: "_Report") -> int:
+def moment(text: str) -> float:
+    """The Unix time of `--at`: an ISO date and time, with an offset, a tz
+    database name after a space, or neither (the host's local time)."""
+    written, _, zone_name = text.strip().rpartition(" ")
+    zone = None
+    if written and ("/" in zone_name or zone_name.upper() == "UTC"):
+        try:
+            zone = zoneinfo.ZoneInfo(zone_name)
+        except (ValueError, LookupError, OSError):
+            raise ValueError(f"unknown time zone '{zone_name}' (e.g. Europe/Paris or UTC)")
+    else:
+        written = text.strip()
     try:
-        payload, meta = build_packet(text, base)
+        when = datetime.datetime.fromisoformat(written)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a date and time (write e.g. \"2026-12-07 09:30\", "
+                         "\"2026-12-07 09:30+01:00\" or \"2026-12-07 09:30 Europe/Paris\")")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=zone) if zone else when.astimezone()
+    elif zone is not None:
+        raise ValueError(f"'{text}' gives both an offset and a time zone: give one")
+    return when.timestamp()
+
+
+def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: Optional[str],
+                       conntrack: bool, report: "_Report", now: float) -> int:
+    try:
+        payload, meta = build_packet(text, base, matcher.cgroups)
     except DescriptionError as error:
         error_line(f"ipqd explain: cannot read packet description: {error}")
         print(EXPECTED_FORM, file=sys.stderr)
@@ -130,7 +173,7 @@ def _explain_described(matcher: Matcher, text: str, base: PacketMeta, ct_state: 
     # The daemon knows a state only with conntrack; a lone packet is the
     # first of its connection, as the tracker says (new, invalid, untracked).
     tracker = Tracker() if conntrack and not given else None
-    report.packet(decide(matcher, 1, payload, meta._replace(ct_state=given), 0.0, tracker))
+    report.packet(decide(matcher, 1, payload, meta._replace(ct_state=given), now, tracker))
     report.finish(matcher, capture=None)
     return EXIT_OK
 
@@ -175,11 +218,15 @@ def decide(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta, now:
            tracker: Optional[Tracker] = None) -> dict:
     """One packet through parse and decide, as a record for the report. With
     a tracker, the packet gets the ct_state it gives (and the tracker moves on)."""
+    cgroup, mark = split_mark(matcher.cgroups, meta.mark)    # as the daemon's engine
+    meta = meta._replace(mark=mark)
     shown = parse(payload, meta)            # every field: for the tracker and the summary
+    shown.cgroup = cgroup
     if tracker is not None:
         meta = meta._replace(ct_state=tracker.track(shown, payload, now))
         shown.ct_state = meta.ct_state
     view = parse(payload, meta, matcher.fields)
+    view.cgroup = cgroup
     return _record(number, view, shown, matcher.decide(view, now))
 
 
@@ -203,7 +250,12 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
         "rule_index": decision.rule_index,
         "position": str(rule.position) if rule is not None and rule.position else None,
         "set_mark": decision.mark,
+        # How a reject is refused, as the daemon's hook rules would; None at
+        # prerouting and postrouting, where the kernel cannot and it is a drop.
+        "reject_with": reject_kind(decision.reject_with, view.proto, view.hook)
+        if decision.action == "reject" and view.hook in REJECT_HOOKS else None,
         "log": decision.log,
+        "log_rules": list(decision.log_rules),      # `action: log` rules met on the way
         "malformed": view.malformed,
         "hidden": sorted(view.hidden),          # fields the rules read that the copy cut off
         "reason": view.reason or None,
@@ -215,7 +267,8 @@ def _record(number: int, view: PacketView, shown: PacketView, decision: Decision
 def _fields(view: PacketView, addresses: tuple) -> dict:
     fields = {name: getattr(view, name) for name in (
         "family", "proto", "sport", "dport", "icmp_type", "icmp_code", "tcp_flags",
-        "length", "fragment", "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state")}
+        "length", "fragment", "hook", "indev", "outdev", "mark", "uid", "gid", "ct_state",
+        "cgroup")}
     fields["src"], fields["dst"] = addresses
     return fields
 
@@ -260,16 +313,19 @@ class _Report:
     """Writes each record as it comes, then the summary: text lines, or JSON
     Lines (an object per packet, "type": "packet", then "type": "summary")."""
 
-    def __init__(self, out: TextIO, as_json: bool, digest: str = ""):
+    def __init__(self, out: TextIO, as_json: bool, digest: str = "", monitor: bool = False):
         self.out = out
         self.as_json = as_json
         self.digest = digest            # of the policy's files, as its journal entries carry it
+        self.monitor = monitor          # mode: monitor: drops and rejects are not enforced
         self.packets = self.skipped = 0
 
     def packet(self, r: dict) -> None:
         self.packets += 1
         if r["verdict"] is None:
             self.skipped += 1
+        if r["verdict"] is not None:
+            r["enforced"] = not (self.monitor and r["verdict"] != "accept")
         if self.as_json:
             self.out.write(json.dumps({"type": "packet", **r}) + "\n")
         elif r["verdict"] is None:
@@ -279,6 +335,15 @@ class _Report:
             state = r["packet"]["ct_state"]
             ct = f" ct={state}" if state else ""
             extra = f"  (set mark {r['set_mark']:#x})" if r["set_mark"] is not None else ""
+            if not r["enforced"]:
+                extra += "  (not enforced: mode monitor accepts it)"
+            if r["log_rules"]:
+                extra += f"  (logged by {clean(', '.join(r['log_rules']))})"
+            if r["reject_with"] is not None:
+                extra += f"  (with {r['reject_with']})"
+            elif r["verdict"] == "reject":
+                extra += "  (a drop at this hook: the kernel rejects only at input, " \
+                         "forward and output)"
             self.out.write(f"{r['number']:>5}  {r['verdict'].upper():<6}  {rule:<20}  "
                            f"{clean(r['summary'])}{ct}{extra}\n")
 

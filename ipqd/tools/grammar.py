@@ -8,7 +8,8 @@ from __future__ import annotations
 __all__ = ["EXPECTED_FORM", "EXPLAIN_EPILOG", "FORM"]
 
 FORM = "PROTO SRC[:PORT] -> DST[:PORT] [FLAGS|ICMP-TYPE] [key=value ...]"
-KEYS = "len, mark, uid, gid, ct, in, out, hook, frag (first|not-first), flags, type, code"
+KEYS = ("len, mark, uid, gid, ct, in, out, hook, frag (first|not-first), flags, type, code, "
+        "cgroup (a path), unit")
 _EXAMPLES = (
     '"tcp 10.0.0.5:40000 -> 10.0.0.1:22 syn"',
     '"udp [fd00::1]:53 -> [fd00::2]:5353 len=1200"',

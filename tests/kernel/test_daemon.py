@@ -243,7 +243,7 @@ def test_invalid_policy_refuses_to_start_with_positions(lab, daemon, tmp_path):
     assert ipqd.process.wait(20) == 1
     ipqd.stop()
     text = "\n".join(ipqd.lines)
-    assert "bad.yaml:2:19: default: unknown action 'rejct' (expected accept or drop)" in text, text
+    assert "bad.yaml:2:19: default: unknown action 'rejct' (did you mean 'reject'?)" in text, text
     assert "not started" in text
     assert "IPQD" not in lab.server.sh("iptables-legacy-save; iptables-nft-save").stdout
 

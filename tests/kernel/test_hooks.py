@@ -155,6 +155,7 @@ def test_nft_backend_says_what_is_missing(lab, tmp_path):
         detect = lab.server.sh(f"{IPQD} hooks detect").stdout
         assert detect.strip().endswith("iptables-nft")
         assert "passed over nft: the nft backend cannot queue packets" in detect
+        assert "\ncgroup: this kernel has cgroup v2" in detect     # /sys is the netns's own
         assert "CONFIG_NFT_QUEUE" in detect
     else:      # a kernel with CONFIG_NFT_QUEUE: the table is there, and goes away
         assert "queue num 7 bypass" in lab.server.sh("nft list table inet ipqd").stdout

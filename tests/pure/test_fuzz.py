@@ -199,8 +199,10 @@ def test_engine_gives_exactly_one_verdict_and_never_errs(request):
         after = engine.counters.as_dict()
         assert verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_DROP, nfq.NF_REPEAT)
         assert verdict.mark is None or verdict.verdict in (nfq.NF_ACCEPT, nfq.NF_REPEAT)
-        if verdict.verdict == nfq.NF_REPEAT:     # a flow offload request, never twice
+        if verdict.verdict == nfq.NF_REPEAT:     # an offload or reject request, never twice
             assert packet.mark & 0xC0000000 == 0 and verdict.mark & 0xC0000000
+            assert (verdict.mark & 0xC0000000 == 0xC0000000) == \
+                (verdict.decision.action == "reject")
         assert after["packets"] == before["packets"] + 1
         assert (after["accepted"] - before["accepted"]) + (after["dropped"] - before["dropped"]) == 1
         assert after["errors"] == 0, "the matcher raised"

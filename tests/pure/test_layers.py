@@ -25,10 +25,11 @@ TOP = {"errors": "base", "printable": "base", "exits": "base", "console": "base"
 # The sans-IO core: whole folders, and the policy's modules that read no file.
 PURE_FOLDERS = ["wire", "decision"]
 PURE_MODULES = ["printable.py", "policy/model.py", "policy/transfer.py",
-                "policy/offload.py", "policy/_nodes.py", "policy/_values.py", "policy/_rules.py",
+                "policy/offload.py", "policy/reject.py", "policy/cgroup.py", "policy/windows.py",
+                "policy/_nodes.py", "policy/_values.py", "policy/_rules.py",
                 "policy/_lint.py", "policy/_limits.py", "policy/_offload.py",
-                "policy/_undecidable.py", "policy/regions.py", "control/codec.py",
-                "control/commands.py"]
+                "policy/_undecidable.py", "policy/regions.py", "policy/_rate.py",
+                "policy/_time.py", "control/codec.py", "control/commands.py"]
 FORBIDDEN = {"socket", "select", "selectors", "signal", "os", "subprocess", "threading",
              "multiprocessing", "fcntl", "ctypes", "systemd"}
 

@@ -162,7 +162,7 @@ def test_fragment_errors_name_the_fragment(tmp_path, monkeypatch):
     with pytest.raises(PolicyErrors) as caught:
         load(path)
     assert [str(e) for e in caught.value.errors] == [
-        "policy.d/a.yaml:2:36: rule \"x\": unknown action 'acept' (expected accept or drop)",
+        "policy.d/a.yaml:2:36: rule \"x\": unknown action 'acept' (did you mean 'accept'?)",
         "policy.d/b.yaml:2:3: set 'lan' is already defined (in policy.yaml line 5)",
         "policy.d/b.yaml:3:1: unknown field 'default' (expected only sets and rules "
         "in a fragment)",
@@ -350,7 +350,7 @@ def test_every_problem_is_reported_sorted():
         'p.yaml:5:34: rule "b": port 99999 is outside 0-65535',
         "p.yaml:6:20: rule \"a\": '300.0.0.1' is not an IP address or network "
         "(write e.g. 192.0.2.1, 10.0.0.0/8 or fd00::/8)",
-        "p.yaml:6:39: rule \"a\": unknown action 'maybe' (expected accept or drop)",
+        "p.yaml:6:39: rule \"a\": unknown action 'maybe' (expected accept, drop, reject or log)",
         'p.yaml:6:51: rule "a": log must be true or false, not the number 3',
     ]
 
@@ -405,7 +405,7 @@ def test_errors_carry_warnings_too():
     (HEAD + "rules:\n  - {proto: icmpv6, icmp_type: echo, action: accept}\n",
      "p.yaml:5:32: rule \"rule-1\": unknown icmpv6 type 'echo'"),
     (HEAD + "default: {action: drop, set_mark: 1}\n".replace("default", "x") ,
-     "p.yaml:4:1: unknown field 'x' (expected version, queue, hooks, default, logging, "
+     "p.yaml:4:1: unknown field 'x' (expected version, mode, queue, hooks, default, logging, "
      "sets, rules, tests or shadow)"),
 ])
 def test_single_problems(text, message):

@@ -18,7 +18,7 @@ PACKETS = st.lists(views(), min_size=1, max_size=30)
 
 
 @SETTINGS
-@given(policies(max_rules=12), PACKETS, SEEDS_SMALL)
+@given(policies(max_rules=12, rates=True), PACKETS, SEEDS_SMALL)
 def test_compiled_matches_reference(policy, packets, seed):
     assert_agrees(policy, packets, seed)
 
@@ -26,13 +26,17 @@ def test_compiled_matches_reference(policy, packets, seed):
 # Big policies come from a seed: drawing 50 rules field by field through
 # hypothesis is slow and its choices lean towards the simplest values.
 SEEDS = st.integers(0, 2**32 - 1)
+ALL_ACTIONS = ("accept", "drop", "reject", "log")
 
 
 @settings(max_examples=150, deadline=None)
 @given(SEEDS, PACKETS)
 def test_compiled_matches_reference_up_to_50_rules(seed, packets):
     rng = random.Random(seed)
-    assert_agrees(random_policy(rng, rng.randint(0, 50)), packets, seed)
+    # Moments from 2023 to 2027, seconds or hours apart: rates run dry, windows open and close.
+    assert_agrees(random_policy(rng, rng.randint(0, 50), actions=ALL_ACTIONS, rates=True),
+                  packets, seed, step=rng.choice([0.3, 1.0, 3917.0, 7 * 3600 + 17]),
+                  start=rng.uniform(1.67e9, 1.80e9))
 
 
 @settings(max_examples=100, deadline=None)
@@ -43,7 +47,8 @@ def test_compiled_matches_reference_with_address_tables_everywhere(seed, packets
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compiler, "ADDRESS_TABLE_MIN", 0)
         patch.setattr(compiler, "EXACT_PORTS_MAX", 2)
-        assert_agrees(random_policy(rng, rng.randint(0, 50), address_bias=True), packets)
+        assert_agrees(random_policy(rng, rng.randint(0, 50), address_bias=True,
+                                    actions=ALL_ACTIONS, rates=True), packets)
 
 
 @settings(max_examples=30, deadline=None)

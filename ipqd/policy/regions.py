@@ -709,6 +709,23 @@ class Outcome(NamedTuple):
     final: int
 
 
+def may_pass(rule: Rule) -> bool:
+    """Whether a packet inside the rule's match may still go on to the next
+    rules: an `action: log` rule always lets it (logged), and whether a rule
+    with a rate, a time window or a cgroup matches is not a header's to say
+    (its tokens, the clock, the sending socket). The regions show such a
+    rule as one that may decide first."""
+    return rule.rate is not None or rule.time is not None or bool(rule.match.cgroup) \
+        or rule.action == "log"
+
+
+def _condition(rule: Rule):
+    """What, besides the headers, a rule's matching depends on (effects)."""
+    if rule.rate is None and rule.time is None and not rule.match.cgroup:
+        return None
+    return (rule.name, rule.rate, rule.time, rule.match.cgroup)
+
+
 class _Budget:
     def __init__(self, limit: int):
         self.left = limit
@@ -760,7 +777,7 @@ def partition(space: Space, rules: Sequence[Rule], cubes: Iterable[tuple],
                     after.append((cube, rated))
                     continue
                 budget.spend(1 + len(outside))
-                if rule.rate is not None:
+                if may_pass(rule):
                     after.append((inside, rated + (index,)))
                 else:
                     yield inside, Outcome(rated, index)
@@ -798,8 +815,8 @@ def effects(policy: Policy, outcome: Outcome) -> tuple:
         else:
             rule = policy.rules[index]
             log = rule.log if rule.log is not None else policy.default.log
-            effect = (rule.action, rule.set_mark if rule.action == "accept" else None, log,
-                      (rule.name, rule.rate) if rule.rate is not None else None)
+            effect = (rule.action, rule.set_mark if rule.action == "accept" else None,
+                      log or rule.action == "log", _condition(rule))
         out.append(effect)
     # A rated rule just before the final one that does what it does changes
     # nothing, within its rate or past it (and then the one before it, ...).
@@ -889,7 +906,7 @@ def reach(rules: Sequence[Rule], index: int, space: Optional[Space] = None,
             cubes.append(inside)
     overlapping = []
     for i, rule in enumerate(rules[:index]):
-        if rule.rate is not None:
+        if may_pass(rule):
             continue
         constraint = space.constraint(rule.match)
         after = []

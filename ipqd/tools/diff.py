@@ -146,6 +146,10 @@ def describe_outcome(policy: Policy, outcome: regions.Outcome) -> str:
             rule = policy.rules[index]
             where = f" at {rule.position.path}:{rule.position.line}" if rule.position else ""
             rate = f", within {rule.rate.text or rule.rate.per_second}" if rule.rate else ""
+            if rule.time is not None:
+                rate += ", within its time window"
+            if rule.match.cgroup:
+                rate += f", from cgroup {' or '.join(sorted(rule.match.cgroup))}"
             log = rule.log if rule.log is not None else policy.default.log
             text = (f"{rule.action}{_mark(rule.action, rule.set_mark)}"
                     f"{' log' if log and not policy.default.log else ''}"
@@ -154,7 +158,12 @@ def describe_outcome(policy: Policy, outcome: regions.Outcome) -> str:
         parts.append(text)
     if outcome.final < 0 and policy.default.log:
         parts[-1] = parts[-1][:-1] + ", logged)"
-    return " else ".join(parts)
+    # an `action: log` rule decides nothing: the next one decides
+    text = parts[0]
+    for index, part in zip(outcome.rated + (outcome.final,), parts[1:]):
+        logs = index >= 0 and policy.rules[index].action == "log"
+        text += (", then " if logs else " else ") + part
+    return text
 
 
 def _mark(action: str, mark: Optional[int]) -> str:
@@ -170,6 +179,14 @@ def inexact(old: Policy, new: Policy, space: regions.Space, changes) -> List[str
                 notes.append(f"{policy.path}: rule \"{rule.name}\" matches only within its rate "
                              f"({rule.rate.text or rule.rate.per_second}): regions where it may "
                              f"decide show it first, with what decides past its rate")
+            if rule.time is not None:
+                notes.append(f"{policy.path}: rule \"{rule.name}\" matches only within its "
+                             f"time window: regions where it may decide show it first, with "
+                             f"what decides outside it")
+            if rule.match.cgroup:
+                notes.append(f"{policy.path}: rule \"{rule.name}\" matches only packets of "
+                             f"the cgroups it names, which no header says: regions where it "
+                             f"may decide show it first")
             dynamic = sorted({name for addr in (rule.match.src, rule.match.dst)
                               if addr is not None for name in addr.dynamic})
             if dynamic:

@@ -50,6 +50,8 @@ def explain_reach(policy: Policy, name: str, out: TextIO,
         out.write(clean(f'only malformed packets reach rule "{name}"{where}: '
                         f"{space.describe(cube, space.shape_of(cube)).replace('any packet', 'any of them')}") + "\n")
         return EXIT_OK
+    if rule.match.cgroup:       # no header says it: the description names the cgroup
+        witness += f" cgroup={sorted(rule.match.cgroup)[0]}"
     out.write(clean(f'rule "{name}"{where} is reached by: {witness}') + "\n")
     out.flush()
     return explain(witness)

@@ -193,3 +193,20 @@ def test_dynamic_sets_are_named(tmp_path, capsys, monkeypatch):
     assert notes == ['not exact: new.yaml: rule "bans" reads the dynamic set @banned, whose '
                      'entries change at run time (`ipqd set`): the regions take it as empty']
     assert code == 0
+
+
+def test_log_rules_time_windows_and_cgroups_may_decide_first(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    head = "version: 1\nhooks: [{chain: output}]\ndefault: {action: accept, log: false}\nrules:\n"
+    write(tmp_path, "old.yaml", head + "  - {name: web, proto: tcp, dport: 80, action: accept}\n")
+    write(tmp_path, "new.yaml", head +
+          "  - {name: watch, proto: tcp, dport: 80, action: log}\n"
+          "  - {name: office, proto: tcp, dport: 80, action: drop, "
+          "time: {days: [mon], hours: '09:00-17:00', tz: UTC}}\n"
+          "  - {name: web, proto: tcp, dport: 80, action: accept}\n")
+    code, out, _ = run(capsys, "old.yaml", "new.yaml")
+    assert code == 1
+    assert "accept (web at old.yaml:5) -> log (watch at new.yaml:5), then drop (office at " \
+           "new.yaml:6, within its time window) else accept (web at new.yaml:7)" in out
+    assert any(line.startswith('not exact: new.yaml: rule "office" matches only within its '
+                               'time window') for line in out.splitlines())

@@ -102,7 +102,7 @@ def test_an_invalid_case_file_is_reported_at_its_node(tmp_path):
     with pytest.raises(PolicyErrors) as raised:
         read_cases(str(path))
     assert [str(e) for e in raised.value.errors] == [
-        f"{path}:1:50: test case: unknown verdict 'maybe' (expected accept or drop)"]
+        f"{path}:1:50: test case: unknown verdict 'maybe' (expected accept, drop or reject)"]
 
 
 def test_unreadable_cases_exit_3(tmp_path, capsys):

@@ -143,7 +143,7 @@ def test_check_reports_the_shadows_errors(tmp_path):
     out = io.StringIO()
     assert run_check(Namespace(policy=str(main)), out=out, err=out) == 1
     assert out.getvalue().splitlines() == [
-        f"{tmp_path}/candidate.yaml:2:19: default: unknown action 'acept' (expected accept or drop)",
+        f"{tmp_path}/candidate.yaml:2:19: default: unknown action 'acept' (did you mean 'accept'?)",
         "1 error"]
     main.write_text("version: 1\nshadow: policy.yaml\ndefault: {action: accept}\n")
     out = io.StringIO()

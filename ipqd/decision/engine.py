@@ -129,7 +129,7 @@ class Engine:
         verdict = self._finish(decision, view)
         if key is not None and self.caching and not self.matcher.rated \
                 and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP):
-            self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
+            self.cache.admit(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                 decision.rule_index, decision.log))
         return verdict
 
@@ -144,7 +144,8 @@ class Engine:
         tally = self.matcher.tally
         for entry in cache.touched:
             hits, entry.hits = entry.hits, 0
-            cache.hits += hits
+            if not entry.fresh:             # a decider's answer: a miss, decided
+                cache.hits += hits
             counters.packets += hits
             if entry.accept:
                 counters.accepted += hits

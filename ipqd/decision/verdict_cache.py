@@ -47,7 +47,7 @@ from ipqd.decision.packet import IPV6_EXT_HEADERS
 from ipqd.policy.model import (L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
                                PROTO_UDP, PROTO_UDPLITE)
 
-# Entries kept before the cache starts over; a miss costs one full decision.
+# Entries kept, in two generations of half as many; a miss costs one decision.
 CACHE_SIZE = 65536
 # Tuples the exact-match cache keeps, per message layout, before it starts
 # over; a miss there costs one careful read.
@@ -213,12 +213,51 @@ class _FamilyRead:
 def _picker(index: Dict[str, int], fields: frozenset, meta: List[str], sources: Dict[str, str],
             length: str) -> Callable:
     """What makes the key of one kind of transport header from a family's read."""
+    return itemgetter(*[index[name] for name in _key_names(fields, meta, sources, length)])
+
+
+def _key_names(fields: frozenset, meta: List[str], sources: Dict[str, str],
+               length: str) -> List[str]:
+    """The read values a key holds, in order, for one kind of transport header."""
     wanted = meta + ["proto"] + [name for name in ("src", "dst") if name in fields]
     if not fields.isdisjoint(L4_FIELDS):
         wanted += list(dict.fromkeys(sources[f] for f in sorted(fields) if f in sources))
     if "length" in fields:
         wanted.append(length)
-    return itemgetter(*[index[name] for name in wanted])
+    return wanted
+
+
+def _key_meta(fields: frozenset) -> List[str]:
+    """The metadata every key holds first: the family and the queue always
+    (ct_state asks for the queue again), then what the policy reads."""
+    return list(dict.fromkeys(["family", "queue"] + sorted(
+        (_META_FIELD[f] for f in fields if f in _META_FIELD), key=SUMMARY_FIELDS.index)))
+
+
+# Kinds of transport header a key can describe, by name, for key_positions.
+KEY_KINDS = {"tcp": _TCP, "udp": _UDP, "icmp": _ICMP, "other": _OTHER}
+
+
+def key_positions(fields: frozenset, kind: str) -> Dict[str, int]:
+    """Where a key of a packet with transport header `kind` (KEY_KINDS) holds
+    each value: "family" (the NFPROTO number), "proto", "src" and "dst" (an
+    int for IPv4, 16 bytes for IPv6), "word0" (the source port, or ICMP's
+    type << 8 | code), "dport", "tcp_flags". For a decider that answers from
+    keys (ipqd.decision.codegen): keys keep this order for any layout."""
+    names = _key_names(fields, _key_meta(fields), _KEY_SOURCE[KEY_KINDS[kind]], "total")
+    return {name: i for i, name in enumerate(names)}
+
+
+def key_kind(family: int, proto: int) -> Optional[str]:
+    """The kind of transport header a key reader gives a packet of IP
+    `family` (4, 6) and `proto`, or None when it gives no key."""
+    if proto == PROTO_TCP:
+        return "tcp"
+    if proto == PROTO_UDP:
+        return "udp"
+    if proto == (PROTO_ICMP if family == 4 else PROTO_ICMPV6):
+        return "icmp"
+    return None if proto in _UNCACHED_PROTOS else "other"
 
 
 def _exact_read(layout: AttributeLayout, header: tuple, fields: frozenset,
@@ -255,9 +294,7 @@ class KeyPlan:
     def __init__(self, layout: AttributeLayout, fields: frozenset):
         self.layout = layout
         self.names = "in" in fields or "out" in fields
-        # The family and the queue always; ct_state asks for the queue again.
-        self.meta = list(dict.fromkeys(["family", "queue"] + sorted(
-            (_META_FIELD[f] for f in fields if f in _META_FIELD), key=SUMMARY_FIELDS.index)))
+        self.meta = _key_meta(fields)
         # read besides the key: the id, and the interfaces to name them
         used = ["packet_id", "indev", "outdev"] if self.names else ["packet_id"]
         self.ipv4 = _FamilyRead(layout, _IPV4, fields, self.meta, used, "total")
@@ -336,7 +373,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
            answers: CacheRound, batch: bool, log_gate: Optional[Callable[[], bool]]) -> Callable:
     """The reader of a burst of datagrams of one layout: the exact-match
     layer first, then the careful read, and the cache's answer."""
-    entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
+    touched = cache.touched                 # kept: a settle empties it in place
     hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
     read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
     exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
@@ -346,6 +383,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
         rest, strangers = [], []
         last = {}               # queue -> index of its latest batchable hit
         seen = None
+        entries, decide = cache.entries, cache.decide       # a generation: as of this burst
         for i, n in enumerate(lengths):
             buf = views[i]
             try:
@@ -363,13 +401,18 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                         (rest if found is None else strangers).append(i)
                         continue
                     key, queue, packet_id, exact_kind = found
-                    entry = entries.get(key)
+                    entry = entries.get(key) or cache.recall(key)
                     if entry is None:
                         cache.misses += 1
-                        misses[queue, packet_id] = key
-                        rest.append(i)
-                        continue
-                    if exact_kind and seen is not None:
+                        # The policy's own decision function, from the key
+                        # alone; None: the full path decides.
+                        entry = decide(key) if decide is not None else None
+                        if entry is None:
+                            misses[queue, packet_id] = key
+                            rest.append(i)
+                            continue
+                        cache.admit(key, entry)
+                    elif exact_kind and seen is not None:
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
                         exact_hits[seen] = (entry, queue)
@@ -395,25 +438,45 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
 
 
 class CachedVerdict:
-    """What a cache hit needs: the verdict, its mark, and whom to count."""
-    __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits")
+    """What a cache hit needs: the verdict, its mark, and whom to count.
+    `fresh`: a decision a decider made for a key the cache did not hold
+    (counted as decided, not as a cache hit); the cache keeps a copy."""
+    __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits", "fresh")
 
-    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False):
+    def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False,
+                 fresh: bool = False):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
         self.log = log                        # the decision is logged: see KeyMaker.log_gate
+        self.fresh = fresh
         self.hits = 0                         # since Engine.settle last counted them
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict
 
 
 class VerdictCache:
-    """A bounded dict of keys to CachedVerdict, with its own counters."""
+    """Keys to CachedVerdict, bounded, with its own counters.
 
-    def __init__(self, size: int = CACHE_SIZE):
+    A flood of new flows must neither make a miss dear nor push out the
+    flows that hit. So a key is admitted on its second sight only (`seen`
+    holds keys seen once, and starts over when full: a set of tuples, no
+    entry made), and entries live in two generations: when the young one
+    is full it becomes the old one and the oldest is dropped; an entry hit
+    in the old generation moves back to the young one (`recall`), so a flow
+    that keeps hitting is never dropped, and the cost stays O(1) per packet.
+
+    `decide`, when set (Engine), answers a key the cache does not hold:
+    a CachedVerdict marked fresh, or None for the full path."""
+
+    def __init__(self, size: int = CACHE_SIZE,
+                 decide: Optional[Callable[[tuple], Optional[CachedVerdict]]] = None):
         self.size = size
+        self.generation = max(1, size // 2)
         self.entries: Dict[tuple, CachedVerdict] = {}
+        self.older: Dict[tuple, CachedVerdict] = {}
+        self.seen: set = set()
+        self.decide = decide
         # Entries hit since the totals were last settled (Engine.settle); kept
         # here, not found from `entries`, which a flush may have emptied.
         self.touched: List[CachedVerdict] = []
@@ -422,13 +485,42 @@ class VerdictCache:
         self.flushes = 0
 
     def store(self, key: tuple, entry: CachedVerdict) -> None:
+        """Keep `entry` under `key` now."""
+        self._keep(key, entry)
+
+    def admit(self, key: tuple, entry: CachedVerdict) -> None:
+        """Keep `entry` under `key` if the key was seen before, else remember
+        the key as seen (see the class). A decider's fresh entry, shared by
+        every key it answers, is kept as a copy of its own."""
+        seen = self.seen
+        if key not in seen:
+            if len(seen) >= self.generation:
+                seen.clear()
+            seen.add(key)
+            return
+        seen.discard(key)
+        if entry.fresh:
+            entry = CachedVerdict(entry.verdict, entry.mark, entry.rule_index, entry.log)
+        self._keep(key, entry)
+
+    def recall(self, key: tuple) -> Optional[CachedVerdict]:
+        """The old generation's entry for `key`, moved to the young one, or None."""
+        entry = self.older.get(key)
+        if entry is not None:
+            self._keep(key, entry)
+        return entry
+
+    def _keep(self, key: tuple, entry: CachedVerdict) -> None:
         entries = self.entries
-        if len(entries) >= self.size:
-            # Starting over is O(1) per packet on average, unlike keeping an LRU order.
-            entries.clear()
+        if len(entries) >= self.generation:
+            # The young generation grows old; the old one goes (O(1) per
+            # packet on average, unlike keeping an LRU order).
+            self.older, self.entries = entries, {}
+            entries = self.entries
             self.flushes += 1
         entries[key] = entry
 
     def stats(self) -> Dict[str, int]:
         return {"cache_hits": self.hits, "cache_misses": self.misses,
-                "cache_entries": len(self.entries), "cache_flushes": self.flushes}
+                "cache_entries": len(self.entries) + len(self.older),
+                "cache_flushes": self.flushes}

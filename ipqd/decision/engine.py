@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Optional
 
+from ipqd.decision.codegen import build_decider
 from ipqd.decision.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
 from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
@@ -71,7 +72,6 @@ class Engine:
         self.matcher = matcher or compile_policy(policy)
         self.needs = self.matcher.fields
         self.counters = counters or Counters()
-        self.cache = VerdictCache()       # per compiled policy: a reload starts empty
         # The answer to what cannot be decided: for the socket owner too (see the worker).
         self.fallback_verdict = fallback_verdict(policy)
         default = policy.default
@@ -79,6 +79,12 @@ class Engine:
         self._fallback_decision = Decision(None, -1, "accept" if accept else "drop",
                                            default.set_mark if accept else None, default.log)
         offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+        # Per compiled policy: a reload starts empty. Keys it does not hold
+        # are decided by the policy's generated function where it can.
+        self.decider = build_decider(policy, self.needs,
+                                     offloading=bool(offload and offload.hooks)) \
+            if caching else None
+        self.cache = VerdictCache(decide=self.decider.decide if self.decider else None)
         self._offload_hooks = offload.hooks if offload else frozenset()
         self._request = offload.request if offload else 0
         self._request_accept = offload.request_accept if offload else 0

@@ -333,6 +333,7 @@ def test_settling_waits_for_enough_entries_when_asked_to():
         proto=frozenset({17}), dport=RangeMatch(((1, 1),))), action="accept"),),
         default=Default(action="drop", log=False))
     engine = cached_engine(policy)
+    engine.cache.decide = None              # every packet through the cache: misses, then hits
 
     def packet(dport):
         p = nfq.Packet(0, 2, 1, 0x0800, 1)

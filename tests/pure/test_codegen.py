@@ -1,0 +1,137 @@
+"""The generated decision function: where it answers, it answers as the
+reference evaluator (tests/reference.py) and the compiled matcher do, and
+it leaves to the full path every rule with a field it does not specialize."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Optional
+
+from ipqd.decision.codegen import SPECIALIZED, build_decider
+from ipqd.decision.compiler import compile_policy
+from ipqd.decision.engine import Engine
+from ipqd.decision.packet import PacketMeta, parse
+from ipqd.decision.verdict_cache import KeyMaker, VerdictCache
+from ipqd.policy.model import Default, Match, Policy, RangeMatch, Rule
+from ipqd.wire import nfqueue as nfq
+from policy_strategies import random_policy
+from reference import Reference
+from test_verdict_cache import IFNAME, V4, checksum_free_packet, kernel_bytes, random_queued, \
+    room
+
+CT_OF = {0: None, 1: "new", 2: "established"}
+
+
+def key_of(fields: frozenset, packet: nfq.Packet) -> Optional[tuple]:
+    keys = KeyMaker(fields, VerdictCache(), batch=False, ifname=IFNAME)
+    data = kernel_bytes(packet)
+    keys.take([room(data)], [len(data)])
+    misses = list(keys.round.misses.values())
+    return misses[0] if misses else None
+
+
+def view_of(packet: nfq.Packet, fields: frozenset):
+    meta = PacketMeta(packet.hook, IFNAME(packet.indev), IFNAME(packet.outdev), packet.mark,
+                      packet.uid, packet.gid, CT_OF[packet.queue], packet.cap_len,
+                      4 if packet.family == 2 else 6)
+    return parse(packet.payload, meta, fields)
+
+
+def quiet(policy: Policy, rng: random.Random) -> Policy:
+    """Most rules and the default not logged, so that the function answers often."""
+    rules = tuple(dataclasses.replace(r, log=rng.random() < 0.1) for r in policy.rules)
+    return dataclasses.replace(policy, rules=rules, default=Default(
+        action=rng.choice(["accept", "drop"]), log=rng.random() < 0.1))
+
+
+def test_the_generated_function_agrees_with_the_reference_where_it_answers():
+    rng = random.Random(19)
+    answered = checked = 0
+    for _ in range(120):
+        policy = quiet(random_policy(rng, rng.randint(1, 80), address_bias=rng.random() < 0.5),
+                       rng)
+        matcher = compile_policy(policy)
+        decider = build_decider(policy, matcher.fields)
+        reference = Reference(policy)
+        for _ in range(60):
+            packet = random_queued(rng)
+            key = key_of(matcher.fields, packet)
+            if key is None:
+                continue
+            checked += 1
+            got = decider.decide(key)
+            if got is None:
+                continue                    # the full path decides
+            answered += 1
+            view = view_of(packet, matcher.fields)
+            index, action = reference.decide(view)
+            assert (got.rule_index, got.accept) == (index, action == "accept"), \
+                (packet, policy.rules[:index + 1], decider.source)
+            expected = matcher.decide(view)
+            assert got.mark == expected.mark and got.fresh
+    assert answered > checked / 3, (answered, checked)
+
+
+def rule(name: str, dport: int, **match) -> Rule:
+    return Rule(name=name, match=Match(proto=frozenset({17}), dport=RangeMatch(((dport, dport),)),
+                                       **match), action="accept")
+
+
+def udp_key(policy: Policy, dport: int, mark: int = 0):
+    packet = nfq.Packet(1, 2, 1, 0x0800, 1)
+    packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, dport, 0, (0, 0), b"")
+    packet.mark = mark
+    fields = compile_policy(policy).fields
+    return build_decider(policy, fields), key_of(fields, packet)
+
+
+def test_a_rule_with_a_field_it_does_not_know_goes_to_the_full_path():
+    # `length` and `mark` are not specialized: the rule that tests one, when
+    # it is the first candidate, is left to the compiled matcher...
+    assert "length" not in SPECIALIZED and "mark" not in SPECIALIZED
+    policy = Policy(path="p.yaml", rules=(rule("long", 53, length=(1000, 2000)), rule("dns", 53),
+                                          rule("web", 80)),
+                    default=Default(action="drop", log=False))
+    decider, key = udp_key(policy, 53)
+    assert decider.decide(key) is None
+    # ...and it does not stand in the way of packets it cannot match on the
+    # fields the function reads.
+    decider, key = udp_key(policy, 80)
+    assert decider.decide(key).rule_index == 2
+    decider, key = udp_key(policy, 81)
+    assert decider.decide(key).rule_index == -1
+
+
+def test_a_rule_attribute_added_later_goes_to_the_full_path():
+    """Another match kind or rule setting (a rate per source, a time window)
+    the generator does not know of: the rule is never answered here."""
+    @dataclasses.dataclass(frozen=True)
+    class LaterRule(Rule):
+        window: Optional[str] = None
+    policy = Policy(path="p.yaml", rules=(LaterRule(**{f.name: getattr(rule("w", 53), f.name)
+                                                       for f in dataclasses.fields(Rule)},
+                                                    window="09:00-17:00"),
+                                          rule("dns", 53)),
+                    default=Default(action="drop", log=False))
+    decider, key = udp_key(policy, 53)
+    assert decider.decide(key) is None and decider.answerable == 1
+
+
+def test_the_engine_answers_new_flows_with_it_and_counts_them_as_decided():
+    dns = Rule(name="dns", match=Match(proto=frozenset({17}), dport=RangeMatch(((53, 60),))),
+               action="accept")
+    policy = Policy(path="p.yaml", rules=tuple(rule(f"r{i}", 1000 + i) for i in range(50))
+                    + (dns,), default=Default(action="drop", log=False))
+    engine = Engine(policy)
+    keys = KeyMaker(engine.needs, engine.cache, batch=False, ifname=IFNAME)
+    data = []
+    for n in range(5):
+        packet = nfq.Packet(1, 2, n + 1, 0x0800, 1)
+        packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53 + n, 0, (0, 0), b"")
+        data.append(kernel_bytes(packet))
+    assert keys.take([room(d) for d in data], [len(d) for d in data]) == []
+    assert [entry.rule_index for _, _, entry in keys.round.single] == [50] * 5
+    engine.settle()
+    assert engine.counters.packets == engine.counters.accepted == 5
+    assert engine.cache.hits == 0 and engine.matcher.counters()["rules"]["dns"]["hits"] == 5
+    assert "def decide(key" in engine.decider.source

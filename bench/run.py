@@ -108,7 +108,7 @@ def reference_of(name: str) -> str:
 
 def is_ipqd(name: str) -> bool:
     """A consumer that `ipqd run` or ipqd's client serves (a --baseline tree runs them too)."""
-    return name.split(":")[-1].startswith("ipqd-")
+    return not name.startswith(BASE) and name.split(":")[-1].startswith("ipqd-")
 
 
 # ---------------------------------------------------------------- building

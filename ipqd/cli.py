@@ -84,6 +84,9 @@ def _add_explain(sub) -> None:
                          help="hook the packets are taken to arrive at (default: input)")
     explain.add_argument("--in", dest="indev", metavar="IFACE", help="input interface name")
     explain.add_argument("--out", dest="outdev", metavar="IFACE", help="output interface name")
+    explain.add_argument("--show-code", action="store_true",
+                         help="print the policy's generated decision function (the Python "
+                              "source the daemon compiles for new flows) and exit")
 
 
 def _add_hooks(sub) -> None:

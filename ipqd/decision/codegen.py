@@ -34,12 +34,16 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from bisect import bisect_right
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ipqd.decision.compiler import offload_states
-from ipqd.decision.verdict_cache import CachedVerdict, key_kind, key_positions
+from ipqd.decision.verdict_cache import CachedVerdict, KeyMaker, VerdictCache, key_kind, \
+    key_positions
 from ipqd.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Match, Policy
+from ipqd.policy.offload import layout as offload_layout
+from ipqd.wire import nfqueue as nfq
 from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP
 
@@ -66,12 +70,44 @@ Decide = Callable[[tuple], Optional[CachedVerdict]]
 class Decider:
     """The generated function (`decide`: key -> fresh CachedVerdict or None)
     and its source."""
-    __slots__ = ("decide", "source", "answerable")
+    __slots__ = ("decide", "source", "answerable", "fields")
 
-    def __init__(self, decide: Decide, source: str, answerable: int):
+    def __init__(self, decide: Decide, source: str, answerable: int, fields: frozenset):
         self.decide = decide
         self.source = source
         self.answerable = answerable        # rules it can answer for without the matcher
+        self.fields = fields
+
+    def decide_packet(self, payload: bytes, family: int, hook: Optional[int] = None,
+                      indev: Optional[str] = None, outdev: Optional[str] = None,
+                      mark: int = 0) -> Optional[CachedVerdict]:
+        """The function's answer for an IP packet (`family` 4 or 6), read as
+        the daemon reads it: from a queue message like the kernel's, by the
+        verdict cache's key reader (ipqd explain). None: the full path."""
+        packet = nfq.Packet(0, _NFPROTO[family], 1, 0x0800 if family == 4 else 0x86DD,
+                            hook or 0)
+        packet.payload = payload
+        packet.mark = mark
+        names = {1: indev, 2: outdev}
+        packet.indev = 1 if indev is not None else None
+        packet.outdev = 2 if outdev is not None else None
+        try:
+            data = bytearray(nfq.encode_packet(packet))
+        except ValueError:          # too long for a queue message: never queued so
+            return None
+        n = len(data) - (-len(payload) % 4)     # the kernel's message ends with the payload
+        struct.pack_into("=I", data, 0, n)
+        keys = KeyMaker(self.fields, VerdictCache(), batch=False, ifname=names.get)
+        keys.take([data[:n] + bytes(256)], [n])     # room after it, as a receive buffer has
+        found = list(keys.round.misses.values())
+        return self.decide(found[0]) if found else None
+
+
+def decider_for(policy: Policy, fields: frozenset) -> Decider:
+    """The decision function the daemon's worker uses for `policy` (whose
+    compiled matcher reads `fields`)."""
+    offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+    return build_decider(policy, fields, offloading=bool(offload and offload.hooks))
 
 
 def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -> Decider:
@@ -118,7 +154,7 @@ def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -
            "    return bucket(key)", ""])
     code = compile(source, f"<decider of {policy.path}>", "exec")
     exec(code, names)
-    return Decider(names["decide"], source, sum(entry is not None for entry in final))
+    return Decider(names["decide"], source, sum(entry is not None for entry in final), fields)
 
 
 # ---- what the function may answer ------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Optional
 
-from ipqd.decision.codegen import build_decider
+from ipqd.decision.codegen import decider_for
 from ipqd.decision.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
 from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
@@ -81,9 +81,7 @@ class Engine:
         offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
         # Per compiled policy: a reload starts empty. Keys it does not hold
         # are decided by the policy's generated function where it can.
-        self.decider = build_decider(policy, self.needs,
-                                     offloading=bool(offload and offload.hooks)) \
-            if caching else None
+        self.decider = decider_for(policy, self.needs) if caching else None
         self.cache = VerdictCache(decide=self.decider.decide if self.decider else None)
         self._offload_hooks = offload.hooks if offload else frozenset()
         self._request = offload.request if offload else 0

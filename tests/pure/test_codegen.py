@@ -135,3 +135,23 @@ def test_the_engine_answers_new_flows_with_it_and_counts_them_as_decided():
     assert engine.counters.packets == engine.counters.accepted == 5
     assert engine.cache.hits == 0 and engine.matcher.counters()["rules"]["dns"]["hits"] == 5
     assert "def decide(key" in engine.decider.source
+
+
+def test_explain_runs_the_generated_function_and_shows_its_source(tmp_path, capsys):
+    from ipqd.cli import main
+    from ipqd.decision.codegen import decider_for
+    from ipqd.policy.loader import load
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nqueue: {offload: off}\ndefault: {action: drop, log: false}\n"
+                    "rules:\n"
+                    "  - {name: low, proto: udp, src: 10.0.0.0/8, sport: 1-1023, action: drop}\n"
+                    "  - {name: dns, proto: udp, src: 10.0.0.0/8, dport: 53, action: accept}\n")
+    path.chmod(0o644)
+    assert main(["explain", str(path), "--show-code"]) == 0
+    assert "def decide(key" in capsys.readouterr().out
+    policy = load(str(path))
+    decider = decider_for(policy, compile_policy(policy).fields)
+    udp = checksum_free_packet(4, 17, 0x0A000001, 0x0A000002, 40000, 53, 0, (0, 0), b"")
+    assert decider.decide_packet(udp, 4).rule_index == 1        # what explain checks against
+    assert main(["explain", str(path), "udp 10.0.0.1:40000 -> 10.0.0.2:53"]) == 0
+    assert "dns" in capsys.readouterr().out

@@ -123,6 +123,7 @@ def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -
                                 "MISS": object(), "MEMO_SIZE": MEMO_SIZE}
     lines: List[str] = []
     dispatch: List[str] = []
+    inline: Dict[Tuple[int, int], List[str]] = {}     # (NFPROTO, proto) -> the bucket's body
     for family in (4, 6):
         members = [i for i, rule in enumerate(rules)
                    if not rule.match.malformed and family in _families(rule.match)]
@@ -136,7 +137,10 @@ def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -
             listed = [i for i in members if rules[i].match.proto is None
                       or (proto is not None and proto in rules[i].match.proto)]
             name = f"_{family}_{'other' if proto is None else proto}"
-            lines += _bucket(name, family, kind, listed, rules, fields, names)
+            function = _bucket(name, family, kind, listed, rules, fields, names)
+            lines += function
+            if kind in ("udp", "tcp", "icmp") and len(function) > 3:
+                inline[_NFPROTO[family], proto] = function[1:-1]
             dispatch.append(f"    ({_NFPROTO[family]}, {'None' if proto is None else proto}): "
                             f"{name},")
     at_proto = key_positions(fields, "other")["proto"]
@@ -146,15 +150,28 @@ def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -
         + lines
         + ["BUCKETS = {"] + dispatch + ["}", "",
            "def decide(key, buckets=BUCKETS):",
-           f"    bucket = buckets.get((key[0], key[{at_proto}]))",
+           "    # The buckets of UDP, TCP and ICMP written out, the others called.",
+           f"    family, proto = key[0], key[{at_proto}]"]
+        + _inlined(inline)
+        + ["    bucket = buckets.get((family, proto))",
            "    if bucket is None:",
-           "        bucket = buckets.get((key[0], None))",
+           "        bucket = buckets.get((family, None))",
            "        if bucket is None:",
            "            return None",
            "    return bucket(key)", ""])
     code = compile(source, f"<decider of {policy.path}>", "exec")
     exec(code, names)
     return Decider(names["decide"], source, sum(entry is not None for entry in final), fields)
+
+
+def _inlined(inline: Dict[Tuple[int, int], List[str]]) -> List[str]:
+    """The bodies of `inline`'s buckets inside decide, UDP over IPv4 first."""
+    out: List[str] = []
+    order = sorted(inline, key=lambda fp: (fp[0] != NFPROTO_IPV4, fp[1] != PROTO_UDP, fp))
+    for family, proto in order:
+        out.append(f"    if proto == {proto} and family == {family}:")
+        out += ["    " + line for line in inline[family, proto]]
+    return out
 
 
 # ---- what the function may answer ------------------------------------------
@@ -266,6 +283,18 @@ def _direct(starts: List[int], masks: List[int], size: int) -> List[int]:
     return table
 
 
+def _blocks(starts: List[int], numbers: List[int]) -> List[Optional[int]]:
+    """For each IPv4 /16 block, its interval number when the whole block
+    lies in one interval, else None."""
+    out: List[Optional[int]] = []
+    for block in range(65536):
+        low = block << 16
+        k = bisect_right(starts, low) - 1
+        inside = k + 1 >= len(starts) or starts[k + 1] > low + 0xFFFF
+        out.append(numbers[k] if inside else None)
+    return out
+
+
 def _address_intervals(addr, family: int) -> List[Tuple[int, int]]:
     inside = _merged((int(n.network_address), int(n.broadcast_address))
                      for n in addr.networks if n.version == family)
@@ -296,7 +325,7 @@ def _bucket(name: str, family: int, kind: str, listed: List[int], rules, fields:
         numbers = [ids.setdefault(mask, len(ids)) for mask in masks]
         names[f"M{name}_{attr}"] = tuple(ids)
         tables.append(f"M{name}_{attr}")
-        reads.append(read.format(n=f"n{len(reads)}"))
+        reads.extend(read.format(n=f"n{len(tables) - 1}").split("\n"))
         return numbers
 
     for attr in ("src", "dst"):
@@ -307,11 +336,22 @@ def _bucket(name: str, family: int, kind: str, listed: List[int], rules, fields:
                    for i in testing}
         starts, masks = _interval_table(passing, everyone & ~_bits(testing),
                                         (1 << _BITS[family]) - 1)
-        value = f"key[{at[attr]}]" if family == 4 else f"from_bytes(key[{at[attr]}], 'big')"
         # bisect gives 1.. for values >= 0: the numbers start with a spare.
-        numbers = field(attr, masks, f"    {{n}} = N{name}_{attr}[bisect(S{name}_{attr}, {value})]")
+        if family == 4:
+            # IPv4: first a list by the top 16 bits, for the /16 blocks that
+            # lie in one interval; bisect for the others (None there).
+            value = f"key[{at[attr]}]"
+            read = (f"    {{n}} = B{name}_{attr}[{value} >> 16]\n"
+                    f"    if {{n}} is None:\n"
+                    f"        {{n}} = N{name}_{attr}[bisect(S{name}_{attr}, {value})]")
+        else:
+            value = f"from_bytes(key[{at[attr]}], 'big')"
+            read = f"    {{n}} = N{name}_{attr}[bisect(S{name}_{attr}, {value})]"
+        numbers = field(attr, masks, read)
         names[f"S{name}_{attr}"] = starts
         names[f"N{name}_{attr}"] = tuple([0] + numbers)
+        if family == 4:
+            names[f"B{name}_{attr}"] = _blocks(starts, numbers)
     for attr, where in (("sport", "word0"), ("dport", "dport")):
         testing = [i for i in listed if getattr(rules[i].match, attr) is not None]
         if not testing or attr not in carried:
@@ -355,18 +395,19 @@ def _bucket(name: str, family: int, kind: str, listed: List[int], rules, fields:
         return [f"def {name}(key):",
                 f"    return FINAL[(ALL{name} & -ALL{name}).bit_length() - 1] "
                 f"if ALL{name} else DEFAULT", ""]
-    numbers = ", ".join(f"n{k}" for k in range(len(reads)))
+    numbers = ", ".join(f"n{k}" for k in range(len(tables)))
     names[f"MEMO{name}"] = {}
     anded = " & ".join(f"{table}[n{k}]" for k, table in enumerate(tables))
-    return ([f"def {name}(key, memo=MEMO{name}):"] + reads
-            + [f"    found = memo.get(({numbers},), MISS)",
+    memo = f"MEMO{name}"
+    return ([f"def {name}(key):"] + reads
+            + [f"    found = {memo}.get(({numbers},), MISS)",
                "    if found is not MISS:",
                "        return found",
                f"    m = {anded}",
                "    found = FINAL[(m & -m).bit_length() - 1] if m else DEFAULT",
-               "    if len(memo) >= MEMO_SIZE:",
-               "        memo.clear()",
-               f"    memo[({numbers},)] = found",
+               f"    if len({memo}) >= MEMO_SIZE:",
+               f"        {memo}.clear()",
+               f"    {memo}[({numbers},)] = found",
                "    return found", ""])
 
 

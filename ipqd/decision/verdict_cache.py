@@ -383,7 +383,11 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
         rest, strangers = [], []
         last = {}               # queue -> index of its latest batchable hit
         seen = None
-        entries, decide = cache.entries, cache.decide       # a generation: as of this burst
+        # As of this burst: the young generation (a store may start another:
+        # its entries are then in `older`, still found), the keys seen once.
+        entries, older, once, decide = cache.entries, cache.older, cache.seen, cache.decide
+        generation = cache.generation
+        missed = 0
         for i, n in enumerate(lengths):
             buf = views[i]
             try:
@@ -401,9 +405,11 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                         (rest if found is None else strangers).append(i)
                         continue
                     key, queue, packet_id, exact_kind = found
-                    entry = entries.get(key) or cache.recall(key)
+                    entry = entries.get(key)
+                    if entry is None and older:
+                        entry = cache.recall(key)
                     if entry is None:
-                        cache.misses += 1
+                        missed += 1
                         # The policy's own decision function, from the key
                         # alone; None: the full path decides.
                         entry = decide(key) if decide is not None else None
@@ -411,7 +417,12 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                             misses[queue, packet_id] = key
                             rest.append(i)
                             continue
-                        cache.admit(key, entry)
+                        if key in once:                 # VerdictCache.admit, inline
+                            cache.admit(key, entry)
+                        else:
+                            if len(once) >= generation:
+                                once.clear()
+                            once.add(key)
                     elif exact_kind and seen is not None:
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
@@ -432,6 +443,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
         # The batch verdict covers up to the latest hit: its id, read once.
         for queue, i in last.items():
             hits_batch[queue] = _read_id(views[i], id_at)[0]
+        cache.misses += missed
         return rest, strangers
 
     return take

@@ -117,7 +117,7 @@ def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -
     rules = policy.rules
     offload = _offload_by_rule(policy) if offloading else [frozenset()] * len(rules)
     final = [_final(i, rule, policy, offload[i]) for i, rule in enumerate(rules)]
-    default = _final_default(policy)
+    default = _final_default(policy, offloading)
     names: Dict[str, object] = {"FINAL": tuple(final), "DEFAULT": default,
                                 "bisect": bisect_right, "from_bytes": int.from_bytes,
                                 "MISS": object(), "MEMO_SIZE": MEMO_SIZE}
@@ -223,11 +223,12 @@ def _final(index: int, rule, policy: Policy, offload: frozenset) -> Optional[Cac
     return _verdict(rule.action, rule.set_mark if rule.action == "accept" else None, index)
 
 
-def _final_default(policy: Policy) -> Optional[CachedVerdict]:
+def _final_default(policy: Policy, offloading: bool) -> Optional[CachedVerdict]:
     default = policy.default
     if default.log or _unknown_set(default, _KNOWN_DEFAULT):
         return None
-    if policy.queue.offload.mode != "off" and offload_states(policy.rules, default)[1]:
+    if offloading and policy.queue.offload.mode != "off" \
+            and offload_states(policy.rules, default)[1]:
         return None
     return _verdict(default.action, default.set_mark if default.action == "accept" else None, -1)
 
@@ -286,12 +287,12 @@ def _direct(starts: List[int], masks: List[int], size: int) -> List[int]:
 def _blocks(starts: List[int], numbers: List[int]) -> List[Optional[int]]:
     """For each IPv4 /16 block, its interval number when the whole block
     lies in one interval, else None."""
-    out: List[Optional[int]] = []
-    for block in range(65536):
-        low = block << 16
-        k = bisect_right(starts, low) - 1
-        inside = k + 1 >= len(starts) or starts[k + 1] > low + 0xFFFF
-        out.append(numbers[k] if inside else None)
+    out: List[Optional[int]] = [None] * 65536
+    for k, start in enumerate(starts):
+        end = starts[k + 1] - 1 if k + 1 < len(starts) else 0xFFFFFFFF
+        first, last = (start + 0xFFFF) >> 16, ((end + 1) >> 16) - 1    # blocks wholly inside
+        if first <= last:
+            out[first:last + 1] = [numbers[k]] * (last - first + 1)
     return out
 
 

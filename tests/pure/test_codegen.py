@@ -155,3 +155,33 @@ def test_explain_runs_the_generated_function_and_shows_its_source(tmp_path, caps
     assert decider.decide_packet(udp, 4).rule_index == 1        # what explain checks against
     assert main(["explain", str(path), "udp 10.0.0.1:40000 -> 10.0.0.2:53"]) == 0
     assert "dns" in capsys.readouterr().out
+
+
+def test_addresses_at_the_edges_of_blocks_and_networks():
+    """IPv4 addresses are looked up by their /16 block first: networks that
+    are a block, span blocks or lie inside one, negated or not."""
+    import ipaddress
+    from ipqd.policy.model import AddrMatch
+
+    def src(*nets, negate=False):
+        return AddrMatch(tuple(ipaddress.ip_network(n) for n in nets), negate)
+    rules = (Rule(name="block", match=Match(src=src("10.1.0.0/16")), action="accept"),
+             Rule(name="two", match=Match(src=src("10.2.0.0/15")), action="drop"),
+             Rule(name="half", match=Match(src=src("10.5.128.0/17", "10.6.0.7/32")),
+                  action="accept"),
+             Rule(name="not-ten", match=Match(src=src("10.0.0.0/8", negate=True)),
+                  action="drop"))
+    policy = Policy(path="p.yaml", rules=rules, default=Default(action="accept", log=False))
+    matcher = compile_policy(policy)
+    decider = build_decider(policy, matcher.fields)
+    reference = Reference(policy)
+    edges = ["9.255.255.255", "10.0.255.255", "10.1.0.0", "10.1.255.255", "10.2.0.0",
+             "10.3.255.255", "10.4.0.0", "10.5.127.255", "10.5.128.0", "10.5.255.255",
+             "10.6.0.6", "10.6.0.7", "10.6.0.8", "11.0.0.0", "0.0.0.0", "255.255.255.255"]
+    for text in edges:
+        address = int(ipaddress.ip_address(text))
+        packet = nfq.Packet(1, 2, 1, 0x0800, 1)
+        packet.payload = checksum_free_packet(4, 17, address, V4[1], 1000, 53, 0, (0, 0), b"")
+        key = key_of(matcher.fields, packet)
+        index, _ = reference.decide(view_of(packet, matcher.fields))
+        assert decider.decide(key).rule_index == index, text

@@ -305,7 +305,10 @@ class KeyPlan:
         self.exact6 = _exact_read(layout, _IPV6, fields, self.meta)
 
 
-_STRANGER = "stranger"          # careful_reader's answer for a datagram of another layout
+_STRANGER = "stranger"
+# A burst of at least this many datagrams, less than a quarter of them
+# cache hits, turns the exact-match read off for the next burst.
+_FLOOD_BURST = 8          # careful_reader's answer for a datagram of another layout
 
 
 def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
@@ -378,11 +381,17 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
     read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
     exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
     id_at = plan.layout.offsets["packet_id"][0]       # every packet message carries its id
+    # Whether the last burst was mostly hits: a burst mostly of new flows (a
+    # flood) skips the exact-match read, which finds nothing for them, in
+    # the next one.
+    hit_lately = [True]
 
     def take(views, lengths) -> Tuple[List[int], List[int]]:
         rest, strangers = [], []
         last = {}               # queue -> index of its latest batchable hit
         seen = None
+        exact_now = exact_ok and hit_lately[0]
+        hits = 0                # cache hits, of either layer
         # As of this burst: the young generation (a store may start another:
         # its entries are then in `older`, still found), the keys seen once.
         entries, older, once, decide = cache.entries, cache.older, cache.seen, cache.decide
@@ -392,7 +401,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
             buf = views[i]
             try:
                 entry = None
-                if exact_ok:            # the exact-match layer, checked against the careful read
+                if exact_now:           # the exact-match layer, checked against the careful read
                     family = buf[16]
                     seen = read4(buf) if family == _NFPROTO_IPV4 else \
                         read6(buf) if family == _NFPROTO_IPV6 else None
@@ -427,7 +436,9 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
                         exact_hits[seen] = (entry, queue)
-                # A hit, of either layer.
+                # A hit, of either layer, or a fresh decision.
+                if not entry.fresh:
+                    hits += 1
                 if entry.log and (log_gate is None or log_gate()):
                     rest.append(i)          # its line is written: the full path, which logs
                     continue
@@ -444,6 +455,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
         for queue, i in last.items():
             hits_batch[queue] = _read_id(views[i], id_at)[0]
         cache.misses += missed
+        hit_lately[0] = 4 * hits >= len(lengths) or len(lengths) < _FLOOD_BURST
         return rest, strangers
 
     return take

@@ -597,3 +597,25 @@ def test_a_logged_decision_the_log_rate_suppresses_is_answered_from_the_cache():
     cached.settle()
     assert cached.counters.as_dict() == full.counters.as_dict()
     assert cached.matcher.counters() == full.matcher.counters()
+
+
+def test_a_burst_of_new_flows_turns_the_exact_layer_off_for_the_next_burst():
+    from ipqd.decision.verdict_cache import CachedVerdict
+    keys = key_maker({"proto", "dport"})
+    flow = queued_message(4, checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53, 0, (0, 0), b""))
+    key = read_key(keys, flow)
+    flood = [queued_message(4, checksum_free_packet(4, 17, V4[0], V4[1], 1000, port, 0, (0, 0),
+                                                    b"")) for port in range(2000, 2010)]
+
+    def take(burst):
+        keys.round.clear()
+        return keys.take([room(d) for d in burst], [len(d) for d in burst])
+    keys.cache.store(key, CachedVerdict(nfq.NF_ACCEPT, None, 0))
+    assert take(flood) == list(range(10))          # all misses: a flood
+    assert take([flow]) == []                       # a careful hit: the exact layer was off...
+    del keys.cache.entries[key]
+    assert take([flow]) == [0]                      # ...so it did not learn the flow
+    keys.cache.store(key, CachedVerdict(nfq.NF_ACCEPT, None, 0))
+    assert take([flow]) == []                       # on again after a burst of hits: it learns
+    del keys.cache.entries[key]
+    assert take([flow]) == [] and keys.round.batch == {1: 7}

@@ -24,6 +24,13 @@ repetition:
   (cross-CPU wake-ups cost hundreds of microseconds on small VMs): median
   and p99 round trip.
 
+Consumers named new:NAME get new-flow traffic: every packet from a new
+source address of 127.64.0.0/10 and a new source port (udpblast --spread),
+so no cache can answer; their ipqd policies mix CIDR sets, port ranges,
+negation, tcp flags and icmp types, and the traffic matches only the last
+rule, which reads the source network and port (`newflow_policy_yaml`).
+Their ratios are to new:c-1verdict of the same repetition.
+
 Then, each optional: reload of the 10,000-rule policy under a latency probe
 (reload time, worst packet delay), resident memory of ipqd with 10 and
 10,000 rules, two queues on two workers against one queue, and TCP bulk
@@ -59,6 +66,8 @@ PORT = 9000
 PACKET_SIZE = 64                # bytes of the IP packet
 WINDOW = 256                    # closed loop: packets in flight (queue maxlen is 1024)
 REFERENCE = "c-1verdict"
+NEW = "new:"                    # prefix of consumers measured with new-flow traffic
+SPREAD_BITS = 22                # new flows: sources over all of 127.64.0.0/10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 
@@ -77,9 +86,29 @@ CONSUMERS = {
     "ipqd-1000-lograte": "ipqd run, 1,000 rules, every decision logged, logging.rate 100/second",
     "ipqd-10000": "ipqd run, 10,000 rules, logging off",
     "ipqd-10000-log": "ipqd run, 10,000 rules, every decision logged",
+    "new:c-1verdict": "new flows: C, one verdict per packet (reference of the new: rows)",
+    "new:c-batch": "new flows: C, batch verdicts",
+    "new:py-netfilterqueue": "new flows: Python, PyPI netfilterqueue",
+    "new:ipqd-10": "new flows: ipqd run, 10 mixed rules, traffic hits the last",
+    "new:ipqd-10-nocache": "new flows: ipqd run, 10 mixed rules, --no-cache",
+    "new:ipqd-1000": "new flows: ipqd run, 1,000 mixed rules",
+    "new:ipqd-1000-nocache": "new flows: ipqd run, 1,000 mixed rules, --no-cache",
+    "new:ipqd-10000": "new flows: ipqd run, 10,000 mixed rules",
+    "new:ipqd-10000-nocache": "new flows: ipqd run, 10,000 mixed rules, --no-cache",
 }
 BASE = "base:"                  # prefix of consumers run from the --baseline tree
-QUICK = ("none", "c-1verdict", "c-batch", "py-netfilterqueue", "ipqd-client", "ipqd-1000")
+QUICK = ("none", "c-1verdict", "c-batch", "py-netfilterqueue", "ipqd-client", "ipqd-1000",
+         "new:c-1verdict", "new:ipqd-1000", "new:ipqd-1000-nocache")
+
+
+def reference_of(name: str) -> str:
+    """The C reference measured with the same traffic as `name`."""
+    return NEW + REFERENCE if NEW in name else REFERENCE
+
+
+def is_ipqd(name: str) -> bool:
+    """A consumer that `ipqd run` or ipqd's client serves (a --baseline tree runs them too)."""
+    return not name.startswith(BASE) and name.split(":")[-1].startswith("ipqd-")
 
 
 # ---------------------------------------------------------------- building
@@ -318,17 +347,64 @@ def policy_yaml(rules: int, queue: str, log: bool, log_rate: Optional[str] = Non
     return "\n".join(lines) + "\n"
 
 
+def newflow_rule(i: int) -> str:
+    """Rule `i` of a mixed policy, one that new-flow traffic (udp from
+    127.64.0.0/10, ports 1024-65535, to 127.0.0.1:9000) never matches:
+    CIDR sets, port ranges, negations, tcp flags, icmp types, most of them
+    on udp port 9000 too, so that neither the port nor the protocol alone
+    rules them out."""
+    a, b = (i >> 8) & 255, i & 255
+    kind = i % 8
+    if kind == 0:       # a CIDR set outside the traffic's sources, with a port range
+        return (f"{{name: r{i}, proto: udp, src: [10.{a}.{b}.0/24, 172.16.{b}.0/25, "
+                f"192.168.{a}.{b}/32], sport: 1024-65535, dport: {PORT}, action: accept}}")
+    if kind == 1:       # a negated network the traffic lies in
+        return (f"{{name: r{i}, proto: udp, src: \"!127.0.0.0/8\", dport: {PORT}-{PORT + b}, "
+                f"action: accept}}")
+    if kind == 2:       # tcp flags
+        return (f"{{name: r{i}, proto: tcp, tcp_flags: \"syn,!ack\", src: 127.64.0.0/10, "
+                f"dport: {PORT}, action: accept}}")
+    if kind == 3:       # icmp types
+        return (f"{{name: r{i}, proto: icmp, icmp_type: [echo-request, timestamp-request], "
+                f"src: 10.{a}.0.0/16, action: accept}}")
+    if kind == 4:       # the traffic's network, but low source ports
+        return (f"{{name: r{i}, proto: udp, src: 127.64.0.0/10, sport: 1-{1 + b}, "
+                f"dport: {PORT}, action: accept}}")
+    if kind == 5:       # other loopback networks, the traffic's ports
+        return (f"{{name: r{i}, proto: udp, src: 127.{a % 64}.{b}.0/24, sport: 1024-65535, "
+                f"dport: {PORT}, action: accept}}")
+    if kind == 6:       # a negated port
+        return (f"{{name: r{i}, proto: udp, src: 127.64.0.0/10, dport: \"!{PORT}\", "
+                f"action: drop}}")
+    return (f"{{name: r{i}, proto: udp, dst: 127.1.{a}.{b}, sport: \"!{b}\", "  # another destination
+            f"dport: {PORT}, action: accept}}")
+
+
+def newflow_policy_yaml(rules: int, queue: str) -> str:
+    """`rules` mixed rules (newflow_rule); new-flow traffic matches only the
+    last, which reads the source network and port. Default drop, offload off."""
+    lines = ["version: 1", "queue:", f"  num: {queue}", "  copy_range: 256",
+             "  fail_open: false", "  bypass: false", "  offload: off",
+             "hooks:", "  - {chain: input, family: ipv4, proto: udp}",
+             "default: {action: drop, log: false}", "rules:"]
+    lines += [f"  - {newflow_rule(i)}" for i in range(rules - 1)]
+    lines.append(f"  - {{name: bench, proto: udp, src: 127.64.0.0/10, sport: 1024-65535, "
+                 f"dport: {PORT}, action: accept}}")
+    return "\n".join(lines) + "\n"
+
+
 def start_ipqd(lab: Lab, name: str, rules: int, queue: str, log: bool,
                source: Optional[str] = None, cache: bool = True,
-               log_rate: Optional[str] = None) -> None:
-    path = os.path.join(lab.tmp, f"{name}.yaml")
+               log_rate: Optional[str] = None, newflow: bool = False) -> None:
+    path = os.path.join(lab.tmp, f"{name.replace(':', '-')}.yaml")
     with open(path, "w") as out:
-        out.write(policy_yaml(rules, queue, log, log_rate))
+        out.write(newflow_policy_yaml(rules, queue) if newflow
+                  else policy_yaml(rules, queue, log, log_rate))
     os.chmod(path, 0o644)
-    state = os.path.join(lab.tmp, f"{name}.state")
+    state = os.path.join(lab.tmp, f"{name.replace(':', '-')}.state")
     os.makedirs(state, exist_ok=True)
     # Decision lines go to /dev/null; a log-off instance keeps its few event lines.
-    log_file = None if log else os.path.join(lab.tmp, f"{name}.log")
+    log_file = None if log else os.path.join(lab.tmp, f"{name.replace(':', '-')}.log")
     lab.start(name, queue, [sys.executable, "-m", "ipqd.cli", "run", "--policy", path,
                             "--no-hooks", "--log-target", "stderr", "--state-dir", state]
               + ([] if cache else ["--no-cache"]),
@@ -345,6 +421,8 @@ def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple],
         queue += 1
         source = baseline if name.startswith(BASE) else None
         kind = name[len(BASE):] if source else name
+        newflow = kind.startswith(NEW)
+        kind = kind[len(NEW):] if newflow else kind
         if kind == "ipqd-client":
             lab.start(name, q, [sys.executable, os.path.join(BENCH, "accept_all.py"),
                                 "queuesocket", q], source=source)
@@ -352,12 +430,13 @@ def start_consumers(lab: Lab, names: List[str], extra_ipqd: Dict[str, tuple],
             rules = int(kind.split("-")[1])
             start_ipqd(lab, name, rules, q, kind.endswith(("-log", "-lograte")), source,
                        cache=not kind.endswith("-nocache"),
-                       log_rate="100/second" if kind.endswith("-lograte") else None)
-        elif name == "c-1verdict":
+                       log_rate="100/second" if kind.endswith("-lograte") else None,
+                       newflow=newflow)
+        elif kind == "c-1verdict":
             lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q])
-        elif name == "c-batch":
+        elif kind == "c-batch":
             lab.start(name, q, [os.path.join(BUILD, "nfq_accept"), q, "--batch"])
-        elif name == "py-netfilterqueue":
+        elif kind == "py-netfilterqueue":
             lab.start(name, q, [os.path.join(BUILD, "venv", "bin", "python"),
                                 os.path.join(BENCH, "accept_all.py"), "netfilterqueue", q])
     for name, (rules, queue_spec) in extra_ipqd.items():
@@ -372,9 +451,11 @@ def measure(lab: Lab, name: str, args) -> dict:
     pids = lab.pids(name)
     queues = _queue_numbers(lab.queues[name]) if name in lab.queues else []
     out: dict = {}
+    traffic = ["--spread", str(SPREAD_BITS)] if NEW in name else []
 
     cpu0 = cpu_seconds(pids)
-    closed = lab.blast("closed", "--duration", str(args.closed), "--window", str(WINDOW))
+    closed = lab.blast("closed", "--duration", str(args.closed), "--window", str(WINDOW),
+                       *traffic)
     cpu = cpu_seconds(pids) - cpu0
     closed["cpu_us_per_packet"] = (cpu * 1e6 / closed["received"]
                                    if pids and closed["received"] else None)
@@ -382,7 +463,7 @@ def measure(lab: Lab, name: str, args) -> dict:
     out["closed"] = closed
 
     before = lab.queue_table()
-    flood = lab.blast("flood", "--duration", str(args.flood))
+    flood = lab.blast("flood", "--duration", str(args.flood), *traffic)
     after = lab.queue_table()
     flood["queue_dropped"] = sum(after[q][5] - before[q][5] for q in queues if q in after)
     flood["user_dropped"] = sum(after[q][6] - before[q][6] for q in queues if q in after)
@@ -390,7 +471,8 @@ def measure(lab: Lab, name: str, args) -> dict:
 
     set_affinity(pids, "0")
     try:
-        out["latency"] = lab.blast("latency", "--count", str(args.latency_count), pin=True)
+        out["latency"] = lab.blast("latency", "--count", str(args.latency_count), *traffic,
+                                   pin=True)
     finally:
         set_affinity(pids, f"0-{NCPU - 1}")
     return out
@@ -533,10 +615,11 @@ def summarize(reps: List[Dict[str, dict]], names: List[str]) -> Dict[str, dict]:
         for metric, ((part, key), _) in METRICS.items():
             values = [rep[name][part].get(key) for rep in reps if name in rep]
             values = [v for v in values if v is not None]
-            ratios = [rep[name][part][key] / rep[REFERENCE][part][key] for rep in reps
-                      if name in rep and REFERENCE in rep
+            ref = reference_of(name)
+            ratios = [rep[name][part][key] / rep[ref][part][key] for rep in reps
+                      if name in rep and ref in rep
                       and rep[name][part].get(key) is not None
-                      and rep[REFERENCE][part].get(key)]
+                      and rep[ref][part].get(key)]
             entry[metric] = {"median": _median(values), "min": min(values, default=None),
                              "max": max(values, default=None), "values": values,
                              "ratio_median": _median(ratios),
@@ -574,7 +657,8 @@ def table(summary: Dict[str, dict], reps: int) -> str:
             f"| {_fmt(lat['ratio_median'], 2)} | {_fmt(s['lat_p99_us']['median'], 1)} |")
     lines.append("")
     lines.append(f"Medians of {reps} repetitions; every ratio (x C) is to {REFERENCE} in the "
-                 "same repetition, then the median of those. Sender busy: the closed loop's "
+                 f"same repetition ({NEW}{REFERENCE} for the {NEW} rows, measured with new-flow "
+                 "traffic), then the median of those. Sender busy: the closed loop's "
                  "sender and receiver (one thread) as a share of one CPU; near 100% it, not "
                  "the consumer, sets the packets/s, and the consumer's CPU per packet is "
                  "what tells consumers apart.")
@@ -628,11 +712,13 @@ def main() -> int:
             parser.error(f"unknown consumers {unknown}; known: {', '.join(CONSUMERS)}")
         names = [n for n in CONSUMERS if n in wanted]
     if args.baseline:
-        names += [BASE + n for n in names if n.startswith("ipqd-")]
+        names += [BASE + n for n in names if is_ipqd(n)]
         CONSUMERS.update({BASE + n: CONSUMERS[n] + f" (from {args.baseline})"
-                          for n in names if n.startswith("ipqd-")})
+                          for n in names if is_ipqd(n)})
     if REFERENCE not in names:
         names.insert(1 if "none" in names else 0, REFERENCE)
+    if any(NEW in n for n in names) and NEW + REFERENCE not in names:
+        names.insert(next(i for i, n in enumerate(names) if NEW in n), NEW + REFERENCE)
     skipped = build()
     for name, why in skipped.items():
         print(f"bench: skipping {name}: {why}", file=sys.stderr)
@@ -699,9 +785,12 @@ def report(result: dict) -> None:
           f"{result['config']['window']}\n")
     print(table(result["summary"], result["config"]["reps"]))
     s = result["summary"]
-    if "ipqd-10" in s and "ipqd-10000" in s:
-        print(f"\n10,000 rules vs 10: {s['ipqd-10000']['pps']['median'] / s['ipqd-10']['pps']['median']:.2f}x "
-              "packets/s")
+    for prefix in ("", NEW):
+        few, many = prefix + "ipqd-10", prefix + "ipqd-10000"
+        if few in s and many in s:
+            print(f"\n{prefix}10,000 rules vs 10: "
+                  f"{s[many]['pps']['median'] / s[few]['pps']['median']:.2f}x packets/s, "
+                  f"{s[many]['cpu_us']['median'] / s[few]['cpu_us']['median']:.2f}x CPU/packet")
     for key, when in (("rss", ""), ("rss_after_reloads", ", after the 6 reloads below")):
         for name, r in result.get(key, {}).items():
             print(f"memory {name}{when}: VmRSS {r['rss_mb']:.1f} MB, PSS {r['pss_mb']:.1f} MB "

@@ -7,7 +7,11 @@
  *
  * Common options: --dst A (127.0.0.1) --port P (9000) --size BYTES (64: the IP
  * packet) --sources N (1: senders bound to 127.0.0.10, .11, ... so that
- * --queue-balance, which hashes addresses, spreads them).
+ * --queue-balance, which hashes addresses, spreads them) --spread BITS (0: with
+ * BITS > 0 every packet comes from a new flow: a raw socket writes the IP and
+ * UDP headers, the source address walks 2^BITS addresses of 127.64.0.0/10 and
+ * the source port 1024-65535, so no two packets of a run share a flow until
+ * the walk wraps).
  * Prints one JSON object on stdout.
  *
  * One thread does both ends: the sender never races the receiver for a CPU
@@ -17,6 +21,8 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/ip.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -48,12 +54,15 @@ struct blast {
     int rx;
     int tx[MAX_SOURCES];
     int sources;
+    int raw;                    /* --spread: the raw socket, else -1 */
+    uint32_t spread_mask, next_flow;
     struct sockaddr_in dst;
     size_t payload;
     uint64_t sent, received, lost, send_errors;
 };
 
-static void setup(struct blast *b, const char *dst, int port, int size, int sources)
+static void setup(struct blast *b, const char *dst, int port, int size, int sources,
+                  int spread)
 {
     int big = 8 << 20;
     struct sockaddr_in addr;
@@ -77,6 +86,16 @@ static void setup(struct blast *b, const char *dst, int port, int size, int sour
     if (bind(b->rx, (struct sockaddr *)&b->dst, sizeof b->dst) < 0)
         die("bind receiver");
     b->sources = sources;
+    b->raw = -1;
+    if (spread > 0) {
+        b->raw = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);    /* implies IP_HDRINCL */
+        if (b->raw < 0)
+            die("raw socket");
+        setsockopt(b->raw, SOL_SOCKET, SO_SNDBUFFORCE, &big, sizeof big);
+        b->spread_mask = (1u << spread) - 1;
+        b->sources = 0;
+        return;
+    }
     for (int i = 0; i < sources; i++) {
         b->tx[i] = socket(AF_INET, SOCK_DGRAM, 0);
         if (b->tx[i] < 0)
@@ -99,15 +118,34 @@ static int send_some(struct blast *b, int n)
     int64_t t = now_ns();
     int done;
     static unsigned next_source;
-    int sock = b->tx[next_source++ % b->sources];
+    int sock = b->raw >= 0 ? b->raw : b->tx[next_source++ % b->sources];
+    size_t head = b->raw >= 0 ? sizeof(struct iphdr) + sizeof(struct udphdr) : 0;
 
     if (n > BATCH)
         n = BATCH;
     memset(msgs, 0, sizeof(msgs[0]) * n);
     for (int i = 0; i < n; i++) {
-        memcpy(bufs[i], &t, sizeof t);
+        if (head) {
+            /* A new flow: the next source address and port (a stride that
+             * is odd, so the walk visits every address before it repeats). */
+            struct iphdr *ip = (struct iphdr *)bufs[i];
+            struct udphdr *udp = (struct udphdr *)(bufs[i] + sizeof *ip);
+            uint32_t flow = b->next_flow++;
+            memset(ip, 0, head);
+            ip->version = 4;
+            ip->ihl = 5;
+            ip->ttl = 64;
+            ip->protocol = IPPROTO_UDP;
+            ip->tot_len = htons(head + b->payload);      /* the kernel fills id and checksum */
+            ip->saddr = htonl(0x7f400000u | ((flow * 2654435761u) & b->spread_mask & 0x3fffff));
+            ip->daddr = b->dst.sin_addr.s_addr;
+            udp->source = htons(1024 + flow % 64512);
+            udp->dest = b->dst.sin_port;
+            udp->len = htons(sizeof *udp + b->payload);  /* checksum 0: none (IPv4) */
+        }
+        memcpy(bufs[i] + head, &t, sizeof t);
         iov[i].iov_base = bufs[i];
-        iov[i].iov_len = b->payload;
+        iov[i].iov_len = head + b->payload;
         msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
         msgs[i].msg_hdr.msg_name = &b->dst;
@@ -249,7 +287,7 @@ static void latency(struct blast *b, double duration, long count, double warmup)
 int main(int argc, char **argv)
 {
     const char *mode, *dst = "127.0.0.1";
-    int port = 9000, size = 64, sources = 1, window = 256;
+    int port = 9000, size = 64, sources = 1, window = 256, spread = 0;
     double duration = 2.0, warmup = 0.0;
     long count = 0;
     struct blast b;
@@ -264,6 +302,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--size")) size = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--sources")) sources = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--spread")) spread = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--window")) window = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--duration")) duration = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--count")) count = atol(argv[i + 1]);
@@ -277,8 +316,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "udpblast: --sources must be 1..%d\n", MAX_SOURCES);
         return 2;
     }
+    if (spread < 0 || spread > 22) {
+        fprintf(stderr, "udpblast: --spread must be 0..22 (127.64.0.0/10)\n");
+        return 2;
+    }
     memset(&b, 0, sizeof b);
-    setup(&b, dst, port, size, sources);
+    setup(&b, dst, port, size, sources, spread);
     if (!strcmp(mode, "closed"))
         closed_loop(&b, duration, window);
     else if (!strcmp(mode, "flood"))

@@ -110,6 +110,9 @@ def _add_explain(sub) -> None:
                               "(the host's local time), \"2026-12-07 09:30+01:00\" or "
                               '"2026-12-07 09:30 Europe/Paris" (default: now), for rules '
                               "with time windows")
+    explain.add_argument("--show-code", action="store_true",
+                         help="print the policy's generated decision function (the Python "
+                              "source the daemon compiles for new flows) and exit")
 
 
 def _add_test(sub) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable, Dict, NamedTuple, Optional
 
 from ipqd.decision.address_set import load_snapshot
+from ipqd.decision.codegen import decider_for
 from ipqd.decision.compiler import UNDECIDABLE, Decision, Matcher, compile_policy
 from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
 from ipqd.wire.nfqueue import NF_ACCEPT, NF_DROP, NF_REPEAT, Packet
@@ -96,7 +97,6 @@ class Engine:
         self.needs = self.matcher.fields | (self.shadow.matcher.fields if self.shadow else set())
         self.disagreement: Optional[Decision] = None    # the last decide's, for the log
         self.counters = counters or Counters()
-        self.cache = VerdictCache()       # per compiled policy: a reload starts empty
         # The answer to what cannot be decided: for the socket owner too (see the worker).
         self.fallback_verdict = fallback_verdict(policy)
         default = policy.default
@@ -104,6 +104,13 @@ class Engine:
         self._fallback_decision = Decision(None, -1, "accept" if accept else "drop",
                                            default.set_mark if accept else None, default.log)
         offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+        # Per compiled policy: a reload starts empty. Keys it does not hold
+        # are decided by the policy's generated function where it can: not
+        # with a shadow (which must see every packet) nor in monitor mode
+        # (whose would-be drops are accepted, logged and counted).
+        generated = caching and self.shadow is None and policy.mode != "monitor"
+        self.decider = decider_for(policy, self.needs) if generated else None
+        self.cache = VerdictCache(decide=self.decider.decide if self.decider else None)
         self._offload_hooks = offload.hooks if offload else frozenset()
         self._request = offload.request if offload else 0
         self._request_accept = offload.request_accept if offload else 0
@@ -182,12 +189,12 @@ class Engine:
                 and (verdict.verdict == NF_ACCEPT or verdict.verdict == NF_DROP) \
                 and decision.action != "reject" and verdict.enforced:
             if shadow is None:
-                self.cache.store(key, CachedVerdict(verdict.verdict, verdict.mark,
+                self.cache.admit(key, CachedVerdict(verdict.verdict, verdict.mark,
                                                     decision.rule_index, decision.log))
             elif not shadow.matcher.rated:
                 # the pair: a disagreement is logged like a logged decision
                 disagrees = self.disagreement is not None
-                self.cache.store(key, CachedVerdict(
+                self.cache.admit(key, CachedVerdict(
                     verdict.verdict, verdict.mark, decision.rule_index,
                     decision.log or disagrees, seen.rule_index, disagrees))
         return verdict
@@ -219,7 +226,8 @@ class Engine:
         shadow_tally = self.shadow.matcher.tally if self.shadow is not None else None
         for entry in cache.touched:
             hits, entry.hits = entry.hits, 0
-            cache.hits += hits
+            if not entry.fresh:             # a decider's answer: a miss, decided
+                cache.hits += hits
             counters.packets += hits
             if entry.accept:
                 counters.accepted += hits

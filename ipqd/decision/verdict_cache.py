@@ -47,7 +47,7 @@ from ipqd.decision.packet import IPV6_EXT_HEADERS
 from ipqd.policy.model import (L4_FIELDS, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP,
                                PROTO_UDP, PROTO_UDPLITE)
 
-# Entries kept before the cache starts over; a miss costs one full decision.
+# Entries kept, in two generations of half as many; a miss costs one decision.
 CACHE_SIZE = 65536
 # Tuples the exact-match cache keeps, per message layout, before it starts
 # over; a miss there costs one careful read.
@@ -213,12 +213,51 @@ class _FamilyRead:
 def _picker(index: Dict[str, int], fields: frozenset, meta: List[str], sources: Dict[str, str],
             length: str) -> Callable:
     """What makes the key of one kind of transport header from a family's read."""
+    return itemgetter(*[index[name] for name in _key_names(fields, meta, sources, length)])
+
+
+def _key_names(fields: frozenset, meta: List[str], sources: Dict[str, str],
+               length: str) -> List[str]:
+    """The read values a key holds, in order, for one kind of transport header."""
     wanted = meta + ["proto"] + [name for name in ("src", "dst") if name in fields]
     if not fields.isdisjoint(L4_FIELDS):
         wanted += list(dict.fromkeys(sources[f] for f in sorted(fields) if f in sources))
     if "length" in fields:
         wanted.append(length)
-    return itemgetter(*[index[name] for name in wanted])
+    return wanted
+
+
+def _key_meta(fields: frozenset) -> List[str]:
+    """The metadata every key holds first: the family and the queue always
+    (ct_state asks for the queue again), then what the policy reads."""
+    return list(dict.fromkeys(["family", "queue"] + sorted(
+        (_META_FIELD[f] for f in fields if f in _META_FIELD), key=SUMMARY_FIELDS.index)))
+
+
+# Kinds of transport header a key can describe, by name, for key_positions.
+KEY_KINDS = {"tcp": _TCP, "udp": _UDP, "icmp": _ICMP, "other": _OTHER}
+
+
+def key_positions(fields: frozenset, kind: str) -> Dict[str, int]:
+    """Where a key of a packet with transport header `kind` (KEY_KINDS) holds
+    each value: "family" (the NFPROTO number), "proto", "src" and "dst" (an
+    int for IPv4, 16 bytes for IPv6), "word0" (the source port, or ICMP's
+    type << 8 | code), "dport", "tcp_flags". For a decider that answers from
+    keys (ipqd.decision.codegen): keys keep this order for any layout."""
+    names = _key_names(fields, _key_meta(fields), _KEY_SOURCE[KEY_KINDS[kind]], "total")
+    return {name: i for i, name in enumerate(names)}
+
+
+def key_kind(family: int, proto: int) -> Optional[str]:
+    """The kind of transport header a key reader gives a packet of IP
+    `family` (4, 6) and `proto`, or None when it gives no key."""
+    if proto == PROTO_TCP:
+        return "tcp"
+    if proto == PROTO_UDP:
+        return "udp"
+    if proto == (PROTO_ICMP if family == 4 else PROTO_ICMPV6):
+        return "icmp"
+    return None if proto in _UNCACHED_PROTOS else "other"
 
 
 def _exact_read(layout: AttributeLayout, header: tuple, fields: frozenset,
@@ -255,9 +294,7 @@ class KeyPlan:
     def __init__(self, layout: AttributeLayout, fields: frozenset):
         self.layout = layout
         self.names = "in" in fields or "out" in fields
-        # The family and the queue always; ct_state asks for the queue again.
-        self.meta = list(dict.fromkeys(["family", "queue"] + sorted(
-            (_META_FIELD[f] for f in fields if f in _META_FIELD), key=SUMMARY_FIELDS.index)))
+        self.meta = _key_meta(fields)
         # read besides the key: the id, and the interfaces to name them
         used = ["packet_id", "indev", "outdev"] if self.names else ["packet_id"]
         self.ipv4 = _FamilyRead(layout, _IPV4, fields, self.meta, used, "total")
@@ -268,7 +305,10 @@ class KeyPlan:
         self.exact6 = _exact_read(layout, _IPV6, fields, self.meta)
 
 
-_STRANGER = "stranger"          # careful_reader's answer for a datagram of another layout
+_STRANGER = "stranger"
+# A burst of at least this many datagrams, less than a quarter of them
+# cache hits, turns the exact-match read off for the next burst.
+_FLOOD_BURST = 8          # careful_reader's answer for a datagram of another layout
 
 
 def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
@@ -336,22 +376,33 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
            answers: CacheRound, batch: bool, log_gate: Optional[Callable[[], bool]]) -> Callable:
     """The reader of a burst of datagrams of one layout: the exact-match
     layer first, then the careful read, and the cache's answer."""
-    entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
+    touched = cache.touched                 # kept: a settle empties it in place
     hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
     read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
     exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
     cache.layers.append(exact_hits)                   # emptied with the cache (invalidate)
     id_at = plan.layout.offsets["packet_id"][0]       # every packet message carries its id
+    # Whether the last burst was mostly hits: a burst mostly of new flows (a
+    # flood) skips the exact-match read, which finds nothing for them, in
+    # the next one.
+    hit_lately = [True]
 
     def take(views, lengths) -> Tuple[List[int], List[int]]:
         rest, strangers = [], []
         last = {}               # queue -> index of its latest batchable hit
         seen = None
+        exact_now = exact_ok and hit_lately[0]
+        hits = 0                # cache hits, of either layer
+        # As of this burst: the young generation (a store may start another:
+        # its entries are then in `older`, still found), the keys seen once.
+        entries, older, once, decide = cache.entries, cache.older, cache.seen, cache.decide
+        generation = cache.generation
+        missed = 0
         for i, n in enumerate(lengths):
             buf = views[i]
             try:
                 entry = None
-                if exact_ok:            # the exact-match layer, checked against the careful read
+                if exact_now:           # the exact-match layer, checked against the careful read
                     family = buf[16]
                     seen = read4(buf) if family == _NFPROTO_IPV4 else \
                         read6(buf) if family == _NFPROTO_IPV6 else None
@@ -365,16 +416,30 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                         continue
                     key, queue, packet_id, exact_kind = found
                     entry = entries.get(key)
+                    if entry is None and older:
+                        entry = cache.recall(key)
                     if entry is None:
-                        cache.misses += 1
-                        misses[queue, packet_id] = key
-                        rest.append(i)
-                        continue
-                    if exact_kind and seen is not None:
+                        missed += 1
+                        # The policy's own decision function, from the key
+                        # alone; None: the full path decides.
+                        entry = decide(key) if decide is not None else None
+                        if entry is None:
+                            misses[queue, packet_id] = key
+                            rest.append(i)
+                            continue
+                        if key in once:                 # VerdictCache.admit, inline
+                            cache.admit(key, entry)
+                        else:
+                            if len(once) >= generation:
+                                once.clear()
+                            once.add(key)
+                    elif exact_kind and seen is not None:
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
                         exact_hits[seen] = (entry, queue)
-                # A hit, of either layer.
+                # A hit, of either layer, or a fresh decision.
+                if not entry.fresh:
+                    hits += 1
                 if entry.log and (log_gate is None or log_gate()):
                     rest.append(i)          # its line is written: the full path, which logs
                     continue
@@ -390,18 +455,22 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
         # The batch verdict covers up to the latest hit: its id, read once.
         for queue, i in last.items():
             hits_batch[queue] = _read_id(views[i], id_at)[0]
+        cache.misses += missed
+        hit_lately[0] = 4 * hits >= len(lengths) or len(lengths) < _FLOOD_BURST
         return rest, strangers
 
     return take
 
 
 class CachedVerdict:
-    """What a cache hit needs: the verdict, its mark, and whom to count."""
+    """What a cache hit needs: the verdict, its mark, and whom to count.
+    `fresh`: a decision a decider made for a key the cache did not hold
+    (counted as decided, not as a cache hit); the cache keeps a copy."""
     __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits",
-                 "shadow_index", "disagrees")
+                 "shadow_index", "disagrees", "fresh")
 
     def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False,
-                 shadow_index: int = -1, disagrees: bool = False):
+                 shadow_index: int = -1, disagrees: bool = False, fresh: bool = False):
         self.verdict = verdict
         self.mark = mark
         self.rule_index = rule_index          # -1: the default
@@ -410,17 +479,34 @@ class CachedVerdict:
         # verdict differs (then `log` is set: a disagreement is written like a decision).
         self.shadow_index = shadow_index
         self.disagrees = disagrees
+        self.fresh = fresh
         self.hits = 0                         # since Engine.settle last counted them
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict
 
 
 class VerdictCache:
-    """A bounded dict of keys to CachedVerdict, with its own counters."""
+    """Keys to CachedVerdict, bounded, with its own counters.
 
-    def __init__(self, size: int = CACHE_SIZE):
+    A flood of new flows must neither make a miss dear nor push out the
+    flows that hit. So a key is admitted on its second sight only (`seen`
+    holds keys seen once, and starts over when full: a set of tuples, no
+    entry made), and entries live in two generations: when the young one
+    is full it becomes the old one and the oldest is dropped; an entry hit
+    in the old generation moves back to the young one (`recall`), so a flow
+    that keeps hitting is never dropped, and the cost stays O(1) per packet.
+
+    `decide`, when set (Engine), answers a key the cache does not hold:
+    a CachedVerdict marked fresh, or None for the full path."""
+
+    def __init__(self, size: int = CACHE_SIZE,
+                 decide: Optional[Callable[[tuple], Optional[CachedVerdict]]] = None):
         self.size = size
+        self.generation = max(1, size // 2)
         self.entries: Dict[tuple, CachedVerdict] = {}
+        self.older: Dict[tuple, CachedVerdict] = {}
+        self.seen: set = set()
+        self.decide = decide
         # Entries hit since the totals were last settled (Engine.settle); kept
         # here, not found from `entries`, which a flush may have emptied.
         self.touched: List[CachedVerdict] = []
@@ -433,10 +519,38 @@ class VerdictCache:
         self.layers: List[dict] = []
 
     def store(self, key: tuple, entry: CachedVerdict) -> None:
+        """Keep `entry` under `key` now."""
+        self._keep(key, entry)
+
+    def admit(self, key: tuple, entry: CachedVerdict) -> None:
+        """Keep `entry` under `key` if the key was seen before, else remember
+        the key as seen (see the class). A decider's fresh entry, shared by
+        every key it answers, is kept as a copy of its own."""
+        seen = self.seen
+        if key not in seen:
+            if len(seen) >= self.generation:
+                seen.clear()
+            seen.add(key)
+            return
+        seen.discard(key)
+        if entry.fresh:
+            entry = CachedVerdict(entry.verdict, entry.mark, entry.rule_index, entry.log)
+        self._keep(key, entry)
+
+    def recall(self, key: tuple) -> Optional[CachedVerdict]:
+        """The old generation's entry for `key`, moved to the young one, or None."""
+        entry = self.older.get(key)
+        if entry is not None:
+            self._keep(key, entry)
+        return entry
+
+    def _keep(self, key: tuple, entry: CachedVerdict) -> None:
         entries = self.entries
-        if len(entries) >= self.size:
-            # Starting over is O(1) per packet on average, unlike keeping an LRU order.
-            entries.clear()
+        if len(entries) >= self.generation:
+            # The young generation grows old; the old one goes (O(1) per
+            # packet on average, unlike keeping an LRU order).
+            self.older, self.entries = entries, {}
+            entries = self.entries
             self.flushes += 1
         entries[key] = entry
 
@@ -445,10 +559,13 @@ class VerdictCache:
         dynamic set changed, and a kept verdict might no longer be the
         policy's. The hits not yet counted stay in `touched`."""
         self.entries.clear()
+        self.older.clear()
+        self.seen.clear()
         for layer in self.layers:
             layer.clear()
         self.invalidations += 1
 
     def stats(self) -> Dict[str, int]:
         return {"cache_hits": self.hits, "cache_misses": self.misses,
-                "cache_entries": len(self.entries), "cache_flushes": self.flushes}
+                "cache_entries": len(self.entries) + len(self.older),
+                "cache_flushes": self.flushes}

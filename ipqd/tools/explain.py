@@ -32,11 +32,12 @@ import zoneinfo
 from typing import BinaryIO, Iterator, Optional, TextIO
 
 from ipqd.console import error_line
+from ipqd.decision.codegen import decider_for
 from ipqd.decision.compiler import Decision, Matcher, compile_policy
 from ipqd.decision.conntrack import Tracker
 from ipqd.decision.described import build_packet
 from ipqd.decision.packet import PacketMeta, PacketView, parse
-from ipqd.errors import CaptureError, DescriptionError, NotIP, PolicyErrors
+from ipqd.errors import CaptureError, DescriptionError, IpqdError, NotIP, PolicyErrors
 from ipqd.exits import EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE, EXIT_USAGE
 from ipqd.policy._values import ICMP_TYPES, ICMPV6_TYPES
 from ipqd.policy.model import HOOKS, PROTOCOL_NAMES
@@ -94,6 +95,12 @@ def run_explain(args) -> int:
         error_line(f"ipqd explain: --at: {error}")
         return EXIT_USAGE
     matcher = compile_policy(policy)
+    # The daemon decides a new flow with the policy's generated function
+    # where it can: explain runs it on every packet too (see decide).
+    matcher.decider = decider_for(policy, matcher.fields)
+    if getattr(args, "show_code", False):
+        print(matcher.decider.source, end="")
+        return EXIT_OK
     base = PacketMeta(hook=hook, indev=args.indev, outdev=args.outdev)
     out = sys.stdout
     try:
@@ -227,7 +234,18 @@ def decide(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta, now:
         shown.ct_state = meta.ct_state
     view = parse(payload, meta, matcher.fields)
     view.cgroup = cgroup
-    return _record(number, view, shown, matcher.decide(view, now))
+    decision = matcher.decide(view, now)
+    decider = getattr(matcher, "decider", None)
+    if decider is not None and view.family in (4, 6) and not view.malformed:
+        fresh = decider.decide_packet(payload, view.family, meta.hook, meta.indev, meta.outdev,
+                                      meta.mark)
+        if fresh is not None and (fresh.rule_index, fresh.accept, fresh.mark) != \
+                (decision.rule_index, decision.action == "accept", decision.mark):
+            raise IpqdError(f"packet {number}: the policy's generated decision function "
+                            f"decides rule {fresh.rule_index}, the compiled matcher rule "
+                            f"{decision.rule_index}: a bug in ipqd, please report it with "
+                            "`ipqd explain --show-code` and this packet")
+    return _record(number, view, shown, decision)
 
 
 def _frame_record(matcher: Matcher, frame: Frame, base: PacketMeta,

@@ -231,13 +231,14 @@ def test_the_verdict_cache_answers_repeats_and_a_reload_empties_it(lab, daemon, 
     for _ in range(3):
         assert not udp_probe(lab, 5001)
     before = stats_of(ipqd)
-    assert before["cache_hits"] >= 9 + 2 and before["cache_entries"] >= 2, before
+    # A flow's key is kept on its second sight: its later packets hit.
+    assert before["cache_hits"] >= 8 + 1 and before["cache_entries"] >= 2, before
     path.write_text(path.read_text().replace("dport: 5000", "dport: 5001"))
     assert ipqd.reload().startswith("reloaded policy")
     for _ in range(3):
         assert udp_probe(lab, 5001) and not udp_probe(lab, 5000)
     after = stats_of(ipqd)
-    assert after["cache_hits"] >= before["cache_hits"] + 4, after   # carried over, and hit again
+    assert after["cache_hits"] >= before["cache_hits"] + 2, after   # carried over, and hit again
     assert after["accepted"] == before["accepted"] + 3
 
 

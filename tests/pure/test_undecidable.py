@@ -112,7 +112,7 @@ def test_cut_copies_are_never_cached_and_the_exact_layer_never_answers_them():
     engine = Engine(loads(NO_TELNET.replace("log: true", "log: false"), "p.yaml"))
     cached = key_maker(engine.needs, cache=engine.cache, batch=False)    # unlogged: all hit
     allowed = syn_behind_headers(CLIENT, SERVER, 40000, 24, count=0)
-    for _ in range(2):                  # a miss that stores, then a hit
+    for _ in range(3):                  # a miss, one that stores (second sight), then a hit
         data = kernel_bytes(queued(allowed))
         rest = cached.take([room(data)], [len(data)])
         key = cached.round.misses.get((0, 1))

@@ -69,7 +69,8 @@ def test_the_generated_function_agrees_with_the_reference_where_it_answers():
                 (packet, policy.rules[:index + 1], decider.source)
             expected = matcher.decide(view)
             assert got.mark == expected.mark and got.fresh
-    assert answered > checked / 3, (answered, checked)
+    # (drawn matches also read cgroups and dynamic sets, which it leaves to the full path)
+    assert answered > checked / 4, (answered, checked)
 
 
 def rule(name: str, dport: int, **match) -> Rule:

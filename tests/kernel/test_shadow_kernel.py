@@ -70,7 +70,7 @@ def test_a_shadow_decides_beside_and_enforces_nothing(lab, tmp_path, named_by):
         counts = stats(ipqd)
         assert counts["shadow_disagreed"] == 3
         assert counts["shadow_decided"] == counts["packets"] >= 6
-        assert counts["cache_hits"] >= 2        # the agreeing flow, answered from the cache
+        assert counts["cache_hits"] >= 1        # the agreeing flow, kept on its second sight
         assert sum(l.startswith("SHADOW ") for l in ipqd.lines) == 3
         shown = subprocess.run([IPQD, "status", "--json", "--control",
                                 str(tmp_path / "state" / "control")],

@@ -30,7 +30,7 @@ ASK_WITHIN = 1.0        # seconds a status waits for the workers' own figures
 ASK_AGAIN_AFTER = 0.25  # readers within this share one ask: a flood of requests from
                         # any local user costs the workers at most 4 asks a second
 
-_RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0}
+_RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0, "bytes": 0}
 
 # More figures for status and metrics, by key: key -> figures(daemon). "sets"
 # ({set name: entries}) is shown by `ipqd status` and exported as
@@ -50,7 +50,7 @@ def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
         for name, entry in named:
             total = rules.setdefault(name, dict(_RULE_ZERO))
             for key in total:
-                total[key] += entry[key]
+                total[key] += entry.get(key, 0)     # no bytes from an older worker
     if not rules.get(UNDECIDABLE_NAME, _RULE_ZERO)["hits"]:
         rules.pop(UNDECIDABLE_NAME, None)
     return rules

@@ -447,6 +447,10 @@ class Matcher:
         self.rated = False                           # see decide
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
+        # Bytes decided, by rule index: the engine adds each packet's length
+        # where the decision's index points, so the default (-1) is the last
+        # entry and the undecidable action (-2) the one before it.
+        self.bytes_by_index = [0] * (len(self._compiled) + 2)
         self._names = tuple(rule.name for rule in rules)     # by index: for carry_over
         self._bucketed = tuple(c for c in self._compiled if c.bucket is not None)
         self._default = Decision(None, -1, default.action,
@@ -597,24 +601,27 @@ class Matcher:
 
     # -- counters --
 
-    def tally(self, rule_index: int, count: int = 1) -> None:
-        """Count decisions made without `decide` (verdict cache hits); -1 is the default."""
+    def tally(self, rule_index: int, count: int = 1, size: int = 0) -> None:
+        """Count decisions made without `decide` (verdict cache hits), and
+        their `size` in bytes; -1 is the default."""
         if rule_index < 0:
             self._default_hits += count
         else:
             self._hits[rule_index] += count
+        self.bytes_by_index[rule_index] += size
 
     def counters(self) -> dict:
-        """{"rules": {name: {hits, accepted, dropped}}, "default": {...},
+        """{"rules": {name: {hits, accepted, dropped, bytes}}, "default": {...},
         "undecidable": {...}} (the queue.undecidable action's), in rule order."""
         rules: Dict[str, dict] = {}
-        for c, hits in zip(self._compiled, self._hits):
-            entry = rules.setdefault(c.rule.name, {"hits": 0, "accepted": 0, "dropped": 0})
-            _add_hits(entry, c.rule.action, hits)
-        default = {"hits": 0, "accepted": 0, "dropped": 0}
-        _add_hits(default, self._default.action, self._default_hits)
-        undecidable = {"hits": 0, "accepted": 0, "dropped": 0}
-        _add_hits(undecidable, self._undecidable.action, self._undecidable_hits)
+        sizes = self.bytes_by_index
+        for c, hits, size in zip(self._compiled, self._hits, sizes):
+            entry = rules.setdefault(c.rule.name, dict(_ZERO))
+            _add_hits(entry, c.rule.action, hits, size)
+        default = dict(_ZERO)
+        _add_hits(default, self._default.action, self._default_hits, sizes[-1])
+        undecidable = dict(_ZERO)
+        _add_hits(undecidable, self._undecidable.action, self._undecidable_hits, sizes[-2])
         return {"rules": rules, "default": default, "undecidable": undecidable}
 
     def carry_over(self) -> dict:
@@ -622,28 +629,40 @@ class Matcher:
         counts and rate buckets by rule name. Plain data, for a pipe; it is
         on the hand-over's path, so only what is not zero."""
         hits: Dict[str, int] = {}
-        for name, count in zip(self._names, self._hits):
+        sizes: Dict[str, int] = {}
+        for name, count, size in zip(self._names, self._hits, self.bytes_by_index):
             if count:
                 hits[name] = hits.get(name, 0) + count
+            if size:
+                sizes[name] = sizes.get(name, 0) + size
         buckets: Dict[str, tuple] = {}
         for c in self._bucketed:
             if c.rule.name not in buckets:
                 buckets[c.rule.name] = (c.rule.rate, c.bucket.tokens, c.bucket.stamp)
         return {"hits": hits, "default": self._default_hits, "buckets": buckets,
-                "undecidable": self._undecidable_hits}
+                "undecidable": self._undecidable_hits, "bytes": sizes,
+                "default_bytes": self.bytes_by_index[-1],
+                "undecidable_bytes": self.bytes_by_index[-2]}
 
     def take_over(self, state: dict) -> None:
         """Start from a predecessor's `carry_over`: each name's hits go to the
         first rule of that name, a bucket carries over when its rate is
         unchanged."""
         names = self._names
-        if state["hits"]:
+        sizes = state.get("bytes", {})          # none from an older ipqd
+        if state["hits"] or sizes:
             # the first index of each name: reversed, so that it is written last
             first = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
             for name, count in state["hits"].items():
                 index = first.get(name)
                 if index is not None:
                     self._hits[index] += count
+            for name, size in sizes.items():
+                index = first.get(name)
+                if index is not None:
+                    self.bytes_by_index[index] += size
+        self.bytes_by_index[-1] += state.get("default_bytes", 0)
+        self.bytes_by_index[-2] += state.get("undecidable_bytes", 0)
         for c in self._bucketed:
             carried = state["buckets"].get(c.rule.name)
             if carried is not None and carried[0] == c.rule.rate:
@@ -652,9 +671,13 @@ class Matcher:
         self._undecidable_hits += state.get("undecidable", 0)    # none from an older ipqd
 
 
-def _add_hits(entry: dict, action: str, hits: int) -> None:
+_ZERO = {"hits": 0, "accepted": 0, "dropped": 0, "bytes": 0}
+
+
+def _add_hits(entry: dict, action: str, hits: int, size: int) -> None:
     entry["hits"] += hits
     entry["accepted" if action == "accept" else "dropped"] += hits
+    entry["bytes"] += size
 
 
 # ---- flow offload -----------------------------------------------------------

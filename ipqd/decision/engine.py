@@ -77,6 +77,7 @@ class Engine:
         self.needs = self.matcher.fields | (self.shadow.matcher.fields if self.shadow else set())
         self.disagreement: Optional[Decision] = None    # the last decide's, for the log
         self.counters = counters or Counters()
+        self._rule_bytes = self.matcher.bytes_by_index
         self.cache = VerdictCache()       # per compiled policy: a reload starts empty
         # The answer to what cannot be decided: for the socket owner too (see the worker).
         self.fallback_verdict = fallback_verdict(policy)
@@ -125,6 +126,8 @@ class Engine:
                               _FAMILY.get(packet.family))
             view = parse(packet.payload or b"", meta, self.needs)
             decision = self.matcher.decide(view, now)
+            # Bytes beside the hit the matcher counted: the length on the wire.
+            self._rule_bytes[decision.rule_index] += packet.wire_len
             shadow = self.shadow
             if shadow is not None:
                 seen = shadow.decide(view, now)
@@ -191,13 +194,14 @@ class Engine:
         shadow_tally = self.shadow.matcher.tally if self.shadow is not None else None
         for entry in cache.touched:
             hits, entry.hits = entry.hits, 0
+            size, entry.bytes = entry.bytes, 0
             cache.hits += hits
             counters.packets += hits
             if entry.accept:
                 counters.accepted += hits
             else:
                 counters.dropped += hits
-            tally(entry.rule_index, hits)
+            tally(entry.rule_index, hits, size)
             if shadow_tally is not None:
                 counters.shadow_decided += hits
                 if entry.disagrees:

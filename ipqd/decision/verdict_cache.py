@@ -274,7 +274,7 @@ _STRANGER = "stranger"          # careful_reader's answer for a datagram of anot
 def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
     """The careful read of one layout, the exact-match layer's reference:
     (buf, n) -> (key, queue, packet id, whether the exact layer may keep
-    it) for a plain packet; None for a packet that gets no key (the full
+    it, the packet's length) for a plain packet; None for a packet that gets no key (the full
     path takes it); _STRANGER for a datagram of another layout."""
     layout, names = plan.layout, plan.names
     heads, expected, payload_type = layout.heads.unpack_from, layout.expected, layout.payload_type
@@ -327,7 +327,7 @@ def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
         key = picks[kind](v)
         if names:       # names, not indexes: an interface can be renamed
             key += (ifname(v[indev]), ifname(v[outdev]))
-        return key, v[queue], v[packet_id], kind <= _UDP
+        return key, v[queue], v[packet_id], kind <= _UDP, size
 
     return careful
 
@@ -339,7 +339,8 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
     entries, touched = cache.entries, cache.touched      # kept: a flush empties them in place
     hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
     read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
-    exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
+    # read bytes -> (entry, queue, the packet's length: the read holds it)
+    exact_hits: Dict[tuple, Tuple[CachedVerdict, int, int]] = {}
     cache.layers.append(exact_hits)                   # emptied with the cache (invalidate)
     id_at = plan.layout.offsets["packet_id"][0]       # every packet message carries its id
 
@@ -357,13 +358,13 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                         read6(buf) if family == _NFPROTO_IPV6 else None
                     hit = exact_hits.get(seen)
                     if hit is not None and seen[0] == n:
-                        entry, queue = hit
+                        entry, queue, size = hit
                 if entry is None:
                     found = careful(buf, n)
                     if found is None or found is _STRANGER:
                         (rest if found is None else strangers).append(i)
                         continue
-                    key, queue, packet_id, exact_kind = found
+                    key, queue, packet_id, exact_kind, size = found
                     entry = entries.get(key)
                     if entry is None:
                         cache.misses += 1
@@ -373,7 +374,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                     if exact_kind and seen is not None:
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
-                        exact_hits[seen] = (entry, queue)
+                        exact_hits[seen] = (entry, queue, size)
                 # A hit, of either layer.
                 if entry.log and (log_gate is None or log_gate()):
                     rest.append(i)          # its line is written: the full path, which logs
@@ -381,6 +382,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                 if not entry.hits:
                     touched.append(entry)
                 entry.hits += 1
+                entry.bytes += size
                 if entry.batchable and batch:
                     last[queue] = i
                 else:
@@ -398,7 +400,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
 class CachedVerdict:
     """What a cache hit needs: the verdict, its mark, and whom to count."""
     __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits",
-                 "shadow_index", "disagrees")
+                 "bytes", "shadow_index", "disagrees")
 
     def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False,
                  shadow_index: int = -1, disagrees: bool = False):
@@ -411,6 +413,7 @@ class CachedVerdict:
         self.shadow_index = shadow_index
         self.disagrees = disagrees
         self.hits = 0                         # since Engine.settle last counted them
+        self.bytes = 0                        # their packets' lengths, likewise
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict
 

@@ -180,7 +180,10 @@ def decide(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta, now:
         meta = meta._replace(ct_state=tracker.track(shown, payload, now))
         shown.ct_state = meta.ct_state
     view = parse(payload, meta, matcher.fields)
-    return _record(number, view, shown, matcher.decide(view, now))
+    decision = matcher.decide(view, now)
+    # Bytes per rule, as the engine counts them: the length on the wire.
+    matcher.bytes_by_index[decision.rule_index] += meta.wire_len or len(payload)
+    return _record(number, view, shown, decision)
 
 
 def _frame_record(matcher: Matcher, frame: Frame, base: PacketMeta,

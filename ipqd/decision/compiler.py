@@ -50,6 +50,7 @@ from typing import Callable, Collection, Dict, List, NamedTuple, Optional, Seque
 from ipqd.decision.address_set import AddressSet
 from ipqd.decision.packet import MALFORMED
 from ipqd.decision.token_bucket import TokenBucket
+from ipqd.policy.offload import assign_slots, layout as offload_layout
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
                                Match, Policy, Position, RangeMatch, Rate, Rule)
 
@@ -88,6 +89,9 @@ class Decision(NamedTuple):
     # Conntrack states of the deciding packet from which this verdict holds for
     # the rest of its flow (see offload_states); empty: never offload.
     offload: frozenset = frozenset()
+    # Packet-mark bits naming the rule's offload slot in a request
+    # (ipqd.policy.offload.assign_slots): whose the kernel's counts are.
+    offload_slot: int = 0
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -471,13 +475,21 @@ class Matcher:
         self.fields = frozenset(fields)
 
     def _offload(self, policy: Policy) -> None:
+        self.offload_slots: Dict[str, int] = {}     # rule name -> its slot value
         if policy.queue.offload.mode == "off":
             return
         per_rule, default = offload_states(policy.rules, policy.default)
+        bits = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+        names = [c.rule.name for c, states in zip(self._compiled, per_rule) if states]
+        slots = self.offload_slots = assign_slots(names + ["default"] * bool(default), bits)
+        request = bits.request_value if bits is not None else (lambda value: 0)
         for c, states in zip(self._compiled, per_rule):
             if states:
-                c.decision = c.decision._replace(offload=states)
-        self._default = self._default._replace(offload=default)
+                c.decision = c.decision._replace(offload=states,
+                                                 offload_slot=request(slots[c.rule.name]))
+        if default:
+            self._default = self._default._replace(offload=default,
+                                                   offload_slot=request(slots["default"]))
 
     # -- the packet path --
 
@@ -622,7 +634,8 @@ class Matcher:
         _add_hits(default, self._default.action, self._default_hits, sizes[-1])
         undecidable = dict(_ZERO)
         _add_hits(undecidable, self._undecidable.action, self._undecidable_hits, sizes[-2])
-        return {"rules": rules, "default": default, "undecidable": undecidable}
+        return {"rules": rules, "default": default, "undecidable": undecidable,
+                "offload_slots": dict(self.offload_slots)}
 
     def carry_over(self) -> dict:
         """What a successor in another process takes over (`take_over`): hit

@@ -88,6 +88,8 @@ class Engine:
         offload = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
         self._offload_hooks = offload.hooks if offload else frozenset()
         self._request = offload.request if offload else 0
+        # Cleared from the mark of a request: the request and its rule slot.
+        self._request_bits = (offload.request | offload.slot_request_mask) if offload else 0
         self._request_accept = offload.request_accept if offload else 0
         self._request_drop = offload.request_drop if offload else 0
         # Cleared when a request comes back: nothing takes requests (--no-hooks
@@ -243,8 +245,9 @@ class Engine:
         if view.malformed or (state is not None and state not in decision.offload):
             return None
         self.counters.offloaded += 1
+        mark = (mark & ~self._request_bits) | decision.offload_slot
         if decision.action == "accept":
             self.counters.accepted += 1
-            return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
+            return Verdict(NF_REPEAT, mark | self._request_accept, decision, view)
         self.counters.dropped += 1
-        return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)
+        return Verdict(NF_REPEAT, mark | self._request_drop, decision, view)

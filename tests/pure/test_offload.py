@@ -15,7 +15,7 @@ from ipqd.kernel import hooks
 from ipqd.wire import nfqueue as nfq
 from ipqd.decision.compiler import compile_policy, disjoint, offload_states
 from ipqd.decision.engine import Engine
-from ipqd.policy.offload import layout
+from ipqd.policy.offload import assign_slots, layout
 from ipqd.policy._nodes import Where
 from ipqd.policy._offload import parse_offload
 from ipqd.policy.loader import loads
@@ -134,8 +134,23 @@ def test_layout_takes_bits_from_the_top_of_the_mask_in_chain_order():
     assert (bits.request_accept, bits.request_drop) == (0x80000000, 0x40000000)
     assert bits.slot("input") == ("input", 0x20000000, 0x10000000, 0x08000000, 0x04000000)
     assert bits.slot("output").accept_original == 0x02000000
-    assert bits.mask == 0xFFC00000
+    assert bits.mask == 0xFFFC0000        # the last four: the rule slot field
     assert bits.hooks == frozenset({1, 3})
+
+
+def test_rule_slots_take_the_bits_left_and_name_the_rest_other():
+    bits = layout(Offload(), ["output", "input"])
+    assert bits.slot_field_mask == 0x003C0000 and bits.slot_request_mask == 0x3C000000
+    assert (bits.other, bits.rule_slots) == (15, 14)
+    assert bits.request_value(5) == 0x14000000 and bits.field_value(5) == 0x00140000
+    names = [f"r{i}" for i in range(16)] + ["r0"]
+    slots = assign_slots(names, bits)
+    assert [slots[f"r{i}"] for i in range(16)] == list(range(1, 15)) + [15, 15]
+    # Three chains take every bit of the default mask: no slots, all "other" (0).
+    full = layout(Offload(), ["input", "output", "forward"])
+    assert full.other == 0 and assign_slots(["a"], full) == {"a": 0}
+    # A wider mask gives the slots back.
+    assert layout(Offload(mask=0xFFFF0000), ["input", "output", "forward"]).other == 3
 
 
 def test_small_mask_offloads_the_chains_that_fit_and_off_is_none():
@@ -173,10 +188,12 @@ def decide(engine, dport, ct_state="established", **kw):
 
 def test_offloadable_accept_and_drop_answer_repeat_with_the_request_bit():
     engine = Engine(loads(HOOKED))
+    # The request bit, and the rule's slot in the four bits below: web 1, telnet 2.
+    assert engine.matcher.offload_slots == {"web": 1, "telnet": 2, "default": 3}
     accept = decide(engine, 80, mark=0x11)
-    assert (accept.verdict, accept.mark) == (nfq.NF_REPEAT, 0x80000011)
-    drop = decide(engine, 23)
-    assert (drop.verdict, drop.mark) == (nfq.NF_REPEAT, 0x40000000)
+    assert (accept.verdict, accept.mark) == (nfq.NF_REPEAT, 0x84000011)
+    drop = decide(engine, 23, mark=0x3C000000)      # slot bits of no request: replaced
+    assert (drop.verdict, drop.mark) == (nfq.NF_REPEAT, 0x48000000)
     logged = decide(engine, 22)
     assert (logged.verdict, logged.mark) == (nfq.NF_ACCEPT, None)
     c = engine.counters

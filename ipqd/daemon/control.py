@@ -56,6 +56,18 @@ def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
     return rules
 
 
+def offload_slots(answers: Dict[int, Counters]) -> dict:
+    """{"rules": rule name -> its offload slot value, "other": the value
+    shared by everything without a slot of its own} (ipqd.policy.offload),
+    as the workers' compiled policy has them (the same in every worker once
+    a reload is done)."""
+    slots: dict = {"rules": {}, "other": 0}
+    for answer in answers.values():
+        slots["rules"].update(answer.counters.get("offload_slots", {}))
+        slots["other"] = answer.counters.get("offload_other", slots["other"])
+    return slots
+
+
 def netns() -> str:
     """This process's network namespace, e.g. "net:[4026531840]"."""
     try:
@@ -113,6 +125,7 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
         "control": dict(daemon.control.counts) if daemon.control else {},
         "sets": {s["set"]: s["size"] for s in daemon.sets.summary()},
         "rules": merge_counters(answers),
+        "offload_slots": offload_slots(answers),
         "per_worker": {str(k): v for k, v in per_worker.items()},
     }
     for key, figure in EXTRA_FIGURES.items():
@@ -125,23 +138,25 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
 def status(daemon, args: dict, peer: Peer) -> dict:
     no_arguments(args, "status")
     figures = snapshot(daemon)
-    del figures["rules"], figures["per_worker"]
+    del figures["rules"], figures["per_worker"], figures["offload_slots"]
     return figures
 
 
 def counters(daemon, args: dict, peer: Peer) -> dict:
-    """Per rule: packets decided, accepted, dropped (ipqd's own count; flows
-    the kernel holds after an offload are counted by the kernel's rules,
-    which `ipqd counters` adds)."""
+    """Per rule: packets decided, accepted, dropped, and their bytes
+    (ipqd's own count), with each rule's offload slot: flows the kernel
+    holds after an offload are counted by the kernel's rules per slot, which
+    `ipqd counters` reads and adds (the daemon under its unit cannot)."""
     rule = argument(args, "rule", str, None)
-    rules = snapshot(daemon)["rules"]
+    figures = snapshot(daemon)
+    rules, slots = figures["rules"], figures["offload_slots"]
     if rule is not None:
         if rule not in rules:
             raise ControlError("bad-arguments", f"no rule {rule!r} in the running policy "
                                f"(rules: {', '.join(rules)})")
         rules = {rule: rules[rule]}
     return {"rules": [dict(name=name, **entry) for name, entry in rules.items()],
-            "netns": netns()}
+            "offload_slots": slots, "netns": netns()}
 
 
 def metrics(daemon, args: dict, peer: Peer) -> dict:

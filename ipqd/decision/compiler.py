@@ -476,12 +476,14 @@ class Matcher:
 
     def _offload(self, policy: Policy) -> None:
         self.offload_slots: Dict[str, int] = {}     # rule name -> its slot value
+        self.offload_other = 0                      # the value "other" (0: no slots)
         if policy.queue.offload.mode == "off":
             return
         per_rule, default = offload_states(policy.rules, policy.default)
         bits = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
         names = [c.rule.name for c, states in zip(self._compiled, per_rule) if states]
         slots = self.offload_slots = assign_slots(names + ["default"] * bool(default), bits)
+        self.offload_other = bits.other if bits is not None else 0
         request = bits.request_value if bits is not None else (lambda value: 0)
         for c, states in zip(self._compiled, per_rule):
             if states:
@@ -635,7 +637,7 @@ class Matcher:
         undecidable = dict(_ZERO)
         _add_hits(undecidable, self._undecidable.action, self._undecidable_hits, sizes[-2])
         return {"rules": rules, "default": default, "undecidable": undecidable,
-                "offload_slots": dict(self.offload_slots)}
+                "offload_slots": dict(self.offload_slots), "offload_other": self.offload_other}
 
     def carry_over(self) -> dict:
         """What a successor in another process takes over (`take_over`): hit

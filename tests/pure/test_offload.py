@@ -244,8 +244,13 @@ def test_repeat_is_never_cached():
 
 # ---------------------------------------------------------------- the hook rules
 
+# Six bits: the requests and one chain's, none left for rule slots.
+NO_SLOTS = Offload(mask=0xFC000000)
+
+
 def test_iptables_plan_starts_each_chain_with_the_offload_rules():
-    plan = hooks.plan([Hook("input", "ipv4")], QueueConfig(nums=(3,)), "iptables-legacy")
+    plan = hooks.plan([Hook("input", "ipv4")], QueueConfig(nums=(3,), offload=NO_SLOTS),
+                      "iptables-legacy")
     (argv, text), = plan.scripts
     ct = "-m conntrack --ctstate NEW,ESTABLISHED --ctdir"
     assert text == textwrap.dedent(f"""\
@@ -269,22 +274,71 @@ def test_iptables_plan_starts_each_chain_with_the_offload_rules():
         """)
 
 
+def test_iptables_rule_slots_are_written_once_per_flow_and_counted_per_slot():
+    # Two bits left for slots: values 1 and 2 name rules, 3 is "other".
+    queue = QueueConfig(nums=(3,), offload=Offload(mask=0xFF000000))
+    (argv, text), = hooks.plan([Hook("input", "ipv4")], queue, "iptables-legacy").scripts
+    lines = text.splitlines()
+    ct = "-m conntrack --ctstate NEW,ESTABLISHED"
+    # Requests only (either bit) jump to the slot chain, before the request is applied.
+    jumps = [i for i, line in enumerate(lines) if line.endswith("-j IPQD_SLOT")]
+    assert [lines[i] for i in jumps] == [
+        f"-A IPQD_INPUT -m mark --mark 0x80000000/0x80000000 {ct} -j IPQD_SLOT",
+        f"-A IPQD_INPUT -m mark --mark 0x40000000/0x40000000 {ct} -j IPQD_SLOT"]
+    assert max(jumps) < lines.index("-A IPQD_INPUT -m mark --mark 0x40000000/0x40000000 -j DROP")
+    slot = [line for line in lines if line.startswith("-A IPQD_SLOT")]
+    assert slot[:2] == [
+        "-A IPQD_SLOT -m mark --mark 0x4000000/0xc000000 -m connmark --mark 0x0/0x3000000 "
+        "-j CONNMARK --set-xmark 0x1000000/0x3000000",
+        "-A IPQD_SLOT -m mark --mark 0x4000000/0xc000000 -m connmark ! --mark 0x1000000/0x3000000 "
+        "-j CONNMARK --set-xmark 0x3000000/0x3000000"]
+    assert len(slot) == 6
+    # Offloaded packets: counted by the rule of their slot, then the verdict.
+    assert f"-A IPQD_INPUT {ct} --ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 " \
+        "-j IPQD_KEPT_ACCEPT" in lines
+    assert [line for line in lines if line.startswith("-A IPQD_KEPT_DROP")] == [
+        "-A IPQD_KEPT_DROP -m connmark --mark 0x1000000/0x3000000 -m comment --comment "
+        "ipqd-slot-1 -j DROP",
+        "-A IPQD_KEPT_DROP -m connmark --mark 0x2000000/0x3000000 -m comment --comment "
+        "ipqd-slot-2 -j DROP",
+        "-A IPQD_KEPT_DROP -m connmark --mark 0x3000000/0x3000000 -m comment --comment "
+        "ipqd-slot-3 -j DROP",
+        "-A IPQD_KEPT_DROP -m comment --comment ipqd-slot-0 -j DROP"]
+    # An accepted request leaves with neither the request nor its slot.
+    assert "-A IPQD_OFFLOAD -j MARK --set-xmark 0x0/0xcc000000" in lines
+
+
+def test_nft_rule_slots_count_with_one_map_lookup():
+    queue = QueueConfig(nums=(3,), offload=Offload(mask=0xFF000000))
+    text = hooks.plan([Hook("input")], queue, "nft").scripts[0][1]
+    assert "  counter slot_3_drop { }" in text and "  counter slot_0_accept { }" in text
+    assert "meta mark and 0xc0000000 != 0 ct state { new, established } jump rule_slot" in text
+    assert "meta mark and 0xc000000 == 0x8000000 ct mark and 0x3000000 == 0 " \
+        "ct mark set ct mark or 0x2000000" in text
+    assert "ct direction reply ct mark and 0x10000000 == 0x10000000 counter name ct mark and " \
+        '0x3000000 map { 0x0 : "slot_0_accept", 0x1000000 : "slot_1_accept", 0x2000000 : ' \
+        '"slot_2_accept", 0x3000000 : "slot_3_accept" } accept' in text
+    assert "meta mark set meta mark and 0x33ffffff accept" in text
+
+
 def test_offload_rules_come_once_per_chain_before_the_conntrack_queues():
     queue = QueueConfig(nums=(0,), conntrack=True)
     plan = hooks.plan([Hook("forward", "ipv4", "tcp"), Hook("forward", "ipv4", "udp")], queue,
                       "iptables-nft")
     (argv, text), = plan.scripts
     lines = text.splitlines()
-    assert sum("CONNMARK" in line for line in lines) == 4
-    last_offload = max(i for i, line in enumerate(lines) if "connmark" in line)
+    assert sum("CONNMARK" in line and line.startswith("-A IPQD_FORWARD") for line in lines) == 4
+    last_offload = max(i for i, line in enumerate(lines)
+                       if "connmark" in line and line.startswith("-A IPQD_FORWARD"))
     first_queue = min(i for i, line in enumerate(lines) if "NFQUEUE" in line)
     assert last_offload < first_queue
     # forward is the only hooked chain: it gets the first chain bits
-    assert "--ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 -j ACCEPT" in text
+    assert "--ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 -j IPQD_KEPT_ACCEPT" in text
 
 
 def test_nft_plan_uses_ct_and_meta_mark():
-    plan = hooks.plan([Hook("output")], QueueConfig(nums=(2,), bypass=False), "nft")
+    plan = hooks.plan([Hook("output")], QueueConfig(nums=(2,), bypass=False, offload=NO_SLOTS),
+                      "nft")
     text = plan.scripts[0][1]
     assert textwrap.indent(textwrap.dedent("""\
           chain output {
@@ -295,10 +349,10 @@ def test_nft_plan_uses_ct_and_meta_mark():
             meta mark and 0x40000000 == 0x40000000 ct state { new, established } ct direction reply ct mark set ct mark or 0x4000000
             meta mark and 0x40000000 == 0x40000000 drop
             meta mark and 0x80000000 == 0x80000000 meta mark set meta mark and 0x3fffffff accept
-            ct state { new, established } ct direction original ct mark and 0x8000000 == 0x8000000 drop
-            ct state { new, established } ct direction reply ct mark and 0x4000000 == 0x4000000 drop
-            ct state { new, established } ct direction original ct mark and 0x20000000 == 0x20000000 accept
-            ct state { new, established } ct direction reply ct mark and 0x10000000 == 0x10000000 accept
+            ct state { new, established } ct direction original ct mark and 0x8000000 == 0x8000000 counter drop
+            ct state { new, established } ct direction reply ct mark and 0x4000000 == 0x4000000 counter drop
+            ct state { new, established } ct direction original ct mark and 0x20000000 == 0x20000000 counter accept
+            ct state { new, established } ct direction reply ct mark and 0x10000000 == 0x10000000 counter accept
             queue num 2
           }
         """), "  ") in text

@@ -118,11 +118,12 @@ def merge_offloaded(rules: List[dict], slots: dict, kernel: Optional[dict],
     ipqd.kernel.offload_counters: (slot, verdict) -> (packets, bytes); None
     when unread), by the daemon's slot table `slots` ({"rules": name ->
     value, "other": value}). Kernel counts no single rule owns (the "other"
-    value, 0, or a value no rule has now) go to "offloaded_other" (with
+    value, 0, a value no rule has now, or one a reload gave to another
+    rule since the hooks were installed) go to "offloaded_other" (with
     `whole`: the answer covers every rule)."""
-    other = slots.get("other", 0)
+    other, mixed = slots.get("other", 0), set(slots.get("mixed", ()))
     by_value = {value: name for name, value in slots.get("rules", {}).items()
-                if value and value != other}
+                if value and value != other and value not in mixed}
     owned: Dict[str, Dict[str, int]] = {}
     rest = {"packets": 0, "bytes": 0}
     for (value, verdict), (packets, size) in sorted((kernel or {}).items()):
@@ -165,8 +166,9 @@ def counters_lines(merged: dict) -> List[str]:
                      f"{r['accepted']:>12}  {r['dropped']:>12}  {kernel:>13}")
     other = merged.get("offloaded_other")
     if other and other["packets"]:
-        lines.append(f"offloaded flows no single rule owns (past the rule slots, or offloaded "
-                     f"by two rules): {other['packets']} packets, {other['bytes']} bytes")
+        lines.append(f"offloaded flows no single rule owns (past the rule slots, offloaded by "
+                     f"two rules, or by a rule a reload renamed or moved): {other['packets']} "
+                     f"packets, {other['bytes']} bytes")
     if merged.get("kernel") != "counted":
         lines.append(f"kernel: {merged['kernel']}")
     return lines

@@ -58,13 +58,15 @@ def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
 
 def offload_slots(answers: Dict[int, Counters]) -> dict:
     """{"rules": rule name -> its offload slot value, "other": the value
-    shared by everything without a slot of its own} (ipqd.policy.offload),
+    shared by everything without a slot of its own, "mixed": the values a
+    reload gave to another rule} (ipqd.policy.offload, Matcher.slot_mixed),
     as the workers' compiled policy has them (the same in every worker once
     a reload is done)."""
-    slots: dict = {"rules": {}, "other": 0}
+    slots: dict = {"rules": {}, "other": 0, "mixed": []}
     for answer in answers.values():
         slots["rules"].update(answer.counters.get("offload_slots", {}))
         slots["other"] = answer.counters.get("offload_other", slots["other"])
+        slots["mixed"] = sorted(set(slots["mixed"]) | set(answer.counters.get("offload_mixed", ())))
     return slots
 
 

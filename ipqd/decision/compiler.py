@@ -477,6 +477,12 @@ class Matcher:
     def _offload(self, policy: Policy) -> None:
         self.offload_slots: Dict[str, int] = {}     # rule name -> its slot value
         self.offload_other = 0                      # the value "other" (0: no slots)
+        # The kernel counts per slot since the hooks were installed (the
+        # daemon's start), reloads or not: each value's first owner since
+        # then, and the values a reload gave to another rule ("mixed": their
+        # counts belong to no single rule).
+        self.slot_owners: Dict[int, str] = {}
+        self.slot_mixed: set = set()
         if policy.queue.offload.mode == "off":
             return
         per_rule, default = offload_states(policy.rules, policy.default)
@@ -484,6 +490,7 @@ class Matcher:
         names = [c.rule.name for c, states in zip(self._compiled, per_rule) if states]
         slots = self.offload_slots = assign_slots(names + ["default"] * bool(default), bits)
         self.offload_other = bits.other if bits is not None else 0
+        self.slot_owners = {v: name for name, v in slots.items() if v and v != self.offload_other}
         request = bits.request_value if bits is not None else (lambda value: 0)
         for c, states in zip(self._compiled, per_rule):
             if states:
@@ -637,7 +644,8 @@ class Matcher:
         undecidable = dict(_ZERO)
         _add_hits(undecidable, self._undecidable.action, self._undecidable_hits, sizes[-2])
         return {"rules": rules, "default": default, "undecidable": undecidable,
-                "offload_slots": dict(self.offload_slots), "offload_other": self.offload_other}
+                "offload_slots": dict(self.offload_slots), "offload_other": self.offload_other,
+                "offload_mixed": sorted(self.slot_mixed)}
 
     def carry_over(self) -> dict:
         """What a successor in another process takes over (`take_over`): hit
@@ -656,6 +664,7 @@ class Matcher:
                 buckets[c.rule.name] = (c.rule.rate, c.bucket.tokens, c.bucket.stamp)
         return {"hits": hits, "default": self._default_hits, "buckets": buckets,
                 "undecidable": self._undecidable_hits, "bytes": sizes,
+                "slot_owners": dict(self.slot_owners), "slot_mixed": sorted(self.slot_mixed),
                 "default_bytes": self.bytes_by_index[-1],
                 "undecidable_bytes": self.bytes_by_index[-2]}
 
@@ -677,6 +686,12 @@ class Matcher:
                 if index is not None:
                     self.bytes_by_index[index] += size
         self.bytes_by_index[-1] += state.get("default_bytes", 0)
+        owners = dict(state.get("slot_owners", {}))
+        self.slot_mixed.update(state.get("slot_mixed", ()))
+        for value, name in self.slot_owners.items():
+            if owners.setdefault(value, name) != name:
+                self.slot_mixed.add(value)
+        self.slot_owners = owners
         self.bytes_by_index[-2] += state.get("undecidable_bytes", 0)
         for c in self._bucketed:
             carried = state["buckets"].get(c.rule.name)

@@ -158,7 +158,8 @@ def test_counters_and_take_over():
                   "telnet": {"hits": 1, "accepted": 0, "dropped": 1, "bytes": 60}},
         "default": {"hits": 1, "accepted": 0, "dropped": 1, "bytes": 40},
         "undecidable": {"hits": 0, "accepted": 0, "dropped": 0, "bytes": 0},
-        "offload_slots": {}, "offload_other": 15}
+        "offload_slots": {}, "offload_other": 15,
+        "offload_mixed": []}
     new = compile_policy(Policy(path="t.yaml", rules=(
         Rule("web", Match(dport=RangeMatch(((80, 80),))), "accept"),
         Rule("ssh", Match(dport=RangeMatch(((2222, 2222),))), "accept"))))

@@ -394,3 +394,19 @@ def test_offload_setting(text, expected):
 ])
 def test_offload_setting_errors(text, message):
     assert parse(text) == (None, [message])
+
+
+def test_a_reload_that_gives_a_slot_to_another_rule_makes_its_counts_mixed():
+    """The kernel's per-slot counts outlive a reload: a value that changes
+    owner belongs to no single rule from then on."""
+    before = Engine(loads(HOOKED))
+    assert before.matcher.offload_slots == {"web": 1, "telnet": 2, "default": 3}
+    swapped = HOOKED.replace("  - {name: web, proto: tcp, dport: 80, action: accept, log: false}\n",
+                             "") + "  - {name: web, proto: tcp, dport: 80, action: accept, log: false}\n"
+    after = Engine(loads(swapped))
+    after.take_over(before.carry_over())
+    assert after.matcher.offload_slots == {"telnet": 1, "web": 2, "default": 3}
+    assert after.matcher.counters()["offload_mixed"] == [1, 2]
+    again = Engine(loads(swapped))             # the next reload keeps them mixed
+    again.take_over(after.carry_over())
+    assert again.matcher.counters()["offload_mixed"] == [1, 2]

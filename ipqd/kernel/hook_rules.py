@@ -214,7 +214,7 @@ def _offload_nft(hook_chain: str, bits: Layout) -> List[str]:
 
 def _slot_nft(bits: Layout) -> List[str]:
     """The table's rule-slot declarations: a counter per slot value and NFT_SLOT_CHAIN."""
-    if bits is None or not bits.other:
+    if bits is None or not bits.other or not bits.slots:
         return []
     pm, cm = bits.slot_request_mask, bits.slot_field_mask
     lines = [f"  counter {NFT_SLOT_COUNTER.format(v, verdict)} {{ }}"
@@ -295,7 +295,7 @@ def plan_nft(hooks: Sequence[Hook], queue: QueueConfig) -> Plan:
         for ct_match, target in _queue_targets(queue, nft=True):
             chains.setdefault(hook.chain, []).append(f"{match}{ct_match}{target}")
     lines = [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}", f"table inet {NFT_TABLE} {{"]
-    lines += _slot_nft(bits) if any(chains.values()) else []
+    lines += _slot_nft(bits)
     for chain, rules in chains.items():
         lines.append(f"  chain {chain} {{")
         lines.append(f"    type filter hook {chain} priority {_NFT_PRIORITY[chain]}; policy accept;")

@@ -401,8 +401,8 @@ def test_a_reload_that_gives_a_slot_to_another_rule_makes_its_counts_mixed():
     owner belongs to no single rule from then on."""
     before = Engine(loads(HOOKED))
     assert before.matcher.offload_slots == {"web": 1, "telnet": 2, "default": 3}
-    swapped = HOOKED.replace("  - {name: web, proto: tcp, dport: 80, action: accept, log: false}\n",
-                             "") + "  - {name: web, proto: tcp, dport: 80, action: accept, log: false}\n"
+    web = "  - {name: web, proto: tcp, dport: 80, action: accept, log: false}\n"
+    swapped = HOOKED.replace(web, "") + web              # web last: telnet takes slot 1
     after = Engine(loads(swapped))
     after.take_over(before.carry_over())
     assert after.matcher.offload_slots == {"telnet": 1, "web": 2, "default": 3}

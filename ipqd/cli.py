@@ -184,11 +184,12 @@ def _add_status(sub) -> None:
 
 
 def _add_counters(sub) -> None:
-    counters = sub.add_parser("counters", help="packets decided by each rule of the running daemon")
+    counters = sub.add_parser("counters", help="packets and bytes decided by each rule of the "
+                                               "running daemon, offloaded flows included")
     counters.add_argument("rule", nargs="?", help="only this rule")
     counters.add_argument("--json", action="store_true",
-                          help="a JSON object: rules, one object per rule; offloaded, the "
-                               "kernel's counts")
+                          help="a JSON object: rules, one total per rule (ipqd's and the "
+                               "kernel's parts beside); offloaded_other; kernel")
     counters.add_argument("--state-dir", default="/run/ipqd",
                           help="where the daemon's hooks noted their backend (for the kernel's "
                                "counts of offloaded flows)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 from ipqd.console import LOG_WARNING, error_line
 from ipqd.control.client import call
@@ -104,36 +104,99 @@ def run_counters(args) -> int:
     result = _ask(args, "counters", {"rule": args.rule} if args.rule else {})
     if isinstance(result, ControlError):
         return EXIT_FAILED if result.code != "bad-arguments" else EXIT_INVALID
-    rules = result["rules"]
-    offloaded = [] if args.rule else offloaded_counts(result.get("netns", ""), args.state_dir)
+    kernel, note = offloaded_counts(result.get("netns", ""), args.state_dir)
+    merged = merge_offloaded(result["rules"], result.get("offload_slots") or {}, kernel,
+                             whole=not args.rule)
+    merged["kernel"] = note
     if args.json:
-        print(json.dumps({"rules": rules, "offloaded": offloaded}, indent=2))
+        print(json.dumps(merged, indent=2))
         return EXIT_OK
-    width = max([len(r["name"]) for r in rules] + [4])
-    print(f"{'rule':<{width}}  {'packets':>12}  {'accepted':>12}  {'dropped':>12}")
-    for r in rules:
-        print(f"{r['name']:<{width}}  {r['hits']:>12}  {r['accepted']:>12}  {r['dropped']:>12}")
-    if offloaded:
-        print("offloaded flows, decided by the kernel's rules (by hook, not by rule):")
-        for o in offloaded:
-            print(f"  {o['hook']} {o['verdict']} {o['direction']}: {o['packets']} packets, "
-                  f"{o['bytes']} bytes")
+    print("\n".join(counters_lines(merged)))
     return EXIT_OK
 
 
-def offloaded_counts(netns: str, state_dir: str) -> List[dict]:
-    """The kernel's counts of offloaded flows (ipqd.kernel.offload_counters),
-    when this command can read them: root, in the daemon's network
-    namespace, with the hooks' backend noted in `state_dir`."""
+def merge_offloaded(rules: List[dict], slots: dict, kernel: Optional[dict],
+                    whole: bool = True) -> dict:
+    """One total per rule: ipqd's own count (`rules`, the daemon's answer)
+    plus the kernel's count of the flows the rule offloaded (`kernel`,
+    ipqd.kernel.offload_counters: (slot, verdict) -> (packets, bytes); None
+    when unread), by the daemon's slot table `slots` ({"rules": name ->
+    value, "other": value}). Kernel counts no single rule owns (the "other"
+    value, 0, a value no rule has now, or one a reload gave to another
+    rule since the hooks were installed) go to "offloaded_other" (with
+    `whole`: the answer covers every rule)."""
+    other, mixed = slots.get("other", 0), set(slots.get("mixed", ()))
+    by_value = {value: name for name, value in slots.get("rules", {}).items()
+                if value and value != other and value not in mixed}
+    owned: Dict[str, Dict[str, int]] = {}
+    rest = {"packets": 0, "bytes": 0}
+    for (value, verdict), (packets, size) in sorted((kernel or {}).items()):
+        name = by_value.get(value)
+        into = rest if name is None else owned.setdefault(
+            name, {"packets": 0, "bytes": 0, "accepted": 0, "dropped": 0})
+        into["packets"] += packets
+        into["bytes"] += size
+        if name is not None:
+            into["accepted" if verdict == "accept" else "dropped"] += packets
+    out = []
+    for r in rules:
+        k = owned.get(r["name"])
+        ipqd = {"packets": r["hits"], "bytes": r.get("bytes", 0)}
+        row = {"name": r["name"],
+               "packets": ipqd["packets"] + (k["packets"] if k else 0),
+               "bytes": ipqd["bytes"] + (k["bytes"] if k else 0),
+               "accepted": r["accepted"] + (k["accepted"] if k else 0),
+               "dropped": r["dropped"] + (k["dropped"] if k else 0),
+               "ipqd": ipqd,
+               "kernel": None if kernel is None else
+               {"packets": k["packets"] if k else 0, "bytes": k["bytes"] if k else 0},
+               "slot": slots.get("rules", {}).get(r["name"])}
+        out.append(row)
+    answer: dict = {"rules": out}
+    if whole:
+        answer["offloaded_other"] = rest if kernel is not None else None
+    return answer
+
+
+def counters_lines(merged: dict) -> List[str]:
+    """`ipqd counters` for a person."""
+    rules = merged["rules"]
+    width = max([len(r["name"]) for r in rules] + [4])
+    lines = [f"{'rule':<{width}}  {'packets':>12}  {'bytes':>14}  {'accepted':>12}  "
+             f"{'dropped':>12}  {'by the kernel':>13}"]
+    for r in rules:
+        kernel = "-" if r["kernel"] is None else str(r["kernel"]["packets"])
+        lines.append(f"{r['name']:<{width}}  {r['packets']:>12}  {r['bytes']:>14}  "
+                     f"{r['accepted']:>12}  {r['dropped']:>12}  {kernel:>13}")
+    other = merged.get("offloaded_other")
+    if other and other["packets"]:
+        lines.append(f"offloaded flows no single rule owns (past the rule slots, offloaded by "
+                     f"two rules, or by a rule a reload renamed or moved): {other['packets']} "
+                     f"packets, {other['bytes']} bytes")
+    if merged.get("kernel") != "counted":
+        lines.append(f"kernel: {merged['kernel']}")
+    return lines
+
+
+def offloaded_counts(netns: str, state_dir: str) -> Tuple[Optional[dict], str]:
+    """The kernel's counts of offloaded flows per slot
+    (ipqd.kernel.offload_counters) and "counted", or None and why not: they
+    are read by this command as root, in the daemon's network namespace,
+    with the hooks' backend noted in `state_dir`."""
     try:
         if os.geteuid() != 0 or not netns or os.readlink("/proc/self/ns/net") != netns:
-            return []
+            return None, ("offloaded flows not counted: the kernel's counters are root's; run "
+                          "`ipqd counters` as root, in the daemon's network namespace")
     except OSError:
-        return []
+        return None, "offloaded flows not counted: the network namespace cannot be read"
     backend = remembered(state_dir)
     if backend is None:
-        return []
-    return [c._asdict() for c in read_offload_counts(backend) if c.packets]
+        return None, ("offloaded flows not counted: no hooks installed by ipqd "
+                      f"(none noted in {state_dir})")
+    counts = read_offload_counts(backend)
+    if counts is None:
+        return None, f"offloaded flows not counted: the {backend} tools could not be run"
+    return counts, "counted"
 
 
 def run_metrics(args) -> int:

@@ -30,7 +30,7 @@ ASK_WITHIN = 1.0        # seconds a status waits for the workers' own figures
 ASK_AGAIN_AFTER = 0.25  # readers within this share one ask: a flood of requests from
                         # any local user costs the workers at most 4 asks a second
 
-_RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0}
+_RULE_ZERO = {"hits": 0, "accepted": 0, "dropped": 0, "bytes": 0}
 
 # More figures for status and metrics, by key: key -> figures(daemon). "sets"
 # ({set name: entries}) is shown by `ipqd status` and exported as
@@ -50,10 +50,24 @@ def merge_counters(answers: Dict[int, Counters]) -> Dict[str, Dict[str, int]]:
         for name, entry in named:
             total = rules.setdefault(name, dict(_RULE_ZERO))
             for key in total:
-                total[key] += entry[key]
+                total[key] += entry.get(key, 0)     # no bytes from an older worker
     if not rules.get(UNDECIDABLE_NAME, _RULE_ZERO)["hits"]:
         rules.pop(UNDECIDABLE_NAME, None)
     return rules
+
+
+def offload_slots(answers: Dict[int, Counters]) -> dict:
+    """{"rules": rule name -> its offload slot value, "other": the value
+    shared by everything without a slot of its own, "mixed": the values a
+    reload gave to another rule} (ipqd.policy.offload, Matcher.slot_mixed),
+    as the workers' compiled policy has them (the same in every worker once
+    a reload is done)."""
+    slots: dict = {"rules": {}, "other": 0, "mixed": []}
+    for answer in answers.values():
+        slots["rules"].update(answer.counters.get("offload_slots", {}))
+        slots["other"] = answer.counters.get("offload_other", slots["other"])
+        slots["mixed"] = sorted(set(slots["mixed"]) | set(answer.counters.get("offload_mixed", ())))
+    return slots
 
 
 def netns() -> str:
@@ -113,6 +127,7 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
         "control": dict(daemon.control.counts) if daemon.control else {},
         "sets": {s["set"]: s["size"] for s in daemon.sets.summary()},
         "rules": merge_counters(answers),
+        "offload_slots": offload_slots(answers),
         "per_worker": {str(k): v for k, v in per_worker.items()},
     }
     shadow = daemon.policy.shadow if daemon.policy is not None else None
@@ -130,23 +145,25 @@ def snapshot(daemon, kernel: Optional[dict] = None) -> dict:
 def status(daemon, args: dict, peer: Peer) -> dict:
     no_arguments(args, "status")
     figures = snapshot(daemon)
-    del figures["rules"], figures["per_worker"]
+    del figures["rules"], figures["per_worker"], figures["offload_slots"]
     return figures
 
 
 def counters(daemon, args: dict, peer: Peer) -> dict:
-    """Per rule: packets decided, accepted, dropped (ipqd's own count; flows
-    the kernel holds after an offload are counted by the kernel's rules,
-    which `ipqd counters` adds)."""
+    """Per rule: packets decided, accepted, dropped, and their bytes
+    (ipqd's own count), with each rule's offload slot: flows the kernel
+    holds after an offload are counted by the kernel's rules per slot, which
+    `ipqd counters` reads and adds (the daemon under its unit cannot)."""
     rule = argument(args, "rule", str, None)
-    rules = snapshot(daemon)["rules"]
+    figures = snapshot(daemon)
+    rules, slots = figures["rules"], figures["offload_slots"]
     if rule is not None:
         if rule not in rules:
             raise ControlError("bad-arguments", f"no rule {rule!r} in the running policy "
                                f"(rules: {', '.join(rules)})")
         rules = {rule: rules[rule]}
     return {"rules": [dict(name=name, **entry) for name, entry in rules.items()],
-            "netns": netns()}
+            "offload_slots": slots, "netns": netns()}
 
 
 def metrics(daemon, args: dict, peer: Peer) -> dict:

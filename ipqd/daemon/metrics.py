@@ -57,10 +57,16 @@ class _Snapshot:
         rules = CounterMetricFamily("ipqd_rule_packets", "Packets decided by each rule "
                                     "(`default`: by no rule), by verdict",
                                     labels=["rule", "verdict"])
+        sizes = CounterMetricFamily("ipqd_rule_bytes", "Bytes of the packets each rule "
+                                    "decided (on the wire; flows the kernel holds after an "
+                                    "offload are not in it: `ipqd counters` adds them)",
+                                    labels=["rule"])
         for name, entry in f["rules"].items():
             rules.add_metric([name, "accept"], entry["accepted"])
             rules.add_metric([name, "drop"], entry["dropped"])
+            sizes.add_metric([name], entry.get("bytes", 0))
         yield rules
+        yield sizes
 
         queued = GaugeMetricFamily("ipqd_kernel_queue_packets", "Packets in the kernel's queue "
                                    "now (unread or unanswered)", labels=["queue"])

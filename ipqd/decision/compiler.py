@@ -53,6 +53,7 @@ from ipqd.decision.rate_table import RateTable
 from ipqd.policy.windows import within
 from ipqd.policy.cgroup import cgroup_layout, under
 from ipqd.decision.token_bucket import TokenBucket
+from ipqd.policy.offload import assign_slots, layout as offload_layout
 from ipqd.policy.model import (PORT_PROTOCOLS, PROTO_ICMP, PROTO_ICMPV6, AddrMatch, IfaceMatch,
                                Match, Policy, Position, RangeMatch, Rate, Rule)
 
@@ -97,6 +98,9 @@ class Decision(NamedTuple):
     # The names of the `action: log` rules above the decider that matched the
     # packet (the decision is then logged).
     log_rules: Tuple[str, ...] = ()
+    # Packet-mark bits naming the rule's offload slot in a request
+    # (ipqd.policy.offload.assign_slots): whose the kernel's counts are.
+    offload_slot: int = 0
 
 
 # ---- field checks: one small closure per tested field -----------------------
@@ -484,6 +488,10 @@ class Matcher:
         self.clock_offset = 0.0
         self._hits = [0] * len(self._compiled)
         self._default_hits = 0
+        # Bytes decided, by rule index: the engine adds each packet's length
+        # where the decision's index points, so the default (-1) is the last
+        # entry and the undecidable action (-2) the one before it.
+        self.bytes_by_index = [0] * (len(self._compiled) + 2)
         self._names = tuple(rule.name for rule in rules)     # by index: for carry_over
         # Single buckets carry over a reload; tables by key start empty.
         self._bucketed = tuple(c for c in self._compiled if type(c.bucket) is TokenBucket)
@@ -516,13 +524,30 @@ class Matcher:
         self.fields = frozenset(fields)
 
     def _offload(self, policy: Policy) -> None:
+        self.offload_slots: Dict[str, int] = {}     # rule name -> its slot value
+        self.offload_other = 0                      # the value "other" (0: no slots)
+        # The kernel counts per slot since the hooks were installed (the
+        # daemon's start), reloads or not: each value's first owner since
+        # then, and the values a reload gave to another rule ("mixed": their
+        # counts belong to no single rule).
+        self.slot_owners: Dict[int, str] = {}
+        self.slot_mixed: set = set()
         if policy.queue.offload.mode == "off":
             return
         per_rule, default = offload_states(policy.rules, policy.default)
+        bits = offload_layout(policy.queue.offload, {hook.chain for hook in policy.hooks})
+        names = [c.rule.name for c, states in zip(self._compiled, per_rule) if states]
+        slots = self.offload_slots = assign_slots(names + ["default"] * bool(default), bits)
+        self.offload_other = bits.other if bits is not None else 0
+        self.slot_owners = {v: name for name, v in slots.items() if v and v != self.offload_other}
+        request = bits.request_value if bits is not None else (lambda value: 0)
         for c, states in zip(self._compiled, per_rule):
             if states:
-                c.decision = c.decision._replace(offload=states)
-        self._default = self._default._replace(offload=default)
+                c.decision = c.decision._replace(offload=states,
+                                                 offload_slot=request(slots[c.rule.name]))
+        if default:
+            self._default = self._default._replace(offload=default,
+                                                   offload_slot=request(slots["default"]))
 
     # -- the packet path --
 
@@ -715,53 +740,77 @@ class Matcher:
                 "rate_evicted": sum(t.evicted for t in self._tables),
                 "rate_evicted_early": sum(t.evicted_early for t in self._tables)}
 
-    def tally(self, rule_index: int, count: int = 1) -> None:
-        """Count decisions made without `decide` (verdict cache hits); -1 is the default."""
+    def tally(self, rule_index: int, count: int = 1, size: int = 0) -> None:
+        """Count decisions made without `decide` (verdict cache hits), and
+        their `size` in bytes; -1 is the default."""
         if rule_index < 0:
             self._default_hits += count
         else:
             self._hits[rule_index] += count
+        self.bytes_by_index[rule_index] += size
 
     def counters(self) -> dict:
-        """{"rules": {name: {hits, accepted, dropped}}, "default": {...},
+        """{"rules": {name: {hits, accepted, dropped, bytes}}, "default": {...},
         "undecidable": {...}} (the queue.undecidable action's), in rule order."""
         rules: Dict[str, dict] = {}
-        for c, hits in zip(self._compiled, self._hits):
-            entry = rules.setdefault(c.rule.name, {"hits": 0, "accepted": 0, "dropped": 0})
-            _add_hits(entry, c.rule.action, hits)
-        default = {"hits": 0, "accepted": 0, "dropped": 0}
-        _add_hits(default, self._default.action, self._default_hits)
-        undecidable = {"hits": 0, "accepted": 0, "dropped": 0}
-        _add_hits(undecidable, self._undecidable.action, self._undecidable_hits)
-        return {"rules": rules, "default": default, "undecidable": undecidable}
+        sizes = self.bytes_by_index
+        for c, hits, size in zip(self._compiled, self._hits, sizes):
+            entry = rules.setdefault(c.rule.name, dict(_ZERO))
+            _add_hits(entry, c.rule.action, hits, size)
+        default = dict(_ZERO)
+        _add_hits(default, self._default.action, self._default_hits, sizes[-1])
+        undecidable = dict(_ZERO)
+        _add_hits(undecidable, self._undecidable.action, self._undecidable_hits, sizes[-2])
+        return {"rules": rules, "default": default, "undecidable": undecidable,
+                "offload_slots": dict(self.offload_slots), "offload_other": self.offload_other,
+                "offload_mixed": sorted(self.slot_mixed)}
 
     def carry_over(self) -> dict:
         """What a successor in another process takes over (`take_over`): hit
         counts and rate buckets by rule name. Plain data, for a pipe; it is
         on the hand-over's path, so only what is not zero."""
         hits: Dict[str, int] = {}
-        for name, count in zip(self._names, self._hits):
+        sizes: Dict[str, int] = {}
+        for name, count, size in zip(self._names, self._hits, self.bytes_by_index):
             if count:
                 hits[name] = hits.get(name, 0) + count
+            if size:
+                sizes[name] = sizes.get(name, 0) + size
         buckets: Dict[str, tuple] = {}
         for c in self._bucketed:
             if c.rule.name not in buckets:
                 buckets[c.rule.name] = (c.rule.rate, c.bucket.tokens, c.bucket.stamp)
         return {"hits": hits, "default": self._default_hits, "buckets": buckets,
-                "undecidable": self._undecidable_hits}
+                "undecidable": self._undecidable_hits, "bytes": sizes,
+                "slot_owners": dict(self.slot_owners), "slot_mixed": sorted(self.slot_mixed),
+                "default_bytes": self.bytes_by_index[-1],
+                "undecidable_bytes": self.bytes_by_index[-2]}
 
     def take_over(self, state: dict) -> None:
         """Start from a predecessor's `carry_over`: each name's hits go to the
         first rule of that name, a bucket carries over when its rate is
         unchanged."""
         names = self._names
-        if state["hits"]:
+        sizes = state.get("bytes", {})          # none from an older ipqd
+        if state["hits"] or sizes:
             # the first index of each name: reversed, so that it is written last
             first = dict(zip(reversed(names), range(len(names) - 1, -1, -1)))
             for name, count in state["hits"].items():
                 index = first.get(name)
                 if index is not None:
                     self._hits[index] += count
+            for name, size in sizes.items():
+                index = first.get(name)
+                if index is not None:
+                    self.bytes_by_index[index] += size
+        self.bytes_by_index[-1] += state.get("default_bytes", 0)
+        owners = dict(state.get("slot_owners", {}))
+        self.slot_mixed.update(state.get("slot_mixed", ()))
+        for value, name in self.slot_owners.items():
+            if owners.setdefault(value, name) != name:
+                self.slot_mixed.add(value)
+        self.slot_owners = owners
+        self.bytes_by_index[-2] += state.get("undecidable_bytes", 0)
         for c in self._bucketed:
             carried = state["buckets"].get(c.rule.name)
             if carried is not None and carried[0] == c.rule.rate:
@@ -770,12 +819,16 @@ class Matcher:
         self._undecidable_hits += state.get("undecidable", 0)    # none from an older ipqd
 
 
-def _add_hits(entry: dict, action: str, hits: int) -> None:
+_ZERO = {"hits": 0, "accepted": 0, "dropped": 0, "bytes": 0}
+
+
+def _add_hits(entry: dict, action: str, hits: int, size: int) -> None:
     entry["hits"] += hits
     if action == "accept":
         entry["accepted"] += hits
     elif action != "log":           # drop or reject; a log rule's hits decide nothing
         entry["dropped"] += hits
+    entry["bytes"] += size
 
 
 # ---- flow offload -----------------------------------------------------------

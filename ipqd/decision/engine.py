@@ -97,6 +97,7 @@ class Engine:
         self.needs = self.matcher.fields | (self.shadow.matcher.fields if self.shadow else set())
         self.disagreement: Optional[Decision] = None    # the last decide's, for the log
         self.counters = counters or Counters()
+        self._rule_bytes = self.matcher.bytes_by_index
         # The answer to what cannot be decided: for the socket owner too (see the worker).
         self.fallback_verdict = fallback_verdict(policy)
         default = policy.default
@@ -113,6 +114,8 @@ class Engine:
         self.cache = VerdictCache(decide=self.decider.decide if self.decider else None)
         self._offload_hooks = offload.hooks if offload else frozenset()
         self._request = offload.request if offload else 0
+        # Cleared from the mark of a request: the request and its rule slot.
+        self._request_bits = (offload.request | offload.slot_request_mask) if offload else 0
         self._request_accept = offload.request_accept if offload else 0
         self._request_drop = offload.request_drop if offload else 0
         # Cleared when a request comes back: nothing takes requests (--no-hooks
@@ -168,6 +171,8 @@ class Engine:
             if cgroups is not None:
                 view.cgroup = cgroup
             decision = self.matcher.decide(view, now)
+            # Bytes beside the hit the matcher counted: the length on the wire.
+            self._rule_bytes[decision.rule_index] += packet.wire_len
             shadow = self.shadow
             if shadow is not None:
                 seen = shadow.decide(view, now)
@@ -226,6 +231,7 @@ class Engine:
         shadow_tally = self.shadow.matcher.tally if self.shadow is not None else None
         for entry in cache.touched:
             hits, entry.hits = entry.hits, 0
+            size, entry.bytes = entry.bytes, 0
             if not entry.fresh:             # a decider's answer: a miss, decided
                 cache.hits += hits
             counters.packets += hits
@@ -233,7 +239,7 @@ class Engine:
                 counters.accepted += hits
             else:
                 counters.dropped += hits
-            tally(entry.rule_index, hits)
+            tally(entry.rule_index, hits, size)
             if shadow_tally is not None:
                 counters.shadow_decided += hits
                 if entry.disagrees:
@@ -284,11 +290,12 @@ class Engine:
         if view.malformed or (state is not None and state not in decision.offload):
             return None
         self.counters.offloaded += 1
+        mark = (mark & ~self._request_bits) | decision.offload_slot
         if decision.action == "accept":
             self.counters.accepted += 1
-            return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_accept, decision, view)
+            return Verdict(NF_REPEAT, mark | self._request_accept, decision, view)
         self.counters.dropped += 1
-        return Verdict(NF_REPEAT, (mark & ~self._request) | self._request_drop, decision, view)
+        return Verdict(NF_REPEAT, mark | self._request_drop, decision, view)
 
     def _rejected(self, decision: Decision, view: Optional[PacketView]) -> Verdict:
         """NF_REPEAT with a reject request, or a drop where ipqd cannot reject."""

@@ -314,7 +314,7 @@ _FLOOD_BURST = 8          # careful_reader's answer for a datagram of another la
 def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
     """The careful read of one layout, the exact-match layer's reference:
     (buf, n) -> (key, queue, packet id, whether the exact layer may keep
-    it) for a plain packet; None for a packet that gets no key (the full
+    it, the packet's length) for a plain packet; None for a packet that gets no key (the full
     path takes it); _STRANGER for a datagram of another layout."""
     layout, names = plan.layout, plan.names
     heads, expected, payload_type = layout.heads.unpack_from, layout.expected, layout.payload_type
@@ -367,7 +367,7 @@ def careful_reader(plan: KeyPlan, ifname: IfName) -> Callable:
         key = picks[kind](v)
         if names:       # names, not indexes: an interface can be renamed
             key += (ifname(v[indev]), ifname(v[outdev]))
-        return key, v[queue], v[packet_id], kind <= _UDP
+        return key, v[queue], v[packet_id], kind <= _UDP, size
 
     return careful
 
@@ -379,7 +379,8 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
     touched = cache.touched                 # kept: a settle empties it in place
     hits_batch, hits_single, misses = answers.batch, answers.single, answers.misses
     read4, read6 = plan.exact4.unpack_from, plan.exact6.unpack_from
-    exact_hits: Dict[tuple, Tuple[CachedVerdict, int]] = {}    # read bytes -> (entry, queue)
+    # read bytes -> (entry, queue, the packet's length: the read holds it)
+    exact_hits: Dict[tuple, Tuple[CachedVerdict, int, int]] = {}
     cache.layers.append(exact_hits)                   # emptied with the cache (invalidate)
     id_at = plan.layout.offsets["packet_id"][0]       # every packet message carries its id
     # Whether the last burst was mostly hits: a burst mostly of new flows (a
@@ -408,13 +409,13 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                         read6(buf) if family == _NFPROTO_IPV6 else None
                     hit = exact_hits.get(seen)
                     if hit is not None and seen[0] == n:
-                        entry, queue = hit
+                        entry, queue, size = hit
                 if entry is None:
                     found = careful(buf, n)
                     if found is None or found is _STRANGER:
                         (rest if found is None else strangers).append(i)
                         continue
-                    key, queue, packet_id, exact_kind = found
+                    key, queue, packet_id, exact_kind, size = found
                     entry = entries.get(key)
                     if entry is None and older:
                         entry = cache.recall(key)
@@ -436,7 +437,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                     elif exact_kind and seen is not None:
                         if len(exact_hits) >= EXACT_SIZE:
                             exact_hits.clear()
-                        exact_hits[seen] = (entry, queue)
+                        exact_hits[seen] = (entry, queue, size)
                 # A hit, of either layer, or a fresh decision.
                 if not entry.fresh:
                     hits += 1
@@ -446,6 +447,7 @@ def _taker(plan: KeyPlan, careful: Callable, exact_ok: bool, cache: "VerdictCach
                 if not entry.hits:
                     touched.append(entry)
                 entry.hits += 1
+                entry.bytes += size
                 if entry.batchable and batch:
                     last[queue] = i
                 else:
@@ -467,7 +469,7 @@ class CachedVerdict:
     `fresh`: a decision a decider made for a key the cache did not hold
     (counted as decided, not as a cache hit); the cache keeps a copy."""
     __slots__ = ("verdict", "mark", "rule_index", "log", "accept", "batchable", "hits",
-                 "shadow_index", "disagrees", "fresh")
+                 "bytes", "shadow_index", "disagrees", "fresh")
 
     def __init__(self, verdict: int, mark: Optional[int], rule_index: int, log: bool = False,
                  shadow_index: int = -1, disagrees: bool = False, fresh: bool = False):
@@ -481,6 +483,7 @@ class CachedVerdict:
         self.disagrees = disagrees
         self.fresh = fresh
         self.hits = 0                         # since Engine.settle last counted them
+        self.bytes = 0                        # their packets' lengths, likewise
         accept = self.accept = verdict == NF_ACCEPT
         self.batchable = accept and mark is None      # may go in a batch verdict
 

@@ -29,6 +29,16 @@ BACKENDS = ("nft", "iptables-nft", "iptables-legacy")
 NFT_TABLE = "ipqd"
 # iptables: clears the request bits and accepts (one rule cannot do both).
 OFFLOAD_CHAIN = "IPQD_OFFLOAD"
+# Rule slots (ipqd.policy.offload): the chain that writes a request's slot
+# into the flow's connmark (jumped to by requests only, once per flow and
+# direction), and the chains that count offloaded packets per slot before
+# accepting or dropping them (jumped to by offloaded packets only). The
+# kernel's counters of the latter are `ipqd counters`' (ipqd.kernel.offload_counters).
+SLOT_CHAIN = "IPQD_SLOT"
+KEPT_CHAINS = {"ACCEPT": "IPQD_KEPT_ACCEPT", "DROP": "IPQD_KEPT_DROP"}
+NFT_SLOT_CHAIN = "rule_slot"
+SLOT_COMMENT = "ipqd-slot-{}"           # iptables: the counting rule of a slot value
+NFT_SLOT_COUNTER = "slot_{}_{}"         # nft: the named counter of a slot value and verdict
 
 # Built-in chain -> (iptables table, built-in chain name). Input, forward and
 # output live in filter, where firewall rules are; the routing hooks exist
@@ -134,6 +144,10 @@ def _offload_iptables(chain: str, hook_chain: str, bits: Layout) -> List[str]:
             bit = kept[direction]
             rules.append(f"-A {chain} -m mark --mark {request:#x}/{request:#x} {ct} {direction} "
                          f"-j CONNMARK --set-xmark {bit:#x}/{bit:#x}")
+    if bits.other:
+        for request in (ra, rd):
+            rules.append(f"-A {chain} -m mark --mark {request:#x}/{request:#x} "
+                         f"-m conntrack --ctstate NEW,ESTABLISHED -j {SLOT_CHAIN}")
     rules.append(f"-A {chain} -m mark --mark {rd:#x}/{rd:#x} -j DROP")
     rules.append(f"-A {chain} -m mark --mark {ra:#x}/{ra:#x} -j {OFFLOAD_CHAIN}")
     # Flows offloaded earlier; drop first, should both ever be set.
@@ -141,8 +155,31 @@ def _offload_iptables(chain: str, hook_chain: str, bits: Layout) -> List[str]:
         for direction, _ in _DIRECTIONS:
             bit = kept[direction]
             rules.append(f"-A {chain} {ct} {direction} -m connmark --mark {bit:#x}/{bit:#x} "
-                         f"-j {target}")
+                         f"-j {KEPT_CHAINS[target] if bits.other else target}")
     return rules
+
+
+def _slot_chains_iptables(bits: Layout) -> Dict[str, List[str]]:
+    """The rule-slot chains (SLOT_CHAIN, KEPT_CHAINS) of one table; {} without slots."""
+    if not bits.other:
+        return {}
+    pm, cm = bits.slot_request_mask, bits.slot_field_mask
+    chains: Dict[str, List[str]] = {SLOT_CHAIN: []}
+    for value in range(1, bits.other + 1):
+        request, field = bits.request_value(value), bits.field_value(value)
+        # The flow's first request names its rule; a request naming another makes it "other".
+        chains[SLOT_CHAIN] += [
+            f"-A {SLOT_CHAIN} -m mark --mark {request:#x}/{pm:#x} -m connmark --mark 0x0/{cm:#x} "
+            f"-j CONNMARK --set-xmark {field:#x}/{cm:#x}",
+            f"-A {SLOT_CHAIN} -m mark --mark {request:#x}/{pm:#x} -m connmark ! --mark "
+            f"{field:#x}/{cm:#x} -j CONNMARK --set-xmark {cm:#x}/{cm:#x}"]
+    for target, name in KEPT_CHAINS.items():
+        # Slot values in order, then what no slot holds (offloaded before slots existed).
+        chains[name] = [f"-A {name} -m connmark --mark {bits.field_value(value):#x}/{cm:#x} "
+                        f"-m comment --comment {SLOT_COMMENT.format(value)} -j {target}"
+                        for value in range(1, bits.other + 1)]
+        chains[name].append(f"-A {name} -m comment --comment {SLOT_COMMENT.format(0)} -j {target}")
+    return chains
 
 
 def _offload_nft(hook_chain: str, bits: Layout) -> List[str]:
@@ -153,19 +190,30 @@ def _offload_nft(hook_chain: str, bits: Layout) -> List[str]:
     accept = dict(zip(("original", "reply"), (slot.accept_original, slot.accept_reply)))
     drop = dict(zip(("original", "reply"), (slot.drop_original, slot.drop_reply)))
     ct = "ct state { new, established } ct direction"
-    keep = ~bits.request & 0xFFFFFFFF
+    keep = ~(bits.request | bits.slot_request_mask) & 0xFFFFFFFF
     rules = []
     for request, kept in ((ra, accept), (rd, drop)):
         for _, direction in _DIRECTIONS:
             bit = kept[direction]
             rules.append(f"meta mark and {request:#x} == {request:#x} {ct} {direction} "
                          f"ct mark set ct mark or {bit:#x}")
+    if bits.other:
+        rules.append(f"meta mark and {bits.request:#x} != 0 ct state {{ new, established }} "
+                     f"jump {NFT_SLOT_CHAIN}")
     rules.append(f"meta mark and {rd:#x} == {rd:#x} drop")
     rules.append(f"meta mark and {ra:#x} == {ra:#x} meta mark set meta mark and {keep:#x} accept")
+    # One lookup counts an offloaded packet under its slot (every value is in
+    # the map); without slots, each kept-verdict rule counts (`ipqd counters`' slot 0).
     for kept, verdict in ((drop, "drop"), (accept, "accept")):
+        count = "counter "
+        if bits.other:
+            cm = bits.slot_field_mask
+            values = ", ".join(f'{bits.field_value(v):#x} : "{NFT_SLOT_COUNTER.format(v, verdict)}"'
+                               for v in range(bits.other + 1))
+            count = f"counter name ct mark and {cm:#x} map {{ {values} }} "
         for _, direction in _DIRECTIONS:
             bit = kept[direction]
-            rules.append(f"{ct} {direction} ct mark and {bit:#x} == {bit:#x} {verdict}")
+            rules.append(f"{ct} {direction} ct mark and {bit:#x} == {bit:#x} {count}{verdict}")
     return rules
 
 
@@ -215,6 +263,24 @@ def _cgroup_marks(hook_chain: str, queue: QueueConfig, nft: bool) -> List[str]:
     return rules
 
 
+def _slot_nft(bits: Layout) -> List[str]:
+    """The table's rule-slot declarations: a counter per slot value and NFT_SLOT_CHAIN."""
+    if bits is None or not bits.other or not bits.slots:
+        return []
+    pm, cm = bits.slot_request_mask, bits.slot_field_mask
+    lines = [f"  counter {NFT_SLOT_COUNTER.format(v, verdict)} {{ }}"
+             for v in range(bits.other + 1) for verdict in ("accept", "drop")]
+    lines.append(f"  chain {NFT_SLOT_CHAIN} {{")
+    for value in range(1, bits.other + 1):
+        request, field = bits.request_value(value), bits.field_value(value)
+        lines += [f"    meta mark and {pm:#x} == {request:#x} ct mark and {cm:#x} == 0 "
+                  f"ct mark set ct mark or {field:#x}",
+                  f"    meta mark and {pm:#x} == {request:#x} ct mark and {cm:#x} != {field:#x} "
+                  f"ct mark set ct mark or {cm:#x}"]
+    lines.append("  }")
+    return lines
+
+
 def _ipt_proto(proto: Optional[str], family: int) -> Optional[str]:
     """The -p argument for a hook's proto in one family; None: skip this family."""
     if proto is None:
@@ -243,9 +309,11 @@ def plan_iptables(hooks: Sequence[Hook], queue: QueueConfig, variant: str) -> Pl
                 offload = _offload_iptables(name, hook.chain, bits) if bits else []
                 chains[name] = _reject_iptables(name, hook.chain, queue, family) + offload
                 if offload:
+                    cleared = bits.request | bits.slot_request_mask
                     chains[OFFLOAD_CHAIN] = [
-                        f"-A {OFFLOAD_CHAIN} -j MARK --set-xmark 0x0/{bits.request:#x}",
+                        f"-A {OFFLOAD_CHAIN} -j MARK --set-xmark 0x0/{cleared:#x}",
                         f"-A {OFFLOAD_CHAIN} -j ACCEPT"]
+                    chains.update(_slot_chains_iptables(bits))
             chain_rules = chains[name]
             marks = [f"-A {name} {proto}{body}" for body in _cgroup_marks(hook.chain, queue, False)]
             chain_rules += [rule for rule in marks if rule not in chain_rules]
@@ -284,6 +352,7 @@ def plan_nft(hooks: Sequence[Hook], queue: QueueConfig) -> Plan:
         for ct_match, target in _queue_targets(queue, nft=True):
             chains.setdefault(hook.chain, []).append(f"{match}{ct_match}{target}")
     lines = [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}", f"table inet {NFT_TABLE} {{"]
+    lines += _slot_nft(bits)
     for chain, rules in chains.items():
         lines.append(f"  chain {chain} {{")
         lines.append(f"    type filter hook {chain} priority {_NFT_PRIORITY[chain]}; policy accept;")

@@ -31,8 +31,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from ipqd.console import error_line
 from ipqd.errors import HookError, PolicyRefused
-from ipqd.kernel.hook_rules import (_IPT_PLACE, BACKENDS, NFT_TABLE, OFFLOAD_CHAIN, Plan,  # noqa: F401
-                                    chain_name, plan, plan_iptables, plan_nft, queue_layout)
+from ipqd.kernel.hook_rules import (_IPT_PLACE, BACKENDS, KEPT_CHAINS, NFT_TABLE,  # noqa: F401
+                                    OFFLOAD_CHAIN, SLOT_CHAIN, Plan, chain_name, plan,
+                                    plan_iptables, plan_nft, queue_layout)
 from ipqd.policy.model import Hook, QueueConfig
 
 
@@ -139,8 +140,11 @@ def _remove_iptables(backend: str, keep: Sequence[Tuple[str, str, str, str]] = (
             if jump not in keep and _remove_chain(tool, table, jump[3], builtin):
                 removed.append(f"{tool} -t {table} {jump[3]}")
         for table in sorted({table for table, _ in _IPT_PLACE.values()}):
-            if (tool, table) not in used and _remove_chain(tool, table, OFFLOAD_CHAIN):
-                removed.append(f"{tool} -t {table} {OFFLOAD_CHAIN}")
+            if (tool, table) in used:
+                continue
+            for chain in (OFFLOAD_CHAIN, SLOT_CHAIN, *KEPT_CHAINS.values()):
+                if _remove_chain(tool, table, chain):
+                    removed.append(f"{tool} -t {table} {chain}")
     return removed
 
 

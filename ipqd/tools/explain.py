@@ -245,6 +245,8 @@ def decide(matcher: Matcher, number: int, payload: bytes, meta: PacketMeta, now:
                             f"decides rule {fresh.rule_index}, the compiled matcher rule "
                             f"{decision.rule_index}: a bug in ipqd, please report it with "
                             "`ipqd explain --show-code` and this packet")
+    # Bytes per rule, as the engine counts them: the length on the wire.
+    matcher.bytes_by_index[decision.rule_index] += meta.wire_len or len(payload)
     return _record(number, view, shown, decision)
 
 

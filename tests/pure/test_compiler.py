@@ -150,22 +150,25 @@ def test_counters_and_take_over():
     old = compile_policy(Policy(path="t.yaml", rules=(
         Rule("ssh", Match(dport=RangeMatch(((22, 22),))), "accept"),
         Rule("telnet", Match(dport=RangeMatch(((23, 23),))), "drop"))))
-    for port in (22, 22, 23, 80):
-        old.decide(tcp(port))
+    for port, size in ((22, 60), (22, 1500), (23, 60), (80, 40)):
+        decision = old.decide(tcp(port))
+        old.bytes_by_index[decision.rule_index] += size      # as the engine adds them
     assert old.counters() == {
-        "rules": {"ssh": {"hits": 2, "accepted": 2, "dropped": 0},
-                  "telnet": {"hits": 1, "accepted": 0, "dropped": 1}},
-        "default": {"hits": 1, "accepted": 0, "dropped": 1},
-        "undecidable": {"hits": 0, "accepted": 0, "dropped": 0}}
+        "rules": {"ssh": {"hits": 2, "accepted": 2, "dropped": 0, "bytes": 1560},
+                  "telnet": {"hits": 1, "accepted": 0, "dropped": 1, "bytes": 60}},
+        "default": {"hits": 1, "accepted": 0, "dropped": 1, "bytes": 40},
+        "undecidable": {"hits": 0, "accepted": 0, "dropped": 0, "bytes": 0},
+        "offload_slots": {}, "offload_other": 15,
+        "offload_mixed": []}
     new = compile_policy(Policy(path="t.yaml", rules=(
         Rule("web", Match(dport=RangeMatch(((80, 80),))), "accept"),
         Rule("ssh", Match(dport=RangeMatch(((2222, 2222),))), "accept"))))
     new.take_over(pickle.loads(pickle.dumps(old.carry_over())))     # as a pipe carries it
     new.decide(tcp(80))
     counters = new.counters()
-    assert counters["rules"] == {"web": {"hits": 1, "accepted": 1, "dropped": 0},
-                                 "ssh": {"hits": 2, "accepted": 2, "dropped": 0}}
-    assert counters["default"]["hits"] == 1
+    assert counters["rules"] == {"web": {"hits": 1, "accepted": 1, "dropped": 0, "bytes": 0},
+                                 "ssh": {"hits": 2, "accepted": 2, "dropped": 0, "bytes": 1560}}
+    assert counters["default"]["hits"] == 1 and counters["default"]["bytes"] == 40
 
 
 def test_take_over_keeps_an_unchanged_rate_bucket_only():

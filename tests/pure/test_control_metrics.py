@@ -15,7 +15,7 @@ SNAPSHOT = {
                          "cache_hits": 5, "cache_misses": 4, "log_logged": 2,
                          "log_suppressed": 1},
                    "1": {"accepted": 1}},
-    "rules": {"ssh": {"hits": 6, "accepted": 6, "dropped": 0},
+    "rules": {"ssh": {"hits": 6, "accepted": 6, "dropped": 0, "bytes": 360},
               'we"ird\\name': {"hits": 1, "accepted": 0, "dropped": 1},
               "default": {"hits": 3, "accepted": 2, "dropped": 1}},
     "kernel": {"4": {"queued": 1, "queue_dropped": 2, "user_dropped": 3, "portid": 10}},
@@ -41,6 +41,7 @@ def test_prometheus_text_reads_back():
     assert got[("ipqd_log_decisions_total", (("outcome", "suppressed"), ("queue", "4")))] == 1
     assert got[("ipqd_rule_packets_total", (("rule", 'we"ird\\name'), ("verdict", "drop")))] == 1
     assert got[("ipqd_rule_packets_total", (("rule", "default"), ("verdict", "accept")))] == 2
+    assert got[("ipqd_rule_bytes_total", (("rule", "ssh"),))] == 360
     assert got[("ipqd_kernel_queue_packets", (("queue", "4"),))] == 1
     assert got[("ipqd_kernel_queue_dropped_total", (("queue", "4"),))] == 2
     assert got[("ipqd_kernel_user_dropped_total", (("queue", "4"),))] == 3

@@ -358,7 +358,9 @@ def test_json_lines_end_with_a_summary(capsys, tmp_path):
     summary = document["summary"]
     assert summary["policy"] == POLICY and summary["capture"].endswith("ipqd-mixed.pcap")
     assert (summary["packets"], summary["skipped"], summary["error"]) == (12, 1, None)
-    assert summary["counters"]["rules"]["ssh"] == {"hits": 2, "accepted": 2, "dropped": 0}
+    # bytes: the wire lengths, 40 and 1040 (a copy cut at 60)
+    assert summary["counters"]["rules"]["ssh"] == {"hits": 2, "accepted": 2, "dropped": 0,
+                                                   "bytes": 1080}
     data = open(os.path.join(HERE, "ipqd-mixed.pcap"), "rb").read()
     damaged = tmp_path / "damaged.pcap"
     damaged.write_bytes(data[:300])

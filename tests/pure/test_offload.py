@@ -15,7 +15,7 @@ from ipqd.kernel import hooks
 from ipqd.wire import nfqueue as nfq
 from ipqd.decision.compiler import compile_policy, disjoint, offload_states
 from ipqd.decision.engine import Engine
-from ipqd.policy.offload import layout
+from ipqd.policy.offload import assign_slots, layout
 from ipqd.policy._nodes import Where
 from ipqd.policy._offload import parse_offload
 from ipqd.policy.loader import loads
@@ -134,8 +134,23 @@ def test_layout_takes_bits_from_the_top_of_the_mask_in_chain_order():
     assert (bits.request_accept, bits.request_drop) == (0x80000000, 0x40000000)
     assert bits.slot("input") == ("input", 0x20000000, 0x10000000, 0x08000000, 0x04000000)
     assert bits.slot("output").accept_original == 0x02000000
-    assert bits.mask == 0xFFC00000
+    assert bits.mask == 0xFFFC0000        # the last four: the rule slot field
     assert bits.hooks == frozenset({1, 3})
+
+
+def test_rule_slots_take_the_bits_left_and_name_the_rest_other():
+    bits = layout(Offload(), ["output", "input"])
+    assert bits.slot_field_mask == 0x003C0000 and bits.slot_request_mask == 0x3C000000
+    assert (bits.other, bits.rule_slots) == (15, 14)
+    assert bits.request_value(5) == 0x14000000 and bits.field_value(5) == 0x00140000
+    names = [f"r{i}" for i in range(16)] + ["r0"]
+    slots = assign_slots(names, bits)
+    assert [slots[f"r{i}"] for i in range(16)] == list(range(1, 15)) + [15, 15]
+    # Three chains take every bit of the default mask: no slots, all "other" (0).
+    full = layout(Offload(), ["input", "output", "forward"])
+    assert full.other == 0 and assign_slots(["a"], full) == {"a": 0}
+    # A wider mask gives the slots back.
+    assert layout(Offload(mask=0xFFFF0000), ["input", "output", "forward"]).other == 3
 
 
 def test_small_mask_offloads_the_chains_that_fit_and_off_is_none():
@@ -173,10 +188,12 @@ def decide(engine, dport, ct_state="established", **kw):
 
 def test_offloadable_accept_and_drop_answer_repeat_with_the_request_bit():
     engine = Engine(loads(HOOKED))
+    # The request bit, and the rule's slot in the four bits below: web 1, telnet 2.
+    assert engine.matcher.offload_slots == {"web": 1, "telnet": 2, "default": 3}
     accept = decide(engine, 80, mark=0x11)
-    assert (accept.verdict, accept.mark) == (nfq.NF_REPEAT, 0x80000011)
-    drop = decide(engine, 23)
-    assert (drop.verdict, drop.mark) == (nfq.NF_REPEAT, 0x40000000)
+    assert (accept.verdict, accept.mark) == (nfq.NF_REPEAT, 0x84000011)
+    drop = decide(engine, 23, mark=0x3C000000)      # slot bits of no request: replaced
+    assert (drop.verdict, drop.mark) == (nfq.NF_REPEAT, 0x48000000)
     logged = decide(engine, 22)
     assert (logged.verdict, logged.mark) == (nfq.NF_ACCEPT, None)
     c = engine.counters
@@ -227,8 +244,13 @@ def test_repeat_is_never_cached():
 
 # ---------------------------------------------------------------- the hook rules
 
+# Six bits: the requests and one chain's, none left for rule slots.
+NO_SLOTS = Offload(mask=0xFC000000)
+
+
 def test_iptables_plan_starts_each_chain_with_the_offload_rules():
-    plan = hooks.plan([Hook("input", "ipv4")], QueueConfig(nums=(3,)), "iptables-legacy")
+    plan = hooks.plan([Hook("input", "ipv4")], QueueConfig(nums=(3,), offload=NO_SLOTS),
+                      "iptables-legacy")
     (argv, text), = plan.scripts
     ct = "-m conntrack --ctstate NEW,ESTABLISHED --ctdir"
     assert text == textwrap.dedent(f"""\
@@ -252,22 +274,71 @@ def test_iptables_plan_starts_each_chain_with_the_offload_rules():
         """)
 
 
+def test_iptables_rule_slots_are_written_once_per_flow_and_counted_per_slot():
+    # Two bits left for slots: values 1 and 2 name rules, 3 is "other".
+    queue = QueueConfig(nums=(3,), offload=Offload(mask=0xFF000000))
+    (argv, text), = hooks.plan([Hook("input", "ipv4")], queue, "iptables-legacy").scripts
+    lines = text.splitlines()
+    ct = "-m conntrack --ctstate NEW,ESTABLISHED"
+    # Requests only (either bit) jump to the slot chain, before the request is applied.
+    jumps = [i for i, line in enumerate(lines) if line.endswith("-j IPQD_SLOT")]
+    assert [lines[i] for i in jumps] == [
+        f"-A IPQD_INPUT -m mark --mark 0x80000000/0x80000000 {ct} -j IPQD_SLOT",
+        f"-A IPQD_INPUT -m mark --mark 0x40000000/0x40000000 {ct} -j IPQD_SLOT"]
+    assert max(jumps) < lines.index("-A IPQD_INPUT -m mark --mark 0x40000000/0x40000000 -j DROP")
+    slot = [line for line in lines if line.startswith("-A IPQD_SLOT")]
+    assert slot[:2] == [
+        "-A IPQD_SLOT -m mark --mark 0x4000000/0xc000000 -m connmark --mark 0x0/0x3000000 "
+        "-j CONNMARK --set-xmark 0x1000000/0x3000000",
+        "-A IPQD_SLOT -m mark --mark 0x4000000/0xc000000 -m connmark ! --mark 0x1000000/0x3000000 "
+        "-j CONNMARK --set-xmark 0x3000000/0x3000000"]
+    assert len(slot) == 6
+    # Offloaded packets: counted by the rule of their slot, then the verdict.
+    assert f"-A IPQD_INPUT {ct} --ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 " \
+        "-j IPQD_KEPT_ACCEPT" in lines
+    assert [line for line in lines if line.startswith("-A IPQD_KEPT_DROP")] == [
+        "-A IPQD_KEPT_DROP -m connmark --mark 0x1000000/0x3000000 -m comment --comment "
+        "ipqd-slot-1 -j DROP",
+        "-A IPQD_KEPT_DROP -m connmark --mark 0x2000000/0x3000000 -m comment --comment "
+        "ipqd-slot-2 -j DROP",
+        "-A IPQD_KEPT_DROP -m connmark --mark 0x3000000/0x3000000 -m comment --comment "
+        "ipqd-slot-3 -j DROP",
+        "-A IPQD_KEPT_DROP -m comment --comment ipqd-slot-0 -j DROP"]
+    # An accepted request leaves with neither the request nor its slot.
+    assert "-A IPQD_OFFLOAD -j MARK --set-xmark 0x0/0xcc000000" in lines
+
+
+def test_nft_rule_slots_count_with_one_map_lookup():
+    queue = QueueConfig(nums=(3,), offload=Offload(mask=0xFF000000))
+    text = hooks.plan([Hook("input")], queue, "nft").scripts[0][1]
+    assert "  counter slot_3_drop { }" in text and "  counter slot_0_accept { }" in text
+    assert "meta mark and 0xc0000000 != 0 ct state { new, established } jump rule_slot" in text
+    assert "meta mark and 0xc000000 == 0x8000000 ct mark and 0x3000000 == 0 " \
+        "ct mark set ct mark or 0x2000000" in text
+    assert "ct direction reply ct mark and 0x10000000 == 0x10000000 counter name ct mark and " \
+        '0x3000000 map { 0x0 : "slot_0_accept", 0x1000000 : "slot_1_accept", 0x2000000 : ' \
+        '"slot_2_accept", 0x3000000 : "slot_3_accept" } accept' in text
+    assert "meta mark set meta mark and 0x33ffffff accept" in text
+
+
 def test_offload_rules_come_once_per_chain_before_the_conntrack_queues():
     queue = QueueConfig(nums=(0,), conntrack=True)
     plan = hooks.plan([Hook("forward", "ipv4", "tcp"), Hook("forward", "ipv4", "udp")], queue,
                       "iptables-nft")
     (argv, text), = plan.scripts
     lines = text.splitlines()
-    assert sum("CONNMARK" in line for line in lines) == 4
-    last_offload = max(i for i, line in enumerate(lines) if "connmark" in line)
+    assert sum("CONNMARK" in line and line.startswith("-A IPQD_FORWARD") for line in lines) == 4
+    last_offload = max(i for i, line in enumerate(lines)
+                       if "connmark" in line and line.startswith("-A IPQD_FORWARD"))
     first_queue = min(i for i, line in enumerate(lines) if "NFQUEUE" in line)
     assert last_offload < first_queue
     # forward is the only hooked chain: it gets the first chain bits
-    assert "--ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 -j ACCEPT" in text
+    assert "--ctdir ORIGINAL -m connmark --mark 0x20000000/0x20000000 -j IPQD_KEPT_ACCEPT" in text
 
 
 def test_nft_plan_uses_ct_and_meta_mark():
-    plan = hooks.plan([Hook("output")], QueueConfig(nums=(2,), bypass=False), "nft")
+    plan = hooks.plan([Hook("output")], QueueConfig(nums=(2,), bypass=False, offload=NO_SLOTS),
+                      "nft")
     text = plan.scripts[0][1]
     assert textwrap.indent(textwrap.dedent("""\
           chain output {
@@ -278,10 +349,10 @@ def test_nft_plan_uses_ct_and_meta_mark():
             meta mark and 0x40000000 == 0x40000000 ct state { new, established } ct direction reply ct mark set ct mark or 0x4000000
             meta mark and 0x40000000 == 0x40000000 drop
             meta mark and 0x80000000 == 0x80000000 meta mark set meta mark and 0x3fffffff accept
-            ct state { new, established } ct direction original ct mark and 0x8000000 == 0x8000000 drop
-            ct state { new, established } ct direction reply ct mark and 0x4000000 == 0x4000000 drop
-            ct state { new, established } ct direction original ct mark and 0x20000000 == 0x20000000 accept
-            ct state { new, established } ct direction reply ct mark and 0x10000000 == 0x10000000 accept
+            ct state { new, established } ct direction original ct mark and 0x8000000 == 0x8000000 counter drop
+            ct state { new, established } ct direction reply ct mark and 0x4000000 == 0x4000000 counter drop
+            ct state { new, established } ct direction original ct mark and 0x20000000 == 0x20000000 counter accept
+            ct state { new, established } ct direction reply ct mark and 0x10000000 == 0x10000000 counter accept
             queue num 2
           }
         """), "  ") in text
@@ -323,3 +394,19 @@ def test_offload_setting(text, expected):
 ])
 def test_offload_setting_errors(text, message):
     assert parse(text) == (None, [message])
+
+
+def test_a_reload_that_gives_a_slot_to_another_rule_makes_its_counts_mixed():
+    """The kernel's per-slot counts outlive a reload: a value that changes
+    owner belongs to no single rule from then on."""
+    before = Engine(loads(HOOKED))
+    assert before.matcher.offload_slots == {"web": 1, "telnet": 2, "default": 3}
+    web = "  - {name: web, proto: tcp, dport: 80, action: accept, log: false}\n"
+    swapped = HOOKED.replace(web, "") + web              # web last: telnet takes slot 1
+    after = Engine(loads(swapped))
+    after.take_over(before.carry_over())
+    assert after.matcher.offload_slots == {"telnet": 1, "web": 2, "default": 3}
+    assert after.matcher.counters()["offload_mixed"] == [1, 2]
+    again = Engine(loads(swapped))             # the next reload keeps them mixed
+    again.take_over(after.carry_over())
+    assert again.matcher.counters()["offload_mixed"] == [1, 2]

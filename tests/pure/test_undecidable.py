@@ -85,7 +85,9 @@ def test_a_syn_whose_tcp_header_lies_past_copy_range_is_not_accepted_unseen():
         assert verdict.decision.rule_index == UNDECIDABLE and verdict.decision.log
         assert verdict.view.reason == "transport header past copy_range"
     assert (engine.counters.undecidable, engine.counters.malformed) == (2, 0)
-    assert engine.matcher.counters()["undecidable"] == {"hits": 2, "accepted": 0, "dropped": 2}
+    size = len(syn_behind_one_big_header(CLIENT, SERVER, 40000, 23))    # on the wire, uncut
+    assert engine.matcher.counters()["undecidable"] == {"hits": 2, "accepted": 0, "dropped": 2,
+                                                        "bytes": 2 * size}
     # The whole packet, as with copy_range 0, is simply decided.
     whole = engine.decide(queued(syn_behind_one_big_header(CLIENT, SERVER, 40000, 24), 0),
                          lambda index: None, None, 1.0)

@@ -656,3 +656,24 @@ def test_a_burst_of_new_flows_turns_the_exact_layer_off_for_the_next_burst():
     assert take([flow]) == []                       # on again after a burst of hits: it learns
     del keys.cache.entries[key]
     assert take([flow]) == [] and keys.round.batch == {1: 7}
+
+
+def test_cache_hits_count_their_bytes_as_the_full_path_does():
+    """Packets of one flow of several lengths: the careful read's hits, the
+    exact layer's, and the full path's add the same bytes to the rule."""
+    policy = Policy(path="p.yaml", rules=(
+        Rule(name="dns", match=Match(proto=frozenset({17}), dport=RangeMatch(((53, 53),))),
+             action="accept"),), default=Default(action="drop", log=False))
+    cached, full = cached_engine(policy), Engine(policy)
+    sizes = []
+    for n in range(12):
+        packet = nfq.Packet(0, 2, n + 1, 0x0800, 1)
+        packet.payload = checksum_free_packet(4, 17, V4[0], V4[1], 1000, 53, 0, (0, 0),
+                                              b"x" * (n % 4 * 100))
+        sizes.append(len(packet.payload))
+        assert decide_cached(cached, packet, 0.0) == (nfq.NF_ACCEPT, None, 0)
+        full.decide(packet, IFNAME, None, 0.0)
+    cached.settle()
+    assert cached.cache.hits >= 8
+    assert cached.matcher.counters()["rules"]["dns"]["bytes"] == sum(sizes)
+    assert full.matcher.counters()["rules"]["dns"]["bytes"] == sum(sizes)

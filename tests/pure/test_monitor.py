@@ -57,7 +57,8 @@ def test_monitor_mode_accepts_what_the_policy_would_drop_and_says_so():
     assert (c.packets, c.accepted, c.dropped, c.not_enforced, c.rejected) == (3, 3, 0, 2, 0)
     assert engine.cache.entries == {}          # every would-be drop comes back to be logged
     counters = engine.matcher.counters()["rules"]
-    assert counters["telnet"] == {"hits": 1, "accepted": 0, "dropped": 1}   # what it would do
+    assert counters["telnet"]["hits"] == counters["telnet"]["dropped"] == 1   # what it would do
+    assert counters["telnet"]["accepted"] == 0
 
 
 def test_monitor_mode_accepts_what_cannot_be_decided():
@@ -80,7 +81,8 @@ def test_a_log_rule_logs_and_the_next_rule_decides():
     other = matcher.decide(parse(payload(80), PacketMeta(hook=1, family=4), matcher.fields))
     assert other.log_rules == () and not other.log
     counters = matcher.counters()["rules"]
-    assert counters["watch"] == {"hits": 1, "accepted": 0, "dropped": 0}
+    assert (counters["watch"]["hits"], counters["watch"]["accepted"],
+            counters["watch"]["dropped"]) == (1, 0, 0)
 
 
 def test_a_log_rule_is_never_offloaded_nor_lets_what_it_logs_be():

@@ -23,6 +23,7 @@ from ipqd.console import error_line
 from ipqd.control.client import call
 from ipqd.errors import ControlError
 from ipqd.exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNREADABLE
+from ipqd.policy._values import format_duration
 
 CHUNK = 100_000             # entries per request: about 2 MB, well inside MAX_REQUEST
 TIMEOUT = 60.0              # a request of CHUNK entries takes well under a second
@@ -63,7 +64,7 @@ def run_set(args) -> int:
     if verb == "add":
         timeout = result.get("timeout")
         print(f"set {args.name}: {totals['added']} added, {totals['renewed']} renewed "
-              f"(timeout {_seconds(timeout) if timeout else 'none'}); {result['size']} entries")
+              f"(timeout {format_duration(timeout) if timeout else 'none'}); {result['size']} entries")
     else:
         print(f"set {args.name}: {totals['deleted']} deleted, {totals['missing']} not there; "
               f"{result['size']} entries")
@@ -79,12 +80,12 @@ def _list(args) -> int:
     elif args.name is None:
         for s in result["sets"]:
             print(f"{s['set']}: {s['size']} entries (max {s['max']}, timeout "
-                  f"{_seconds(s['timeout']) if s['timeout'] else 'none'})")
+                  f"{format_duration(s['timeout']) if s['timeout'] else 'none'})")
     else:
         width = max([len(e["entry"]) for e in result["entries"]] + [5])
         out = [f"{'ENTRY':<{width}}  REMAINING"]
         out += [f"{e['entry']:<{width}}  "
-                f"{_seconds(e['remaining']) if e['remaining'] is not None else 'no timeout'}"
+                f"{format_duration(e['remaining']) if e['remaining'] is not None else 'no timeout'}"
                 for e in result["entries"]]
         print("\n".join(out))
     return EXIT_OK
@@ -124,18 +125,3 @@ def _report(result, line) -> int:
         return result
     print(line(result))
     return EXIT_OK
-
-
-def _seconds(seconds: float) -> str:
-    """`1h2m3s`: a timeout or a remaining time."""
-    if seconds < 1:
-        return f"{seconds:.3g}s"
-    whole = int(seconds + 0.5)
-    out = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if whole >= size:
-            out.append(f"{whole // size}{unit}")
-            whole %= size
-    if whole or not out:
-        out.append(f"{whole}s")
-    return "".join(out)

@@ -38,7 +38,7 @@ import struct
 from bisect import bisect_right
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ipqd.decision.compiler import offload_states
+from ipqd.decision.compiler import match_families, offload_states
 from ipqd.decision.verdict_cache import CachedVerdict, KeyMaker, VerdictCache, key_kind, \
     key_positions
 from ipqd.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Match, Policy
@@ -126,7 +126,7 @@ def build_decider(policy: Policy, fields: frozenset, offloading: bool = False) -
     inline: Dict[Tuple[int, int], List[str]] = {}     # (NFPROTO, proto) -> the bucket's body
     for family in (4, 6):
         members = [i for i, rule in enumerate(rules)
-                   if not rule.match.malformed and family in _families(rule.match)]
+                   if not rule.match.malformed and family in match_families(rule.match)]
         protos = {p for i in members if rules[i].match.proto is not None
                   for p in rules[i].match.proto}
         protos |= {PROTO_TCP, PROTO_UDP, PROTO_ICMP if family == 4 else PROTO_ICMPV6}
@@ -175,14 +175,6 @@ def _inlined(inline: Dict[Tuple[int, int], List[str]]) -> List[str]:
 
 
 # ---- what the function may answer ------------------------------------------
-
-def _families(match: Match) -> frozenset:
-    families = frozenset({4, 6}) if match.family is None else frozenset({match.family})
-    for addr in (match.src, match.dst):
-        if addr is not None:
-            families &= addr.families
-    return families
-
 
 def _offload_by_rule(policy: Policy) -> Sequence[frozenset]:
     if policy.queue.offload.mode == "off":

@@ -273,7 +273,7 @@ def _cgroup(paths: frozenset) -> Check:
     return check
 
 
-def _families(match: Match) -> frozenset:
+def match_families(match: Match) -> frozenset:
     """The families a packet must have for the match to be possible at all."""
     families = frozenset({4, 6}) if match.family is None else frozenset({match.family})
     for addr in (match.src, match.dst):
@@ -447,7 +447,7 @@ class _ProtoIndex:
 def _index_family(family: int, plain: List[int], rules: Sequence[Rule],
                   exact: Sequence[Optional[frozenset]]) -> Dict[int, _ProtoIndex]:
     """proto -> the candidates of the well-formed rules `plain` for `family`."""
-    members = [i for i in plain if family in _families(rules[i].match)]
+    members = [i for i in plain if family in match_families(rules[i].match)]
     named = {p for i in members if rules[i].match.proto is not None for p in rules[i].match.proto}
     keys = named | PORT_PROTOCOLS | {PROTO_ICMP, PROTO_ICMPV6}
     index = {}
@@ -930,7 +930,7 @@ def _all_disjoint(match: Match, earlier: List[Match], budget: List[int]) -> bool
 
 def disjoint(a: Match, b: Match) -> bool:
     """True when no packet can match both, by their flow fields alone."""
-    if not _families(a) & _families(b):
+    if not match_families(a) & match_families(b):
         return True
     for attr in ("proto", "hook"):
         x, y = getattr(a, attr), getattr(b, attr)

@@ -380,7 +380,9 @@ class _Report:
                 "conntrack": conntrack, "error": problem}) + "\n")
             return
         out = self.out
-        if capture is None:
+        if capture is None:         # one described packet: which policy decided it
+            if self.digest:
+                out.write(f"policy {clean(matcher.path)} sha256:{self.digest}\n")
             return
         out.write("\n")
         rows = [(clean(name), c) for name, c in counters["rules"].items()]

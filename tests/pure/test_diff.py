@@ -12,6 +12,7 @@ from ipqd.cli import main
 from ipqd.decision.described import build_packet
 from ipqd.decision.packet import parse
 from ipqd.policy import regions
+from ipqd.policy.checked import policy_digest
 from ipqd.policy.loader import loads
 
 CAPTURE = Path(__file__).parent.parent / "captures" / "ipqd-mixed.pcap"
@@ -159,7 +160,8 @@ def test_reach_prints_a_packet_the_rule_decides(tmp_path, capsys, monkeypatch):
         'rule "high-ports" (p.yaml:5:5) is reached by: tcp 192.0.2.1:40000 -> '
         '198.51.100.1:1024 syn',
         "    1  DROP    high-ports            tcp 192.0.2.1:40000 -> 198.51.100.1:1024 [S] "
-        "len=40"]
+        "len=40",
+        f"policy p.yaml sha256:{policy_digest('p.yaml')}"]
 
 
 def test_reach_says_which_rules_take_every_packet(tmp_path, capsys, monkeypatch):

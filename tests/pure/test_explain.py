@@ -8,6 +8,7 @@ import os
 import pytest
 
 from ipqd.cli import main
+from ipqd.policy.checked import policy_digest
 from make_captures import EXPECTED
 
 HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "captures")
@@ -302,7 +303,9 @@ def test_a_described_packet_is_a_lone_packet_unless_told(capsys, text, argv, sta
     assert record["packet"]["ct_state"] == state
     assert (record["verdict"], record["rule"]) == (verdict, rule)
     code, out, _ = explain(capsys, POLICY, text, *argv)
-    assert code == 0 and out.rstrip().endswith(f"ct={state}")
+    decided, named = out.splitlines()
+    assert code == 0 and decided.endswith(f"ct={state}")
+    assert named == f"policy {POLICY} sha256:{policy_digest(POLICY)}"   # as its journal says
 
 
 def test_ct_state_usage_errors(capsys):

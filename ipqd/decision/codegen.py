@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ipqd.decision.compiler import match_families, offload_states
 from ipqd.decision.verdict_cache import CachedVerdict, KeyMaker, VerdictCache, key_kind, \
     key_positions
-from ipqd.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Match, Policy
+from ipqd.policy.model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Policy
 from ipqd.policy.offload import layout as offload_layout
 from ipqd.wire import nfqueue as nfq
 from ipqd.wire.nfnetlink import NFPROTO_IPV4, NFPROTO_IPV6
@@ -210,7 +210,7 @@ def _final(index: int, rule, policy: Policy, offload: frozenset) -> Optional[Cac
     """The answer for rule `index` as the first candidate, or None (the full path)."""
     logs = rule.log if rule.log is not None else policy.default.log
     if (not rule.match.fields() <= SPECIALIZED or rule.rate is not None or logs or offload
-            or _unknown_set(rule, _KNOWN_RULE) or _reads_dynamic(rule.match)):
+            or _unknown_set(rule, _KNOWN_RULE) or rule.match.dynamic_sets()):
         return None
     return _verdict(rule.action, rule.set_mark if rule.action == "accept" else None, index)
 
@@ -286,12 +286,6 @@ def _blocks(starts: List[int], numbers: List[int]) -> List[Optional[int]]:
         if first <= last:
             out[first:last + 1] = [numbers[k]] * (last - first + 1)
     return out
-
-
-def _reads_dynamic(match: Match) -> bool:
-    """Whether the match looks up a dynamic set, whose entries change while
-    the function is in use: its rules are left to the full path."""
-    return any(addr is not None and addr.dynamic for addr in (match.src, match.dst))
 
 
 def _address_intervals(addr, family: int) -> List[Tuple[int, int]]:

@@ -895,13 +895,10 @@ def _offloadable_itself(rule: Rule, default_log: bool) -> bool:
     return (rule.offload and rule.rate is None and rule.time is None and not logs
             and rule.set_mark is None
             and rule.action not in ("reject", "log") and not m.malformed
-            and m.fields() <= FLOW_FIELDS | {"ct_state"} and not reads_dynamic(m))
-
-
-def reads_dynamic(match: Match) -> bool:
-    """Whether the match looks up a dynamic set: its answer may change
-    within a flow, so neither it nor anything it could shadow is offloaded."""
-    return any(addr is not None and addr.dynamic for addr in (match.src, match.dst))
+            and m.fields() <= FLOW_FIELDS | {"ct_state"}
+            # a dynamic set's answer may change within a flow: neither the rule
+            # nor anything it could shadow is offloaded
+            and not m.dynamic_sets())
 
 
 def _holds_for(ct_state: Optional[frozenset], later: frozenset) -> bool:
@@ -914,7 +911,7 @@ def _stable(rule: Rule, later: frozenset) -> bool:
     if m.malformed:
         return True             # later packets are well formed (conntrack checks them)
     if rule.rate is not None or rule.time is not None or \
-            not m.fields() <= FLOW_FIELDS | {"ct_state"} or reads_dynamic(m):
+            not m.fields() <= FLOW_FIELDS | {"ct_state"} or m.dynamic_sets():
         return False
     ct = m.ct_state
     return ct is None or later <= ct or not later & ct

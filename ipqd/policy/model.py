@@ -209,6 +209,12 @@ class Match:
     cgroup: Optional[frozenset] = None              # cgroup v2 paths (`cgroup`, `unit`); output only
     malformed: bool = False
 
+    def dynamic_sets(self) -> frozenset:
+        """The names of the dynamic sets its addresses look up: their entries
+        change while ipqd runs, so its answer for a flow may change too."""
+        return frozenset(name for addr in (self.src, self.dst) if addr is not None
+                         for name in addr.dynamic)
+
     def fields(self) -> frozenset:
         """The names of the packet fields this match reads (policy words)."""
         names = set()
@@ -323,8 +329,7 @@ class Policy:
 
     def dynamic_sets(self) -> frozenset:
         """The names of the dynamic sets some rule reads."""
-        return frozenset(name for rule in self.rules for addr in (rule.match.src, rule.match.dst)
-                         if addr is not None for name in addr.dynamic)
+        return frozenset(name for rule in self.rules for name in rule.match.dynamic_sets())
 
     def fields(self) -> frozenset:
         """Every packet field some rule reads: what the packet view must parse."""

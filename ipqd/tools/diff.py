@@ -187,8 +187,7 @@ def inexact(old: Policy, new: Policy, space: regions.Space, changes) -> List[str
                 notes.append(f"{policy.path}: rule \"{rule.name}\" matches only packets of "
                              f"the cgroups it names, which no header says: regions where it "
                              f"may decide show it first")
-            dynamic = sorted({name for addr in (rule.match.src, rule.match.dst)
-                              if addr is not None for name in addr.dynamic})
+            dynamic = sorted(rule.match.dynamic_sets())
             if dynamic:
                 notes.append(f"{policy.path}: rule \"{rule.name}\" reads the dynamic set"
                              f"{'s' if len(dynamic) > 1 else ''} "
